@@ -1,0 +1,246 @@
+//! `deltapack`: the command-line front end. Parsing, progress and printing only; the work
+//! is done by the `deltapack` library.
+
+mod demo;
+mod progress;
+mod report;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use deltapack::ErrorKind;
+
+/// Store fine-tuned models as compact deltas against their base, and rebuild them bit for bit.
+///
+/// Exit status: 0 success; 1 internal error; 2 bad input or usage (including an existing
+/// output without --force); 3 wrong base; 4 corrupt or unsupported delta; 5 I/O error
+/// (missing file, disk full); 6 verification found a difference from --finetuned.
+#[derive(Parser)]
+#[command(name = "deltapack", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Worker threads (default: all cores). Output bytes do not depend on it.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a delta of a fine-tune against its base.
+    Make {
+        /// Base checkpoint: a model directory or a .safetensors file.
+        #[arg(long)]
+        base: PathBuf,
+        /// Fine-tuned checkpoint: a model directory or a .safetensors file.
+        #[arg(long)]
+        finetuned: PathBuf,
+        /// Output delta file (.dpk).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Where the base comes from, e.g. ORG/NAME@REVISION; shown by `inspect`.
+        #[arg(long)]
+        base_id: Option<String>,
+        /// Bytes of tensor per chunk, a power of two (the unit of parallel work).
+        #[arg(long, default_value_t = 1 << 21)]
+        chunk_bytes: usize,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+        /// fsync the output before it is renamed into place.
+        #[arg(long)]
+        sync: bool,
+    },
+    /// Rebuild the fine-tune from its base and a delta into a directory.
+    Apply {
+        /// Base checkpoint the delta was made from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The delta file.
+        delta: PathBuf,
+        /// Output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// fsync every file before the directory is renamed into place.
+        #[arg(long)]
+        sync: bool,
+    },
+    /// Show what a delta holds (reads only its index).
+    Inspect {
+        /// The delta file.
+        delta: PathBuf,
+        /// List every tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Check that a delta rebuilds its fine-tune from this base, without writing anything.
+    Verify {
+        /// Base checkpoint.
+        #[arg(long)]
+        base: PathBuf,
+        /// The delta file.
+        delta: PathBuf,
+        /// Also compare every rebuilt byte with this fine-tune.
+        #[arg(long)]
+        finetuned: Option<PathBuf>,
+    },
+    /// Make a small realistic base and fine-tune, then run make, inspect, apply and verify on them.
+    Demo {
+        /// Working directory (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Developer tools for benchmarks.
+    #[command(hide = true, subcommand)]
+    Dev(Dev),
+}
+
+#[derive(Subcommand)]
+enum Dev {
+    /// Write a synthetic pair as DIR/base and DIR/finetuned.
+    Synth {
+        /// `reference` (Qwen2.5-0.5B shapes, about 1 GB each) or `demo`.
+        #[arg(long, default_value = "reference")]
+        preset: String,
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// Print the order-0 entropy bounds of a pair's deltas.
+    Bounds {
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        finetuned: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e
+        .chain()
+        .find_map(|c| c.downcast_ref::<deltapack::Error>())
+        .map(|e| e.kind())
+    {
+        Some(ErrorKind::BadInput) => 2,
+        Some(ErrorKind::WrongBase) => 3,
+        Some(ErrorKind::CorruptDelta) => 4,
+        Some(ErrorKind::Io) => 5,
+        Some(ErrorKind::Mismatch) => 6,
+        None => 1,
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.global.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("starting the thread pool")?;
+    }
+    let g = &cli.global;
+    let bars = progress::Bars::new(!g.quiet && !g.json && std::io::stderr().is_terminal());
+    match cli.command {
+        Command::Make {
+            base,
+            finetuned,
+            output,
+            base_id,
+            chunk_bytes,
+            force,
+            sync,
+        } => {
+            let opts = deltapack::MakeOptions {
+                base_id,
+                chunk_bytes,
+                force,
+                sync,
+            };
+            let t = std::time::Instant::now();
+            let r = deltapack::make(&base, &finetuned, &output, &opts, &bars)
+                .with_context(|| format!("making {}", output.display()))?;
+            report::make(g.json, &output, &r, t.elapsed())
+        }
+        Command::Apply {
+            base,
+            delta,
+            output,
+            force,
+            sync,
+        } => {
+            let opts = deltapack::ApplyOptions { force, sync };
+            let t = std::time::Instant::now();
+            let r = deltapack::apply(&base, &delta, &output, &opts, &bars)
+                .with_context(|| format!("applying {}", delta.display()))?;
+            report::rebuild(g.json, "applied", &r, t.elapsed())
+        }
+        Command::Inspect { delta, tensors } => {
+            let (index, size) = deltapack::container::Delta::read_index(&delta)
+                .with_context(|| format!("inspecting {}", delta.display()))?;
+            report::inspect(g.json, &delta, &index, size, tensors)
+        }
+        Command::Verify {
+            base,
+            delta,
+            finetuned,
+        } => {
+            let t = std::time::Instant::now();
+            let r = deltapack::verify(&base, &delta, finetuned.as_deref(), &bars)
+                .with_context(|| format!("verifying {}", delta.display()))?;
+            report::rebuild(g.json, "verified", &r, t.elapsed())
+        }
+        Command::Demo { dir } => demo::run(dir, g.json, &bars),
+        Command::Dev(d) => dev(d),
+    }
+}
+
+fn dev(cmd: Dev) -> Result<()> {
+    match cmd {
+        Dev::Synth { preset, dir } => {
+            let spec = match preset.as_str() {
+                "reference" => deltapack::synth::Spec::reference(),
+                "demo" => deltapack::synth::Spec::demo(),
+                other => anyhow::bail!("unknown preset '{other}' (use reference or demo)"),
+            };
+            deltapack::synth::write_model(&spec, &dir.join("base"), false, 1)?;
+            deltapack::synth::write_model(&spec, &dir.join("finetuned"), true, 1)?;
+            Ok(())
+        }
+        Dev::Bounds { base, finetuned } => {
+            let b = deltapack::checkpoint::Checkpoint::open(&base)?;
+            let f = deltapack::checkpoint::Checkpoint::open(&finetuned)?;
+            println!(
+                "{}",
+                serde_json::to_string(&deltapack::stats::bounds(&b, &f))?
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Text and JSON output of each command.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use deltapack::container::index::{Blob, Index};
+use deltapack::{MakeReport, RebuildReport};
+use serde_json::json;
+
+/// Formats a byte count with binary units.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Prints the result of `make`.
+pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Result<()> {
+    if json_out {
+        let mut v = serde_json::to_value(r)?;
+        v["output"] = json!(out);
+        v["seconds"] = json!(took.as_secs_f64());
+        return print_json(&v);
+    }
+    println!("wrote {} in {:.2} s", out.display(), took.as_secs_f64());
+    println!();
+    println!("  tensors   same {:>5}   changed {:>5}   resized {:>3}   converted {:>3}   tied {:>3}   new {:>3}   removed {:>3}",
+        r.same, r.changed, r.resized, r.converted, r.tied, r.new, r.removed);
+    println!(
+        "  files     {} auxiliary ({} identical to the base's){}",
+        r.aux_files,
+        r.aux_same_as_base,
+        if r.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", skipped: {}", r.skipped.join(", "))
+        }
+    );
+    println!("  fine-tune {:>12}", human(r.finetuned_bytes));
+    println!(
+        "  delta     {:>12}   ratio {:.2}x   ({:.3} bits per fine-tune byte)",
+        human(r.delta_bytes),
+        r.ratio,
+        8.0 * r.delta_bytes as f64 / r.finetuned_bytes.max(1) as f64
+    );
+    Ok(())
+}
+
+/// Prints the result of `apply` or `verify`.
+pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) -> Result<()> {
+    if json_out {
+        let mut v = serde_json::to_value(r)?;
+        v["seconds"] = json!(took.as_secs_f64());
+        v["ok"] = json!(true);
+        return print_json(&v);
+    }
+    let what = if r.compared_with_finetuned {
+        ", identical to the fine-tune byte for byte"
+    } else {
+        ""
+    };
+    println!(
+        "{verb}: {} tensors in {} weight files and {} other files, {} in {:.2} s; every fingerprint matched{what}",
+        r.tensors,
+        r.weight_files,
+        r.aux_files,
+        human(r.bytes),
+        took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints what a delta holds.
+pub fn inspect(
+    json_out: bool,
+    path: &Path,
+    index: &Index,
+    size: u64,
+    list_tensors: bool,
+) -> Result<()> {
+    let ft = index.finetuned_bytes();
+    let tensors: Vec<_> = index.tensors().collect();
+    if json_out {
+        let t: Vec<_> = tensors
+            .iter()
+            .map(|t| {
+                json!({"name": t.name, "dtype": t.dtype, "shape": t.shape, "relation": t.relation,
+                       "unchanged": t.unchanged(), "bytes": t.len(), "stored_bytes": t.stored_bytes(),
+                       "source": t.source.as_ref().map(|s| &s.name)})
+            })
+            .collect();
+        let aux: Vec<_> = index
+            .aux
+            .iter()
+            .map(|a| json!({"path": a.path, "size": a.size, "same_as_base": matches!(a.blob, Blob::SameAsBase{..})}))
+            .collect();
+        return print_json(&json!({
+            "path": path, "size": size, "format_version": index.version, "created_by": index.created_by,
+            "base": index.base, "finetuned_bytes": ft, "ratio": ft as f64 / size as f64,
+            "chunk_bytes": index.chunk_bytes,
+            "files": index.files.iter().map(|f| json!({"path": f.path, "size": f.size, "tensors": f.tensors.len()})).collect::<Vec<_>>(),
+            "tensors": t, "aux": aux, "removed": index.removed, "skipped": index.skipped,
+        }));
+    }
+    println!(
+        "{}: deltapack format v{}, {} ({})",
+        path.display(),
+        index.version,
+        human(size),
+        index.created_by
+    );
+    println!(
+        "base:      {}",
+        index
+            .base
+            .id
+            .as_deref()
+            .unwrap_or("(origin not recorded; see --base-id of make)")
+    );
+    println!(
+        "           {} tensors, {}, fingerprint {}",
+        index.base.tensors,
+        human(index.base.bytes),
+        &index.base.fingerprint[..16]
+    );
+    println!(
+        "fine-tune: {} in {} weight files and {} other files; ratio {:.2}x",
+        human(ft),
+        index.files.len(),
+        index.aux.len(),
+        ft as f64 / size as f64
+    );
+    let same = tensors.iter().filter(|t| t.unchanged()).count();
+    println!(
+        "tensors:   {} ({} unchanged), {} removed from the base",
+        tensors.len(),
+        same,
+        index.removed.len()
+    );
+    for f in &index.files {
+        println!(
+            "  {}  {}  {} tensors",
+            f.path,
+            human(f.size),
+            f.tensors.len()
+        );
+    }
+    for a in &index.aux {
+        let how = match &a.blob {
+            Blob::SameAsBase { .. } => "same as base".to_string(),
+            Blob::Zstd { len, dict, .. } => format!(
+                "stored in {}{}",
+                human(*len),
+                if dict.is_some() {
+                    " (against the base's)"
+                } else {
+                    ""
+                }
+            ),
+        };
+        println!("  {}  {}  {how}", a.path, human(a.size));
+    }
+    for s in &index.skipped {
+        println!("  skipped {}: {}", s.path, s.reason);
+    }
+    if list_tensors {
+        println!();
+        println!(
+            "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8}",
+            "tensor", "dtype", "shape", "relation", "stored", "bits/el"
+        );
+        for t in tensors {
+            let elems = t.shape.iter().product::<u64>().max(1);
+            let shape = format!("{:?}", t.shape);
+            let rel = if t.unchanged() {
+                "same".to_string()
+            } else {
+                format!("{:?}", t.relation).to_lowercase()
+            };
+            println!(
+                "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8.3}",
+                t.name,
+                t.dtype,
+                shape,
+                rel,
+                human(t.stored_bytes()),
+                8.0 * t.stored_bytes() as f64 / elems as f64
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Hugging Face safetensors checkpoints: reading model directories (sharded or not) and
+//! writing reconstructed ones atomically.
+
+pub mod header;
+mod read;
+mod write;
+
+pub use read::{is_safe_rel_path, AuxFile, Checkpoint, Shard, Skipped, TensorRef};
+pub use write::{OutputDir, OutputFile};

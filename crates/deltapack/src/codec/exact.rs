@@ -1,0 +1,489 @@
+//! The exact (lossless) codec for one chunk of a tensor.
+//!
+//! Each element is coded as the difference between the fine-tune's bit pattern and its
+//! prediction (the base value), both first mapped to integers that preserve float order, so
+//! that a small change of a negative weight is as small a number as that of a positive one.
+//! The wrapping difference is zigzag-mapped and split into a token (the value itself below
+//! 16, otherwise its bit length and the two bits after the leading one) and raw low bits.
+//! Tokens are rANS-coded under a context: the base value's exponent, which sets how many
+//! units in the last place a given change spans. Every chunk carries its own model, so
+//! chunks encode and decode independently and the output never depends on thread count.
+//!
+//! Payload layout: `ctx_lo: u16, ctx_hi: u16, model, n_words: varint, words: u16 LE x n,
+//! raw bits (rest)`.
+
+use super::bits::{BitReader, BitWriter};
+use super::rans::{self, DecoderTables, EncoderTables, Model};
+use crate::dtype::ElementLayout;
+
+/// Most exponent contexts one chunk may use; rarer exponents share the edge contexts.
+const MAX_CONTEXTS: usize = 40;
+/// Values below this are tokens by themselves.
+const DIRECT: u64 = 16;
+
+/// Why a chunk payload could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(pub &'static str);
+
+/// Reusable buffers for encoding, one set per worker thread.
+#[derive(Default)]
+pub struct Scratch {
+    symbols: Vec<u8>,
+    contexts: Vec<u8>,
+}
+
+trait Word: Copy {
+    const BITS: u32;
+    fn load(b: &[u8]) -> u64;
+    fn store(v: u64, b: &mut [u8]);
+}
+
+macro_rules! word {
+    ($name:ident, $t:ty) => {
+        #[derive(Clone, Copy)]
+        struct $name;
+        impl Word for $name {
+            const BITS: u32 = <$t>::BITS;
+            #[inline(always)]
+            fn load(b: &[u8]) -> u64 {
+                <$t>::from_le_bytes(b.try_into().expect("element width")) as u64
+            }
+            #[inline(always)]
+            fn store(v: u64, b: &mut [u8]) {
+                b.copy_from_slice(&(v as $t).to_le_bytes());
+            }
+        }
+    };
+}
+word!(W8, u8);
+word!(W16, u16);
+word!(W32, u32);
+word!(W64, u64);
+
+#[inline(always)]
+fn mask(bits: u32) -> u64 {
+    if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
+}
+
+/// Maps a float bit pattern to an integer with the same order as the float values.
+#[inline(always)]
+fn to_ordered(x: u64, bits: u32, float: bool) -> u64 {
+    if !float {
+        return x;
+    }
+    let sign = 1u64 << (bits - 1);
+    if x & sign != 0 {
+        !x & mask(bits)
+    } else {
+        x | sign
+    }
+}
+
+#[inline(always)]
+fn from_ordered(o: u64, bits: u32, float: bool) -> u64 {
+    if !float {
+        return o;
+    }
+    let sign = 1u64 << (bits - 1);
+    if o & sign != 0 {
+        o & !sign
+    } else {
+        !o & mask(bits)
+    }
+}
+
+#[inline(always)]
+fn zigzag(d: u64, bits: u32) -> u64 {
+    let s = ((d << (64 - bits)) as i64) >> (64 - bits);
+    ((s << 1) ^ (s >> 63)) as u64 & mask(bits)
+}
+
+#[inline(always)]
+fn unzigzag(z: u64, bits: u32) -> u64 {
+    ((z >> 1) ^ (z & 1).wrapping_neg()) & mask(bits)
+}
+
+/// Splits `v` into (token, raw bit count, raw bits).
+#[inline(always)]
+fn tokenize(v: u64) -> (u8, u32, u64) {
+    if v < DIRECT {
+        return (v as u8, 0, 0);
+    }
+    let n = 63 - v.leading_zeros(); // >= 4
+    let m = (v >> (n - 2)) & 3;
+    let token = DIRECT as u32 + (n - 4) * 4 + m as u32;
+    (token as u8, n - 2, v & mask(n - 2))
+}
+
+/// Largest token a value of `bits` bits can produce.
+fn max_token(bits: u32) -> usize {
+    DIRECT as usize + (bits as usize - 1 - 4) * 4 + 3
+}
+
+/// Context lookup for a chunk: exponent -> context index.
+struct ContextMap {
+    lo: u16,
+    hi: u16,
+    lut: Vec<u8>,
+    shift: u32,
+    exp_mask: u64,
+}
+
+impl ContextMap {
+    fn new(layout: ElementLayout, lo: u16, hi: u16) -> Self {
+        let (shift, exp_mask) = match layout.float {
+            Some(f) => (f.mantissa_bits, f.exponent_mask as u64),
+            None => (0, 0),
+        };
+        let lut = (0..=exp_mask as u16)
+            .map(|e| (e.clamp(lo, hi) - lo) as u8)
+            .collect();
+        ContextMap {
+            lo,
+            hi,
+            lut,
+            shift,
+            exp_mask,
+        }
+    }
+
+    fn count(&self) -> usize {
+        (self.hi - self.lo) as usize + 1
+    }
+
+    #[inline(always)]
+    fn of(&self, pred_bits: u64) -> u8 {
+        // exp_mask < lut.len() by construction, so this index is always in bounds.
+        self.lut[((pred_bits >> self.shift) & self.exp_mask) as usize]
+    }
+}
+
+/// Chooses the exponent range that gets its own contexts: rare exponents at either end
+/// would cost more in table bytes than they save, so they join the nearest kept one.
+fn choose_context_range(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
+    let Some(f) = layout.float else { return (0, 0) };
+    let w = layout.width;
+    let mut hist = vec![0u64; f.exponent_mask as usize + 1];
+    for e in pred.chunks_exact(w) {
+        let mut b = [0u8; 8];
+        b[..w].copy_from_slice(e);
+        let x = u64::from_le_bytes(b);
+        hist[((x >> f.mantissa_bits) & f.exponent_mask as u64) as usize] += 1;
+    }
+    let n = (pred.len() / w) as u64;
+    let min = (n / 256).max(32);
+    let mut lo = 0;
+    let mut acc = 0;
+    for (e, &c) in hist.iter().enumerate() {
+        acc += c;
+        lo = e;
+        if acc >= min {
+            break;
+        }
+    }
+    let mut hi = hist.len() - 1;
+    acc = 0;
+    for (e, &c) in hist.iter().enumerate().rev() {
+        acc += c;
+        hi = e;
+        if acc >= min {
+            break;
+        }
+    }
+    if hi < lo {
+        hi = lo;
+    }
+    if hi - lo + 1 > MAX_CONTEXTS {
+        lo = hi + 1 - MAX_CONTEXTS;
+    }
+    (lo as u16, hi as u16)
+}
+
+/// Encodes `target` against the prediction `pred` (same length, whole elements).
+pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
+    assert_eq!(
+        pred.len(),
+        target.len(),
+        "prediction and target lengths differ"
+    );
+    assert_eq!(target.len() % layout.width, 0, "partial element");
+    match (layout.width, layout.float.is_some()) {
+        (1, false) => encode_impl::<W8, false>(layout, pred, target, scratch),
+        (1, true) => encode_impl::<W8, true>(layout, pred, target, scratch),
+        (2, false) => encode_impl::<W16, false>(layout, pred, target, scratch),
+        (2, true) => encode_impl::<W16, true>(layout, pred, target, scratch),
+        (4, false) => encode_impl::<W32, false>(layout, pred, target, scratch),
+        (4, true) => encode_impl::<W32, true>(layout, pred, target, scratch),
+        (8, false) => encode_impl::<W64, false>(layout, pred, target, scratch),
+        _ => encode_impl::<W64, true>(layout, pred, target, scratch),
+    }
+}
+
+fn encode_impl<W: Word, const FLOAT: bool>(
+    layout: ElementLayout,
+    pred: &[u8],
+    target: &[u8],
+    scratch: &mut Scratch,
+) -> Vec<u8> {
+    let w = layout.width;
+    let n = target.len() / w;
+    let (lo, hi) = choose_context_range(layout, pred);
+    let cmap = ContextMap::new(layout, lo, hi);
+    let mut counts = vec![[0u32; 256]; cmap.count()];
+    scratch.symbols.clear();
+    scratch.contexts.clear();
+    scratch.symbols.reserve(n);
+    scratch.contexts.reserve(n);
+    let mut bits = BitWriter::default();
+    for (p, t) in pred.chunks_exact(w).zip(target.chunks_exact(w)) {
+        let p = W::load(p);
+        let t = W::load(t);
+        let d = to_ordered(t, W::BITS, FLOAT).wrapping_sub(to_ordered(p, W::BITS, FLOAT));
+        let (tok, nb, raw) = tokenize(zigzag(d & mask(W::BITS), W::BITS));
+        let ctx = cmap.of(p);
+        counts[ctx as usize][tok as usize] += 1;
+        scratch.symbols.push(tok);
+        scratch.contexts.push(ctx);
+        bits.put(raw, nb);
+    }
+    let model = Model::from_counts(&counts);
+    let words = rans::encode(
+        &EncoderTables::new(&model),
+        &scratch.symbols,
+        &scratch.contexts,
+    );
+    let raw = bits.finish();
+    let mut out = Vec::with_capacity(16 + words.len() * 2 + raw.len());
+    out.extend_from_slice(&lo.to_le_bytes());
+    out.extend_from_slice(&hi.to_le_bytes());
+    model.write(&mut out);
+    rans::put_varint(&mut out, words.len() as u64);
+    for wd in &words {
+        out.extend_from_slice(&wd.to_le_bytes());
+    }
+    out.extend_from_slice(&raw);
+    out
+}
+
+/// Decodes a payload made by [`encode`] into `out`, given the same prediction.
+///
+/// `out.len()` must equal `pred.len()`; the payload is untrusted and any inconsistency is
+/// an error, never a panic.
+pub fn decode(
+    layout: ElementLayout,
+    pred: &[u8],
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
+    assert_eq!(
+        pred.len(),
+        out.len(),
+        "prediction and output lengths differ"
+    );
+    assert_eq!(out.len() % layout.width, 0, "partial element");
+    match (layout.width, layout.float.is_some()) {
+        (1, false) => decode_impl::<W8, false>(layout, pred, payload, out),
+        (1, true) => decode_impl::<W8, true>(layout, pred, payload, out),
+        (2, false) => decode_impl::<W16, false>(layout, pred, payload, out),
+        (2, true) => decode_impl::<W16, true>(layout, pred, payload, out),
+        (4, false) => decode_impl::<W32, false>(layout, pred, payload, out),
+        (4, true) => decode_impl::<W32, true>(layout, pred, payload, out),
+        (8, false) => decode_impl::<W64, false>(layout, pred, payload, out),
+        _ => decode_impl::<W64, true>(layout, pred, payload, out),
+    }
+}
+
+fn decode_impl<W: Word, const FLOAT: bool>(
+    layout: ElementLayout,
+    pred: &[u8],
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
+    let w = layout.width;
+    let mut input = payload;
+    let lo = read_u16(&mut input)?;
+    let hi = read_u16(&mut input)?;
+    let exp_limit = layout.float.map_or(0, |f| f.exponent_mask as u16);
+    if lo > hi || hi > exp_limit || (hi - lo) as usize >= MAX_CONTEXTS {
+        return Err(DecodeError("context range out of bounds"));
+    }
+    let cmap = ContextMap::new(layout, lo, hi);
+    let model = Model::read(&mut input, cmap.count()).ok_or(DecodeError("bad frequency table"))?;
+    if model.freqs.iter().any(|f| f.len() > max_token(W::BITS) + 1) {
+        return Err(DecodeError("token out of range for the dtype"));
+    }
+    let n_words = rans::get_varint(&mut input).ok_or(DecodeError("bad word count"))?;
+    let word_bytes = n_words
+        .checked_mul(2)
+        .filter(|&b| b <= input.len() as u64)
+        .ok_or(DecodeError("word stream past end of payload"))? as usize;
+    let words: Vec<u16> = input[..word_bytes]
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let mut bits = BitReader::new(&input[word_bytes..]);
+    let tables = DecoderTables::new(&model);
+    let mut dec = rans::Decoder::new(&words);
+    let used: Vec<bool> = model.freqs.iter().map(|f| !f.is_empty()).collect();
+    for (p, o) in pred.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+        let p = W::load(p);
+        let ctx = cmap.of(p) as usize;
+        if !used[ctx] {
+            return Err(DecodeError("element in a context with no table"));
+        }
+        let tok = dec.decode(&tables, ctx) as u64;
+        let z = if tok < DIRECT {
+            tok
+        } else {
+            let nbits = ((tok - DIRECT) / 4 + 4) as u32;
+            ((4 | ((tok - DIRECT) & 3)) << (nbits - 2)) | bits.get(nbits - 2)
+        };
+        let d = unzigzag(z, W::BITS);
+        let v = to_ordered(p, W::BITS, FLOAT).wrapping_add(d) & mask(W::BITS);
+        W::store(from_ordered(v, W::BITS, FLOAT), o);
+    }
+    if !dec.finish() || !bits.finish() {
+        return Err(DecodeError("payload length does not match its content"));
+    }
+    Ok(())
+}
+
+fn read_u16(input: &mut &[u8]) -> Result<u16, DecodeError> {
+    if input.len() < 2 {
+        return Err(DecodeError("payload truncated"));
+    }
+    let v = u16::from_le_bytes([input[0], input[1]]);
+    *input = &input[2..];
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::layout;
+    use proptest::prelude::*;
+    use safetensors::Dtype;
+
+    fn round_trip(dtype: Dtype, pred: &[u8], target: &[u8]) -> usize {
+        let l = layout(dtype);
+        let payload = encode(l, pred, target, &mut Scratch::default());
+        let mut out = vec![0u8; target.len()];
+        decode(l, pred, &payload, &mut out).expect("decodes");
+        assert_eq!(out, target, "{dtype:?} round trip");
+        payload.len()
+    }
+
+    const DTYPES: [Dtype; 14] = [
+        Dtype::BF16,
+        Dtype::F16,
+        Dtype::F32,
+        Dtype::F64,
+        Dtype::F8_E4M3,
+        Dtype::F8_E5M2,
+        Dtype::I8,
+        Dtype::U8,
+        Dtype::BOOL,
+        Dtype::I16,
+        Dtype::I32,
+        Dtype::I64,
+        Dtype::U64,
+        Dtype::C64,
+    ];
+
+    /// Bit patterns biased towards the float specials: NaN payloads, infinities, -0.0, subnormals.
+    fn special_bytes(width: usize) -> impl Strategy<Value = Vec<u8>> {
+        let specials: Vec<u64> = match width {
+            2 => vec![
+                0x7FC1, 0xFF81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x807F, 0x7E00, 0xFC01,
+            ],
+            4 => vec![
+                0x7FC0_0001,
+                0xFF80_0001,
+                0x7F80_0000,
+                0x8000_0000,
+                0x0000_0001,
+                0x807F_FFFF,
+            ],
+            8 => vec![
+                0x7FF8_0000_0000_0001,
+                0xFFF0_0000_0000_0000,
+                0x8000_0000_0000_0000,
+                1,
+            ],
+            _ => vec![0x7F, 0xFF, 0x80, 0x01, 0x78],
+        };
+        proptest::collection::vec(
+            prop_oneof![any::<u64>(), proptest::sample::select(specials)],
+            0..600,
+        )
+        .prop_map(move |v| {
+            v.iter()
+                .flat_map(|x| x.to_le_bytes()[..width].to_vec())
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_dtype_round_trips_random_bits(dt in proptest::sample::select(DTYPES.to_vec()), seed in any::<u64>()) {
+            let w = layout(dt).width;
+            let mut rng = seed | 1;
+            let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+            let n = (next() % 700) as usize * w;
+            let pred: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            let mut target = pred.clone();
+            for b in target.iter_mut() {
+                if next() % 3 == 0 { *b = next() as u8; }
+            }
+            round_trip(dt, &pred, &target);
+        }
+
+        #[test]
+        fn float_specials_by_width(d16 in special_bytes(2), d32 in special_bytes(4), d64 in special_bytes(8), d8 in special_bytes(1)) {
+            for (dt, d) in [(Dtype::BF16, &d16), (Dtype::F16, &d16), (Dtype::F32, &d32), (Dtype::F64, &d64), (Dtype::F8_E5M2, &d8)] {
+                let pred: Vec<u8> = d.iter().map(|b| b.wrapping_add(1)).collect();
+                round_trip(dt, &pred, d);
+            }
+        }
+    }
+
+    #[test]
+    fn small_changes_code_small() {
+        // Values near +-0.02 with +-1 ULP changes: about 1.6 bits of entropy per element.
+        let n = 50_000;
+        let mut pred = Vec::new();
+        let mut target = Vec::new();
+        for i in 0..n {
+            let b = half::bf16::from_f32(
+                if i % 2 == 0 { 0.02 } else { -0.02 } * (1.0 + (i % 97) as f32 / 100.0),
+            );
+            let t = half::bf16::from_bits(b.to_bits().wrapping_add([0u16, 0, 1, 0xFFFF][i % 4]));
+            pred.extend_from_slice(&b.to_bits().to_le_bytes());
+            target.extend_from_slice(&t.to_bits().to_le_bytes());
+        }
+        let size = round_trip(Dtype::BF16, &pred, &target);
+        assert!(size < n * 2 / 8, "{size} bytes for {n} elements");
+    }
+
+    #[test]
+    fn corrupt_payloads_are_errors() {
+        let pred = vec![0x3Cu8; 2000];
+        let target: Vec<u8> = (0..2000).map(|i| (i * 31 % 251) as u8).collect();
+        let l = layout(Dtype::BF16);
+        let payload = encode(l, &pred, &target, &mut Scratch::default());
+        let mut out = vec![0u8; target.len()];
+        for cut in [0, 1, 3, payload.len() / 2, payload.len() - 1] {
+            assert!(
+                decode(l, &pred, &payload[..cut], &mut out).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(decode(l, &pred, &longer, &mut out).is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! Opening a delta file: the trailer, the index and, on demand, payloads, all validated.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, UncheckedAdvice};
+
+use super::index::{Chunk, Index};
+use super::{END_MAGIC, HEADER_LEN, MAGIC, MAX_INDEX_RAW_LEN, TRAILER_LEN, VERSION_MAJOR};
+use crate::{hash, Error, Result};
+
+/// An opened delta file: its validated index and its memory-mapped payload.
+pub struct Delta {
+    /// The file's path.
+    pub path: PathBuf,
+    /// The validated index.
+    pub index: Index,
+    /// Size of the file in bytes.
+    pub size: u64,
+    map: Mmap,
+}
+
+impl Delta {
+    /// Opens and validates a delta file (header, trailer, index; payloads are checked when read).
+    pub fn open(path: &Path) -> Result<Delta> {
+        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        // SAFETY: read-only map; truncation by another process while we read would raise
+        // SIGBUS, the documented limit of memory-mapped input.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-mapping", path, e))?;
+        let size = map.len() as u64;
+        let (head, trailer) = split_ends(path, &map)?;
+        let (offset, len) = parse_trailer(path, head, trailer, size)?;
+        let index = parse_index(
+            path,
+            &map[offset as usize..(offset + len) as usize],
+            trailer,
+            offset,
+        )?;
+        Ok(Delta {
+            path: path.to_path_buf(),
+            index,
+            size,
+            map,
+        })
+    }
+
+    /// Reads and validates only the header, trailer and index (what `inspect` needs).
+    pub fn read_index(path: &Path) -> Result<(Index, u64)> {
+        let mut f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        let io = |e| Error::io("reading", path, e);
+        let size = f.metadata().map_err(io)?.len();
+        if size < HEADER_LEN + TRAILER_LEN {
+            return Err(Error::corrupt(
+                path,
+                "file too short to be a deltapack delta",
+            ));
+        }
+        let mut head = [0u8; HEADER_LEN as usize];
+        f.read_exact(&mut head).map_err(io)?;
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        f.seek(SeekFrom::Start(size - TRAILER_LEN)).map_err(io)?;
+        f.read_exact(&mut trailer).map_err(io)?;
+        let (offset, len) = parse_trailer(path, &head, &trailer, size)?;
+        let mut packed = vec![0u8; len as usize];
+        f.seek(SeekFrom::Start(offset)).map_err(io)?;
+        f.read_exact(&mut packed).map_err(io)?;
+        Ok((parse_index(path, &packed, &trailer, offset)?, size))
+    }
+
+    /// The payload of a chunk, after checking its checksum.
+    pub fn chunk_payload(&self, tensor: &str, c: &Chunk) -> Result<&[u8]> {
+        let data = self.range(c.offset, c.len);
+        if super::index::checksum(data) != c.checksum {
+            return Err(Error::CorruptDelta {
+                path: self.path.clone(),
+                tensor: Some(tensor.to_string()),
+                reason: format!("checksum mismatch in the chunk at offset {}", c.offset),
+            });
+        }
+        Ok(data)
+    }
+
+    /// Bytes of the payload region at `offset` (ranges were validated with the index).
+    pub fn range(&self, offset: u64, len: u64) -> &[u8] {
+        &self.map[offset as usize..(offset + len) as usize]
+    }
+
+    /// Drops the pages of a payload range from this process's resident memory.
+    pub fn release(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        // SAFETY: read-only private file map, never written: dropped pages fault back in
+        // with identical contents, so no reference can observe a change.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                offset as usize,
+                len as usize,
+            )
+        };
+    }
+}
+
+fn split_ends<'a>(path: &Path, map: &'a [u8]) -> Result<(&'a [u8], &'a [u8])> {
+    let size = map.len() as u64;
+    if size < HEADER_LEN + TRAILER_LEN {
+        return Err(Error::corrupt(
+            path,
+            "file too short to be a deltapack delta",
+        ));
+    }
+    Ok((
+        &map[..HEADER_LEN as usize],
+        &map[(size - TRAILER_LEN) as usize..],
+    ))
+}
+
+fn parse_trailer(path: &Path, head: &[u8], trailer: &[u8], size: u64) -> Result<(u64, u64)> {
+    if head[..8] != MAGIC {
+        return Err(Error::corrupt(path, "not a deltapack delta (bad magic)"));
+    }
+    let major = u16::from_le_bytes([head[8], head[9]]);
+    if major != VERSION_MAJOR {
+        return Err(Error::corrupt(
+            path,
+            format!("format version {major} is not supported by this build (it reads version {VERSION_MAJOR}); upgrade deltapack"),
+        ));
+    }
+    if head[12..16] != [0; 4] {
+        return Err(Error::corrupt(path, "unknown header flags"));
+    }
+    if trailer[56..] != END_MAGIC {
+        return Err(Error::corrupt(
+            path,
+            "bad trailer: the file is truncated or was not fully written",
+        ));
+    }
+    let word =
+        |i: usize| u64::from_le_bytes(trailer[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let (offset, len) = (word(0), word(1));
+    let end = offset.checked_add(len);
+    if offset < HEADER_LEN || end != Some(size - TRAILER_LEN) {
+        return Err(Error::corrupt(
+            path,
+            "index location in the trailer is out of range",
+        ));
+    }
+    Ok((offset, len))
+}
+
+fn parse_index(path: &Path, packed: &[u8], trailer: &[u8], offset: u64) -> Result<Index> {
+    if hash::bytes(packed)[..] != trailer[24..56] {
+        return Err(Error::corrupt(path, "index checksum mismatch"));
+    }
+    let raw_len = u64::from_le_bytes(trailer[16..24].try_into().expect("8 bytes"));
+    if raw_len > MAX_INDEX_RAW_LEN {
+        return Err(Error::corrupt(path, "index too large"));
+    }
+    let json = zstd::bulk::decompress(packed, raw_len as usize)
+        .map_err(|e| Error::corrupt(path, format!("index does not decompress: {e}")))?;
+    if json.len() as u64 != raw_len {
+        return Err(Error::corrupt(path, "index length mismatch"));
+    }
+    let index: Index = serde_json::from_slice(&json)
+        .map_err(|e| Error::corrupt(path, format!("index is not valid: {e}")))?;
+    index
+        .validate(HEADER_LEN..offset)
+        .map_err(|r| Error::corrupt(path, r))?;
+    Ok(index)
+}

@@ -1,0 +1,25 @@
+//! deltapack: store fine-tuned models as compact deltas against their base model, and rebuild them.
+//!
+//! The modules follow the data: [`checkpoint`] reads (and writes) Hugging Face safetensors
+//! checkpoints, [`pair`] matches fine-tune tensors with their base counterparts, [`codec`]
+//! codes chunks of tensors, [`container`] is the delta file, [`make`] and [`apply`] drive the
+//! whole pipeline in bounded memory.
+
+pub mod codec;
+pub mod dtype;
+pub mod error;
+
+pub use error::{Error, ErrorKind, Result};
+pub mod apply;
+pub mod checkpoint;
+pub mod container;
+pub mod hash;
+pub mod make;
+pub mod pair;
+pub mod progress;
+mod schedule;
+
+pub use apply::{apply, verify, ApplyOptions, RebuildReport};
+pub use make::{make, MakeOptions, MakeReport};
+pub mod stats;
+pub mod synth;

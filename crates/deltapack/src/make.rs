@@ -1,0 +1,446 @@
+//! Making a delta: pair, encode chunk by chunk in bounded windows, write the container.
+
+use std::cell::RefCell;
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
+use crate::codec::exact;
+use crate::container::index::{
+    self, AuxEntry, BaseInfo, Blob, Chunk, ChunkCodec, Index, RemovedTensor, SourceTensor,
+    TensorEntry, WeightFile,
+};
+use crate::container::{ContainerWriter, VERSION_MAJOR};
+use crate::hash::{self, Digest};
+use crate::pair::{self, Pairing, Plan, Relation};
+use crate::progress::Progress;
+use crate::schedule::{self, Job};
+use crate::{dtype, Error, Result};
+
+/// Largest base file used as a compression dictionary for the fine-tune's file of the same name.
+const MAX_DICT_BYTES: u64 = 64 << 20;
+
+/// Options of [`make`].
+#[derive(Debug, Clone)]
+pub struct MakeOptions {
+    /// Where the base comes from (`ORG/NAME@REVISION`), recorded for whoever applies the delta.
+    pub base_id: Option<String>,
+    /// Bytes of tensor per chunk (a power of two, 4 KiB to 1 GiB).
+    pub chunk_bytes: usize,
+    /// Overwrite an existing output.
+    pub force: bool,
+    /// fsync the output before renaming it into place.
+    pub sync: bool,
+}
+
+impl Default for MakeOptions {
+    fn default() -> Self {
+        MakeOptions {
+            base_id: None,
+            chunk_bytes: 1 << 21,
+            force: false,
+            sync: false,
+        }
+    }
+}
+
+/// What [`make`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MakeReport {
+    /// Size of the delta file.
+    pub delta_bytes: u64,
+    /// Size of all the fine-tune's files (weights and others).
+    pub finetuned_bytes: u64,
+    /// `finetuned_bytes / delta_bytes`.
+    pub ratio: f64,
+    /// Tensors bit-identical to the base.
+    pub same: usize,
+    /// Tensors coded as a delta of the same shape.
+    pub changed: usize,
+    /// Tensors whose first dimension changed.
+    pub resized: usize,
+    /// Tensors coded against a base tensor of another dtype.
+    pub converted: usize,
+    /// Tensors coded against the embedding the base ties them to.
+    pub tied: usize,
+    /// Tensors with no base counterpart.
+    pub new: usize,
+    /// Base tensors absent from the fine-tune.
+    pub removed: usize,
+    /// Bytes of tensor data stored (coded payload).
+    pub tensor_payload_bytes: u64,
+    /// Auxiliary files stored, and how many of them were identical to the base's.
+    pub aux_files: usize,
+    /// Auxiliary files identical to the base's (not stored).
+    pub aux_same_as_base: usize,
+    /// Files skipped (pickles).
+    pub skipped: Vec<String>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<(exact::Scratch, Vec<u8>)> = RefCell::new(Default::default());
+}
+
+struct Encoded {
+    payload: Option<Vec<u8>>,
+    target_hash: Digest,
+    source_hashes: Vec<Digest>,
+}
+
+/// Makes a delta of `finetuned` against `base` and writes it to `out`.
+pub fn make(
+    base: &Path,
+    finetuned: &Path,
+    out: &Path,
+    opts: &MakeOptions,
+    progress: &dyn Progress,
+) -> Result<MakeReport> {
+    if !opts.chunk_bytes.is_power_of_two() || !(1 << 12..=1 << 30).contains(&opts.chunk_bytes) {
+        return Err(Error::InvalidArgument(format!(
+            "chunk size {} is not a power of two in 4 KiB..1 GiB",
+            opts.chunk_bytes
+        )));
+    }
+    let base_ck = Checkpoint::open(base)?;
+    let ft_ck = Checkpoint::open(finetuned)?;
+    let plan = pair::plan(&base_ck, &ft_ck);
+    let mut w = ContainerWriter::create(out, opts.force)?;
+    let mut files = Vec::new();
+    for shard in &ft_ck.shards {
+        let (header, header_hash) =
+            store_header(&mut w, &base_ck, &shard.rel, shard.header_bytes())?;
+        files.push(WeightFile {
+            path: shard.rel.clone(),
+            size: 0,
+            header,
+            header_len: shard.prefix_len as u64,
+            header_hash: hash::hex(&header_hash),
+            tensors: Vec::new(),
+        });
+    }
+    let tensors = encode_tensors(&mut w, &base_ck, &ft_ck, &plan, opts.chunk_bytes, progress)?;
+    for (entry, p) in tensors.into_iter().zip(&plan.pairings) {
+        let t = &ft_ck.tensors[p.target];
+        let f = &mut files[t.shard];
+        f.size = f.header_len + entry.data_offsets[1];
+        f.tensors.push(entry);
+    }
+    let aux = ft_ck
+        .aux
+        .iter()
+        .map(|a| store_aux(&mut w, &base_ck, a))
+        .collect::<Result<Vec<_>>>()?;
+    let index = Index {
+        format: "deltapack".into(),
+        version: VERSION_MAJOR,
+        created_by: format!("deltapack {}", env!("CARGO_PKG_VERSION")),
+        chunk_bytes: opts.chunk_bytes as u64,
+        base: BaseInfo {
+            id: opts.base_id.clone(),
+            fingerprint: base_fingerprint(files.iter().flat_map(|f| f.tensors.iter())),
+            tensors: base_ck.tensors.len() as u64,
+            bytes: base_ck.weight_bytes(),
+        },
+        files,
+        aux,
+        removed: plan
+            .removed
+            .iter()
+            .map(|&i| removed(&base_ck.tensors[i]))
+            .collect(),
+        skipped: ft_ck.skipped.clone(),
+    };
+    let report_base = report(&index);
+    let delta_bytes = w.finish(&index, opts.sync)?;
+    Ok(MakeReport {
+        delta_bytes,
+        ratio: index.finetuned_bytes() as f64 / delta_bytes as f64,
+        ..report_base
+    })
+}
+
+/// BLAKE3 over the sorted `(name, fingerprint)` pairs of every base tensor a delta reads.
+pub fn base_fingerprint<'a>(tensors: impl Iterator<Item = &'a TensorEntry>) -> String {
+    let mut pairs: Vec<(&str, &str)> = tensors
+        .filter_map(|t| t.source.as_ref())
+        .map(|s| (s.name.as_str(), s.hash.as_str()))
+        .collect();
+    pairs.sort();
+    pairs.dedup();
+    let mut h = blake3::Hasher::new();
+    for (n, d) in pairs {
+        h.update(n.as_bytes());
+        h.update(b"\0");
+        h.update(d.as_bytes());
+        h.update(b"\n");
+    }
+    hash::hex(h.finalize().as_bytes())
+}
+
+fn report(index: &Index) -> MakeReport {
+    let count = |r: Relation| index.tensors().filter(|t| t.relation == r).count();
+    let same = index.tensors().filter(|t| t.unchanged()).count();
+    MakeReport {
+        delta_bytes: 0,
+        finetuned_bytes: index.finetuned_bytes(),
+        ratio: 0.0,
+        same,
+        changed: count(Relation::Direct) - same,
+        resized: count(Relation::Resized),
+        converted: count(Relation::Converted),
+        tied: count(Relation::Tied),
+        new: count(Relation::New),
+        removed: index.removed.len(),
+        tensor_payload_bytes: index.tensors().map(|t| t.stored_bytes()).sum(),
+        aux_files: index.aux.len(),
+        aux_same_as_base: index
+            .aux
+            .iter()
+            .filter(|a| matches!(a.blob, Blob::SameAsBase { .. }))
+            .count(),
+        skipped: index.skipped.iter().map(|s| s.path.clone()).collect(),
+    }
+}
+
+fn removed(t: &TensorRef) -> RemovedTensor {
+    RemovedTensor {
+        name: t.name.clone(),
+        dtype: dtype::name(t.dtype),
+        shape: t.shape.iter().map(|&d| d as u64).collect(),
+    }
+}
+
+/// Stores a shard header: a reference if some base shard has the very same bytes, else
+/// compressed against the base shard of the same name (or the first one).
+fn store_header(
+    w: &mut ContainerWriter,
+    base: &Checkpoint,
+    rel: &str,
+    bytes: &[u8],
+) -> Result<(Blob, Digest)> {
+    let digest = hash::bytes(bytes);
+    if let Some(s) = base.shards.iter().find(|s| s.header_bytes() == bytes) {
+        return Ok((
+            Blob::SameAsBase {
+                path: s.rel.clone(),
+            },
+            digest,
+        ));
+    }
+    let dict = base
+        .shards
+        .iter()
+        .find(|s| s.rel == rel)
+        .or(base.shards.first());
+    let (offset, len) = w.append_zstd(bytes, dict.map(|s| s.header_bytes()))?;
+    let blob = Blob::Zstd {
+        offset,
+        len,
+        dict: dict.map(|s| s.rel.clone()),
+        dict_hash: dict.map(|s| hash::hex(&hash::bytes(s.header_bytes()))),
+    };
+    Ok((blob, digest))
+}
+
+/// Stores an auxiliary file: a reference if the base has an identical one, else compressed
+/// with the base's file of the same name as dictionary (configs and tokenizers of a
+/// fine-tune usually differ from the base's in a few bytes).
+fn store_aux(w: &mut ContainerWriter, base: &Checkpoint, a: &AuxFile) -> Result<AuxEntry> {
+    let base_file = base.aux.iter().find(|b| b.rel == a.rel);
+    let dict = match base_file {
+        Some(b) if b.size <= MAX_DICT_BYTES => {
+            Some(std::fs::read(&b.path).map_err(|e| Error::io("reading", &b.path, e))?)
+        }
+        _ => None,
+    };
+    let (size, digest) = hash::file(&a.path).map_err(|e| Error::io("reading", &a.path, e))?;
+    if let Some(d) = &dict {
+        if d.len() as u64 == size && hash::bytes(d) == digest {
+            return Ok(AuxEntry {
+                path: a.rel.clone(),
+                size,
+                hash: hash::hex(&digest),
+                blob: Blob::SameAsBase {
+                    path: a.rel.clone(),
+                },
+            });
+        }
+    }
+    let (offset, len, stored_size, stored_digest) = w.append_zstd_file(&a.path, dict.as_deref())?;
+    if stored_size != size || stored_digest != digest {
+        return Err(Error::bad_checkpoint(
+            &a.path,
+            "file changed while deltapack was reading it",
+        ));
+    }
+    Ok(AuxEntry {
+        path: a.rel.clone(),
+        size,
+        hash: hash::hex(&digest),
+        blob: Blob::Zstd {
+            offset,
+            len,
+            dict: dict.as_ref().map(|_| a.rel.clone()),
+            dict_hash: dict.as_ref().map(|d| hash::hex(&hash::bytes(d))),
+        },
+    })
+}
+
+struct Ctx<'a> {
+    base: &'a Checkpoint,
+    ft: &'a Checkpoint,
+    pairings: &'a [Pairing],
+    chunk_bytes: usize,
+}
+
+impl Ctx<'_> {
+    fn target(&self, tensor: usize) -> &TensorRef {
+        &self.ft.tensors[self.pairings[tensor].target]
+    }
+
+    fn source(&self, tensor: usize) -> Option<&TensorRef> {
+        self.pairings[tensor].source.map(|i| &self.base.tensors[i])
+    }
+
+    fn encode(&self, job: &Job) -> Encoded {
+        let p = &self.pairings[job.tensor];
+        let t = self.target(job.tensor);
+        let target = &self.ft.bytes(t)[job.range.clone()];
+        let target_hash = hash::chunk(target);
+        let (sdt, src): (_, &[u8]) = match self.source(job.tensor) {
+            Some(s) => (s.dtype, self.base.bytes(s)),
+            None => (t.dtype, &[]),
+        };
+        let source_hashes = job
+            .source_chunks
+            .clone()
+            .map(|c| {
+                hash::chunk(&src[c * self.chunk_bytes..((c + 1) * self.chunk_bytes).min(src.len())])
+            })
+            .collect();
+        let payload = SCRATCH.with(|s| {
+            let (scratch, buf) = &mut *s.borrow_mut();
+            let pred = pair::predict(p.relation, sdt, t.dtype, src, job.range.clone(), buf);
+            if p.relation != Relation::New && pred == target {
+                return None;
+            }
+            Some(exact::encode(dtype::layout(t.dtype), pred, target, scratch))
+        });
+        Encoded {
+            payload,
+            target_hash,
+            source_hashes,
+        }
+    }
+
+    fn release(&self, job: &Job) {
+        let t = self.target(job.tensor);
+        self.ft.release(t, job.range.clone());
+        if let Some(s) = self.source(job.tensor) {
+            let cb = self.chunk_bytes;
+            let hashed = job.source_chunks.start * cb..(job.source_chunks.end * cb).min(s.len());
+            let read = job.range.start.min(s.len())..job.range.end.min(s.len());
+            self.base.release(s, hashed);
+            self.base.release(s, read);
+        }
+    }
+}
+
+fn encode_tensors(
+    w: &mut ContainerWriter,
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    plan: &Plan,
+    chunk_bytes: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<TensorEntry>> {
+    let ctx = Ctx {
+        base,
+        ft,
+        pairings: &plan.pairings,
+        chunk_bytes,
+    };
+    let jobs: Vec<Job> = plan
+        .pairings
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let src_len = ctx.source(i).map_or(0, |s| s.len());
+            schedule::jobs(i, ft.tensors[p.target].len(), src_len, chunk_bytes)
+        })
+        .collect();
+    progress.begin("make", ft.tensors.iter().map(|t| t.len() as u64).sum());
+    let mut entries = Vec::with_capacity(plan.pairings.len());
+    let mut chunks = Vec::new();
+    let mut target_hashes = Vec::new();
+    let mut source_hashes = Vec::new();
+    for window in schedule::windows(&jobs, schedule::window_budget(chunk_bytes), chunk_bytes) {
+        let window = &jobs[window];
+        let results: Vec<Encoded> = window.par_iter().map(|j| ctx.encode(j)).collect();
+        for (job, enc) in window.iter().zip(results) {
+            if !job.range.is_empty() {
+                chunks.push(match enc.payload {
+                    None => Chunk {
+                        codec: ChunkCodec::Same,
+                        offset: 0,
+                        len: 0,
+                        checksum: index::checksum(&[]),
+                    },
+                    Some(p) => Chunk {
+                        codec: ChunkCodec::Exact,
+                        offset: w.append(&p)?,
+                        len: p.len() as u64,
+                        checksum: index::checksum(&p),
+                    },
+                });
+                target_hashes.push(enc.target_hash);
+            }
+            source_hashes.extend(enc.source_hashes);
+            ctx.release(job);
+            progress.advance(job.range.len() as u64);
+            if job.last {
+                entries.push(ctx.entry(
+                    job.tensor,
+                    std::mem::take(&mut chunks),
+                    &target_hashes,
+                    &source_hashes,
+                ));
+                target_hashes.clear();
+                source_hashes.clear();
+            }
+        }
+    }
+    progress.finish();
+    Ok(entries)
+}
+
+impl Ctx<'_> {
+    fn entry(
+        &self,
+        tensor: usize,
+        chunks: Vec<Chunk>,
+        target_hashes: &[Digest],
+        source_hashes: &[Digest],
+    ) -> TensorEntry {
+        let t = self.target(tensor);
+        let cb = self.chunk_bytes as u64;
+        let source = self.source(tensor).map(|s| SourceTensor {
+            name: s.name.clone(),
+            dtype: dtype::name(s.dtype),
+            shape: s.shape.iter().map(|&d| d as u64).collect(),
+            hash: hash::hex(&hash::tensor(s.len() as u64, cb, source_hashes)),
+        });
+        TensorEntry {
+            name: t.name.clone(),
+            dtype: dtype::name(t.dtype),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            data_offsets: [t.data_offsets.0 as u64, t.data_offsets.1 as u64],
+            relation: self.pairings[tensor].relation,
+            source,
+            hash: hash::hex(&hash::tensor(t.len() as u64, cb, target_hashes)),
+            chunks,
+        }
+    }
+}

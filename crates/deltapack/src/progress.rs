@@ -1,0 +1,16 @@
+//! Progress reporting: the library calls an observer; front ends draw bars or stay silent.
+
+/// Receives progress events from long operations. Methods may be called from any thread.
+pub trait Progress: Sync {
+    /// A phase starts ("make", "apply", "verify") that will process `total` bytes.
+    fn begin(&self, _phase: &str, _total: u64) {}
+    /// `bytes` more bytes were processed.
+    fn advance(&self, _bytes: u64) {}
+    /// The current phase ended.
+    fn finish(&self) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
