@@ -120,8 +120,52 @@ pub fn rebuild_tensor(delta: &Delta, base: &Checkpoint, name: &str) -> Result<Ve
     Ok(out)
 }
 
+/// Hands decoded chunks to the sink in job order and checks each finished tensor.
+struct Assembler<'s> {
+    sink: &'s mut dyn Sink,
+    next_file: usize,
+    th: Vec<Digest>,
+    sh: Vec<Digest>,
+}
+
+impl Assembler<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn consume(
+        &mut self,
+        ctx: &Ctx,
+        files: &[WeightFile],
+        headers: &[Vec<u8>],
+        file_of: &[usize],
+        jobs: &[Job],
+        decoded: Vec<Decoded>,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        for (job, d) in jobs.iter().zip(decoded) {
+            while self.next_file <= file_of[job.tensor] {
+                self.sink
+                    .begin_file(&files[self.next_file], &headers[self.next_file])?;
+                self.next_file += 1;
+            }
+            self.sink
+                .data(ctx.tensors[job.tensor].0, job.range.start, &d.bytes)?;
+            if !job.range.is_empty() {
+                self.th.push(d.target_hash);
+            }
+            self.sh.extend(d.source_hashes);
+            ctx.release(job);
+            progress.advance(job.range.len() as u64);
+            if job.last {
+                ctx.check_tensor(job.tensor, &self.th, &self.sh)?;
+                self.th.clear();
+                self.sh.clear();
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where rebuilt bytes go.
-trait Sink {
+trait Sink: Send {
     fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()>;
     fn data(&mut self, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()>;
     fn aux(&mut self, a: &AuxEntry, bytes: &[u8]) -> Result<()>;
@@ -323,38 +367,40 @@ fn rebuild(
         .flat_map(|i| ctx.jobs_of(i))
         .collect();
     progress.begin("rebuild", delta.index.tensors().map(|t| t.len()).sum());
-    let mut next_file = 0;
-    let (mut th, mut sh) = (Vec::new(), Vec::new());
+    let mut state = Assembler {
+        sink,
+        next_file: 0,
+        th: Vec::new(),
+        sh: Vec::new(),
+    };
+    let mut pending: Option<(&[Job], Vec<Decoded>)> = None;
+    // While one thread hands window k to the sink in order, the others decode window k+1.
     for window in schedule::windows(
         &jobs,
         schedule::window_budget(ctx.chunk_bytes),
         ctx.chunk_bytes,
     ) {
         let window = &jobs[window];
-        let decoded = window
-            .par_iter()
-            .map(|j| ctx.decode(j))
-            .collect::<Result<Vec<_>>>()?;
-        for (job, d) in window.iter().zip(decoded) {
-            while next_file <= file_of[job.tensor] {
-                sink.begin_file(&files[next_file], &headers[next_file])?;
-                next_file += 1;
-            }
-            let t = ctx.tensors[job.tensor].0;
-            sink.data(t, job.range.start, &d.bytes)?;
-            if !job.range.is_empty() {
-                th.push(d.target_hash);
-            }
-            sh.extend(d.source_hashes);
-            ctx.release(job);
-            progress.advance(job.range.len() as u64);
-            if job.last {
-                ctx.check_tensor(job.tensor, &th, &sh)?;
-                th.clear();
-                sh.clear();
-            }
-        }
+        let (written, decoded) = rayon::join(
+            || {
+                pending.take().map_or(Ok(()), |(js, ds)| {
+                    state.consume(&ctx, files, &headers, &file_of, js, ds, progress)
+                })
+            },
+            || {
+                window
+                    .par_iter()
+                    .map(|j| ctx.decode(j))
+                    .collect::<Result<Vec<_>>>()
+            },
+        );
+        written?;
+        pending = Some((window, decoded?));
     }
+    if let Some((js, ds)) = pending {
+        state.consume(&ctx, files, &headers, &file_of, js, ds, progress)?;
+    }
+    let (sink, next_file) = (state.sink, state.next_file);
     for i in next_file..files.len() {
         sink.begin_file(&files[i], &headers[i])?;
     }

@@ -372,16 +372,55 @@ fn encode_tensors(
         })
         .collect();
     progress.begin("make", ft.tensors.iter().map(|t| t.len() as u64).sum());
-    let mut entries = Vec::with_capacity(plan.pairings.len());
-    let mut chunks = Vec::new();
-    let mut target_hashes = Vec::new();
-    let mut source_hashes = Vec::new();
+    let mut sink = Collector {
+        w,
+        entries: Vec::with_capacity(plan.pairings.len()),
+        chunks: Vec::new(),
+        target_hashes: Vec::new(),
+        source_hashes: Vec::new(),
+    };
+    let mut pending: Option<(&[Job], Vec<Encoded>)> = None;
+    // While one thread writes window k in order, the others encode window k+1.
     for window in schedule::windows(&jobs, schedule::window_budget(chunk_bytes), chunk_bytes) {
         let window = &jobs[window];
-        let results: Vec<Encoded> = window.par_iter().map(|j| ctx.encode(j)).collect();
-        for (job, enc) in window.iter().zip(results) {
+        let (written, encoded) = rayon::join(
+            || {
+                pending
+                    .take()
+                    .map_or(Ok(()), |(js, rs)| sink.consume(&ctx, js, rs, progress))
+            },
+            || window.par_iter().map(|j| ctx.encode(j)).collect::<Vec<_>>(),
+        );
+        written?;
+        pending = Some((window, encoded));
+    }
+    if let Some((js, rs)) = pending {
+        sink.consume(&ctx, js, rs, progress)?;
+    }
+    progress.finish();
+    Ok(sink.entries)
+}
+
+/// Consumes encoded chunks in job order: writes payloads, gathers fingerprints, finishes entries.
+struct Collector<'w> {
+    w: &'w mut ContainerWriter,
+    entries: Vec<TensorEntry>,
+    chunks: Vec<Chunk>,
+    target_hashes: Vec<Digest>,
+    source_hashes: Vec<Digest>,
+}
+
+impl Collector<'_> {
+    fn consume(
+        &mut self,
+        ctx: &Ctx,
+        jobs: &[Job],
+        results: Vec<Encoded>,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        for (job, enc) in jobs.iter().zip(results) {
             if !job.range.is_empty() {
-                chunks.push(match enc.payload {
+                self.chunks.push(match enc.payload {
                     None => Chunk {
                         codec: ChunkCodec::Same,
                         offset: 0,
@@ -390,30 +429,30 @@ fn encode_tensors(
                     },
                     Some(p) => Chunk {
                         codec: ChunkCodec::Exact,
-                        offset: w.append(&p)?,
+                        offset: self.w.append(&p)?,
                         len: p.len() as u64,
                         checksum: index::checksum(&p),
                     },
                 });
-                target_hashes.push(enc.target_hash);
+                self.target_hashes.push(enc.target_hash);
             }
-            source_hashes.extend(enc.source_hashes);
+            self.source_hashes.extend(enc.source_hashes);
             ctx.release(job);
             progress.advance(job.range.len() as u64);
             if job.last {
-                entries.push(ctx.entry(
+                let chunks = std::mem::take(&mut self.chunks);
+                self.entries.push(ctx.entry(
                     job.tensor,
-                    std::mem::take(&mut chunks),
-                    &target_hashes,
-                    &source_hashes,
+                    chunks,
+                    &self.target_hashes,
+                    &self.source_hashes,
                 ));
-                target_hashes.clear();
-                source_hashes.clear();
+                self.target_hashes.clear();
+                self.source_hashes.clear();
             }
         }
+        Ok(())
     }
-    progress.finish();
-    Ok(entries)
 }
 
 impl Ctx<'_> {

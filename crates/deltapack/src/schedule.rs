@@ -65,7 +65,7 @@ pub(crate) fn windows(jobs: &[Job], budget: usize, chunk_bytes: usize) -> Vec<Ra
 
 /// Bytes of work per window: a few chunks per thread.
 pub(crate) fn window_budget(chunk_bytes: usize) -> usize {
-    chunk_bytes * 3 * rayon::current_num_threads().max(1)
+    chunk_bytes * 8 * rayon::current_num_threads().max(1)
 }
 
 #[cfg(test)]

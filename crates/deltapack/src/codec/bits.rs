@@ -1,51 +1,71 @@
 //! Little-endian bit packing for the raw low bits that follow each token.
 
-/// Appends bit fields LSB-first to a byte vector.
+/// Appends bit fields LSB-first to a byte vector, without data-dependent branches.
 #[derive(Default)]
 pub struct BitWriter {
     out: Vec<u8>,
+    /// Bytes of `out` that are final.
+    len: usize,
     acc: u64,
+    /// Valid bits in `acc` (< 8 between calls).
     n: u32,
 }
 
 impl BitWriter {
-    /// Appends the low `n` bits of `v` (`n <= 64`).
+    /// A writer with room for about `bytes` bytes before it must grow.
+    pub fn with_capacity(bytes: usize) -> Self {
+        BitWriter {
+            out: vec![0; bytes + 8],
+            ..Default::default()
+        }
+    }
+
+    /// Appends the low `n` bits of `v` (`n <= 64`; higher bits of `v` must be zero).
     #[inline(always)]
     pub fn put(&mut self, v: u64, n: u32) {
-        if n > 32 {
-            self.put32(v & 0xFFFF_FFFF, 32);
-            self.put32(v >> 32, n - 32);
+        if n > 56 {
+            self.put56(v & 0xFFFF_FFFF, 32);
+            self.put56(v >> 32, n - 32);
         } else {
-            self.put32(v, n);
+            self.put56(v, n);
         }
     }
 
     #[inline(always)]
-    fn put32(&mut self, v: u64, n: u32) {
+    fn put56(&mut self, v: u64, n: u32) {
         self.acc |= v << self.n;
         self.n += n;
-        if self.n >= 32 {
-            self.out.extend_from_slice(&(self.acc as u32).to_le_bytes());
-            self.acc >>= 32;
-            self.n -= 32;
+        if self.out.len() < self.len + 8 {
+            self.out.resize((self.len + 8).max(self.out.len() * 2), 0);
         }
+        self.out[self.len..self.len + 8].copy_from_slice(&self.acc.to_le_bytes());
+        let bytes = self.n >> 3;
+        self.len += bytes as usize;
+        // bytes <= 7, so the shift stays below 64.
+        self.acc >>= bytes * 8;
+        self.n &= 7;
     }
 
     /// Flushes the partial byte and returns the packed bytes.
     pub fn finish(mut self) -> Vec<u8> {
-        let bytes = self.n.div_ceil(8) as usize;
-        self.out.extend_from_slice(&self.acc.to_le_bytes()[..bytes]);
+        let total = self.len + self.n.div_ceil(8) as usize;
+        self.out.resize(self.len + 8, 0);
+        self.out[self.len..self.len + 8].copy_from_slice(&self.acc.to_le_bytes());
+        self.out.truncate(total);
         self.out
     }
 }
 
 /// Reads bit fields written by [`BitWriter`]; reading past the end yields zeros and is reported by [`BitReader::finish`].
+///
+/// `acc` holds `n` valid bits at the bottom; bits above them are either zero or the true
+/// next bits of the stream, which is what lets [`BitReader::refill`] run without branches.
 pub struct BitReader<'a> {
     data: &'a [u8],
+    /// Bytes loaded into `acc` so far.
     pos: usize,
     acc: u64,
     n: u32,
-    consumed: u64,
 }
 
 impl<'a> BitReader<'a> {
@@ -56,44 +76,59 @@ impl<'a> BitReader<'a> {
             pos: 0,
             acc: 0,
             n: 0,
-            consumed: 0,
-        }
-    }
-
-    /// Reads `n` bits (`n <= 64`).
-    #[inline(always)]
-    pub fn get(&mut self, n: u32) -> u64 {
-        if n > 32 {
-            let lo = self.get32(32);
-            lo | (self.get32(n - 32) << 32)
-        } else {
-            self.get32(n)
         }
     }
 
     #[inline(always)]
-    fn get32(&mut self, n: u32) -> u64 {
-        if self.n < n {
-            let mut w = [0u8; 4];
-            if let Some(rest) = self.data.get(self.pos..) {
-                let avail = rest.len().min(4);
-                w[..avail].copy_from_slice(&rest[..avail]);
+    fn load8(&self) -> u64 {
+        match self.data.get(self.pos..self.pos.saturating_add(8)) {
+            Some(b) => u64::from_le_bytes(b.try_into().expect("8 bytes")),
+            None => {
+                let mut b = [0u8; 8];
+                if let Some(rest) = self.data.get(self.pos..) {
+                    b[..rest.len()].copy_from_slice(rest);
+                }
+                u64::from_le_bytes(b)
             }
-            self.pos = self.pos.saturating_add(4);
-            self.acc |= (u32::from_le_bytes(w) as u64) << self.n;
-            self.n += 32;
         }
+    }
+
+    /// Makes at least 56 bits available for [`BitReader::take`].
+    #[inline(always)]
+    pub fn refill(&mut self) {
+        self.acc |= self.load8() << self.n;
+        self.pos = self.pos.saturating_add(((63 - self.n) >> 3) as usize);
+        self.n |= 56;
+    }
+
+    /// Takes `n` bits, which must be available (after [`BitReader::refill`], up to 56).
+    #[inline(always)]
+    pub fn take(&mut self, n: u32) -> u64 {
+        debug_assert!(n <= self.n);
         let v = self.acc & ((1u64 << n) - 1);
         self.acc >>= n;
         self.n -= n;
-        self.consumed += n as u64;
         v
+    }
+
+    /// Reads `n` bits (`n <= 64`), refilling as needed.
+    #[inline(always)]
+    pub fn get(&mut self, n: u32) -> u64 {
+        if n > 32 {
+            let lo = self.get(32);
+            return lo | (self.get(n - 32) << 32);
+        }
+        if self.n < n {
+            self.refill();
+        }
+        self.take(n)
     }
 
     /// True if exactly the written bits were consumed (up to the final partial byte).
     pub fn finish(&self) -> bool {
         let total = self.data.len() as u64 * 8;
-        self.consumed <= total && total - self.consumed < 8
+        let consumed = (self.pos as u64 * 8).saturating_sub(self.n as u64);
+        self.pos as u64 * 8 >= self.n as u64 && consumed <= total && total - consumed < 8
     }
 }
 

@@ -107,16 +107,18 @@ fn unzigzag(z: u64, bits: u32) -> u64 {
     ((z >> 1) ^ (z & 1).wrapping_neg()) & mask(bits)
 }
 
-/// Splits `v` into (token, raw bit count, raw bits).
+/// Splits `v` into (token, raw bit count, raw bits), without branches: which case applies
+/// depends on the data and would be mispredicted often.
 #[inline(always)]
 fn tokenize(v: u64) -> (u8, u32, u64) {
-    if v < DIRECT {
-        return (v as u8, 0, 0);
-    }
-    let n = 63 - v.leading_zeros(); // >= 4
+    let small = v < DIRECT;
+    let n = (63 - (v | DIRECT).leading_zeros()).max(4); // >= 4
     let m = (v >> (n - 2)) & 3;
-    let token = DIRECT as u32 + (n - 4) * 4 + m as u32;
-    (token as u8, n - 2, v & mask(n - 2))
+    let big_token = DIRECT as u32 + (n - 4) * 4 + m as u32;
+    let token = if small { v as u32 } else { big_token };
+    let nb = if small { 0 } else { n - 2 };
+    // nb <= 61, so the shift cannot overflow.
+    (token as u8, nb, v & ((1u64 << nb) - 1))
 }
 
 /// Largest token a value of `bits` bits can produce.
@@ -164,15 +166,14 @@ impl ContextMap {
 
 /// Chooses the exponent range that gets its own contexts: rare exponents at either end
 /// would cost more in table bytes than they save, so they join the nearest kept one.
-fn choose_context_range(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
+fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
     let Some(f) = layout.float else { return (0, 0) };
     let w = layout.width;
     let mut hist = vec![0u64; f.exponent_mask as usize + 1];
+    let emask = f.exponent_mask as u64;
     for e in pred.chunks_exact(w) {
-        let mut b = [0u8; 8];
-        b[..w].copy_from_slice(e);
-        let x = u64::from_le_bytes(b);
-        hist[((x >> f.mantissa_bits) & f.exponent_mask as u64) as usize] += 1;
+        // The mask keeps the index below hist.len().
+        hist[((W::load(e) >> f.mantissa_bits) & emask) as usize] += 1;
     }
     let n = (pred.len() / w) as u64;
     let min = (n / 256).max(32);
@@ -231,24 +232,30 @@ fn encode_impl<W: Word, const FLOAT: bool>(
 ) -> Vec<u8> {
     let w = layout.width;
     let n = target.len() / w;
-    let (lo, hi) = choose_context_range(layout, pred);
+    let (lo, hi) = choose_context_range::<W>(layout, pred);
     let cmap = ContextMap::new(layout, lo, hi);
-    let mut counts = vec![[0u32; 256]; cmap.count()];
-    scratch.symbols.clear();
-    scratch.contexts.clear();
-    scratch.symbols.reserve(n);
-    scratch.contexts.reserve(n);
-    let mut bits = BitWriter::default();
-    for (p, t) in pred.chunks_exact(w).zip(target.chunks_exact(w)) {
+    // Four sub-histograms: consecutive increments of one bin would otherwise wait on each other.
+    let nctx = cmap.count();
+    let mut sub = vec![0u32; 4 * nctx * 256];
+    scratch.symbols.resize(n, 0);
+    scratch.contexts.resize(n, 0);
+    let mut bits = BitWriter::with_capacity(n * 3 / 2);
+    let elems = pred.chunks_exact(w).zip(target.chunks_exact(w));
+    let outs = scratch.symbols.iter_mut().zip(scratch.contexts.iter_mut());
+    for (i, ((p, t), (sym, ctx))) in elems.zip(outs).enumerate() {
         let p = W::load(p);
         let t = W::load(t);
         let d = to_ordered(t, W::BITS, FLOAT).wrapping_sub(to_ordered(p, W::BITS, FLOAT));
         let (tok, nb, raw) = tokenize(zigzag(d & mask(W::BITS), W::BITS));
-        let ctx = cmap.of(p);
-        counts[ctx as usize][tok as usize] += 1;
-        scratch.symbols.push(tok);
-        scratch.contexts.push(ctx);
+        let c = cmap.of(p);
+        sub[((i & 3) * nctx + c as usize) * 256 + tok as usize] += 1;
+        *sym = tok;
+        *ctx = c;
         bits.put(raw, nb);
+    }
+    let mut counts = vec![[0u32; 256]; nctx];
+    for (k, x) in sub.iter().enumerate() {
+        counts[(k / 256) % nctx][k % 256] += x;
     }
     let model = Model::from_counts(&counts);
     let words = rans::encode(
@@ -327,29 +334,97 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         .collect();
     let mut bits = BitReader::new(&input[word_bytes..]);
     let tables = DecoderTables::new(&model);
-    let mut dec = rans::Decoder::new(&words);
-    let used: Vec<bool> = model.freqs.iter().map(|f| !f.is_empty()).collect();
-    for (p, o) in pred.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
-        let p = W::load(p);
-        let ctx = cmap.of(p) as usize;
-        if !used[ctx] {
-            return Err(DecodeError("element in a context with no table"));
-        }
-        let tok = dec.decode(&tables, ctx) as u64;
-        let z = if tok < DIRECT {
-            tok
-        } else {
-            let nbits = ((tok - DIRECT) / 4 + 4) as u32;
-            ((4 | ((tok - DIRECT) & 3)) << (nbits - 2)) | bits.get(nbits - 2)
-        };
-        let d = unzigzag(z, W::BITS);
-        let v = to_ordered(p, W::BITS, FLOAT).wrapping_add(d) & mask(W::BITS);
-        W::store(from_ordered(v, W::BITS, FLOAT), o);
+    // Contexts without a table decode garbage; flag them without a branch and fail at the end.
+    let unused: Vec<u8> = model.freqs.iter().map(|f| f.is_empty() as u8).collect();
+    let expand = TokenTable::new();
+    let mut bad = 0u8;
+    let (mut reader, st) = rans::WordReader::new(&words);
+    let [mut s0, mut s1, mut s2, mut s3] = st;
+    // One element: its context from the prediction, a token from the rANS state, raw bits,
+    // and the value. Written as a macro so that the four states stay in registers.
+    macro_rules! element {
+        ($state:ident, $p:expr, $o:expr) => {{
+            let p = W::load($p);
+            let c = cmap.of(p) as usize;
+            bad |= unused[c];
+            let (base, nbits) = expand.get(tables.step(c, &mut $state, &mut reader));
+            // Values of up to 16 bits carry at most 13 raw bits: one refill per group of four
+            // suffices. Wider values refill per element, or (64-bit) as needed.
+            let raw = match W::BITS {
+                8 | 16 => bits.take(nbits),
+                32 => {
+                    bits.refill();
+                    bits.take(nbits)
+                }
+                _ => bits.get(nbits),
+            };
+            let z = base | raw;
+            let v =
+                to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(z, W::BITS)) & mask(W::BITS);
+            W::store(from_ordered(v, W::BITS, FLOAT), $o);
+        }};
     }
-    if !dec.finish() || !bits.finish() {
+    let group = rans::INTERLEAVE * w;
+    let mut pg = pred.chunks_exact(group);
+    let mut og = out.chunks_exact_mut(group);
+    for (p, o) in (&mut pg).zip(&mut og) {
+        let (p0, p1, p2, p3) = (&p[..w], &p[w..2 * w], &p[2 * w..3 * w], &p[3 * w..]);
+        let (o0, rest) = o.split_at_mut(w);
+        let (o1, rest) = rest.split_at_mut(w);
+        let (o2, o3) = rest.split_at_mut(w);
+        if W::BITS <= 16 {
+            bits.refill();
+        }
+        element!(s0, p0, o0);
+        element!(s1, p1, o1);
+        element!(s2, p2, o2);
+        element!(s3, p3, o3);
+    }
+    let tail = pg
+        .remainder()
+        .chunks_exact(w)
+        .zip(og.into_remainder().chunks_exact_mut(w));
+    for (k, (p, o)) in tail.enumerate() {
+        if W::BITS <= 16 {
+            bits.refill();
+        }
+        match k {
+            0 => element!(s0, p, o),
+            1 => element!(s1, p, o),
+            _ => element!(s2, p, o),
+        }
+    }
+    if bad != 0 {
+        return Err(DecodeError("element in a context with no table"));
+    }
+    if !reader.finish([s0, s1, s2, s3]) || !bits.finish() {
         return Err(DecodeError("payload length does not match its content"));
     }
     Ok(())
+}
+
+/// Token -> (value without its raw bits, number of raw bits), for all 256 tokens.
+struct TokenTable([(u64, u32); 256]);
+
+impl TokenTable {
+    fn new() -> Self {
+        let mut t = [(0u64, 0u32); 256];
+        for (tok, e) in t.iter_mut().enumerate() {
+            let tok = tok as u64;
+            *e = if tok < DIRECT {
+                (tok, 0)
+            } else {
+                let nbits = ((tok - DIRECT) / 4 + 4) as u32;
+                ((4 | ((tok - DIRECT) & 3)) << (nbits - 2), nbits - 2)
+            };
+        }
+        TokenTable(t)
+    }
+
+    #[inline(always)]
+    fn get(&self, tok: u8) -> (u64, u32) {
+        self.0[tok as usize]
+    }
 }
 
 fn read_u16(input: &mut &[u8]) -> Result<u16, DecodeError> {

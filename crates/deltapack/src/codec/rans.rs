@@ -109,20 +109,70 @@ fn normalize(counts: &[u32; 256]) -> Vec<u16> {
     f.into_iter().map(|x| x as u16).collect()
 }
 
-/// Encoder tables for one model: `(start, freq)` per context and symbol.
+/// One symbol's encoder constants (ryg's reciprocal form: no division per symbol).
+#[derive(Clone, Copy, Default)]
+struct EncSymbol {
+    x_max: u64,
+    rcp_freq: u32,
+    rcp_shift: u32,
+    bias: u32,
+    cmpl_freq: u32,
+}
+
+impl EncSymbol {
+    fn new(start: u32, freq: u32) -> Self {
+        let x_max = (((RANS_L >> SCALE_BITS) as u64) << 16) * freq as u64;
+        let cmpl_freq = SCALE - freq;
+        if freq < 2 {
+            // x / 1 = x: the reciprocal ~0 >> 32 gives x - 1 for x > 0; the bias corrects it.
+            return EncSymbol {
+                x_max,
+                rcp_freq: u32::MAX,
+                rcp_shift: 0,
+                bias: start + SCALE - 1,
+                cmpl_freq,
+            };
+        }
+        let shift = 32 - (freq - 1).leading_zeros(); // ceil(log2(freq))
+        let rcp_freq = (((1u64 << (shift + 31)) + freq as u64 - 1) / freq as u64) as u32;
+        EncSymbol {
+            x_max,
+            rcp_freq,
+            rcp_shift: shift - 1,
+            bias: start,
+            cmpl_freq,
+        }
+    }
+
+    /// Encodes into state `x`, pushing a word into `out` when renormalising (branch-free).
+    #[inline(always)]
+    fn put(&self, x: &mut u32, out: &mut [u16], len: &mut usize) {
+        let big = *x as u64 >= self.x_max;
+        out[*len] = *x as u16;
+        *len += big as usize;
+        let v = if big { *x >> 16 } else { *x };
+        let q = (((v as u64 * self.rcp_freq as u64) >> 32) as u32) >> self.rcp_shift;
+        *x = v
+            .wrapping_add(self.bias)
+            .wrapping_add(q.wrapping_mul(self.cmpl_freq));
+    }
+}
+
+/// Encoder tables for one model, indexed `[ctx * 256 + symbol]`.
 pub struct EncoderTables {
-    /// Flattened `[ctx * 256 + sym] -> (start, freq)`.
-    entries: Vec<(u32, u32)>,
+    entries: Vec<EncSymbol>,
 }
 
 impl EncoderTables {
     /// Prepares the encoder's lookup tables.
     pub fn new(model: &Model) -> Self {
-        let mut entries = vec![(0u32, 0u32); model.freqs.len() * 256];
+        let mut entries = vec![EncSymbol::default(); model.freqs.len() * 256];
         for (c, f) in model.freqs.iter().enumerate() {
             let mut start = 0u32;
             for (s, &x) in f.iter().enumerate() {
-                entries[c * 256 + s] = (start, x as u32);
+                if x > 0 {
+                    entries[c * 256 + s] = EncSymbol::new(start, x as u32);
+                }
                 start += x as u32;
             }
         }
@@ -135,23 +185,33 @@ impl EncoderTables {
 /// Every (context, symbol) pair must have a nonzero frequency in the model the tables came
 /// from; that holds when the model was built from these very symbols.
 pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u16> {
-    debug_assert_eq!(symbols.len(), contexts.len());
-    let mut words: Vec<u16> = Vec::with_capacity(symbols.len() / 2 + 16);
-    let mut st = [RANS_L; STATES];
-    for i in (0..symbols.len()).rev() {
-        let (start, freq) = tables.entries[contexts[i] as usize * 256 + symbols[i] as usize];
-        debug_assert!(freq > 0, "symbol without frequency");
-        let x = &mut st[i % STATES];
-        // x_max = ((L >> scale_bits) << 16) * freq keeps the state inside [L, 2^32) after the step.
-        if (*x as u64) >= ((((RANS_L >> SCALE_BITS) as u64) << 16) * freq as u64) {
-            words.push(*x as u16);
-            *x >>= 16;
+    assert_eq!(symbols.len(), contexts.len());
+    let n = symbols.len();
+    // At most one word per symbol, plus one slot of slack for the branch-free store.
+    let mut words = vec![0u16; n + 1];
+    let mut len = 0usize;
+    let (mut s0, mut s1, mut s2, mut s3) = (RANS_L, RANS_L, RANS_L, RANS_L);
+    let sym = |i: usize| &tables.entries[contexts[i] as usize * 256 + symbols[i] as usize];
+    // Symbols are coded last to first; symbol i uses state i % 4.
+    let full = n - n % STATES;
+    for i in (full..n).rev() {
+        match i % STATES {
+            0 => sym(i).put(&mut s0, &mut words, &mut len),
+            1 => sym(i).put(&mut s1, &mut words, &mut len),
+            _ => sym(i).put(&mut s2, &mut words, &mut len),
         }
-        *x = ((*x / freq) << SCALE_BITS) + (*x % freq) + start;
     }
+    for g in (0..full / STATES).rev() {
+        let i = g * STATES;
+        sym(i + 3).put(&mut s3, &mut words, &mut len);
+        sym(i + 2).put(&mut s2, &mut words, &mut len);
+        sym(i + 1).put(&mut s1, &mut words, &mut len);
+        sym(i).put(&mut s0, &mut words, &mut len);
+    }
+    words.truncate(len);
     words.reverse();
     let mut out = Vec::with_capacity(words.len() + 2 * STATES);
-    for x in st {
+    for x in [s0, s1, s2, s3] {
         out.push(x as u16);
         out.push((x >> 16) as u16);
     }
@@ -159,98 +219,99 @@ pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u1
     out
 }
 
-/// Decoder tables: one packed `u32` per context and slot: `sym | (freq - 1) << 8 | bias << 20`.
+/// Decoder tables, two levels to stay cache-resident: per context a 4 KiB slot -> symbol
+/// map, and a small symbol -> `(freq - 1) | start << 12` table.
 pub struct DecoderTables {
-    slots: Vec<u32>,
+    slot_symbol: Vec<u8>,
+    symbol_info: Vec<u32>,
 }
 
 impl DecoderTables {
-    /// Prepares the decoder's lookup tables; unused contexts decode nothing valid and are never indexed by valid streams.
+    /// Prepares the decoder's lookup tables; slots of unused contexts decode to symbol 0.
     pub fn new(model: &Model) -> Self {
-        let mut slots = vec![0u32; model.freqs.len() * SCALE as usize];
+        let n = model.freqs.len();
+        let mut slot_symbol = vec![0u8; n * SCALE as usize];
+        let mut symbol_info = vec![0u32; n * 256];
         for (c, f) in model.freqs.iter().enumerate() {
-            let base = c * SCALE as usize;
             let mut start = 0u32;
             for (s, &x) in f.iter().enumerate() {
-                for k in 0..x as u32 {
-                    slots[base + (start + k) as usize] =
-                        s as u32 | ((x as u32 - 1) << 8) | (k << 20);
-                }
-                start += x as u32;
+                let x = x as u32;
+                let base = c * SCALE as usize + start as usize;
+                slot_symbol[base..base + x as usize].fill(s as u8);
+                symbol_info[c * 256 + s] = x.saturating_sub(1) | (start << 12);
+                start += x;
             }
         }
-        DecoderTables { slots }
+        DecoderTables {
+            slot_symbol,
+            symbol_info,
+        }
     }
 
     /// Number of contexts these tables serve.
     pub fn contexts(&self) -> usize {
-        self.slots.len() / SCALE as usize
+        self.slot_symbol.len() / SCALE as usize
+    }
+
+    /// Decodes one symbol from state `x` under context `ctx` and renormalises from `words`.
+    ///
+    /// `ctx` must be `< self.contexts()` (checked by the slice index).
+    #[inline(always)]
+    pub fn step(&self, ctx: usize, x: &mut u32, words: &mut WordReader) -> u8 {
+        let slot = *x & (SCALE - 1);
+        let sym = self.slot_symbol[ctx * SCALE as usize + slot as usize];
+        let info = self.symbol_info[ctx * 256 + sym as usize];
+        let freq = (info & 0xFFF) + 1;
+        *x = freq
+            .wrapping_mul(*x >> SCALE_BITS)
+            .wrapping_add(slot.wrapping_sub(info >> 12));
+        // Branch-free renormalisation: whether it happens is data-dependent and unpredictable.
+        let need = *x < RANS_L;
+        let w = words.peek();
+        *x = if need { (*x << 16) | w } else { *x };
+        words.pos += need as usize;
+        sym
     }
 }
 
-/// Streaming rANS decoder over a word stream produced by [`encode`].
-pub struct Decoder<'a> {
+/// Reads the 16-bit words of an encoded stream; past the end it yields zeros.
+pub struct WordReader<'a> {
     words: &'a [u16],
     pos: usize,
-    st: [u32; STATES],
-    i: usize,
-    overrun: bool,
 }
 
-impl<'a> Decoder<'a> {
-    /// Starts decoding; `words` is the whole stream returned by [`encode`].
-    pub fn new(words: &'a [u16]) -> Self {
-        let mut d = Decoder {
-            words,
-            pos: 0,
-            st: [0; STATES],
-            i: 0,
-            overrun: false,
-        };
-        for k in 0..STATES {
-            let lo = d.next_word() as u32;
-            let hi = d.next_word() as u32;
-            d.st[k] = lo | (hi << 16);
+impl<'a> WordReader<'a> {
+    /// Starts reading; returns the reader and the four initial states.
+    pub fn new(words: &'a [u16]) -> (Self, [u32; STATES]) {
+        let mut r = WordReader { words, pos: 0 };
+        let mut st = [0u32; STATES];
+        for x in st.iter_mut() {
+            let lo = r.next();
+            *x = lo | (r.next() << 16);
         }
-        d
+        (r, st)
     }
 
     #[inline(always)]
-    fn next_word(&mut self) -> u16 {
-        match self.words.get(self.pos) {
-            Some(&w) => {
-                self.pos += 1;
-                w
-            }
-            None => {
-                self.overrun = true;
-                0
-            }
-        }
+    fn peek(&self) -> u32 {
+        self.words.get(self.pos).copied().unwrap_or(0) as u32
     }
 
-    /// Decodes the next symbol under context `ctx` (which must be `< tables.contexts()`).
     #[inline(always)]
-    pub fn decode(&mut self, tables: &DecoderTables, ctx: usize) -> u8 {
-        let k = self.i % STATES;
-        self.i += 1;
-        let x = self.st[k];
-        let slot = (x & (SCALE - 1)) as usize;
-        let e = tables.slots[ctx * SCALE as usize + slot];
-        let freq = ((e >> 8) & 0xFFF) + 1;
-        let mut x = freq.wrapping_mul(x >> SCALE_BITS).wrapping_add(e >> 20);
-        if x < RANS_L {
-            x = (x << 16) | self.next_word() as u32;
-        }
-        self.st[k] = x;
-        e as u8
+    fn next(&mut self) -> u32 {
+        let w = self.words.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        w as u32
     }
 
-    /// Ends decoding: true if the stream was consumed exactly and every state returned to its start.
-    pub fn finish(&self) -> bool {
-        !self.overrun && self.pos == self.words.len() && self.st.iter().all(|&x| x == RANS_L)
+    /// True if the stream was consumed exactly and every state is back at its start.
+    pub fn finish(&self, states: [u32; STATES]) -> bool {
+        self.pos == self.words.len() && states.iter().all(|&x| x == RANS_L)
     }
 }
+
+/// Number of interleaved states: symbol `i` uses state `i % STATES`.
+pub const INTERLEAVE: usize = STATES;
 
 /// Appends an unsigned LEB128 varint.
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -291,6 +352,16 @@ mod tests {
         Model::from_counts(&counts)
     }
 
+    fn decode_all(dt: &DecoderTables, words: &[u16], contexts: &[u8]) -> (Vec<u8>, bool) {
+        let (mut r, mut st) = WordReader::new(words);
+        let out = contexts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| dt.step(c as usize, &mut st[i % STATES], &mut r))
+            .collect();
+        (out, r.finish(st))
+    }
+
     fn round_trip(symbols: &[u8], contexts: &[u8], n_ctx: usize) {
         let model = model_of(symbols, contexts, n_ctx);
         let mut ser = Vec::new();
@@ -299,13 +370,9 @@ mod tests {
         assert_eq!(model, model2);
         let words = encode(&EncoderTables::new(&model), symbols, contexts);
         let dt = DecoderTables::new(&model2);
-        let mut d = Decoder::new(&words);
-        let out: Vec<u8> = contexts
-            .iter()
-            .map(|&c| d.decode(&dt, c as usize))
-            .collect();
+        let (out, ok) = decode_all(&dt, &words, contexts);
         assert_eq!(out, symbols);
-        assert!(d.finish());
+        assert!(ok);
     }
 
     #[test]
@@ -337,11 +404,7 @@ mod tests {
         let model = model_of(&syms, &ctx, 1);
         let words = encode(&EncoderTables::new(&model), &syms, &ctx);
         let dt = DecoderTables::new(&model);
-        let mut d = Decoder::new(&words[..words.len() - 3]);
-        for _ in 0..syms.len() {
-            d.decode(&dt, 0);
-        }
-        assert!(!d.finish());
+        assert!(!decode_all(&dt, &words[..words.len() - 3], &ctx).1);
     }
 
     #[test]

@@ -1,0 +1,165 @@
+//! The `deltapack` binary: commands, JSON output and documented exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_deltapack"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("deltapack runs")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert_eq!(code(o), 0, "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
+}
+
+/// The demo pair, made by the binary itself: DIR/base and DIR/finetuned, and DIR/ft.dpk.
+fn pair(dir: &Path) -> (String, String, String) {
+    let d = dir.to_str().unwrap();
+    assert_eq!(code(&run(&["dev", "synth", "--preset", "demo", d])), 0);
+    let (base, ft, delta) = (
+        format!("{d}/base"),
+        format!("{d}/finetuned"),
+        format!("{d}/ft.dpk"),
+    );
+    let made = json(&run(&[
+        "make",
+        "--base",
+        &base,
+        "--finetuned",
+        &ft,
+        "-o",
+        &delta,
+        "--json",
+        "--base-id",
+        "org/m@abc",
+    ]));
+    assert!(made["ratio"].as_f64().unwrap() > 3.0, "{made}");
+    assert_eq!(made["tied"], 1);
+    assert_eq!(made["resized"], 1);
+    (base, ft, delta)
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let o = run(&["demo"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("byte-identical"));
+    let o = run(&["demo", "--json"]);
+    assert_eq!(json(&o)["identical"], true);
+}
+
+#[test]
+fn commands_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, delta) = pair(dir.path());
+    let d = dir.path().to_str().unwrap();
+
+    let inspect = json(&run(&["inspect", &delta, "--json"]));
+    assert_eq!(inspect["base"]["id"], "org/m@abc");
+    assert!(inspect["tensors"].as_array().unwrap().len() > 10);
+    let text = run(&["inspect", &delta, "--tensors"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("lm_head.weight"));
+
+    let out = format!("{d}/out");
+    assert_eq!(
+        json(&run(&[
+            "apply",
+            "--base",
+            &base,
+            &delta,
+            "-o",
+            &out,
+            "--json",
+            "--threads",
+            "1"
+        ]))["ok"],
+        true
+    );
+    assert_eq!(
+        json(&run(&[
+            "verify",
+            "--base",
+            &base,
+            &delta,
+            "--finetuned",
+            &ft,
+            "--json"
+        ]))["compared_with_finetuned"],
+        true
+    );
+
+    // 2: the output exists and --force was not given.
+    let o = run(&["apply", "--base", &base, &delta, "-o", &out]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    // 2: usage error.
+    assert_eq!(code(&run(&["make", "--base", &base])), 2);
+    // 3: the base is not the one the delta was made from.
+    let o = run(&["verify", "--base", &ft, &delta]);
+    assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("org/m@abc"));
+    // 4: a corrupted delta.
+    let mut bytes = std::fs::read(&delta).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let bad = format!("{d}/bad.dpk");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_eq!(code(&run(&["verify", "--base", &base, &bad])), 4);
+    assert_eq!(
+        code(&run(&["inspect", &format!("{d}/base/config.json")])),
+        4
+    );
+    // 5: a file that does not exist.
+    assert_eq!(code(&run(&["inspect", &format!("{d}/nope.dpk")])), 5);
+    // 6: verify against a different fine-tune.
+    let o = run(&["verify", "--base", &base, &delta, "--finetuned", &base]);
+    assert_eq!(code(&o), 6, "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_full_disk_leaves_no_partial_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _, delta) = pair(dir.path());
+    let out = dir.path().join("out");
+    // A file-size limit makes writes fail with EFBIG part-way, as a full disk would.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 64; exec '{}' apply --base '{base}' '{delta}' -o '{}'",
+        env!("CARGO_BIN_EXE_deltapack"),
+        out.display()
+    );
+    let o = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert_eq!(code(&o), 5, "{}", String::from_utf8_lossy(&o.stderr));
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(!out.exists() && left.len() == 3, "left behind: {left:?}");
+    let ft = dir.path().join("finetuned");
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 64; exec '{}' make --base '{base}' --finetuned '{}' -o '{}' --force",
+        env!("CARGO_BIN_EXE_deltapack"),
+        ft.display(),
+        delta
+    );
+    let before = std::fs::read(&delta).unwrap();
+    let o = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert_eq!(code(&o), 5, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&delta).unwrap(),
+        before,
+        "the old delta must survive a failed --force"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 3, "left behind: {left:?}");
+}

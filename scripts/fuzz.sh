@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs deltapack's cargo-fuzz targets (fuzz/), each for a bounded time.
+#
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60)
+#
+# Targets (fuzz/fuzz_targets/):
+#   container     arbitrary bytes as a .dpk delta file: Delta::open, Delta::read_index, and
+#                 exact::decode of every chunk against a zero prediction
+#   exact_decode  codec::exact::decode on (dtype selector, prediction, payload) split from the input
+#   header        checkpoint::header::parse with and without a file length
+#
+# - Installs cargo-fuzz if missing (`cargo install --locked cargo-fuzz`).
+# - The toolchain is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz use its nightly-only flags.
+# - Seeds fuzz/corpus/container/ (gitignored) with a valid small delta made by
+#   `deltapack demo`, built into fuzz/target/seed so the main target/ is left alone, and
+#   fuzz/corpus/header/ with that demo's safetensors header.
+# - One libFuzzer process per target (no -jobs/-workers). Extra libFuzzer flags can be given
+#   in FUZZ_ARGS, e.g. FUZZ_ARGS="-rss_limit_mb=4096".
+# - Exits non-zero if any target fails (crash, leak, timeout, or build error); crashing
+#   inputs are under fuzz/artifacts/<target>/. Reproduce one with
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run <target> fuzz/artifacts/<target>/<file>
+set -euo pipefail
+
+secs="${1:-60}"
+if ! [[ "$secs" =~ ^[1-9][0-9]*$ ]]; then
+    echo "usage: $0 [SECONDS_PER_TARGET]  (a positive integer, default 60)" >&2
+    exit 2
+fi
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+fuzz_dir="$root/fuzz"
+targets=(container exact_decode header)
+cd "$root"
+
+export RUSTC_BOOTSTRAP=1
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "== installing cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
+
+# Scratch space: the container target writes each input to a temp file (one per process).
+work="$(mktemp -d "${TMPDIR:-/tmp}/deltapack-fuzz.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+# Seed corpus: a valid delta (and a safetensors header) from the demo, made once.
+mkdir -p "$fuzz_dir/corpus/container" "$fuzz_dir/corpus/header" "$fuzz_dir/corpus/exact_decode"
+if [[ ! -e "$fuzz_dir/corpus/container/seed-demo.dpk" ]]; then
+    echo "== making a seed delta with 'deltapack demo'"
+    demo="$work/demo"
+    if ! cargo run --release --quiet -p deltapack-cli --target-dir "$fuzz_dir/target/seed" \
+        -- demo --dir "$demo" >"$work/demo.log" 2>&1; then
+        echo "warning: 'deltapack demo' failed (see below); using whatever it wrote" >&2
+        tail -n 20 "$work/demo.log" >&2
+    fi
+    if [[ -f "$demo/finetuned.dpk" ]]; then
+        cp "$demo/finetuned.dpk" "$fuzz_dir/corpus/container/seed-demo.dpk"
+        # The header target's seed: the first fine-tune shard's 8-byte length and JSON.
+        st="$(find "$demo/finetuned" -name '*.safetensors' | sort | head -n 1)"
+        if [[ -n "$st" ]]; then
+            n="$(head -c 8 "$st" | od -An -tu8 -v --endian=little | tr -d ' ')"
+            head -c "$((8 + n))" "$st" >"$fuzz_dir/corpus/header/seed-demo.bin"
+        fi
+    else
+        echo "warning: no seed delta; the container target starts from an empty corpus" >&2
+    fi
+fi
+
+failed=()
+for t in "${targets[@]}"; do
+    echo "== fuzzing $t for ${secs}s"
+    # shellcheck disable=SC2086  # FUZZ_ARGS is a list of flags
+    if ! TMPDIR="$work" cargo fuzz run --fuzz-dir "$fuzz_dir" "$t" -- \
+        -max_total_time="$secs" -timeout=30 -print_final_stats=1 ${FUZZ_ARGS:-}; then
+        failed+=("$t")
+    fi
+done
+
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]} (inputs under fuzz/artifacts/<target>/)" >&2
+    exit 1
+fi
+echo "all fuzz targets ran ${secs}s without a crash"
