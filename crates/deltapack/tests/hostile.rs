@@ -288,11 +288,14 @@ fn unsafe_file_paths_in_a_delta_are_rejected() {
     assert!(!f.root.parent().unwrap().join("evil.json").exists());
 }
 
+/// A change to a delta's index.
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
 #[test]
 fn inconsistent_indexes_are_rejected() {
     let f = fixture();
     let mutant = f.root.join("mutant.dpk");
-    let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let edits: Vec<(&str, Edit)> = vec![
         (
             "overlapping chunks",
             Box::new(|v| {

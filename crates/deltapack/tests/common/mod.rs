@@ -105,7 +105,7 @@ pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 pub fn small_pair(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (base, ft) = (root.join("base"), root.join("ft"));
     let (b1, f1) = bf16_pair(1, 3000);
-    let (b2, f2) = bf16_pair(2, 64);
+    let (b2, _) = bf16_pair(2, 64);
     write_st(
         &base.join("model.safetensors"),
         &[
