@@ -89,10 +89,7 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
         report::rebuild(false, "verified", &verified, t.elapsed())?;
     }
     let identical = same_files(&ft, &out)?;
-    anyhow::ensure!(
-        identical,
-        "the rebuilt directory differs from the fine-tune"
-    );
+    anyhow::ensure!(identical, "the rebuilt directory differs from the fine-tune");
     if json_out {
         println!(
             "{}",

@@ -206,11 +206,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("inspecting {}", delta.display()))?;
             report::inspect(g.json, &delta, &index, size, tensors)
         }
-        Command::Verify {
-            base,
-            delta,
-            finetuned,
-        } => {
+        Command::Verify { base, delta, finetuned } => {
             let t = std::time::Instant::now();
             let r = deltapack::verify(&base, &delta, finetuned.as_deref(), &bars)
                 .with_context(|| format!("verifying {}", delta.display()))?;
@@ -236,10 +232,7 @@ fn dev(cmd: Dev) -> Result<()> {
         Dev::Bounds { base, finetuned } => {
             let b = deltapack::checkpoint::Checkpoint::open(&base)?;
             let f = deltapack::checkpoint::Checkpoint::open(&finetuned)?;
-            println!(
-                "{}",
-                serde_json::to_string(&deltapack::stats::bounds(&b, &f))?
-            );
+            println!("{}", serde_json::to_string(&deltapack::stats::bounds(&b, &f))?);
             Ok(())
         }
     }

@@ -86,13 +86,7 @@ pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) ->
 }
 
 /// Prints what a delta holds.
-pub fn inspect(
-    json_out: bool,
-    path: &Path,
-    index: &Index,
-    size: u64,
-    list_tensors: bool,
-) -> Result<()> {
+pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tensors: bool) -> Result<()> {
     let ft = index.finetuned_bytes();
     let tensors: Vec<_> = index.tensors().collect();
     if json_out {
@@ -153,12 +147,7 @@ pub fn inspect(
         index.removed.len()
     );
     for f in &index.files {
-        println!(
-            "  {}  {}  {} tensors",
-            f.path,
-            human(f.size),
-            f.tensors.len()
-        );
+        println!("  {}  {}  {} tensors", f.path, human(f.size), f.tensors.len());
     }
     for a in &index.aux {
         let how = match &a.blob {
@@ -166,11 +155,7 @@ pub fn inspect(
             Blob::Zstd { len, dict, .. } => format!(
                 "stored in {}{}",
                 human(*len),
-                if dict.is_some() {
-                    " (against the base's)"
-                } else {
-                    ""
-                }
+                if dict.is_some() { " (against the base's)" } else { "" }
             ),
         };
         println!("  {}  {}  {how}", a.path, human(a.size));

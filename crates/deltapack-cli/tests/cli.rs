@@ -24,11 +24,7 @@ fn json(o: &Output) -> serde_json::Value {
 fn pair(dir: &Path) -> (String, String, String) {
     let d = dir.to_str().unwrap();
     assert_eq!(code(&run(&["dev", "synth", "--preset", "demo", d])), 0);
-    let (base, ft, delta) = (
-        format!("{d}/base"),
-        format!("{d}/finetuned"),
-        format!("{d}/ft.dpk"),
-    );
+    let (base, ft, delta) = (format!("{d}/base"), format!("{d}/finetuned"), format!("{d}/ft.dpk"));
     let made = json(&run(&[
         "make",
         "--base",
@@ -84,15 +80,7 @@ fn commands_and_exit_codes() {
         true
     );
     assert_eq!(
-        json(&run(&[
-            "verify",
-            "--base",
-            &base,
-            &delta,
-            "--finetuned",
-            &ft,
-            "--json"
-        ]))["compared_with_finetuned"],
+        json(&run(&["verify", "--base", &base, &delta, "--finetuned", &ft, "--json"]))["compared_with_finetuned"],
         true
     );
 
@@ -113,10 +101,7 @@ fn commands_and_exit_codes() {
     let bad = format!("{d}/bad.dpk");
     std::fs::write(&bad, &bytes).unwrap();
     assert_eq!(code(&run(&["verify", "--base", &base, &bad])), 4);
-    assert_eq!(
-        code(&run(&["inspect", &format!("{d}/base/config.json")])),
-        4
-    );
+    assert_eq!(code(&run(&["inspect", &format!("{d}/base/config.json")])), 4);
     // 5: a file that does not exist.
     assert_eq!(code(&run(&["inspect", &format!("{d}/nope.dpk")])), 5);
     // 6: verify against a different fine-tune.

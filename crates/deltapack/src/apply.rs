@@ -69,12 +69,7 @@ pub fn apply(
 
 /// Rebuilds the fine-tune in memory, chunk by chunk, checking every fingerprint; with
 /// `finetuned`, also compares every rebuilt byte with that checkpoint's files.
-pub fn verify(
-    base: &Path,
-    delta: &Path,
-    finetuned: Option<&Path>,
-    progress: &dyn Progress,
-) -> Result<RebuildReport> {
+pub fn verify(base: &Path, delta: &Path, finetuned: Option<&Path>, progress: &dyn Progress) -> Result<RebuildReport> {
     let delta = Delta::open(delta)?;
     let base = Checkpoint::open(base)?;
     let ft = finetuned.map(Checkpoint::open).transpose()?;
@@ -91,22 +86,13 @@ pub fn verify(
 
 /// Rebuilds one tensor's bytes (random access into a delta).
 pub fn rebuild_tensor(delta: &Delta, base: &Checkpoint, name: &str) -> Result<Vec<u8>> {
-    let idx = delta
-        .index
-        .tensors()
-        .position(|t| t.name == name)
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "the delta {} has no tensor '{name}'",
-                delta.path.display()
-            ))
+    let idx =
+        delta.index.tensors().position(|t| t.name == name).ok_or_else(|| {
+            Error::InvalidArgument(format!("the delta {} has no tensor '{name}'", delta.path.display()))
         })?;
     let ctx = Ctx::new(delta, base)?;
     let jobs = ctx.jobs_of(idx);
-    let parts = jobs
-        .par_iter()
-        .map(|j| ctx.decode(j))
-        .collect::<Result<Vec<_>>>()?;
+    let parts = jobs.par_iter().map(|j| ctx.decode(j)).collect::<Result<Vec<_>>>()?;
     let mut out = Vec::with_capacity(ctx.tensors[idx].0.len() as usize);
     let (mut th, mut sh) = (Vec::new(), Vec::new());
     for (j, d) in jobs.iter().zip(parts) {
@@ -121,33 +107,36 @@ pub fn rebuild_tensor(delta: &Delta, base: &Checkpoint, name: &str) -> Result<Ve
 }
 
 /// Hands decoded chunks to the sink in job order and checks each finished tensor.
-struct Assembler<'s> {
-    sink: &'s mut dyn Sink,
+struct Assembler<'a> {
+    sink: &'a mut dyn Sink,
+    files: &'a [WeightFile],
+    headers: &'a [Vec<u8>],
+    /// File index of every tensor.
+    file_of: &'a [usize],
     next_file: usize,
     th: Vec<Digest>,
     sh: Vec<Digest>,
 }
 
 impl Assembler<'_> {
-    #[allow(clippy::too_many_arguments)]
-    fn consume(
-        &mut self,
-        ctx: &Ctx,
-        files: &[WeightFile],
-        headers: &[Vec<u8>],
-        file_of: &[usize],
-        jobs: &[Job],
-        decoded: Vec<Decoded>,
-        progress: &dyn Progress,
-    ) -> Result<()> {
-        for (job, d) in jobs.iter().zip(decoded) {
-            while self.next_file <= file_of[job.tensor] {
-                self.sink
-                    .begin_file(&files[self.next_file], &headers[self.next_file])?;
-                self.next_file += 1;
-            }
+    /// Starts every file up to and including `file` (files without tensors included).
+    fn begin_files_through(&mut self, file: usize) -> Result<()> {
+        while self.next_file <= file && self.next_file < self.files.len() {
             self.sink
-                .data(ctx.tensors[job.tensor].0, job.range.start, &d.bytes)?;
+                .begin_file(&self.files[self.next_file], &self.headers[self.next_file])?;
+            self.next_file += 1;
+        }
+        Ok(())
+    }
+
+    fn finish_files(&mut self) -> Result<()> {
+        self.begin_files_through(self.files.len())
+    }
+
+    fn consume(&mut self, ctx: &Ctx, jobs: &[Job], decoded: Vec<Decoded>, progress: &dyn Progress) -> Result<()> {
+        for (job, d) in jobs.iter().zip(decoded) {
+            self.begin_files_through(self.file_of[job.tensor])?;
+            self.sink.data(ctx.tensors[job.tensor].0, job.range.start, &d.bytes)?;
             if !job.range.is_empty() {
                 self.th.push(d.target_hash);
             }
@@ -199,9 +188,7 @@ impl<'a> Ctx<'a> {
                         reason,
                         base_id: delta.index.base.id.clone(),
                     };
-                    let b = base
-                        .tensor(&s.name)
-                        .ok_or_else(|| wrong("is missing".into()))?;
+                    let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into()))?;
                     let shape: Vec<u64> = b.shape.iter().map(|&d| d as u64).collect();
                     if dtype::name(b.dtype) != s.dtype || shape != s.shape {
                         return Err(wrong(format!(
@@ -227,12 +214,7 @@ impl<'a> Ctx<'a> {
 
     fn jobs_of(&self, i: usize) -> Vec<Job> {
         let (t, s) = self.tensors[i];
-        schedule::jobs(
-            i,
-            t.len() as usize,
-            s.map_or(0, |s| s.len()),
-            self.chunk_bytes,
-        )
+        schedule::jobs(i, t.len() as usize, s.map_or(0, |s| s.len()), self.chunk_bytes)
     }
 
     fn corrupt(&self, t: &TensorEntry, reason: String) -> Error {
@@ -269,8 +251,7 @@ impl<'a> Ctx<'a> {
                         // A wrong base predicts wrong contexts and fails to decode just like a
                         // corrupt payload does; tell the two apart before blaming the delta.
                         self.check_source(job.tensor)?;
-                        return Err(self
-                            .corrupt(t, format!("chunk {} does not decode: {}", job.chunk, e.0)));
+                        return Err(self.corrupt(t, format!("chunk {} does not decode: {}", job.chunk, e.0)));
                     }
                 }
             }
@@ -314,11 +295,7 @@ impl<'a> Ctx<'a> {
         let (Some(src), Some(rec)) = (s, &t.source) else {
             return Ok(());
         };
-        let got = hash::hex(&hash::tensor(
-            src.len() as u64,
-            self.chunk_bytes as u64,
-            source_hashes,
-        ));
+        let got = hash::hex(&hash::tensor(src.len() as u64, self.chunk_bytes as u64, source_hashes));
         if got != rec.hash {
             return Err(Error::WrongBase {
                 path: self.base.root.clone(),
@@ -330,12 +307,7 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    fn check_tensor(
-        &self,
-        i: usize,
-        target_hashes: &[Digest],
-        source_hashes: &[Digest],
-    ) -> Result<()> {
+    fn check_tensor(&self, i: usize, target_hashes: &[Digest], source_hashes: &[Digest]) -> Result<()> {
         let (t, _) = self.tensors[i];
         let cb = self.chunk_bytes as u64;
         self.check_source_hashes(i, source_hashes)?;
@@ -346,12 +318,7 @@ impl<'a> Ctx<'a> {
     }
 }
 
-fn rebuild(
-    delta: &Delta,
-    base: &Checkpoint,
-    sink: &mut dyn Sink,
-    progress: &dyn Progress,
-) -> Result<RebuildReport> {
+fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
     let ctx = Ctx::new(delta, base)?;
     let files = &delta.index.files;
     let headers = files
@@ -363,47 +330,36 @@ fn rebuild(
         .enumerate()
         .flat_map(|(i, f)| std::iter::repeat_n(i, f.tensors.len()))
         .collect();
-    let jobs: Vec<Job> = (0..ctx.tensors.len())
-        .flat_map(|i| ctx.jobs_of(i))
-        .collect();
+    let jobs: Vec<Job> = (0..ctx.tensors.len()).flat_map(|i| ctx.jobs_of(i)).collect();
     progress.begin("rebuild", delta.index.tensors().map(|t| t.len()).sum());
     let mut state = Assembler {
         sink,
+        files,
+        headers: &headers,
+        file_of: &file_of,
         next_file: 0,
         th: Vec::new(),
         sh: Vec::new(),
     };
     let mut pending: Option<(&[Job], Vec<Decoded>)> = None;
     // While one thread hands window k to the sink in order, the others decode window k+1.
-    for window in schedule::windows(
-        &jobs,
-        schedule::window_budget(ctx.chunk_bytes),
-        ctx.chunk_bytes,
-    ) {
+    for window in schedule::windows(&jobs, schedule::window_budget(ctx.chunk_bytes), ctx.chunk_bytes) {
         let window = &jobs[window];
         let (written, decoded) = rayon::join(
             || {
-                pending.take().map_or(Ok(()), |(js, ds)| {
-                    state.consume(&ctx, files, &headers, &file_of, js, ds, progress)
-                })
+                pending
+                    .take()
+                    .map_or(Ok(()), |(js, ds)| state.consume(&ctx, js, ds, progress))
             },
-            || {
-                window
-                    .par_iter()
-                    .map(|j| ctx.decode(j))
-                    .collect::<Result<Vec<_>>>()
-            },
+            || window.par_iter().map(|j| ctx.decode(j)).collect::<Result<Vec<_>>>(),
         );
         written?;
         pending = Some((window, decoded?));
     }
     if let Some((js, ds)) = pending {
-        state.consume(&ctx, files, &headers, &file_of, js, ds, progress)?;
+        state.consume(&ctx, js, ds, progress)?;
     }
-    let (sink, next_file) = (state.sink, state.next_file);
-    for i in next_file..files.len() {
-        sink.begin_file(&files[i], &headers[i])?;
-    }
+    state.finish_files()?;
     progress.finish();
     for a in &delta.index.aux {
         let bytes = aux_bytes(delta, base, a)?;
@@ -439,9 +395,7 @@ fn header_bytes(delta: &Delta, base: &Checkpoint, f: &WeightFile) -> Result<Vec<
     let bytes = blob_bytes(delta, base, &f.header, f.header_len, shard_header)?;
     if hash::hex(&hash::bytes(&bytes)) != f.header_hash {
         return Err(match f.header {
-            Blob::SameAsBase { .. } => {
-                wrong_base(delta, base, &f.path, "has a different header".into())
-            }
+            Blob::SameAsBase { .. } => wrong_base(delta, base, &f.path, "has a different header".into()),
             Blob::Zstd { .. } => Error::corrupt(
                 &delta.path,
                 format!("header of {} does not match its fingerprint", f.path),
@@ -453,14 +407,7 @@ fn header_bytes(delta: &Delta, base: &Checkpoint, f: &WeightFile) -> Result<Vec<
     let listed: Vec<(&str, String, Vec<u64>, [u64; 2])> = f
         .tensors
         .iter()
-        .map(|t| {
-            (
-                t.name.as_str(),
-                t.dtype.clone(),
-                t.shape.clone(),
-                t.data_offsets,
-            )
-        })
+        .map(|t| (t.name.as_str(), t.dtype.clone(), t.shape.clone(), t.data_offsets))
         .collect();
     let stored: Vec<(&str, String, Vec<u64>, [u64; 2])> = h
         .tensors
@@ -495,8 +442,7 @@ fn aux_bytes(delta: &Delta, base: &Checkpoint, a: &AuxEntry) -> Result<Vec<u8>> 
                 "is needed from the base directory, but the base is a single file".into(),
             ));
         }
-        std::fs::read(&path)
-            .map_err(|e| wrong_base(delta, base, p, format!("cannot be read from the base: {e}")))
+        std::fs::read(&path).map_err(|e| wrong_base(delta, base, p, format!("cannot be read from the base: {e}")))
     };
     let bytes = blob_bytes(delta, base, &a.blob, a.size, base_file)?;
     if bytes.len() as u64 != a.size || hash::hex(&hash::bytes(&bytes)) != a.hash {
@@ -507,10 +453,7 @@ fn aux_bytes(delta: &Delta, base: &Checkpoint, a: &AuxEntry) -> Result<Vec<u8>> 
                 &a.path,
                 "differs from the base file the delta expects".into(),
             ),
-            Blob::Zstd { .. } => Error::corrupt(
-                &delta.path,
-                format!("file {} does not match its fingerprint", a.path),
-            ),
+            Blob::Zstd { .. } => Error::corrupt(&delta.path, format!("file {} does not match its fingerprint", a.path)),
         });
     }
     Ok(bytes)
@@ -547,9 +490,8 @@ fn blob_bytes(
                 _ => None,
             };
             let data = delta.range(*offset, *len);
-            let corrupt = |e: std::io::Error| {
-                Error::corrupt(&delta.path, format!("stored file does not decompress: {e}"))
-            };
+            let corrupt =
+                |e: std::io::Error| Error::corrupt(&delta.path, format!("stored file does not decompress: {e}"));
             let mut dec = match &dict {
                 Some(d) => zstd::stream::Decoder::with_dictionary(data, d),
                 None => zstd::stream::Decoder::with_buffer(data),
@@ -582,10 +524,7 @@ impl DirSink {
         let f = w
             .into_inner()
             .map_err(|e| Error::io("writing", &path, e.into_error()))?;
-        let len = f
-            .metadata()
-            .map_err(|e| Error::io("writing", &path, e))?
-            .len();
+        let len = f.metadata().map_err(|e| Error::io("writing", &path, e))?.len();
         if len != expected {
             return Err(Error::io(
                 "writing",
@@ -610,11 +549,7 @@ impl Sink for DirSink {
     fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()> {
         self.close_current()?;
         let file = self.dir.create_file(&f.path)?;
-        self.current = Some((
-            BufWriter::with_capacity(1 << 20, file),
-            f.path.clone(),
-            f.size,
-        ));
+        self.current = Some((BufWriter::with_capacity(1 << 20, file), f.path.clone(), f.size));
         self.write(header)
     }
 
@@ -626,8 +561,7 @@ impl Sink for DirSink {
         self.close_current()?;
         let mut f = self.dir.create_file(&a.path)?;
         let path = self.dir.target().join(&a.path);
-        f.write_all(bytes)
-            .map_err(|e| Error::io("writing", &path, e))?;
+        f.write_all(bytes).map_err(|e| Error::io("writing", &path, e))?;
         if self.sync {
             f.sync_all().map_err(|e| Error::io("syncing", &path, e))?;
         }
@@ -654,12 +588,7 @@ impl CompareSink<'_> {
     /// Every file of the fine-tune must have been rebuilt.
     fn finish(&self, delta: &Delta) -> Result<()> {
         let Some(ft) = self.ft else { return Ok(()) };
-        let skipped: BTreeSet<&str> = delta
-            .index
-            .skipped
-            .iter()
-            .map(|s| s.path.as_str())
-            .collect();
+        let skipped: BTreeSet<&str> = delta.index.skipped.iter().map(|s| s.path.as_str()).collect();
         let theirs = ft
             .shards
             .iter()
@@ -667,12 +596,7 @@ impl CompareSink<'_> {
             .chain(ft.aux.iter().map(|a| a.rel.as_str()));
         for p in theirs {
             if !self.seen_files.contains(p) && !skipped.contains(p) {
-                return Err(Self::mismatch(
-                    ft,
-                    p,
-                    None,
-                    "is in the fine-tune but not in the delta",
-                ));
+                return Err(Self::mismatch(ft, p, None, "is in the fine-tune but not in the delta"));
             }
         }
         Ok(())
@@ -684,14 +608,7 @@ impl Sink for CompareSink<'_> {
         self.seen_files.insert(f.path.clone());
         let Some(ft) = self.ft else { return Ok(()) };
         let i = ft.shards.iter().position(|s| s.rel == f.path);
-        let i = i.ok_or_else(|| {
-            Self::mismatch(
-                ft,
-                &f.path,
-                None,
-                "is in the delta but not in the fine-tune",
-            )
-        })?;
+        let i = i.ok_or_else(|| Self::mismatch(ft, &f.path, None, "is in the delta but not in the fine-tune"))?;
         if ft.shards[i].header_bytes() != header {
             return Err(Self::mismatch(ft, &f.path, None, "header differs"));
         }
@@ -703,9 +620,8 @@ impl Sink for CompareSink<'_> {
         let Some(ft) = self.ft else { return Ok(()) };
         let shard = self.current.expect("file begun");
         let theirs = ft.tensor(&t.name).filter(|x| x.shard == shard);
-        let theirs = theirs.ok_or_else(|| {
-            Self::mismatch(ft, &ft.shards[shard].rel, Some(&t.name), "tensor missing")
-        })?;
+        let theirs =
+            theirs.ok_or_else(|| Self::mismatch(ft, &ft.shards[shard].rel, Some(&t.name), "tensor missing"))?;
         let ours = offset..offset + bytes.len();
         if ft.bytes(theirs).get(ours.clone()) != Some(bytes) {
             return Err(Self::mismatch(
@@ -723,16 +639,9 @@ impl Sink for CompareSink<'_> {
         self.seen_files.insert(a.path.clone());
         let Some(ft) = self.ft else { return Ok(()) };
         let theirs = ft.aux.iter().find(|x| x.rel == a.path);
-        let theirs = theirs.ok_or_else(|| {
-            Self::mismatch(
-                ft,
-                &a.path,
-                None,
-                "is in the delta but not in the fine-tune",
-            )
-        })?;
-        let content =
-            std::fs::read(&theirs.path).map_err(|e| Error::io("reading", &theirs.path, e))?;
+        let theirs =
+            theirs.ok_or_else(|| Self::mismatch(ft, &a.path, None, "is in the delta but not in the fine-tune"))?;
+        let content = std::fs::read(&theirs.path).map_err(|e| Error::io("reading", &theirs.path, e))?;
         if content != bytes {
             return Err(Self::mismatch(ft, &a.path, None, "rebuilt file differs"));
         }

@@ -51,9 +51,7 @@ pub fn layout(dtype: Dtype) -> ElementLayout {
 
 /// Size in bytes of a tensor of `dtype` and `shape`, or `None` on overflow or a partial byte.
 pub fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
     let bits = numel.checked_mul(dtype.bitsize())?;
     (bits % 8 == 0).then_some(bits / 8)
 }
@@ -105,13 +103,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for d in [
-            Dtype::BF16,
-            Dtype::F8_E4M3,
-            Dtype::I64,
-            Dtype::BOOL,
-            Dtype::F4,
-        ] {
+        for d in [Dtype::BF16, Dtype::F8_E4M3, Dtype::I64, Dtype::BOOL, Dtype::F4] {
             assert_eq!(parse(&name(d)), Some(d));
         }
         assert_eq!(parse("NOPE"), None);

@@ -108,9 +108,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Io,
-            Error::BadCheckpoint { .. }
-            | Error::OutputExists { .. }
-            | Error::InvalidArgument(_) => ErrorKind::BadInput,
+            Error::BadCheckpoint { .. } | Error::OutputExists { .. } | Error::InvalidArgument(_) => ErrorKind::BadInput,
             Error::CorruptDelta { .. } => ErrorKind::CorruptDelta,
             Error::WrongBase { .. } => ErrorKind::WrongBase,
             Error::Mismatch { .. } => ErrorKind::Mismatch,

@@ -9,8 +9,7 @@ use serde::Serialize;
 use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
 use crate::codec::exact;
 use crate::container::index::{
-    self, AuxEntry, BaseInfo, Blob, Chunk, ChunkCodec, Index, RemovedTensor, SourceTensor,
-    TensorEntry, WeightFile,
+    self, AuxEntry, BaseInfo, Blob, Chunk, ChunkCodec, Index, RemovedTensor, SourceTensor, TensorEntry, WeightFile,
 };
 use crate::container::{ContainerWriter, VERSION_MAJOR};
 use crate::hash::{self, Digest};
@@ -109,8 +108,7 @@ pub fn make(
     let mut w = ContainerWriter::create(out, opts.force)?;
     let mut files = Vec::new();
     for shard in &ft_ck.shards {
-        let (header, header_hash) =
-            store_header(&mut w, &base_ck, &shard.rel, shard.header_bytes())?;
+        let (header, header_hash) = store_header(&mut w, &base_ck, &shard.rel, shard.header_bytes())?;
         files.push(WeightFile {
             path: shard.rel.clone(),
             size: 0,
@@ -145,11 +143,7 @@ pub fn make(
         },
         files,
         aux,
-        removed: plan
-            .removed
-            .iter()
-            .map(|&i| removed(&base_ck.tensors[i]))
-            .collect(),
+        removed: plan.removed.iter().map(|&i| removed(&base_ck.tensors[i])).collect(),
         skipped: ft_ck.skipped.clone(),
     };
     let report_base = report(&index);
@@ -214,26 +208,12 @@ fn removed(t: &TensorRef) -> RemovedTensor {
 
 /// Stores a shard header: a reference if some base shard has the very same bytes, else
 /// compressed against the base shard of the same name (or the first one).
-fn store_header(
-    w: &mut ContainerWriter,
-    base: &Checkpoint,
-    rel: &str,
-    bytes: &[u8],
-) -> Result<(Blob, Digest)> {
+fn store_header(w: &mut ContainerWriter, base: &Checkpoint, rel: &str, bytes: &[u8]) -> Result<(Blob, Digest)> {
     let digest = hash::bytes(bytes);
     if let Some(s) = base.shards.iter().find(|s| s.header_bytes() == bytes) {
-        return Ok((
-            Blob::SameAsBase {
-                path: s.rel.clone(),
-            },
-            digest,
-        ));
+        return Ok((Blob::SameAsBase { path: s.rel.clone() }, digest));
     }
-    let dict = base
-        .shards
-        .iter()
-        .find(|s| s.rel == rel)
-        .or(base.shards.first());
+    let dict = base.shards.iter().find(|s| s.rel == rel).or(base.shards.first());
     let (offset, len) = w.append_zstd(bytes, dict.map(|s| s.header_bytes()))?;
     let blob = Blob::Zstd {
         offset,
@@ -262,9 +242,7 @@ fn store_aux(w: &mut ContainerWriter, base: &Checkpoint, a: &AuxFile) -> Result<
                 path: a.rel.clone(),
                 size,
                 hash: hash::hex(&digest),
-                blob: Blob::SameAsBase {
-                    path: a.rel.clone(),
-                },
+                blob: Blob::SameAsBase { path: a.rel.clone() },
             });
         }
     }
@@ -316,9 +294,7 @@ impl Ctx<'_> {
         let source_hashes = job
             .source_chunks
             .clone()
-            .map(|c| {
-                hash::chunk(&src[c * self.chunk_bytes..((c + 1) * self.chunk_bytes).min(src.len())])
-            })
+            .map(|c| hash::chunk(&src[c * self.chunk_bytes..((c + 1) * self.chunk_bytes).min(src.len())]))
             .collect();
         let payload = SCRATCH.with(|s| {
             let (scratch, buf) = &mut *s.borrow_mut();
@@ -411,13 +387,7 @@ struct Collector<'w> {
 }
 
 impl Collector<'_> {
-    fn consume(
-        &mut self,
-        ctx: &Ctx,
-        jobs: &[Job],
-        results: Vec<Encoded>,
-        progress: &dyn Progress,
-    ) -> Result<()> {
+    fn consume(&mut self, ctx: &Ctx, jobs: &[Job], results: Vec<Encoded>, progress: &dyn Progress) -> Result<()> {
         for (job, enc) in jobs.iter().zip(results) {
             if !job.range.is_empty() {
                 self.chunks.push(match enc.payload {
@@ -441,12 +411,8 @@ impl Collector<'_> {
             progress.advance(job.range.len() as u64);
             if job.last {
                 let chunks = std::mem::take(&mut self.chunks);
-                self.entries.push(ctx.entry(
-                    job.tensor,
-                    chunks,
-                    &self.target_hashes,
-                    &self.source_hashes,
-                ));
+                self.entries
+                    .push(ctx.entry(job.tensor, chunks, &self.target_hashes, &self.source_hashes));
                 self.target_hashes.clear();
                 self.source_hashes.clear();
             }

@@ -93,10 +93,7 @@ fn pair_one(base: &Checkpoint, t: &TensorRef) -> (Relation, Option<usize>) {
         }
         return (Relation::New, None);
     }
-    if t.name == "lm_head.weight"
-        || t.name.ends_with(".lm_head.weight")
-        || t.name.ends_with("output.weight")
-    {
+    if t.name == "lm_head.weight" || t.name.ends_with(".lm_head.weight") || t.name.ends_with("output.weight") {
         for b in &base.tensors {
             let tied = TIE_TARGETS
                 .iter()
@@ -169,19 +166,10 @@ mod tests {
     #[test]
     fn relations() {
         use Dtype::*;
-        assert_eq!(
-            relation(BF16, &[4, 2], BF16, &[4, 2]),
-            Some(Relation::Direct)
-        );
-        assert_eq!(
-            relation(BF16, &[4, 2], BF16, &[6, 2]),
-            Some(Relation::Resized)
-        );
+        assert_eq!(relation(BF16, &[4, 2], BF16, &[4, 2]), Some(Relation::Direct));
+        assert_eq!(relation(BF16, &[4, 2], BF16, &[6, 2]), Some(Relation::Resized));
         assert_eq!(relation(BF16, &[4, 2], BF16, &[4, 3]), None);
-        assert_eq!(
-            relation(F32, &[4, 2], BF16, &[4, 2]),
-            Some(Relation::Converted)
-        );
+        assert_eq!(relation(F32, &[4, 2], BF16, &[4, 2]), Some(Relation::Converted));
         assert_eq!(relation(I64, &[4], F32, &[4]), None);
         assert_eq!(relation(F32, &[], F32, &[]), Some(Relation::Direct));
     }
@@ -191,33 +179,15 @@ mod tests {
         let src: Vec<u8> = (0..8).collect();
         let mut buf = Vec::new();
         assert_eq!(
-            predict(
-                Relation::Resized,
-                Dtype::U8,
-                Dtype::U8,
-                &src,
-                6..10,
-                &mut buf
-            ),
+            predict(Relation::Resized, Dtype::U8, Dtype::U8, &src, 6..10, &mut buf),
             &[6, 7, 0, 0]
         );
         assert_eq!(
             predict(Relation::New, Dtype::U8, Dtype::U8, &src, 0..3, &mut buf),
             &[0, 0, 0]
         );
-        let f32s: Vec<u8> = [1.0f32, -2.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let p = predict(
-            Relation::Converted,
-            Dtype::F32,
-            Dtype::BF16,
-            &f32s,
-            2..4,
-            &mut buf,
-        )
-        .to_vec();
+        let f32s: Vec<u8> = [1.0f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let p = predict(Relation::Converted, Dtype::F32, Dtype::BF16, &f32s, 2..4, &mut buf).to_vec();
         assert_eq!(p, half::bf16::from_f32(-2.0).to_bits().to_le_bytes());
     }
 }

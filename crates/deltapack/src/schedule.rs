@@ -74,23 +74,10 @@ mod tests {
 
     #[test]
     fn every_source_chunk_is_hashed_once() {
-        for (len, src) in [
-            (0, 0),
-            (0, 10),
-            (10, 0),
-            (10, 10),
-            (10, 25),
-            (25, 10),
-            (8, 8),
-            (9, 8),
-        ] {
+        for (len, src) in [(0, 0), (0, 10), (10, 0), (10, 10), (10, 25), (25, 10), (8, 8), (9, 8)] {
             let js = jobs(0, len, src, 4);
             let hashed: Vec<usize> = js.iter().flat_map(|j| j.source_chunks.clone()).collect();
-            assert_eq!(
-                hashed,
-                (0..src.div_ceil(4)).collect::<Vec<_>>(),
-                "len {len} src {src}"
-            );
+            assert_eq!(hashed, (0..src.div_ceil(4)).collect::<Vec<_>>(), "len {len} src {src}");
             let covered: usize = js.iter().map(|j| j.range.len()).sum();
             assert_eq!(covered, len);
             assert!(js.last().unwrap().last && js.iter().filter(|j| j.last).count() == 1);

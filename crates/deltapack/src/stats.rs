@@ -50,15 +50,8 @@ pub fn bounds(base: &Checkpoint, ft: &Checkpoint) -> Bounds {
         }
         let ord = |x: u16| if x & 0x8000 != 0 { !x } else { x | 0x8000 };
         let mut per_exp = vec![0u64; 256];
-        for (pb, pt) in base
-            .bytes(b)
-            .chunks_exact(2)
-            .zip(ft.bytes(t).chunks_exact(2))
-        {
-            let (x, y) = (
-                u16::from_le_bytes([pb[0], pb[1]]),
-                u16::from_le_bytes([pt[0], pt[1]]),
-            );
+        for (pb, pt) in base.bytes(b).chunks_exact(2).zip(ft.bytes(t).chunks_exact(2)) {
+            let (x, y) = (u16::from_le_bytes([pb[0], pb[1]]), u16::from_le_bytes([pt[0], pt[1]]));
             let d = ord(y).wrapping_sub(ord(x));
             let e = ((x >> mant) & 0xFF) as u32;
             let key = (e << 16 | d as u32) as usize;
@@ -74,8 +67,8 @@ pub fn bounds(base: &Checkpoint, ft: &Checkpoint) -> Bounds {
         n_all += n;
         bits0 += entropy_bits(marginal.iter().copied(), n);
         // H(D | E) = H(D, E) - H(E)
-        bits_ctx += entropy_bits(touched.iter().map(|&k| joint[k as usize] as u64), n)
-            - entropy_bits(per_exp.into_iter(), n);
+        bits_ctx +=
+            entropy_bits(touched.iter().map(|&k| joint[k as usize] as u64), n) - entropy_bits(per_exp.into_iter(), n);
         for &k in &touched {
             joint[k as usize] = 0;
         }

@@ -115,16 +115,9 @@ impl Spec {
 const GEN_CHUNK: usize = 1 << 20;
 
 /// Generates bf16 values of tensor `seed_name` for elements `range`, base or fine-tune.
-fn values(
-    spec: &Spec,
-    seed_name: &str,
-    range: std::ops::Range<usize>,
-    finetuned: bool,
-    out: &mut Vec<u8>,
-) {
+fn values(spec: &Spec, seed_name: &str, range: std::ops::Range<usize>, finetuned: bool, out: &mut Vec<u8>) {
     let key = blake3::hash(seed_name.as_bytes());
-    let tensor_seed =
-        u64::from_le_bytes(key.as_bytes()[..8].try_into().expect("8 bytes")) ^ spec.seed;
+    let tensor_seed = u64::from_le_bytes(key.as_bytes()[..8].try_into().expect("8 bytes")) ^ spec.seed;
     let first = range.start / GEN_CHUNK;
     for c in first..range.end.div_ceil(GEN_CHUNK) {
         let mut rng = ChaCha8Rng::seed_from_u64(tensor_seed.wrapping_add(c as u64));
@@ -181,22 +174,14 @@ pub fn write_model(spec: &Spec, dir: &Path, finetuned: bool, shards: usize) -> R
         .map(|i| (format!("tok{i}"), i.into()))
         .collect();
     let tok = serde_json::json!({"version": "1.0", "model": {"type": "BPE", "vocab": vocab}});
-    write_text(
-        &dir.join("tokenizer.json"),
-        &serde_json::to_string(&tok).expect("json"),
-    )
+    write_text(&dir.join("tokenizer.json"), &serde_json::to_string(&tok).expect("json"))
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io("writing", path, e))
 }
 
-fn write_safetensors(
-    spec: &Spec,
-    path: &Path,
-    tensors: &[(String, Vec<usize>)],
-    finetuned: bool,
-) -> Result<()> {
+fn write_safetensors(spec: &Spec, path: &Path, tensors: &[(String, Vec<usize>)], finetuned: bool) -> Result<()> {
     let mut header = String::from(r#"{"__metadata__":{"format":"pt"}"#);
     let mut offset = 0usize;
     for (name, shape) in tensors {
@@ -214,8 +199,7 @@ fn write_safetensors(
     let file = std::fs::File::create(path).map_err(|e| Error::io("creating", path, e))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let io = |e| Error::io("writing", path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;
     for (name, shape) in tensors {
         let n: usize = shape.iter().product();

@@ -70,21 +70,14 @@ fn check_mutant(f: &Fixture, bytes: &[u8], what: &str) {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "{what}: temporary files left: {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "{what}: temporary files left: {leftovers:?}");
 }
 
 #[test]
 fn every_truncation_and_every_flipped_byte_is_caught() {
     let f = fixture();
     let good = std::fs::read(&f.delta).unwrap();
-    assert!(
-        good.len() < 16_000,
-        "fixture should stay small: {} bytes",
-        good.len()
-    );
+    assert!(good.len() < 16_000, "fixture should stay small: {} bytes", good.len());
     for cut in 0..good.len() {
         check_mutant(&f, &good[..cut], &format!("truncated at {cut}"));
     }
@@ -101,19 +94,10 @@ fn wrong_base_is_named() {
     let err = verify(&f.ft, &f.delta, None, &NoProgress).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongBase);
     let msg = err.to_string();
-    assert!(
-        msg.contains("tensor 'w'") && msg.contains("org/base@rev"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor 'w'") && msg.contains("org/base@rev"), "{msg}");
     let out = f.root.join("out");
     assert_eq!(
-        kind(apply(
-            &f.ft,
-            &f.delta,
-            &out,
-            &ApplyOptions::default(),
-            &NoProgress
-        )),
+        kind(apply(&f.ft, &f.delta, &out, &ApplyOptions::default(), &NoProgress)),
         ErrorKind::WrongBase
     );
     assert!(!out.exists());
@@ -165,11 +149,7 @@ fn missing_shard_and_broken_checkpoints_are_bad_input() {
     let truncated = f.root.join("truncated");
     std::fs::create_dir_all(&truncated).unwrap();
     let bytes = std::fs::read(f.ft.join("model.safetensors")).unwrap();
-    std::fs::write(
-        truncated.join("model.safetensors"),
-        &bytes[..bytes.len() - 10],
-    )
-    .unwrap();
+    std::fs::write(truncated.join("model.safetensors"), &bytes[..bytes.len() - 10]).unwrap();
     let err = make(
         &f.base,
         &truncated,
@@ -197,26 +177,13 @@ fn missing_shard_and_broken_checkpoints_are_bad_input() {
 #[test]
 fn outputs_are_never_overwritten_without_force() {
     let f = fixture();
-    let err = make(
-        &f.base,
-        &f.ft,
-        &f.delta,
-        &MakeOptions::default(),
-        &NoProgress,
-    )
-    .unwrap_err();
+    let err = make(&f.base, &f.ft, &f.delta, &MakeOptions::default(), &NoProgress).unwrap_err();
     assert!(matches!(err, deltapack::Error::OutputExists { .. }));
     let out = f.root.join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep"), b"mine").unwrap();
     assert_eq!(
-        kind(apply(
-            &f.base,
-            &f.delta,
-            &out,
-            &ApplyOptions::default(),
-            &NoProgress
-        )),
+        kind(apply(&f.base, &f.delta, &out, &ApplyOptions::default(), &NoProgress)),
         ErrorKind::BadInput
     );
     assert_eq!(std::fs::read(out.join("keep")).unwrap(), b"mine");
@@ -238,9 +205,7 @@ fn outputs_are_never_overwritten_without_force() {
 fn with_index(path: &Path, out: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let bytes = std::fs::read(path).unwrap();
     let n = bytes.len();
-    let word = |i: usize| {
-        u64::from_le_bytes(bytes[n - 64 + 8 * i..n - 56 + 8 * i].try_into().unwrap()) as usize
-    };
+    let word = |i: usize| u64::from_le_bytes(bytes[n - 64 + 8 * i..n - 56 + 8 * i].try_into().unwrap()) as usize;
     let (offset, len, raw) = (word(0), word(1), word(2));
     let json = zstd::bulk::decompress(&bytes[offset..offset + len], raw).unwrap();
     let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
@@ -275,15 +240,10 @@ fn unsafe_file_paths_in_a_delta_are_rejected() {
     ] {
         let mutant = f.root.join("mutant.dpk");
         with_index(&f.delta, &mutant, |v| v["aux"][0]["path"] = bad.into());
-        let err = Delta::open(&mutant)
-            .err()
-            .unwrap_or_else(|| panic!("{bad} accepted"));
+        let err = Delta::open(&mutant).err().unwrap_or_else(|| panic!("{bad} accepted"));
         assert_eq!(err.kind(), ErrorKind::CorruptDelta, "{bad}: {err}");
         with_index(&f.delta, &mutant, |v| v["files"][0]["path"] = bad.into());
-        assert!(
-            Delta::open(&mutant).is_err(),
-            "{bad} accepted as a weight file"
-        );
+        assert!(Delta::open(&mutant).is_err(), "{bad} accepted as a weight file");
     }
     assert!(!f.root.parent().unwrap().join("evil.json").exists());
 }
@@ -299,8 +259,7 @@ fn inconsistent_indexes_are_rejected() {
         (
             "overlapping chunks",
             Box::new(|v| {
-                v["files"][0]["tensors"][0]["chunks"][1]["o"] =
-                    v["files"][0]["tensors"][0]["chunks"][0]["o"].clone()
+                v["files"][0]["tensors"][0]["chunks"][1]["o"] = v["files"][0]["tensors"][0]["chunks"][0]["o"].clone()
             }),
         ),
         (
@@ -313,9 +272,7 @@ fn inconsistent_indexes_are_rejected() {
         ),
         (
             "huge shape",
-            Box::new(|v| {
-                v["files"][0]["tensors"][0]["shape"] = serde_json::json!([u64::MAX, u64::MAX])
-            }),
+            Box::new(|v| v["files"][0]["tensors"][0]["shape"] = serde_json::json!([u64::MAX, u64::MAX])),
         ),
         (
             "unknown dtype",
@@ -325,10 +282,7 @@ fn inconsistent_indexes_are_rejected() {
             "duplicate path",
             Box::new(|v| v["aux"][1]["path"] = v["aux"][0]["path"].clone()),
         ),
-        (
-            "bad chunk size",
-            Box::new(|v| v["chunk_bytes"] = 12345.into()),
-        ),
+        ("bad chunk size", Box::new(|v| v["chunk_bytes"] = 12345.into())),
         ("unknown field", Box::new(|v| v["surprise"] = 1.into())),
         ("future version", Box::new(|v| v["version"] = 2.into())),
         (
@@ -338,9 +292,7 @@ fn inconsistent_indexes_are_rejected() {
     ];
     for (what, edit) in edits {
         with_index(&f.delta, &mutant, edit);
-        let err = Delta::open(&mutant)
-            .err()
-            .unwrap_or_else(|| panic!("{what}: accepted"));
+        let err = Delta::open(&mutant).err().unwrap_or_else(|| panic!("{what}: accepted"));
         assert_eq!(err.kind(), ErrorKind::CorruptDelta, "{what}: {err}");
     }
 }

@@ -115,10 +115,7 @@ fn sharded_and_single_file_layouts_round_trip() {
     );
     write_st(
         &ft.join("model-00002-of-00002.safetensors"),
-        &[
-            t("b", "BF16", &[3000], f2.clone()),
-            t("c", "BF16", &[10], f3.clone()),
-        ],
+        &[t("b", "BF16", &[3000], f2.clone()), t("c", "BF16", &[10], f3.clone())],
     );
     let index = r#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}}"#;
     std::fs::write(ft.join("model.safetensors.index.json"), index).unwrap();
@@ -146,27 +143,16 @@ fn vocabulary_resize_both_ways() {
     let large = dir.path().join("large");
     write_st(
         &small.join("model.safetensors"),
-        &[t(
-            "embed_tokens.weight",
-            "BF16",
-            &[100, 16],
-            b[..100 * 32].to_vec(),
-        )],
+        &[t("embed_tokens.weight", "BF16", &[100, 16], b[..100 * 32].to_vec())],
     );
     write_st(
         &large.join("model.safetensors"),
         &[t("embed_tokens.weight", "BF16", &[120, 16], f)],
     );
     let grown = round_trip(&small, &large, 4096);
-    assert_eq!(
-        relation_of(&grown, "embed_tokens.weight"),
-        Relation::Resized
-    );
+    assert_eq!(relation_of(&grown, "embed_tokens.weight"), Relation::Resized);
     let shrunk = round_trip(&large, &small, 4096);
-    assert_eq!(
-        relation_of(&shrunk, "embed_tokens.weight"),
-        Relation::Resized
-    );
+    assert_eq!(relation_of(&shrunk, "embed_tokens.weight"), Relation::Resized);
     // Common rows are coded as a delta: far smaller than the tensor.
     let stored = grown.index.tensors().next().unwrap().stored_bytes();
     assert!(stored < 120 * 32 / 2, "{stored} bytes stored");
@@ -209,23 +195,12 @@ fn dtype_change_new_removed_and_untied_head() {
     assert_eq!(relation_of(&d, "lm_head.weight"), Relation::Tied);
     assert_eq!(relation_of(&d, "extra"), Relation::New);
     assert_eq!(
-        d.index
-            .removed
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect::<Vec<_>>(),
+        d.index.removed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
         ["position_ids"]
     );
     assert_eq!(d.index.skipped.len(), 1, "the pickle is skipped, not read");
-    let head = d
-        .index
-        .tensors()
-        .find(|t| t.name == "lm_head.weight")
-        .unwrap();
-    assert_eq!(
-        head.source.as_ref().unwrap().name,
-        "model.embed_tokens.weight"
-    );
+    let head = d.index.tensors().find(|t| t.name == "lm_head.weight").unwrap();
+    assert_eq!(head.source.as_ref().unwrap().name, "model.embed_tokens.weight");
     assert!(
         head.stored_bytes() < 2048,
         "coded against the embedding, not stored whole"
@@ -238,10 +213,7 @@ fn output_does_not_depend_on_thread_count() {
     let (base, ft) = small_pair(dir.path());
     let run = |threads: usize| {
         let out = dir.path().join(format!("d{threads}.dpk"));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| make(&base, &ft, &out, &opts(4096), &NoProgress))
             .unwrap();
         std::fs::read(out).unwrap()
@@ -256,10 +228,7 @@ fn identical_files_and_tensors_cost_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (base, _) = small_pair(dir.path());
     let d = round_trip(&base, &base, 4096);
-    assert!(d
-        .index
-        .tensors()
-        .all(|t| t.unchanged() && t.stored_bytes() == 0));
+    assert!(d.index.tensors().all(|t| t.unchanged() && t.stored_bytes() == 0));
     assert!(
         d.size < 2048,
         "a delta of a model against itself is tiny: {} bytes",

@@ -48,9 +48,7 @@ pub fn json_len(prefix: &[u8]) -> Result<u64, String> {
     };
     let n = u64::from_le_bytes(n.try_into().expect("8 bytes"));
     if n > MAX_HEADER_LEN {
-        return Err(format!(
-            "header length {n} exceeds the {MAX_HEADER_LEN}-byte limit"
-        ));
+        return Err(format!("header length {n} exceeds the {MAX_HEADER_LEN}-byte limit"));
     }
     Ok(n)
 }
@@ -78,9 +76,7 @@ pub fn parse(prefix: &[u8], file_len: Option<u64>) -> Result<Header, String> {
         .offset_keys()
         .into_iter()
         .map(|name| {
-            let info = meta
-                .info(&name)
-                .expect("offset_keys names are in the metadata");
+            let info = meta.info(&name).expect("offset_keys names are in the metadata");
             TensorInfo {
                 dtype: info.dtype,
                 shape: info.shape.clone(),
@@ -115,10 +111,7 @@ mod tests {
         );
         let h = parse(&f, Some(f.len() as u64)).unwrap();
         assert_eq!(
-            h.tensors
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect::<Vec<_>>(),
+            h.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
         );
         assert_eq!(h.data_len, 12);
@@ -126,30 +119,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_headers() {
-        let gap = file(
-            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
-            8,
-        );
+        let gap = file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8);
         assert!(parse(&gap, Some(gap.len() as u64)).is_err());
-        let wrong_len = file(
-            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
-            8,
-        );
+        let wrong_len = file(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8);
         assert!(parse(&wrong_len, Some(wrong_len.len() as u64)).is_err());
-        let ok = file(
-            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-            8,
-        );
-        assert!(
-            parse(&ok, Some(ok.len() as u64 - 1)).is_err(),
-            "truncated file"
-        );
+        let ok = file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8);
+        assert!(parse(&ok, Some(ok.len() as u64 - 1)).is_err(), "truncated file");
         assert!(parse(&ok[..20], None).is_err(), "truncated header");
         assert!(parse(&[0xFF; 8], None).is_err(), "huge length");
-        let dtype = file(
-            r#"{"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}}"#,
-            8,
-        );
+        let dtype = file(r#"{"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}}"#, 8);
         assert!(parse(&dtype, None).is_err());
     }
 }

@@ -130,12 +130,7 @@ impl Checkpoint {
         Ok(ck)
     }
 
-    fn assemble(
-        root: &Path,
-        shards: Vec<Shard>,
-        aux: Vec<AuxFile>,
-        skipped: Vec<Skipped>,
-    ) -> Result<Checkpoint> {
+    fn assemble(root: &Path, shards: Vec<Shard>, aux: Vec<AuxFile>, skipped: Vec<Skipped>) -> Result<Checkpoint> {
         let mut tensors = Vec::new();
         let mut by_name = HashMap::new();
         for (i, shard) in shards.iter().enumerate() {
@@ -281,9 +276,7 @@ fn shard_names(dir: &Path) -> Result<Vec<String>> {
             if !dir.join(n).is_file() {
                 return Err(Error::bad_checkpoint(
                     dir,
-                    format!(
-                        "missing shard {n} named by {INDEX_FILE}; download the complete checkpoint"
-                    ),
+                    format!("missing shard {n} named by {INDEX_FILE}; download the complete checkpoint"),
                 ));
             }
         }
@@ -315,8 +308,7 @@ fn list_aux(dir: &Path, shards: &[String]) -> Result<(Vec<AuxFile>, Vec<Skipped>
             if name.starts_with('.') {
                 continue;
             }
-            let meta =
-                std::fs::metadata(&path).map_err(|e| Error::io("reading metadata of", &path, e))?;
+            let meta = std::fs::metadata(&path).map_err(|e| Error::io("reading metadata of", &path, e))?;
             if meta.is_dir() {
                 if !entry.file_type().map(|t| t.is_symlink()).unwrap_or(false) {
                     stack.push((path, format!("{rel}/")));

@@ -13,15 +13,11 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A temporary sibling of `path`, unique within this machine's processes.
 fn temp_sibling(path: &Path, what: &str) -> Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| {
-        Error::InvalidArgument(format!("output {} has no file name", path.display()))
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("output {} has no file name", path.display())))?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = format!(
-        ".{}.{what}-{}-{n}",
-        name.to_string_lossy(),
-        std::process::id()
-    );
+    let tmp = format!(".{}.{what}-{}-{n}", name.to_string_lossy(), std::process::id());
     Ok(path.with_file_name(tmp))
 }
 
@@ -82,8 +78,7 @@ impl OutputDir {
         let backup = temp_sibling(&self.target, "deltapack-old")?;
         let had_old = std::fs::symlink_metadata(&self.target).is_ok();
         if had_old {
-            std::fs::rename(&self.target, &backup)
-                .map_err(|e| Error::io("moving aside", &self.target, e))?;
+            std::fs::rename(&self.target, &backup).map_err(|e| Error::io("moving aside", &self.target, e))?;
         }
         if let Err(e) = std::fs::rename(&self.staging, &self.target) {
             if had_old {
@@ -124,10 +119,7 @@ impl OutputFile {
     pub fn create(target: &Path, force: bool) -> Result<OutputFile> {
         check_overwrite(target, force)?;
         if target.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "{} is a directory",
-                target.display()
-            )));
+            return Err(Error::InvalidArgument(format!("{} is a directory", target.display())));
         }
         let tmp = temp_sibling(target, "deltapack-tmp")?;
         let file = File::options()
@@ -150,8 +142,7 @@ impl OutputFile {
     /// Appends bytes.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         let f = self.file.as_mut().expect("file is open until commit");
-        f.write_all(bytes)
-            .map_err(|e| Error::io("writing", &self.target, e))
+        f.write_all(bytes).map_err(|e| Error::io("writing", &self.target, e))
     }
 
     /// Flushes, optionally syncs to disk, and renames into place.
@@ -161,12 +152,10 @@ impl OutputFile {
             .into_inner()
             .map_err(|e| Error::io("writing", &self.target, e.into_error()))?;
         if sync {
-            f.sync_all()
-                .map_err(|e| Error::io("syncing", &self.target, e))?;
+            f.sync_all().map_err(|e| Error::io("syncing", &self.target, e))?;
         }
         drop(f);
-        std::fs::rename(&self.tmp, &self.target)
-            .map_err(|e| Error::io("renaming into place", &self.target, e))?;
+        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io("renaming into place", &self.target, e))?;
         self.tmp = PathBuf::new();
         Ok(())
     }

@@ -141,9 +141,7 @@ impl ContextMap {
             Some(f) => (f.mantissa_bits, f.exponent_mask as u64),
             None => (0, 0),
         };
-        let lut = (0..=exp_mask as u16)
-            .map(|e| (e.clamp(lo, hi) - lo) as u8)
-            .collect();
+        let lut = (0..=exp_mask as u16).map(|e| (e.clamp(lo, hi) - lo) as u8).collect();
         ContextMap {
             lo,
             hi,
@@ -206,11 +204,7 @@ fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) -> (u16, u1
 
 /// Encodes `target` against the prediction `pred` (same length, whole elements).
 pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
-    assert_eq!(
-        pred.len(),
-        target.len(),
-        "prediction and target lengths differ"
-    );
+    assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
     assert_eq!(target.len() % layout.width, 0, "partial element");
     match (layout.width, layout.float.is_some()) {
         (1, false) => encode_impl::<W8, false>(layout, pred, target, scratch),
@@ -258,11 +252,7 @@ fn encode_impl<W: Word, const FLOAT: bool>(
         counts[(k / 256) % nctx][k % 256] += x;
     }
     let model = Model::from_counts(&counts);
-    let words = rans::encode(
-        &EncoderTables::new(&model),
-        &scratch.symbols,
-        &scratch.contexts,
-    );
+    let words = rans::encode(&EncoderTables::new(&model), &scratch.symbols, &scratch.contexts);
     let raw = bits.finish();
     let mut out = Vec::with_capacity(16 + words.len() * 2 + raw.len());
     out.extend_from_slice(&lo.to_le_bytes());
@@ -280,17 +270,8 @@ fn encode_impl<W: Word, const FLOAT: bool>(
 ///
 /// `out.len()` must equal `pred.len()`; the payload is untrusted and any inconsistency is
 /// an error, never a panic.
-pub fn decode(
-    layout: ElementLayout,
-    pred: &[u8],
-    payload: &[u8],
-    out: &mut [u8],
-) -> Result<(), DecodeError> {
-    assert_eq!(
-        pred.len(),
-        out.len(),
-        "prediction and output lengths differ"
-    );
+pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    assert_eq!(pred.len(), out.len(), "prediction and output lengths differ");
     assert_eq!(out.len() % layout.width, 0, "partial element");
     match (layout.width, layout.float.is_some()) {
         (1, false) => decode_impl::<W8, false>(layout, pred, payload, out),
@@ -359,8 +340,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
                 _ => bits.get(nbits),
             };
             let z = base | raw;
-            let v =
-                to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(z, W::BITS)) & mask(W::BITS);
+            let v = to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(z, W::BITS)) & mask(W::BITS);
             W::store(from_ordered(v, W::BITS, FLOAT), $o);
         }};
     }
@@ -472,9 +452,7 @@ mod tests {
     /// Bit patterns biased towards the float specials: NaN payloads, infinities, -0.0, subnormals.
     fn special_bytes(width: usize) -> impl Strategy<Value = Vec<u8>> {
         let specials: Vec<u64> = match width {
-            2 => vec![
-                0x7FC1, 0xFF81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x807F, 0x7E00, 0xFC01,
-            ],
+            2 => vec![0x7FC1, 0xFF81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x807F, 0x7E00, 0xFC01],
             4 => vec![
                 0x7FC0_0001,
                 0xFF80_0001,
@@ -483,23 +461,11 @@ mod tests {
                 0x0000_0001,
                 0x807F_FFFF,
             ],
-            8 => vec![
-                0x7FF8_0000_0000_0001,
-                0xFFF0_0000_0000_0000,
-                0x8000_0000_0000_0000,
-                1,
-            ],
+            8 => vec![0x7FF8_0000_0000_0001, 0xFFF0_0000_0000_0000, 0x8000_0000_0000_0000, 1],
             _ => vec![0x7F, 0xFF, 0x80, 0x01, 0x78],
         };
-        proptest::collection::vec(
-            prop_oneof![any::<u64>(), proptest::sample::select(specials)],
-            0..600,
-        )
-        .prop_map(move |v| {
-            v.iter()
-                .flat_map(|x| x.to_le_bytes()[..width].to_vec())
-                .collect()
-        })
+        proptest::collection::vec(prop_oneof![any::<u64>(), proptest::sample::select(specials)], 0..600)
+            .prop_map(move |v| v.iter().flat_map(|x| x.to_le_bytes()[..width].to_vec()).collect())
     }
 
     proptest! {
@@ -533,9 +499,7 @@ mod tests {
         let mut pred = Vec::new();
         let mut target = Vec::new();
         for i in 0..n {
-            let b = half::bf16::from_f32(
-                if i % 2 == 0 { 0.02 } else { -0.02 } * (1.0 + (i % 97) as f32 / 100.0),
-            );
+            let b = half::bf16::from_f32(if i % 2 == 0 { 0.02 } else { -0.02 } * (1.0 + (i % 97) as f32 / 100.0));
             let t = half::bf16::from_bits(b.to_bits().wrapping_add([0u16, 0, 1, 0xFFFF][i % 4]));
             pred.extend_from_slice(&b.to_bits().to_le_bytes());
             target.extend_from_slice(&t.to_bits().to_le_bytes());
@@ -552,10 +516,7 @@ mod tests {
         let payload = encode(l, &pred, &target, &mut Scratch::default());
         let mut out = vec![0u8; target.len()];
         for cut in [0, 1, 3, payload.len() / 2, payload.len() - 1] {
-            assert!(
-                decode(l, &pred, &payload[..cut], &mut out).is_err(),
-                "cut at {cut}"
-            );
+            assert!(decode(l, &pred, &payload[..cut], &mut out).is_err(), "cut at {cut}");
         }
         let mut longer = payload.clone();
         longer.push(0);

@@ -207,8 +207,7 @@ pub fn checksum(payload: &[u8]) -> String {
 impl Index {
     /// Total size of the fine-tune's files (weights and auxiliary files).
     pub fn finetuned_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum::<u64>()
-            + self.aux.iter().map(|a| a.size).sum::<u64>()
+        self.files.iter().map(|f| f.size).sum::<u64>() + self.aux.iter().map(|a| a.size).sum::<u64>()
     }
 
     /// All tensors, file by file.
@@ -222,10 +221,7 @@ impl Index {
             return Err(format!("format is '{}', not 'deltapack'", self.format));
         }
         if self.version != super::VERSION_MAJOR {
-            return Err(format!(
-                "index version {} differs from the file's",
-                self.version
-            ));
+            return Err(format!("index version {} differs from the file's", self.version));
         }
         if !self.chunk_bytes.is_power_of_two() || !(1 << 12..=1 << 30).contains(&self.chunk_bytes) {
             return Err(format!(
@@ -250,16 +246,13 @@ impl Index {
             let mut prefix = p.as_str();
             while let Some((parent, _)) = prefix.rsplit_once('/') {
                 if paths.contains(parent) {
-                    return Err(format!(
-                        "'{parent}' is both a file and the directory of '{p}'"
-                    ));
+                    return Err(format!("'{parent}' is both a file and the directory of '{p}'"));
                 }
                 prefix = parent;
             }
         }
         for r in &self.removed {
-            dtype::parse(&r.dtype)
-                .ok_or_else(|| format!("removed tensor '{}' has unknown dtype", r.name))?;
+            dtype::parse(&r.dtype).ok_or_else(|| format!("removed tensor '{}' has unknown dtype", r.name))?;
         }
         check_ranges(ranges, payload)
     }
@@ -273,10 +266,7 @@ impl Index {
         check_hash(&f.header_hash, &f.path)?;
         check_blob(&f.header, &f.path, ranges)?;
         if f.header_len < 8 || f.header_len > 8 + crate::checkpoint::header::MAX_HEADER_LEN {
-            return Err(format!(
-                "{}: header length {} out of range",
-                f.path, f.header_len
-            ));
+            return Err(format!("{}: header length {} out of range", f.path, f.header_len));
         }
         let mut end = 0u64;
         for t in &f.tensors {
@@ -301,12 +291,8 @@ impl Index {
                     return Err(ctx("bad chunk checksum"));
                 }
                 match c.codec {
-                    ChunkCodec::Same if c.len != 0 => {
-                        return Err(ctx("'same' chunk with a payload"))
-                    }
-                    ChunkCodec::Same if t.relation == Relation::New => {
-                        return Err(ctx("'same' chunk without a base"))
-                    }
+                    ChunkCodec::Same if c.len != 0 => return Err(ctx("'same' chunk with a payload")),
+                    ChunkCodec::Same if t.relation == Relation::New => return Err(ctx("'same' chunk without a base")),
                     ChunkCodec::Same => {}
                     ChunkCodec::Exact => ranges.push((c.offset, c.len, t.name.clone())),
                 }
@@ -322,12 +308,7 @@ impl Index {
         Ok(())
     }
 
-    fn validate_source(
-        &self,
-        t: &TensorEntry,
-        dt: safetensors::Dtype,
-        shape: &[usize],
-    ) -> Result<(), String> {
+    fn validate_source(&self, t: &TensorEntry, dt: safetensors::Dtype, shape: &[usize]) -> Result<(), String> {
         let ctx = |m: &str| format!("tensor '{}': {m}", t.name);
         let Some(s) = &t.source else {
             return if t.relation == Relation::New {
@@ -398,10 +379,7 @@ fn check_blob(b: &Blob, what: &str, ranges: &mut Vec<(u64, u64, String)>) -> Res
     }
 }
 
-fn check_ranges(
-    mut ranges: Vec<(u64, u64, String)>,
-    payload: std::ops::Range<u64>,
-) -> Result<(), String> {
+fn check_ranges(mut ranges: Vec<(u64, u64, String)>, payload: std::ops::Range<u64>) -> Result<(), String> {
     ranges.sort();
     let mut prev_end = payload.start;
     for (offset, len, what) in ranges {

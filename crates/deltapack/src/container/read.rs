@@ -31,12 +31,7 @@ impl Delta {
         let size = map.len() as u64;
         let (head, trailer) = split_ends(path, &map)?;
         let (offset, len) = parse_trailer(path, head, trailer, size)?;
-        let index = parse_index(
-            path,
-            &map[offset as usize..(offset + len) as usize],
-            trailer,
-            offset,
-        )?;
+        let index = parse_index(path, &map[offset as usize..(offset + len) as usize], trailer, offset)?;
         Ok(Delta {
             path: path.to_path_buf(),
             index,
@@ -51,10 +46,7 @@ impl Delta {
         let io = |e| Error::io("reading", path, e);
         let size = f.metadata().map_err(io)?.len();
         if size < HEADER_LEN + TRAILER_LEN {
-            return Err(Error::corrupt(
-                path,
-                "file too short to be a deltapack delta",
-            ));
+            return Err(Error::corrupt(path, "file too short to be a deltapack delta"));
         }
         let mut head = [0u8; HEADER_LEN as usize];
         f.read_exact(&mut head).map_err(io)?;
@@ -94,11 +86,8 @@ impl Delta {
         // SAFETY: read-only private file map, never written: dropped pages fault back in
         // with identical contents, so no reference can observe a change.
         let _ = unsafe {
-            self.map.unchecked_advise_range(
-                UncheckedAdvice::DontNeed,
-                offset as usize,
-                len as usize,
-            )
+            self.map
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, offset as usize, len as usize)
         };
     }
 }
@@ -106,15 +95,9 @@ impl Delta {
 fn split_ends<'a>(path: &Path, map: &'a [u8]) -> Result<(&'a [u8], &'a [u8])> {
     let size = map.len() as u64;
     if size < HEADER_LEN + TRAILER_LEN {
-        return Err(Error::corrupt(
-            path,
-            "file too short to be a deltapack delta",
-        ));
+        return Err(Error::corrupt(path, "file too short to be a deltapack delta"));
     }
-    Ok((
-        &map[..HEADER_LEN as usize],
-        &map[(size - TRAILER_LEN) as usize..],
-    ))
+    Ok((&map[..HEADER_LEN as usize], &map[(size - TRAILER_LEN) as usize..]))
 }
 
 fn parse_trailer(path: &Path, head: &[u8], trailer: &[u8], size: u64) -> Result<(u64, u64)> {
@@ -137,15 +120,11 @@ fn parse_trailer(path: &Path, head: &[u8], trailer: &[u8], size: u64) -> Result<
             "bad trailer: the file is truncated or was not fully written",
         ));
     }
-    let word =
-        |i: usize| u64::from_le_bytes(trailer[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let word = |i: usize| u64::from_le_bytes(trailer[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     let (offset, len) = (word(0), word(1));
     let end = offset.checked_add(len);
     if offset < HEADER_LEN || end != Some(size - TRAILER_LEN) {
-        return Err(Error::corrupt(
-            path,
-            "index location in the trailer is out of range",
-        ));
+        return Err(Error::corrupt(path, "index location in the trailer is out of range"));
     }
     Ok((offset, len))
 }
@@ -163,8 +142,8 @@ fn parse_index(path: &Path, packed: &[u8], trailer: &[u8], offset: u64) -> Resul
     if json.len() as u64 != raw_len {
         return Err(Error::corrupt(path, "index length mismatch"));
     }
-    let index: Index = serde_json::from_slice(&json)
-        .map_err(|e| Error::corrupt(path, format!("index is not valid: {e}")))?;
+    let index: Index =
+        serde_json::from_slice(&json).map_err(|e| Error::corrupt(path, format!("index is not valid: {e}")))?;
     index
         .validate(HEADER_LEN..offset)
         .map_err(|r| Error::corrupt(path, r))?;

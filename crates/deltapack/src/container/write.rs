@@ -27,10 +27,7 @@ impl ContainerWriter {
         head.extend_from_slice(&0u32.to_le_bytes());
         debug_assert_eq!(head.len() as u64, HEADER_LEN);
         out.write_all(&head)?;
-        Ok(ContainerWriter {
-            out,
-            pos: HEADER_LEN,
-        })
+        Ok(ContainerWriter { out, pos: HEADER_LEN })
     }
 
     /// Appends a payload and returns its offset.
@@ -43,24 +40,16 @@ impl ContainerWriter {
 
     /// Appends `data` zstd-compressed (with `dict` as a raw-content dictionary); returns (offset, len).
     pub fn append_zstd(&mut self, data: &[u8], dict: Option<&[u8]>) -> Result<(u64, u64)> {
-        let compressed =
-            compress(data, dict).map_err(|e| Error::io("compressing for", self.out.target(), e))?;
+        let compressed = compress(data, dict).map_err(|e| Error::io("compressing for", self.out.target(), e))?;
         let at = self.append(&compressed)?;
         Ok((at, compressed.len() as u64))
     }
 
     /// Streams a file into the container zstd-compressed; returns (offset, len, size, digest).
-    pub fn append_zstd_file(
-        &mut self,
-        path: &Path,
-        dict: Option<&[u8]>,
-    ) -> Result<(u64, u64, u64, hash::Digest)> {
+    pub fn append_zstd_file(&mut self, path: &Path, dict: Option<&[u8]>) -> Result<(u64, u64, u64, hash::Digest)> {
         let at = self.pos;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
-        let size = f
-            .metadata()
-            .map_err(|e| Error::io("reading", path, e))?
-            .len();
+        let size = f.metadata().map_err(|e| Error::io("reading", path, e))?.len();
         // Level 19 runs at a few MB/s: worth it for configs and tokenizers, not for big blobs.
         let level = if size <= 32 << 20 { ZSTD_LEVEL } else { 6 };
         let mut counter = Counter {
@@ -76,8 +65,7 @@ impl ContainerWriter {
         enc.set_pledged_src_size(Some(size))
             .map_err(|e| Error::io("compressing", path, e))?;
         let mut hasher = blake3::Hasher::new();
-        let size = copy_hashing(&mut f, &mut enc, &mut hasher)
-            .map_err(|e| Error::io("storing", path, e))?;
+        let size = copy_hashing(&mut f, &mut enc, &mut hasher).map_err(|e| Error::io("storing", path, e))?;
         enc.finish().map_err(|e| Error::io("storing", path, e))?;
         let len = counter.written;
         Ok((at, len, size, *hasher.finalize().as_bytes()))
@@ -86,8 +74,7 @@ impl ContainerWriter {
     /// Writes the index and trailer and renames the file into place; returns its size.
     pub fn finish(mut self, index: &Index, sync: bool) -> Result<u64> {
         let json = serde_json::to_vec(index).expect("index serialises");
-        let packed = compress(&json, None)
-            .map_err(|e| Error::io("compressing index of", self.out.target(), e))?;
+        let packed = compress(&json, None).map_err(|e| Error::io("compressing index of", self.out.target(), e))?;
         let at = self.append(&packed)?;
         let mut trailer = Vec::with_capacity(64);
         trailer.extend_from_slice(&at.to_le_bytes());
@@ -110,11 +97,7 @@ fn compress(data: &[u8], dict: Option<&[u8]>) -> std::io::Result<Vec<u8>> {
     c.compress(data)
 }
 
-fn copy_hashing(
-    src: &mut impl std::io::Read,
-    dst: &mut impl Write,
-    h: &mut blake3::Hasher,
-) -> std::io::Result<u64> {
+fn copy_hashing(src: &mut impl std::io::Read, dst: &mut impl Write, h: &mut blake3::Hasher) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {

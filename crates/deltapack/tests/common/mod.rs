@@ -89,11 +89,7 @@ pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                let rel = p
-                    .strip_prefix(dir)
-                    .unwrap()
-                    .to_string_lossy()
-                    .replace('\\', "/");
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().replace('\\', "/");
                 out.insert(rel, std::fs::read(&p).unwrap());
             }
         }
@@ -108,10 +104,7 @@ pub fn small_pair(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (b2, _) = bf16_pair(2, 64);
     write_st(
         &base.join("model.safetensors"),
-        &[
-            t("w", "BF16", &[100, 30], b1),
-            t("b", "BF16", &[64], b2.clone()),
-        ],
+        &[t("w", "BF16", &[100, 30], b1), t("b", "BF16", &[64], b2.clone())],
     );
     write_st(
         &ft.join("model.safetensors"),
