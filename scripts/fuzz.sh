@@ -11,9 +11,10 @@
 #
 # - Installs cargo-fuzz if missing (`cargo install --locked cargo-fuzz`).
 # - The toolchain is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz use its nightly-only flags.
-# - Seeds fuzz/corpus/container/ (gitignored) with a valid small delta made by
-#   `deltapack demo`, built into fuzz/target/seed so the main target/ is left alone, and
-#   fuzz/corpus/header/ with that demo's safetensors header.
+# - Seeds fuzz/corpus/<target>/ (gitignored) once, with fuzz/examples/make_seeds.rs: a valid
+#   13 KB delta of a tiny synthetic pair (the 1.8 MB `deltapack demo` delta would exceed
+#   libFuzzer's 1 MiB max_len and be truncated), a safetensors header, and exact-codec
+#   payloads of several dtypes. Delete fuzz/corpus/container/seed-tiny.dpk to remake them.
 # - One libFuzzer process per target (no -jobs/-workers). Extra libFuzzer flags can be given
 #   in FUZZ_ARGS, e.g. FUZZ_ARGS="-rss_limit_mb=4096".
 # - Exits non-zero if any target fails (crash, leak, timeout, or build error); crashing
@@ -43,27 +44,11 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/deltapack-fuzz.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-# Seed corpus: a valid delta (and a safetensors header) from the demo, made once.
-mkdir -p "$fuzz_dir/corpus/container" "$fuzz_dir/corpus/header" "$fuzz_dir/corpus/exact_decode"
-if [[ ! -e "$fuzz_dir/corpus/container/seed-demo.dpk" ]]; then
-    echo "== making a seed delta with 'deltapack demo'"
-    demo="$work/demo"
-    if ! cargo run --release --quiet -p deltapack-cli --target-dir "$fuzz_dir/target/seed" \
-        -- demo --dir "$demo" >"$work/demo.log" 2>&1; then
-        echo "warning: 'deltapack demo' failed (see below); using whatever it wrote" >&2
-        tail -n 20 "$work/demo.log" >&2
-    fi
-    if [[ -f "$demo/finetuned.dpk" ]]; then
-        cp "$demo/finetuned.dpk" "$fuzz_dir/corpus/container/seed-demo.dpk"
-        # The header target's seed: the first fine-tune shard's 8-byte length and JSON.
-        st="$(find "$demo/finetuned" -name '*.safetensors' | sort | head -n 1)"
-        if [[ -n "$st" ]]; then
-            n="$(head -c 8 "$st" | od -An -tu8 -v --endian=little | tr -d ' ')"
-            head -c "$((8 + n))" "$st" >"$fuzz_dir/corpus/header/seed-demo.bin"
-        fi
-    else
-        echo "warning: no seed delta; the container target starts from an empty corpus" >&2
-    fi
+# Seed corpus (made once): a valid tiny delta, a safetensors header and real exact-codec
+# payloads, written by fuzz/examples/make_seeds.rs (a normal build, not a fuzz target).
+if [[ ! -e "$fuzz_dir/corpus/container/seed-tiny.dpk" ]]; then
+    echo "== making seed inputs (fuzz/examples/make_seeds.rs)"
+    (cd "$fuzz_dir" && cargo run --release --quiet --example make_seeds -- "$fuzz_dir/corpus")
 fi
 
 failed=()

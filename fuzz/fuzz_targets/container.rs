@@ -19,9 +19,7 @@ const MAX_TENSOR: u64 = 1 << 20;
 
 fn path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        std::env::temp_dir().join(format!("deltapack-fuzz-container-{}.dpk", std::process::id()))
-    })
+    PATH.get_or_init(|| std::env::temp_dir().join(format!("deltapack-fuzz-container-{}.dpk", std::process::id())))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -10,14 +10,35 @@ use deltapack::dtype;
 use libfuzzer_sys::fuzz_target;
 
 const DTYPES: &[&str] = &[
-    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
-    "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
-    "F64", "I64", "U64",
+    "BOOL",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
 ];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else { return };
-    let Some(dt) = dtype::parse(DTYPES[sel as usize % DTYPES.len()]) else { return };
+    let Some(dt) = dtype::parse(DTYPES[sel as usize % DTYPES.len()]) else {
+        return;
+    };
     let layout = dtype::layout(dt);
     if rest.len() < 2 {
         return;

@@ -113,12 +113,13 @@ fn normalize(counts: &[u32; 256]) -> Vec<u16> {
 ///
 /// States reach 2^32 - 1 here (16-bit renormalisation), beyond the 2^31 for which ryg's
 /// 32-bit reciprocal is exact, so this uses Granlund and Montgomery's form: with
-/// `l = ceil(log2(freq))` and `m = ceil(2^(32 + l) / freq)` (up to 33 bits),
-/// `x / freq == (x * m) >> (32 + l)` for every `x < 2^32`.
+/// `l = ceil(log2(freq))` and `m = ceil(2^(32 + l) / freq)`, `x / freq == (x * m) >> (32 + l)`
+/// for every `x < 2^32`. As `2^32 <= m < 2^33`, it is computed as
+/// `(x + ((x * (m - 2^32)) >> 32)) >> l` in 64-bit arithmetic.
 #[derive(Clone, Copy, Default)]
 struct EncSymbol {
     x_max: u64,
-    rcp: u64,
+    rcp_low: u64,
     shift: u32,
     start: u32,
     cmpl_freq: u32,
@@ -128,10 +129,11 @@ impl EncSymbol {
     fn new(start: u32, freq: u32) -> Self {
         debug_assert!((1..=SCALE).contains(&freq));
         let l = 32 - (freq - 1).leading_zeros(); // ceil(log2(freq)); 0 for freq == 1
+        let m = (1u64 << (32 + l)).div_ceil(freq as u64);
         EncSymbol {
             x_max: (((RANS_L >> SCALE_BITS) as u64) << 16) * freq as u64,
-            rcp: (1u64 << (32 + l)).div_ceil(freq as u64),
-            shift: 32 + l,
+            rcp_low: m - (1 << 32),
+            shift: l,
             start,
             cmpl_freq: SCALE - freq,
         }
@@ -140,7 +142,8 @@ impl EncSymbol {
     /// `x / freq`, exactly, for any 32-bit `x`.
     #[inline(always)]
     fn quotient(&self, x: u32) -> u32 {
-        ((x as u128 * self.rcp as u128) >> self.shift) as u32
+        let x = x as u64;
+        ((x + ((x * self.rcp_low) >> 32)) >> self.shift) as u32
     }
 
     /// Encodes into state `x`, pushing a word into `out` when renormalising (branch-free).
