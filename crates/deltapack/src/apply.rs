@@ -133,21 +133,19 @@ impl Assembler<'_> {
         self.begin_files_through(self.files.len())
     }
 
-    fn consume(&mut self, ctx: &Ctx, jobs: &[Job], decoded: Vec<Decoded>, progress: &dyn Progress) -> Result<()> {
-        for (job, d) in jobs.iter().zip(decoded) {
-            self.begin_files_through(self.file_of[job.tensor])?;
-            self.sink.data(ctx.tensors[job.tensor].0, job.range.start, &d.bytes)?;
-            if !job.range.is_empty() {
-                self.th.push(d.target_hash);
-            }
-            self.sh.extend(d.source_hashes);
-            ctx.release(job);
-            progress.advance(job.range.len() as u64);
-            if job.last {
-                ctx.check_tensor(job.tensor, &self.th, &self.sh)?;
-                self.th.clear();
-                self.sh.clear();
-            }
+    fn consume(&mut self, ctx: &Ctx, job: &Job, d: Decoded, progress: &dyn Progress) -> Result<()> {
+        self.begin_files_through(self.file_of[job.tensor])?;
+        self.sink.data(ctx.tensors[job.tensor].0, job.range.start, &d.bytes)?;
+        if !job.range.is_empty() {
+            self.th.push(d.target_hash);
+        }
+        self.sh.extend(d.source_hashes);
+        ctx.release(job);
+        progress.advance(job.range.len() as u64);
+        if job.last {
+            ctx.check_tensor(job.tensor, &self.th, &self.sh)?;
+            self.th.clear();
+            self.sh.clear();
         }
         Ok(())
     }
@@ -341,24 +339,15 @@ fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn
         th: Vec::new(),
         sh: Vec::new(),
     };
-    let mut pending: Option<(&[Job], Vec<Decoded>)> = None;
-    // While one thread hands window k to the sink in order, the others decode window k+1.
-    for window in schedule::windows(&jobs, schedule::window_budget(ctx.chunk_bytes), ctx.chunk_bytes) {
-        let window = &jobs[window];
-        let (written, decoded) = rayon::join(
-            || {
-                pending
-                    .take()
-                    .map_or(Ok(()), |(js, ds)| state.consume(&ctx, js, ds, progress))
-            },
-            || window.par_iter().map(|j| ctx.decode(j)).collect::<Result<Vec<_>>>(),
-        );
-        written?;
-        pending = Some((window, decoded?));
-    }
-    if let Some((js, ds)) = pending {
-        state.consume(&ctx, js, ds, progress)?;
-    }
+    // Workers decode chunks while this thread hands them to the sink in order.
+    let threads = schedule::threads();
+    schedule::ordered(
+        &jobs,
+        threads,
+        schedule::look_ahead(threads),
+        |j| ctx.decode(j),
+        |j, d| state.consume(&ctx, j, d?, progress),
+    )?;
     state.finish_files()?;
     progress.finish();
     for a in &delta.index.aux {

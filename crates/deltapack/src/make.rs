@@ -3,7 +3,6 @@
 use std::cell::RefCell;
 use std::path::Path;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
@@ -355,24 +354,15 @@ fn encode_tensors(
         target_hashes: Vec::new(),
         source_hashes: Vec::new(),
     };
-    let mut pending: Option<(&[Job], Vec<Encoded>)> = None;
-    // While one thread writes window k in order, the others encode window k+1.
-    for window in schedule::windows(&jobs, schedule::window_budget(chunk_bytes), chunk_bytes) {
-        let window = &jobs[window];
-        let (written, encoded) = rayon::join(
-            || {
-                pending
-                    .take()
-                    .map_or(Ok(()), |(js, rs)| sink.consume(&ctx, js, rs, progress))
-            },
-            || window.par_iter().map(|j| ctx.encode(j)).collect::<Vec<_>>(),
-        );
-        written?;
-        pending = Some((window, encoded));
-    }
-    if let Some((js, rs)) = pending {
-        sink.consume(&ctx, js, rs, progress)?;
-    }
+    // Workers encode chunks while this thread writes them in order.
+    let threads = schedule::threads();
+    schedule::ordered(
+        &jobs,
+        threads,
+        schedule::look_ahead(threads),
+        |j| ctx.encode(j),
+        |j, e| sink.consume(&ctx, j, e, progress),
+    )?;
     progress.finish();
     Ok(sink.entries)
 }
@@ -387,35 +377,33 @@ struct Collector<'w> {
 }
 
 impl Collector<'_> {
-    fn consume(&mut self, ctx: &Ctx, jobs: &[Job], results: Vec<Encoded>, progress: &dyn Progress) -> Result<()> {
-        for (job, enc) in jobs.iter().zip(results) {
-            if !job.range.is_empty() {
-                self.chunks.push(match enc.payload {
-                    None => Chunk {
-                        codec: ChunkCodec::Same,
-                        offset: 0,
-                        len: 0,
-                        checksum: index::checksum(&[]),
-                    },
-                    Some(p) => Chunk {
-                        codec: ChunkCodec::Exact,
-                        offset: self.w.append(&p)?,
-                        len: p.len() as u64,
-                        checksum: index::checksum(&p),
-                    },
-                });
-                self.target_hashes.push(enc.target_hash);
-            }
-            self.source_hashes.extend(enc.source_hashes);
-            ctx.release(job);
-            progress.advance(job.range.len() as u64);
-            if job.last {
-                let chunks = std::mem::take(&mut self.chunks);
-                self.entries
-                    .push(ctx.entry(job.tensor, chunks, &self.target_hashes, &self.source_hashes));
-                self.target_hashes.clear();
-                self.source_hashes.clear();
-            }
+    fn consume(&mut self, ctx: &Ctx, job: &Job, enc: Encoded, progress: &dyn Progress) -> Result<()> {
+        if !job.range.is_empty() {
+            self.chunks.push(match enc.payload {
+                None => Chunk {
+                    codec: ChunkCodec::Same,
+                    offset: 0,
+                    len: 0,
+                    checksum: index::checksum(&[]),
+                },
+                Some(p) => Chunk {
+                    codec: ChunkCodec::Exact,
+                    offset: self.w.append(&p)?,
+                    len: p.len() as u64,
+                    checksum: index::checksum(&p),
+                },
+            });
+            self.target_hashes.push(enc.target_hash);
+        }
+        self.source_hashes.extend(enc.source_hashes);
+        ctx.release(job);
+        progress.advance(job.range.len() as u64);
+        if job.last {
+            let chunks = std::mem::take(&mut self.chunks);
+            self.entries
+                .push(ctx.entry(job.tensor, chunks, &self.target_hashes, &self.source_hashes));
+            self.target_hashes.clear();
+            self.source_hashes.clear();
         }
         Ok(())
     }

@@ -4,7 +4,10 @@
 //! consumed in order. That bounds memory to one window of chunks, whatever the tensor or
 //! model size, and keeps the output identical for any number of threads.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
 
 /// One unit of parallel work: a chunk of a target tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,28 +47,76 @@ pub(crate) fn jobs(tensor: usize, len: usize, source_len: usize, chunk_bytes: us
         .collect()
 }
 
-/// Groups jobs into windows of about `budget` bytes of work (at least one job each).
-pub(crate) fn windows(jobs: &[Job], budget: usize, chunk_bytes: usize) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut acc = 0;
-    for (i, j) in jobs.iter().enumerate() {
-        acc += j.range.len() + j.source_chunks.len() * chunk_bytes / 2 + 4096;
-        if acc >= budget {
-            out.push(start..i + 1);
-            start = i + 1;
-            acc = 0;
+/// Runs `work` on every job on `threads` worker threads and hands each result to `consume`
+/// in job order, on the calling thread.
+///
+/// At most `ahead` jobs may be finished or in progress beyond the next one to consume, which
+/// bounds memory to a few chunks per thread whatever the model size; workers never wait on
+/// each other, only on that bound. The first error from `consume` stops the workers and is
+/// returned.
+pub(crate) fn ordered<R: Send, E>(
+    jobs: &[Job],
+    threads: usize,
+    ahead: usize,
+    work: impl Fn(&Job) -> R + Sync,
+    mut consume: impl FnMut(&Job, R) -> Result<(), E>,
+) -> Result<(), E> {
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    // Index of the next job to consume; workers wait while they would run too far ahead.
+    let consumed = (Mutex::new(0usize), Condvar::new());
+    let (tx, rx) = mpsc::channel::<(usize, R)>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            let tx = tx.clone();
+            let (next, abort, consumed, work) = (&next, &abort, &consumed, &work);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs.len() {
+                    return;
+                }
+                let mut done = consumed.0.lock().unwrap_or_else(|e| e.into_inner());
+                while i >= *done + ahead && !abort.load(Ordering::Relaxed) {
+                    done = consumed.1.wait(done).unwrap_or_else(|e| e.into_inner());
+                }
+                drop(done);
+                if abort.load(Ordering::Relaxed) || tx.send((i, work(&jobs[i]))).is_err() {
+                    return;
+                }
+            });
         }
-    }
-    if start < jobs.len() {
-        out.push(start..jobs.len());
-    }
-    out
+        drop(tx);
+        let mut pending = BTreeMap::new();
+        let mut expected = 0;
+        let result = (|| {
+            while expected < jobs.len() {
+                let Ok((i, r)) = rx.recv() else { break };
+                pending.insert(i, r);
+                while let Some(r) = pending.remove(&expected) {
+                    consume(&jobs[expected], r)?;
+                    expected += 1;
+                    *consumed.0.lock().unwrap_or_else(|e| e.into_inner()) = expected;
+                    consumed.1.notify_all();
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            abort.store(true, Ordering::Relaxed);
+            consumed.1.notify_all();
+        }
+        result
+    })
 }
 
-/// Bytes of work per window: a few chunks per thread.
-pub(crate) fn window_budget(chunk_bytes: usize) -> usize {
-    chunk_bytes * 8 * rayon::current_num_threads().max(1)
+/// How many jobs may run ahead of the consumer: a few chunks per thread.
+pub(crate) fn look_ahead(threads: usize) -> usize {
+    4 * threads.max(1)
+}
+
+/// Worker threads to use: the size of the rayon pool in effect (set by `--threads`).
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
 }
 
 #[cfg(test)]
@@ -85,10 +136,39 @@ mod tests {
     }
 
     #[test]
-    fn windows_cover_all_jobs_in_order() {
-        let js: Vec<Job> = (0..5).flat_map(|t| jobs(t, 10 * t, 10 * t, 4)).collect();
-        let ws = windows(&js, 12, 4);
-        let flat: Vec<usize> = ws.iter().flat_map(|w| w.clone()).collect();
-        assert_eq!(flat, (0..js.len()).collect::<Vec<_>>());
+    fn results_arrive_in_order_and_errors_stop_early() {
+        let js: Vec<Job> = (0..50).flat_map(|t| jobs(t, 10 * t, 0, 4)).collect();
+        for threads in [1, 2, 5] {
+            let mut seen = Vec::new();
+            let r: Result<(), ()> = ordered(
+                &js,
+                threads,
+                3,
+                |j| (j.tensor, j.chunk),
+                |j, r| {
+                    assert_eq!((j.tensor, j.chunk), r);
+                    seen.push(r);
+                    Ok(())
+                },
+            );
+            assert!(r.is_ok());
+            assert_eq!(seen, js.iter().map(|j| (j.tensor, j.chunk)).collect::<Vec<_>>());
+        }
+        let mut n = 0;
+        let r = ordered(
+            &js,
+            2,
+            3,
+            |_| (),
+            |_, _| {
+                n += 1;
+                if n == 10 {
+                    Err("stop")
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!((r, n), (Err("stop"), 10));
     }
 }

@@ -237,17 +237,49 @@ fn encode_impl<W: Word, const FLOAT: bool>(
     scratch.symbols.resize(n, 0);
     scratch.contexts.resize(n, 0);
     let mut bits = BitWriter::with_capacity(n * 3 / 2);
-    let elems = pred.chunks_exact(w).zip(target.chunks_exact(w));
-    let outs = scratch.symbols.iter_mut().zip(scratch.contexts.iter_mut());
-    for (i, ((p, t), (sym, ctx))) in elems.zip(outs).enumerate() {
+    // One element: token, context and raw bits; `lane` picks the sub-histogram.
+    let mut element = |lane: usize, p: &[u8], t: &[u8], sym: &mut u8, ctx: &mut u8| -> (u64, u32) {
         let p = W::load(p);
-        let t = W::load(t);
-        let d = to_ordered(t, W::BITS, FLOAT).wrapping_sub(to_ordered(p, W::BITS, FLOAT));
+        let d = to_ordered(W::load(t), W::BITS, FLOAT).wrapping_sub(to_ordered(p, W::BITS, FLOAT));
         let (tok, nb, raw) = tokenize(zigzag(d & mask(W::BITS), W::BITS));
         let c = cmap.of(p);
-        sub[((i & 3) * nctx + c as usize) * stride + tok as usize] += 1;
+        sub[(lane * nctx + c as usize) * stride + tok as usize] += 1;
         *sym = tok;
         *ctx = c;
+        (raw, nb)
+    };
+    let (syms, ctxs) = (&mut scratch.symbols[..], &mut scratch.contexts[..]);
+    let mut done = 0;
+    if W::BITS <= 16 {
+        // Values of up to 16 bits carry at most 13 raw bits: four fit one 56-bit put, which
+        // shortens the writer's loop-carried chain (the decoder refills once per four too).
+        let groups = pred.chunks_exact(4 * w).zip(target.chunks_exact(4 * w));
+        for (g, (p4, t4)) in groups.enumerate() {
+            let (s4, c4) = (&mut syms[4 * g..4 * g + 4], &mut ctxs[4 * g..4 * g + 4]);
+            let (mut acc, mut nbits) = (0u64, 0u32);
+            for j in 0..4 {
+                let (raw, nb) = element(
+                    j,
+                    &p4[j * w..(j + 1) * w],
+                    &t4[j * w..(j + 1) * w],
+                    &mut s4[j],
+                    &mut c4[j],
+                );
+                acc |= raw << nbits;
+                nbits += nb;
+            }
+            bits.put(acc, nbits);
+        }
+        done = n / 4 * 4;
+    }
+    for i in done..n {
+        let (raw, nb) = element(
+            i & 3,
+            &pred[i * w..(i + 1) * w],
+            &target[i * w..(i + 1) * w],
+            &mut syms[i],
+            &mut ctxs[i],
+        );
         bits.put(raw, nb);
     }
     let mut counts = vec![[0u32; 256]; nctx];

@@ -117,12 +117,13 @@ fn normalize(counts: &[u32; 256]) -> Vec<u16> {
 /// for every `x < 2^32`. As `2^32 <= m < 2^33`, it is computed as
 /// `(x + ((x * (m - 2^32)) >> 32)) >> l` in 64-bit arithmetic.
 #[derive(Clone, Copy, Default)]
+#[repr(align(16))]
 struct EncSymbol {
-    x_max: u64,
-    rcp_low: u64,
-    shift: u32,
-    start: u32,
-    cmpl_freq: u32,
+    rcp_low: u32,
+    freq: u16,
+    start: u16,
+    cmpl_freq: u16,
+    shift: u8,
 }
 
 impl EncSymbol {
@@ -131,11 +132,11 @@ impl EncSymbol {
         let l = 32 - (freq - 1).leading_zeros(); // ceil(log2(freq)); 0 for freq == 1
         let m = (1u64 << (32 + l)).div_ceil(freq as u64);
         EncSymbol {
-            x_max: (((RANS_L >> SCALE_BITS) as u64) << 16) * freq as u64,
-            rcp_low: m - (1 << 32),
-            shift: l,
-            start,
-            cmpl_freq: SCALE - freq,
+            rcp_low: (m - (1 << 32)) as u32,
+            freq: freq as u16,
+            start: start as u16,
+            cmpl_freq: (SCALE - freq) as u16,
+            shift: l as u8,
         }
     }
 
@@ -143,42 +144,46 @@ impl EncSymbol {
     #[inline(always)]
     fn quotient(&self, x: u32) -> u32 {
         let x = x as u64;
-        ((x + ((x * self.rcp_low) >> 32)) >> self.shift) as u32
+        ((x + ((x * self.rcp_low as u64) >> 32)) >> self.shift) as u32
     }
 
     /// Encodes into state `x`, pushing a word into `out` when renormalising (branch-free).
     #[inline(always)]
     fn put(&self, x: &mut u32, out: &mut [u16], len: &mut usize) {
-        let big = *x as u64 >= self.x_max;
+        // x_max = ((L >> scale_bits) << 16) * freq keeps the state below 2^32 after the step.
+        let big = *x as u64 >= (((RANS_L >> SCALE_BITS) as u64) << 16) * self.freq as u64;
         out[*len] = *x as u16;
         *len += big as usize;
         let v = if big { *x >> 16 } else { *x };
         // x = (x / freq) * SCALE + x % freq + start, rearranged to use only the quotient.
         *x = v
-            .wrapping_add(self.start)
-            .wrapping_add(self.quotient(v).wrapping_mul(self.cmpl_freq));
+            .wrapping_add(self.start as u32)
+            .wrapping_add(self.quotient(v).wrapping_mul(self.cmpl_freq as u32));
     }
 }
 
-/// Encoder tables for one model, indexed `[ctx * 256 + symbol]`.
+/// Encoder tables for one model, indexed `[ctx * stride + symbol]`, where `stride` is the
+/// longest alphabet of any context (64 for 16-bit values): small enough to stay in L1.
 pub struct EncoderTables {
     entries: Vec<EncSymbol>,
+    stride: usize,
 }
 
 impl EncoderTables {
     /// Prepares the encoder's lookup tables.
     pub fn new(model: &Model) -> Self {
-        let mut entries = vec![EncSymbol::default(); model.freqs.len() * 256];
+        let stride = model.freqs.iter().map(|f| f.len()).max().unwrap_or(0).max(1);
+        let mut entries = vec![EncSymbol::default(); model.freqs.len() * stride];
         for (c, f) in model.freqs.iter().enumerate() {
             let mut start = 0u32;
             for (s, &x) in f.iter().enumerate() {
                 if x > 0 {
-                    entries[c * 256 + s] = EncSymbol::new(start, x as u32);
+                    entries[c * stride + s] = EncSymbol::new(start, x as u32);
                 }
                 start += x as u32;
             }
         }
-        EncoderTables { entries }
+        EncoderTables { entries, stride }
     }
 }
 
@@ -193,7 +198,7 @@ pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u1
     let mut words = vec![0u16; n + 1];
     let mut len = 0usize;
     let (mut s0, mut s1, mut s2, mut s3) = (RANS_L, RANS_L, RANS_L, RANS_L);
-    let sym = |i: usize| &tables.entries[contexts[i] as usize * 256 + symbols[i] as usize];
+    let sym = |i: usize| &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
     // Symbols are coded last to first; symbol i uses state i % 4.
     let full = n - n % STATES;
     for i in (full..n).rev() {
