@@ -21,10 +21,13 @@ mkdir -p "$WORK"
 cargo build --release -q -p deltapack-cli
 BIN=$PWD/target/release/deltapack
 
-# median_of CMD...: runs CMD REPEATS times; prints "median_seconds max_rss_kb".
+# median_of SETUP CMD...: runs SETUP (untimed, e.g. removing the previous output) then CMD,
+# REPEATS times; prints "median_seconds max_rss_kb".
 median_of() {
-  local times=() rss=0 t m
+  local setup=$1 times=() rss=0 t m
+  shift
   for _ in $(seq "$REPEATS"); do
+    sh -c "$setup"
     /usr/bin/time -f "%e %M" -o "$WORK/.time" "$@" >/dev/null
     read -r t m <"$WORK/.time"
     times+=("$t")
@@ -47,11 +50,11 @@ echo "== reference pair: order-0 entropy bounds of the integer difference (expec
 "$BIN" dev bounds --base "$ref/base" --finetuned "$ref/finetuned"
 cat "$ref"/base/* "$ref"/finetuned/* >/dev/null # warm the page cache
 
-read -r cat_s _ < <(median_of sh -c "cat '$ref/base/model.safetensors' '$ref/finetuned/model.safetensors' >/dev/null")
-read -r cp_s _ < <(median_of sh -c "rm -rf '$WORK/cp' && cp -r '$ref/finetuned' '$WORK/cp'")
-read -r make_s make_rss < <(median_of "$BIN" make -q --force --base "$ref/base" --finetuned "$ref/finetuned" -o "$WORK/ref.dpk")
-read -r apply_s apply_rss < <(median_of sh -c "rm -rf '$WORK/out' && '$BIN' apply -q --base '$ref/base' '$WORK/ref.dpk' -o '$WORK/out'")
-read -r verify_s verify_rss < <(median_of "$BIN" verify -q --base "$ref/base" "$WORK/ref.dpk")
+read -r cat_s _ < <(median_of true sh -c "cat '$ref/base/model.safetensors' '$ref/finetuned/model.safetensors' >/dev/null")
+read -r cp_s _ < <(median_of "rm -rf '$WORK/cp'" cp -r "$ref/finetuned" "$WORK/cp")
+read -r make_s make_rss < <(median_of true "$BIN" make -q --force --base "$ref/base" --finetuned "$ref/finetuned" -o "$WORK/ref.dpk")
+read -r apply_s apply_rss < <(median_of "rm -rf '$WORK/out'" "$BIN" apply -q --base "$ref/base" "$WORK/ref.dpk" -o "$WORK/out")
+read -r verify_s verify_rss < <(median_of true "$BIN" verify -q --base "$ref/base" "$WORK/ref.dpk")
 cmp -s "$WORK/out/model.safetensors" "$ref/finetuned/model.safetensors" || { echo "apply output differs!"; exit 1; }
 ft_bytes=$(cat "$ref"/finetuned/* | wc -c)
 delta_bytes=$(stat -c %s "$WORK/ref.dpk")
@@ -78,8 +81,8 @@ if [ -d "$MODELS/minilm-base-bf16" ]; then
   echo "== real pairs in $MODELS (medians of $REPEATS)"
   for ft in ft-a-bf16 ft-b-bf16-sharded; do
     d="$WORK/$ft.dpk"
-    read -r ms mr < <(median_of "$BIN" make -q --force --base "$MODELS/minilm-base-bf16" --finetuned "$MODELS/$ft" -o "$d")
-    read -r as ar < <(median_of sh -c "rm -rf '$WORK/$ft' && '$BIN' apply -q --base '$MODELS/minilm-base-bf16' '$d' -o '$WORK/$ft'")
+    read -r ms mr < <(median_of true "$BIN" make -q --force --base "$MODELS/minilm-base-bf16" --finetuned "$MODELS/$ft" -o "$d")
+    read -r as ar < <(median_of "rm -rf '$WORK/$ft'" "$BIN" apply -q --base "$MODELS/minilm-base-bf16" "$d" -o "$WORK/$ft")
     (cd "$MODELS/$ft" && sha256sum -- *) | (cd "$WORK/$ft" && sha256sum -c --quiet -) || { echo "$ft: apply output differs!"; exit 1; }
     r=$(awk -v a="$(cat "$MODELS/$ft"/* | wc -c)" -v b="$(stat -c %s "$d")" 'BEGIN {printf "%.3f", a / b}')
     bounds=$("$BIN" dev bounds --base "$MODELS/minilm-base-bf16" --finetuned "$MODELS/$ft")

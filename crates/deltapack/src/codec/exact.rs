@@ -126,11 +126,14 @@ fn max_token(bits: u32) -> usize {
     DIRECT as usize + (bits as usize - 1 - 4) * 4 + 3
 }
 
+/// Largest exponent field of any supported float (F64: 11 bits).
+const MAX_EXPONENTS: usize = 2048;
+
 /// Context lookup for a chunk: exponent -> context index.
 struct ContextMap {
     lo: u16,
     hi: u16,
-    lut: Vec<u8>,
+    lut: Box<[u8; MAX_EXPONENTS]>,
     shift: u32,
     exp_mask: u64,
 }
@@ -141,7 +144,10 @@ impl ContextMap {
             Some(f) => (f.mantissa_bits, f.exponent_mask as u64),
             None => (0, 0),
         };
-        let lut = (0..=exp_mask as u16).map(|e| (e.clamp(lo, hi) - lo) as u8).collect();
+        let mut lut = Box::new([0u8; MAX_EXPONENTS]);
+        for (e, c) in lut.iter_mut().enumerate() {
+            *c = ((e as u16).clamp(lo, hi) - lo) as u8;
+        }
         ContextMap {
             lo,
             hi,
@@ -157,8 +163,8 @@ impl ContextMap {
 
     #[inline(always)]
     fn of(&self, pred_bits: u64) -> u8 {
-        // exp_mask < lut.len() by construction, so this index is always in bounds.
-        self.lut[((pred_bits >> self.shift) & self.exp_mask) as usize]
+        // Masking to the table size lets the compiler drop the bounds check.
+        self.lut[((pred_bits >> self.shift) & self.exp_mask) as usize & (MAX_EXPONENTS - 1)]
     }
 }
 
@@ -350,8 +356,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         .collect();
     let mut bits = BitReader::new(&input[word_bytes..]);
     let tables = DecoderTables::new(&model);
-    // Contexts without a table decode garbage; flag them without a branch and fail at the end.
-    let unused: Vec<u8> = model.freqs.iter().map(|f| f.is_empty() as u8).collect();
+    // Contexts without a table decode garbage: they are flagged without a branch, and fail at the end.
     let expand = TokenTable::new();
     let mut bad = 0u8;
     let (mut reader, st) = rans::WordReader::new(&words);
@@ -362,8 +367,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         ($state:ident, $p:expr, $o:expr) => {{
             let p = W::load($p);
             let c = cmap.of(p) as usize;
-            bad |= unused[c];
-            let (base, nbits) = expand.get(tables.step(c, &mut $state, &mut reader));
+            let (base, nbits) = expand.get(tables.step(c, &mut $state, &mut reader, &mut bad));
             // Values of up to 16 bits carry at most 13 raw bits: one refill per group of four
             // suffices. Wider values refill per element, or (64-bit) as needed.
             let raw = match W::BITS {

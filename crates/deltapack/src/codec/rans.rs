@@ -227,47 +227,60 @@ pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u1
 }
 
 /// Decoder tables, two levels to stay cache-resident: per context a 4 KiB slot -> symbol
-/// map, and a small symbol -> `(freq - 1) | start << 12` table.
+/// map and a symbol -> `(freq - 1) | start << 12` table. Fixed-size rows let the compiler
+/// see that masked indices are in bounds, leaving one check per symbol (the context).
 pub struct DecoderTables {
-    slot_symbol: Vec<u8>,
-    symbol_info: Vec<u32>,
+    rows: Vec<DecoderRow>,
+}
+
+struct DecoderRow {
+    slot_symbol: [u8; SCALE as usize],
+    symbol_info: [u32; 256],
+    /// 1 if the context has no table (any use of it is an error), else 0.
+    unused: u8,
 }
 
 impl DecoderTables {
     /// Prepares the decoder's lookup tables; slots of unused contexts decode to symbol 0.
     pub fn new(model: &Model) -> Self {
-        let n = model.freqs.len();
-        let mut slot_symbol = vec![0u8; n * SCALE as usize];
-        let mut symbol_info = vec![0u32; n * 256];
-        for (c, f) in model.freqs.iter().enumerate() {
-            let mut start = 0u32;
-            for (s, &x) in f.iter().enumerate() {
-                let x = x as u32;
-                let base = c * SCALE as usize + start as usize;
-                slot_symbol[base..base + x as usize].fill(s as u8);
-                symbol_info[c * 256 + s] = x.saturating_sub(1) | (start << 12);
-                start += x;
-            }
-        }
-        DecoderTables {
-            slot_symbol,
-            symbol_info,
-        }
+        let rows = model
+            .freqs
+            .iter()
+            .map(|f| {
+                let mut row = DecoderRow {
+                    slot_symbol: [0; SCALE as usize],
+                    symbol_info: [0; 256],
+                    unused: f.is_empty() as u8,
+                };
+                let mut start = 0u32;
+                for (s, &x) in f.iter().enumerate() {
+                    let x = x as u32;
+                    row.slot_symbol[start as usize..(start + x) as usize].fill(s as u8);
+                    row.symbol_info[s] = x.saturating_sub(1) | (start << 12);
+                    start += x;
+                }
+                row
+            })
+            .collect();
+        DecoderTables { rows }
     }
 
     /// Number of contexts these tables serve.
     pub fn contexts(&self) -> usize {
-        self.slot_symbol.len() / SCALE as usize
+        self.rows.len()
     }
 
     /// Decodes one symbol from state `x` under context `ctx` and renormalises from `words`.
     ///
-    /// `ctx` must be `< self.contexts()` (checked by the slice index).
+    /// `ctx` must be `< self.contexts()` (checked by the slice index). ORs 1 into `unused`
+    /// if the context has no table.
     #[inline(always)]
-    pub fn step(&self, ctx: usize, x: &mut u32, words: &mut WordReader) -> u8 {
+    pub fn step(&self, ctx: usize, x: &mut u32, words: &mut WordReader, unused: &mut u8) -> u8 {
+        let row = &self.rows[ctx];
+        *unused |= row.unused;
         let slot = *x & (SCALE - 1);
-        let sym = self.slot_symbol[ctx * SCALE as usize + slot as usize];
-        let info = self.symbol_info[ctx * 256 + sym as usize];
+        let sym = row.slot_symbol[slot as usize];
+        let info = row.symbol_info[sym as usize];
         let freq = (info & 0xFFF) + 1;
         *x = freq
             .wrapping_mul(*x >> SCALE_BITS)
@@ -361,12 +374,13 @@ mod tests {
 
     fn decode_all(dt: &DecoderTables, words: &[u16], contexts: &[u8]) -> (Vec<u8>, bool) {
         let (mut r, mut st) = WordReader::new(words);
+        let mut unused = 0;
         let out = contexts
             .iter()
             .enumerate()
-            .map(|(i, &c)| dt.step(c as usize, &mut st[i % STATES], &mut r))
-            .collect();
-        (out, r.finish(st))
+            .map(|(i, &c)| dt.step(c as usize, &mut st[i % STATES], &mut r, &mut unused));
+        let out = out.collect();
+        (out, r.finish(st) && unused == 0)
     }
 
     fn round_trip(symbols: &[u8], contexts: &[u8], n_ctx: usize) {
