@@ -340,14 +340,7 @@ fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn
         sh: Vec::new(),
     };
     // Workers decode chunks while this thread hands them to the sink in order.
-    let threads = schedule::threads();
-    schedule::ordered(
-        &jobs,
-        threads,
-        schedule::look_ahead(threads),
-        |j| ctx.decode(j),
-        |j, d| state.consume(&ctx, j, d?, progress),
-    )?;
+    schedule::ordered(&jobs, |j| ctx.decode(j), |j, d| state.consume(&ctx, j, d?, progress))?;
     state.finish_files()?;
     progress.finish();
     for a in &delta.index.aux {

@@ -5,6 +5,8 @@
 //! codes chunks of tensors, [`container`] is the delta file, [`make`] and [`apply`] drive the
 //! whole pipeline in bounded memory.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod dtype;
 pub mod error;

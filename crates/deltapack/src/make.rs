@@ -355,14 +355,7 @@ fn encode_tensors(
         source_hashes: Vec::new(),
     };
     // Workers encode chunks while this thread writes them in order.
-    let threads = schedule::threads();
-    schedule::ordered(
-        &jobs,
-        threads,
-        schedule::look_ahead(threads),
-        |j| ctx.encode(j),
-        |j, e| sink.consume(&ctx, j, e, progress),
-    )?;
+    schedule::ordered(&jobs, |j| ctx.encode(j), |j, e| sink.consume(&ctx, j, e, progress))?;
     progress.finish();
     Ok(sink.entries)
 }

@@ -54,7 +54,7 @@ pub(crate) fn jobs(tensor: usize, len: usize, source_len: usize, chunk_bytes: us
 /// bounds memory to a few chunks per thread whatever the model size; workers never wait on
 /// each other, only on that bound. The first error from `consume` stops the workers and is
 /// returned.
-pub(crate) fn ordered<R: Send, E>(
+pub(crate) fn ordered_with<R: Send, E>(
     jobs: &[Job],
     threads: usize,
     ahead: usize,
@@ -109,14 +109,15 @@ pub(crate) fn ordered<R: Send, E>(
     })
 }
 
-/// How many jobs may run ahead of the consumer: a few chunks per thread.
-pub(crate) fn look_ahead(threads: usize) -> usize {
-    4 * threads.max(1)
-}
-
-/// Worker threads to use: the size of the rayon pool in effect (set by `--threads`).
-pub(crate) fn threads() -> usize {
-    rayon::current_num_threads().max(1)
+/// [`ordered_with`] on as many workers as the rayon pool in effect has (set by `--threads`),
+/// each allowed to run a few chunks ahead of the consumer.
+pub(crate) fn ordered<R: Send, E>(
+    jobs: &[Job],
+    work: impl Fn(&Job) -> R + Sync,
+    consume: impl FnMut(&Job, R) -> Result<(), E>,
+) -> Result<(), E> {
+    let threads = rayon::current_num_threads().max(1);
+    ordered_with(jobs, threads, 4 * threads, work, consume)
 }
 
 #[cfg(test)]
@@ -140,7 +141,7 @@ mod tests {
         let js: Vec<Job> = (0..50).flat_map(|t| jobs(t, 10 * t, 0, 4)).collect();
         for threads in [1, 2, 5] {
             let mut seen = Vec::new();
-            let r: Result<(), ()> = ordered(
+            let r: Result<(), ()> = ordered_with(
                 &js,
                 threads,
                 3,
@@ -155,7 +156,7 @@ mod tests {
             assert_eq!(seen, js.iter().map(|j| (j.tensor, j.chunk)).collect::<Vec<_>>());
         }
         let mut n = 0;
-        let r = ordered(
+        let r = ordered_with(
             &js,
             2,
             3,

@@ -209,20 +209,27 @@ fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) -> (u16, u1
     (lo as u16, hi as u16)
 }
 
+/// Calls `$f::<Word, FLOAT>(args)` monomorphised for the layout's width and float-ness.
+macro_rules! dispatch {
+    ($layout:expr, $f:ident($($arg:expr),*)) => {
+        match ($layout.width, $layout.float.is_some()) {
+            (1, false) => $f::<W8, false>($($arg),*),
+            (1, true) => $f::<W8, true>($($arg),*),
+            (2, false) => $f::<W16, false>($($arg),*),
+            (2, true) => $f::<W16, true>($($arg),*),
+            (4, false) => $f::<W32, false>($($arg),*),
+            (4, true) => $f::<W32, true>($($arg),*),
+            (8, false) => $f::<W64, false>($($arg),*),
+            _ => $f::<W64, true>($($arg),*),
+        }
+    };
+}
+
 /// Encodes `target` against the prediction `pred` (same length, whole elements).
 pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
     assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
     assert_eq!(target.len() % layout.width, 0, "partial element");
-    match (layout.width, layout.float.is_some()) {
-        (1, false) => encode_impl::<W8, false>(layout, pred, target, scratch),
-        (1, true) => encode_impl::<W8, true>(layout, pred, target, scratch),
-        (2, false) => encode_impl::<W16, false>(layout, pred, target, scratch),
-        (2, true) => encode_impl::<W16, true>(layout, pred, target, scratch),
-        (4, false) => encode_impl::<W32, false>(layout, pred, target, scratch),
-        (4, true) => encode_impl::<W32, true>(layout, pred, target, scratch),
-        (8, false) => encode_impl::<W64, false>(layout, pred, target, scratch),
-        _ => encode_impl::<W64, true>(layout, pred, target, scratch),
-    }
+    dispatch!(layout, encode_impl(layout, pred, target, scratch))
 }
 
 fn encode_impl<W: Word, const FLOAT: bool>(
@@ -314,16 +321,7 @@ fn encode_impl<W: Word, const FLOAT: bool>(
 pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     assert_eq!(pred.len(), out.len(), "prediction and output lengths differ");
     assert_eq!(out.len() % layout.width, 0, "partial element");
-    match (layout.width, layout.float.is_some()) {
-        (1, false) => decode_impl::<W8, false>(layout, pred, payload, out),
-        (1, true) => decode_impl::<W8, true>(layout, pred, payload, out),
-        (2, false) => decode_impl::<W16, false>(layout, pred, payload, out),
-        (2, true) => decode_impl::<W16, true>(layout, pred, payload, out),
-        (4, false) => decode_impl::<W32, false>(layout, pred, payload, out),
-        (4, true) => decode_impl::<W32, true>(layout, pred, payload, out),
-        (8, false) => decode_impl::<W64, false>(layout, pred, payload, out),
-        _ => decode_impl::<W64, true>(layout, pred, payload, out),
-    }
+    dispatch!(layout, decode_impl(layout, pred, payload, out))
 }
 
 fn decode_impl<W: Word, const FLOAT: bool>(
