@@ -12,10 +12,13 @@ pub struct BitWriter {
 }
 
 impl BitWriter {
-    /// A writer with room for about `bytes` bytes before it must grow.
-    pub fn with_capacity(bytes: usize) -> Self {
+    /// A writer that reuses `buffer`'s allocation, with room for about `bytes` bytes before it must grow.
+    pub fn with_buffer(mut buffer: Vec<u8>, bytes: usize) -> Self {
+        if buffer.len() < bytes + 8 {
+            buffer.resize(bytes + 8, 0);
+        }
         BitWriter {
-            out: vec![0; bytes + 8],
+            out: buffer,
             ..Default::default()
         }
     }

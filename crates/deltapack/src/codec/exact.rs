@@ -30,6 +30,8 @@ pub struct DecodeError(pub &'static str);
 pub struct Scratch {
     symbols: Vec<u8>,
     contexts: Vec<u8>,
+    words: Vec<u16>,
+    bits: Vec<u8>,
 }
 
 trait Word: Copy {
@@ -249,7 +251,7 @@ fn encode_impl<W: Word, const FLOAT: bool>(
     let mut sub = vec![0u32; 4 * nctx * stride];
     scratch.symbols.resize(n, 0);
     scratch.contexts.resize(n, 0);
-    let mut bits = BitWriter::with_capacity(n * 3 / 2);
+    let mut bits = BitWriter::with_buffer(std::mem::take(&mut scratch.bits), n * 3 / 2);
     // One element: token, context and raw bits; `lane` picks the sub-histogram.
     let mut element = |lane: usize, p: &[u8], t: &[u8], sym: &mut u8, ctx: &mut u8| -> (u64, u32) {
         let p = W::load(p);
@@ -300,17 +302,21 @@ fn encode_impl<W: Word, const FLOAT: bool>(
         counts[(k / stride) % nctx][k % stride] += x;
     }
     let model = Model::from_counts(&counts);
-    let words = rans::encode(&EncoderTables::new(&model), &scratch.symbols, &scratch.contexts);
+    let (states, len) = rans::encode(
+        &EncoderTables::new(&model),
+        &scratch.symbols,
+        &scratch.contexts,
+        &mut scratch.words,
+    );
     let raw = bits.finish();
-    let mut out = Vec::with_capacity(16 + words.len() * 2 + raw.len());
+    let mut out = Vec::with_capacity(16 + 2 * rans::stream_words(len) + raw.len() + 4 * 64 * cmap.count());
     out.extend_from_slice(&lo.to_le_bytes());
     out.extend_from_slice(&hi.to_le_bytes());
     model.write(&mut out);
-    rans::put_varint(&mut out, words.len() as u64);
-    for wd in &words {
-        out.extend_from_slice(&wd.to_le_bytes());
-    }
+    rans::put_varint(&mut out, rans::stream_words(len) as u64);
+    rans::write_stream(states, &scratch.words[..len], &mut out);
     out.extend_from_slice(&raw);
+    scratch.bits = raw;
     out
 }
 
@@ -348,16 +354,13 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         .checked_mul(2)
         .filter(|&b| b <= input.len() as u64)
         .ok_or(DecodeError("word stream past end of payload"))? as usize;
-    let words: Vec<u16> = input[..word_bytes]
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let words = &input[..word_bytes];
     let mut bits = BitReader::new(&input[word_bytes..]);
     let tables = DecoderTables::new(&model);
     // Contexts without a table decode garbage: they are flagged without a branch, and fail at the end.
     let expand = TokenTable::new();
     let mut bad = 0u8;
-    let (mut reader, st) = rans::WordReader::new(&words);
+    let (mut reader, st) = rans::WordReader::new(words);
     let [mut s0, mut s1, mut s2, mut s3] = st;
     // One element: its context from the prediction, a token from the rANS state, raw bits,
     // and the value. Written as a macro so that the four states stay in registers.

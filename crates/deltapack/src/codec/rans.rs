@@ -187,15 +187,20 @@ impl EncoderTables {
     }
 }
 
-/// Encodes `symbols[i]` under context `contexts[i]`, returning the 16-bit word stream.
+/// Encodes `symbols[i]` under context `contexts[i]`.
 ///
+/// Returns the four final states; the renormalisation words are left in `words[..len]` in
+/// encoding order (the stream stores them reversed, after the states: see [`write_stream`]).
+/// `words` is scratch space, reused across calls so that no chunk pays for a fresh buffer.
 /// Every (context, symbol) pair must have a nonzero frequency in the model the tables came
 /// from; that holds when the model was built from these very symbols.
-pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u16> {
+pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8], words: &mut Vec<u16>) -> ([u32; STATES], usize) {
     assert_eq!(symbols.len(), contexts.len());
     let n = symbols.len();
     // At most one word per symbol, plus one slot of slack for the branch-free store.
-    let mut words = vec![0u16; n + 1];
+    if words.len() < n + 1 {
+        words.resize(n + 1, 0);
+    }
     let mut len = 0usize;
     let (mut s0, mut s1, mut s2, mut s3) = (RANS_L, RANS_L, RANS_L, RANS_L);
     let sym = |i: usize| &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
@@ -203,27 +208,34 @@ pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u1
     let full = n - n % STATES;
     for i in (full..n).rev() {
         match i % STATES {
-            0 => sym(i).put(&mut s0, &mut words, &mut len),
-            1 => sym(i).put(&mut s1, &mut words, &mut len),
-            _ => sym(i).put(&mut s2, &mut words, &mut len),
+            0 => sym(i).put(&mut s0, words, &mut len),
+            1 => sym(i).put(&mut s1, words, &mut len),
+            _ => sym(i).put(&mut s2, words, &mut len),
         }
     }
     for g in (0..full / STATES).rev() {
         let i = g * STATES;
-        sym(i + 3).put(&mut s3, &mut words, &mut len);
-        sym(i + 2).put(&mut s2, &mut words, &mut len);
-        sym(i + 1).put(&mut s1, &mut words, &mut len);
-        sym(i).put(&mut s0, &mut words, &mut len);
+        sym(i + 3).put(&mut s3, words, &mut len);
+        sym(i + 2).put(&mut s2, words, &mut len);
+        sym(i + 1).put(&mut s1, words, &mut len);
+        sym(i).put(&mut s0, words, &mut len);
     }
-    words.truncate(len);
-    words.reverse();
-    let mut out = Vec::with_capacity(words.len() + 2 * STATES);
-    for x in [s0, s1, s2, s3] {
-        out.push(x as u16);
-        out.push((x >> 16) as u16);
+    ([s0, s1, s2, s3], len)
+}
+
+/// Appends the word stream in decoding order, as little-endian bytes: the four states as
+/// low/high word pairs, then the renormalisation words last-written first.
+pub fn write_stream(states: [u32; STATES], words: &[u16], out: &mut Vec<u8>) {
+    for x in states {
+        out.extend_from_slice(&(x as u16).to_le_bytes());
+        out.extend_from_slice(&((x >> 16) as u16).to_le_bytes());
     }
-    out.extend_from_slice(&words);
-    out
+    out.extend(words.iter().rev().flat_map(|w| w.to_le_bytes()));
+}
+
+/// Number of 16-bit words [`write_stream`] writes.
+pub fn stream_words(renorm_words: usize) -> usize {
+    2 * STATES + renorm_words
 }
 
 /// Decoder tables, two levels to stay cache-resident: per context a 4 KiB slot -> symbol
@@ -294,39 +306,39 @@ impl DecoderTables {
     }
 }
 
-/// Reads the 16-bit words of an encoded stream; past the end it yields zeros.
+/// Reads the 16-bit little-endian words of an encoded stream straight from the payload;
+/// past the end it yields zeros.
 pub struct WordReader<'a> {
-    words: &'a [u16],
+    bytes: &'a [u8],
+    /// Words consumed so far.
     pos: usize,
 }
 
 impl<'a> WordReader<'a> {
-    /// Starts reading; returns the reader and the four initial states.
-    pub fn new(words: &'a [u16]) -> (Self, [u32; STATES]) {
-        let mut r = WordReader { words, pos: 0 };
+    /// Starts reading `bytes` (an even number of them); returns the reader and the four initial states.
+    pub fn new(bytes: &'a [u8]) -> (Self, [u32; STATES]) {
+        let mut r = WordReader { bytes, pos: 0 };
         let mut st = [0u32; STATES];
         for x in st.iter_mut() {
-            let lo = r.next();
-            *x = lo | (r.next() << 16);
+            let lo = r.peek();
+            r.pos += 1;
+            *x = lo | (r.peek() << 16);
+            r.pos += 1;
         }
         (r, st)
     }
 
     #[inline(always)]
     fn peek(&self) -> u32 {
-        self.words.get(self.pos).copied().unwrap_or(0) as u32
-    }
-
-    #[inline(always)]
-    fn next(&mut self) -> u32 {
-        let w = self.words.get(self.pos).copied().unwrap_or(0);
-        self.pos += 1;
-        w as u32
+        match self.bytes.get(2 * self.pos..2 * self.pos + 2) {
+            Some(b) => u16::from_le_bytes([b[0], b[1]]) as u32,
+            None => 0,
+        }
     }
 
     /// True if the stream was consumed exactly and every state is back at its start.
     pub fn finish(&self, states: [u32; STATES]) -> bool {
-        self.pos == self.words.len() && states.iter().all(|&x| x == RANS_L)
+        2 * self.pos == self.bytes.len() && states.iter().all(|&x| x == RANS_L)
     }
 }
 
@@ -372,7 +384,16 @@ mod tests {
         Model::from_counts(&counts)
     }
 
-    fn decode_all(dt: &DecoderTables, words: &[u16], contexts: &[u8]) -> (Vec<u8>, bool) {
+    fn stream(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u8> {
+        let mut words = Vec::new();
+        let (states, len) = encode(tables, symbols, contexts, &mut words);
+        let mut out = Vec::new();
+        write_stream(states, &words[..len], &mut out);
+        assert_eq!(out.len(), 2 * stream_words(len));
+        out
+    }
+
+    fn decode_all(dt: &DecoderTables, words: &[u8], contexts: &[u8]) -> (Vec<u8>, bool) {
         let (mut r, mut st) = WordReader::new(words);
         let mut unused = 0;
         let out = contexts
@@ -389,7 +410,7 @@ mod tests {
         model.write(&mut ser);
         let model2 = Model::read(&mut ser.as_slice(), n_ctx).expect("model reads back");
         assert_eq!(model, model2);
-        let words = encode(&EncoderTables::new(&model), symbols, contexts);
+        let words = stream(&EncoderTables::new(&model), symbols, contexts);
         let dt = DecoderTables::new(&model2);
         let (out, ok) = decode_all(&dt, &words, contexts);
         assert_eq!(out, symbols);
@@ -450,9 +471,9 @@ mod tests {
         let syms: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 13) as u8).collect();
         let ctx = vec![0u8; syms.len()];
         let model = model_of(&syms, &ctx, 1);
-        let words = encode(&EncoderTables::new(&model), &syms, &ctx);
+        let words = stream(&EncoderTables::new(&model), &syms, &ctx);
         let dt = DecoderTables::new(&model);
-        assert!(!decode_all(&dt, &words[..words.len() - 3], &ctx).1);
+        assert!(!decode_all(&dt, &words[..words.len() - 6], &ctx).1);
     }
 
     #[test]
