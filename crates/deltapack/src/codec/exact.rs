@@ -323,11 +323,18 @@ fn encode_impl<W: Word, const FLOAT: bool>(
 /// Decodes a payload made by [`encode`] into `out`, given the same prediction.
 ///
 /// `out.len()` must equal `pred.len()`; the payload is untrusted and any inconsistency is
-/// an error, never a panic.
+/// an error, never a panic. Uses the AVX2 decoder for 16-bit floats where the CPU has it.
 pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     assert_eq!(pred.len(), out.len(), "prediction and output lengths differ");
     assert_eq!(out.len() % layout.width, 0, "partial element");
-    dispatch!(layout, decode_impl(layout, pred, payload, out))
+    dispatch!(layout, decode_impl(layout, pred, payload, out, true))
+}
+
+/// [`decode`] without CPU-specific code paths: the reference the vector decoder is held to.
+pub fn decode_portable(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    assert_eq!(pred.len(), out.len(), "prediction and output lengths differ");
+    assert_eq!(out.len() % layout.width, 0, "partial element");
+    dispatch!(layout, decode_impl(layout, pred, payload, out, false))
 }
 
 fn decode_impl<W: Word, const FLOAT: bool>(
@@ -335,6 +342,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     pred: &[u8],
     payload: &[u8],
     out: &mut [u8],
+    allow_simd: bool,
 ) -> Result<(), DecodeError> {
     let w = layout.width;
     let mut input = payload;
@@ -355,76 +363,66 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         .filter(|&b| b <= input.len() as u64)
         .ok_or(DecodeError("word stream past end of payload"))? as usize;
     let words = &input[..word_bytes];
+    let expand = TokenTable::new();
+    #[cfg(target_arch = "x86_64")]
+    if allow_simd && FLOAT && W::BITS == 16 && super::simd::available() {
+        let f = layout.float.expect("float layout");
+        let parts = super::simd::Parts {
+            lo,
+            hi,
+            mantissa_bits: f.mantissa_bits,
+            exp_mask: f.exponent_mask,
+            model: &model,
+            words,
+            bits: &input[word_bytes..],
+            expand: &expand.0,
+        };
+        return super::simd::decode16(&parts, pred, out);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = allow_simd;
     let mut bits = BitReader::new(&input[word_bytes..]);
     let tables = DecoderTables::new(&model);
     // Contexts without a table decode garbage: they are flagged without a branch, and fail at the end.
-    let expand = TokenTable::new();
     let mut bad = 0u8;
-    let (mut reader, st) = rans::WordReader::new(words);
-    let [mut s0, mut s1, mut s2, mut s3] = st;
-    // One element: its context from the prediction, a token from the rANS state, raw bits,
-    // and the value. Written as a macro so that the four states stay in registers.
-    macro_rules! element {
-        ($state:ident, $p:expr, $o:expr) => {{
-            let p = W::load($p);
-            let c = cmap.of(p) as usize;
-            let (base, nbits) = expand.get(tables.step(c, &mut $state, &mut reader, &mut bad));
-            // Values of up to 16 bits carry at most 13 raw bits: one refill per group of four
-            // suffices. Wider values refill per element, or (64-bit) as needed.
-            let raw = match W::BITS {
-                8 | 16 => bits.take(nbits),
-                32 => {
-                    bits.refill();
-                    bits.take(nbits)
-                }
-                _ => bits.get(nbits),
-            };
-            let z = base | raw;
-            let v = to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(z, W::BITS)) & mask(W::BITS);
-            W::store(from_ordered(v, W::BITS, FLOAT), $o);
-        }};
-    }
-    let group = rans::INTERLEAVE * w;
-    let mut pg = pred.chunks_exact(group);
-    let mut og = out.chunks_exact_mut(group);
-    for (p, o) in (&mut pg).zip(&mut og) {
-        let (p0, p1, p2, p3) = (&p[..w], &p[w..2 * w], &p[2 * w..3 * w], &p[3 * w..]);
-        let (o0, rest) = o.split_at_mut(w);
-        let (o1, rest) = rest.split_at_mut(w);
-        let (o2, o3) = rest.split_at_mut(w);
-        if W::BITS <= 16 {
+    let (mut reader, mut st) = rans::WordReader::new(words);
+    let elems = pred.chunks_exact(w).zip(out.chunks_exact_mut(w));
+    for (i, (p, o)) in elems.enumerate() {
+        // Values of up to 16 bits carry at most 13 raw bits: one refill per four elements
+        // suffices. Wider values refill per element, or (64-bit) as needed.
+        if W::BITS <= 16 && i % 4 == 0 {
             bits.refill();
         }
-        element!(s0, p0, o0);
-        element!(s1, p1, o1);
-        element!(s2, p2, o2);
-        element!(s3, p3, o3);
+        let p = W::load(p);
+        let c = cmap.of(p) as usize;
+        let (base, nbits) = expand.get(tables.step(c, &mut st[i % rans::INTERLEAVE], &mut reader, &mut bad));
+        let raw = match W::BITS {
+            8 | 16 => bits.take(nbits),
+            32 => {
+                bits.refill();
+                bits.take(nbits)
+            }
+            _ => bits.get(nbits),
+        };
+        let v = to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(base | raw, W::BITS)) & mask(W::BITS);
+        W::store(from_ordered(v, W::BITS, FLOAT), o);
     }
-    let tail = pg
-        .remainder()
-        .chunks_exact(w)
-        .zip(og.into_remainder().chunks_exact_mut(w));
-    for (k, (p, o)) in tail.enumerate() {
-        if W::BITS <= 16 {
-            bits.refill();
-        }
-        match k {
-            0 => element!(s0, p, o),
-            1 => element!(s1, p, o),
-            _ => element!(s2, p, o),
-        }
-    }
-    if bad != 0 {
+    verdict(bad != 0, reader.finish(st) && bits.finish())
+}
+
+/// The end-of-chunk checks, shared by the scalar and vector decoders.
+pub(super) fn verdict(bad_context: bool, consumed_exactly: bool) -> Result<(), DecodeError> {
+    if bad_context {
         return Err(DecodeError("element in a context with no table"));
     }
-    if !reader.finish([s0, s1, s2, s3]) || !bits.finish() {
+    if !consumed_exactly {
         return Err(DecodeError("payload length does not match its content"));
     }
     Ok(())
 }
 
 /// Token -> (value without its raw bits, number of raw bits), for all 256 tokens.
-struct TokenTable([(u64, u32); 256]);
+pub(super) struct TokenTable(pub(super) [(u64, u32); 256]);
 
 impl TokenTable {
     fn new() -> Self {
@@ -528,6 +526,41 @@ mod tests {
             for (dt, d) in [(Dtype::BF16, &d16), (Dtype::F16, &d16), (Dtype::F32, &d32), (Dtype::F64, &d64), (Dtype::F8_E5M2, &d8)] {
                 let pred: Vec<u8> = d.iter().map(|b| b.wrapping_add(1)).collect();
                 round_trip(dt, &pred, d);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn vector_and_portable_decoders_agree(seed in any::<u64>(), n in 0usize..3000, damage in 0usize..40, f16 in any::<bool>()) {
+            let dt = if f16 { Dtype::F16 } else { Dtype::BF16 };
+            let l = layout(dt);
+            let mut rng = seed | 1;
+            let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+            let mut pred = Vec::new();
+            let mut target = Vec::new();
+            for _ in 0..n {
+                let b = half::bf16::from_f32((next() % 2001) as f32 / 1000.0 - 1.0).to_bits() >> (next() % 3);
+                let t = b.wrapping_add([0u16, 0, 1, 0xFFFF, 7, 300][(next() % 6) as usize]);
+                pred.extend_from_slice(&b.to_le_bytes());
+                target.extend_from_slice(&t.to_le_bytes());
+            }
+            let mut payload = encode(l, &pred, &target, &mut Scratch::default());
+            // Damage some payloads: both decoders must still agree (on the error, too).
+            if damage < 20 && !payload.is_empty() {
+                let i = (next() as usize) % payload.len();
+                payload[i] ^= 1 << (next() % 8);
+            }
+            let (mut a, mut b) = (vec![0u8; pred.len()], vec![0u8; pred.len()]);
+            let ra = decode(l, &pred, &payload, &mut a);
+            let rb = decode_portable(l, &pred, &payload, &mut b);
+            prop_assert_eq!(&ra, &rb);
+            if ra.is_ok() {
+                prop_assert_eq!(&a, &b);
+            }
+            if damage >= 20 {
+                prop_assert!(ra.is_ok());
+                prop_assert_eq!(&a, &target);
             }
         }
     }

@@ -3,3 +3,4 @@
 mod bits;
 pub mod exact;
 pub mod rans;
+mod simd;

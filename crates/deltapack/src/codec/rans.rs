@@ -15,7 +15,9 @@ pub const SCALE_BITS: u32 = 12;
 const SCALE: u32 = 1 << SCALE_BITS;
 /// Lower bound of the normalised state interval.
 const RANS_L: u32 = 1 << 16;
-const STATES: usize = 4;
+/// Interleaved states: enough independent chains to hide the latency of table lookups,
+/// and four lanes of four for the vector decoder.
+const STATES: usize = 16;
 
 /// Frequencies of every context, each summing to [`SCALE`] (or empty for an unused context).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,7 +191,7 @@ impl EncoderTables {
 
 /// Encodes `symbols[i]` under context `contexts[i]`.
 ///
-/// Returns the four final states; the renormalisation words are left in `words[..len]` in
+/// Returns the final states; the renormalisation words are left in `words[..len]` in
 /// encoding order (the stream stores them reversed, after the states: see [`write_stream`]).
 /// `words` is scratch space, reused across calls so that no chunk pays for a fresh buffer.
 /// Every (context, symbol) pair must have a nonzero frequency in the model the tables came
@@ -202,28 +204,16 @@ pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8], words: &m
         words.resize(n + 1, 0);
     }
     let mut len = 0usize;
-    let (mut s0, mut s1, mut s2, mut s3) = (RANS_L, RANS_L, RANS_L, RANS_L);
-    let sym = |i: usize| &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
-    // Symbols are coded last to first; symbol i uses state i % 4.
-    let full = n - n % STATES;
-    for i in (full..n).rev() {
-        match i % STATES {
-            0 => sym(i).put(&mut s0, words, &mut len),
-            1 => sym(i).put(&mut s1, words, &mut len),
-            _ => sym(i).put(&mut s2, words, &mut len),
-        }
+    let mut st = [RANS_L; STATES];
+    // Symbols are coded last to first; symbol i uses state i % STATES.
+    for i in (0..n).rev() {
+        let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
+        e.put(&mut st[i % STATES], words, &mut len);
     }
-    for g in (0..full / STATES).rev() {
-        let i = g * STATES;
-        sym(i + 3).put(&mut s3, words, &mut len);
-        sym(i + 2).put(&mut s2, words, &mut len);
-        sym(i + 1).put(&mut s1, words, &mut len);
-        sym(i).put(&mut s0, words, &mut len);
-    }
-    ([s0, s1, s2, s3], len)
+    (st, len)
 }
 
-/// Appends the word stream in decoding order, as little-endian bytes: the four states as
+/// Appends the word stream in decoding order, as little-endian bytes: the states as
 /// low/high word pairs, then the renormalisation words last-written first.
 pub fn write_stream(states: [u32; STATES], words: &[u16], out: &mut Vec<u8>) {
     for x in states {
@@ -315,7 +305,7 @@ pub struct WordReader<'a> {
 }
 
 impl<'a> WordReader<'a> {
-    /// Starts reading `bytes` (an even number of them); returns the reader and the four initial states.
+    /// Starts reading `bytes` (an even number of them); returns the reader and the initial states.
     pub fn new(bytes: &'a [u8]) -> (Self, [u32; STATES]) {
         let mut r = WordReader { bytes, pos: 0 };
         let mut st = [0u32; STATES];

@@ -1,0 +1,252 @@
+//! An AVX2 decoder for 16-bit float chunks (BF16, F16): the sixteen interleaved rANS states
+//! of the exact codec run as four independent vectors of four lanes.
+//!
+//! It reads the same format as the scalar decoder in `exact` and must give the same output
+//! and the same verdict on every payload, hostile ones included; a property test holds both
+//! to that. Per group of four elements, the contexts, the table lookups (one gather), the
+//! state updates, the renormalisation (a shuffle routes the next words to the lanes that
+//! need them) and the reconstruction are vector operations; only the token expansion and
+//! the raw bits stay scalar.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::bits::BitReader;
+use super::exact::{verdict, DecodeError};
+use super::rans::{Model, INTERLEAVE as STATES, SCALE_BITS};
+
+const SCALE: usize = 1 << SCALE_BITS;
+const RANS_L: u32 = 1 << 16;
+
+/// True if this CPU can run [`decode16`].
+pub fn available() -> bool {
+    std::is_x86_feature_detected!("avx2")
+}
+
+/// One `u32` per context and slot: `symbol | (freq - 1) << 8 | bias << 20`, where `bias`
+/// is the slot's offset from its symbol's start. Unused contexts are all zero and flagged.
+struct PackedTables {
+    slots: Vec<u32>,
+    unused: u64,
+}
+
+impl PackedTables {
+    fn new(model: &Model) -> Self {
+        let mut slots = vec![0u32; model.freqs.len() * SCALE];
+        let mut unused = 0u64;
+        for (c, f) in model.freqs.iter().enumerate() {
+            if f.is_empty() {
+                unused |= 1 << c;
+            }
+            let mut start = 0usize;
+            for (s, &x) in f.iter().enumerate() {
+                let x = x as usize;
+                for (k, e) in slots[c * SCALE + start..c * SCALE + start + x].iter_mut().enumerate() {
+                    *e = s as u32 | ((x as u32 - 1) << 8) | ((k as u32) << 20);
+                }
+                start += x;
+            }
+        }
+        PackedTables { slots, unused }
+    }
+}
+
+/// Where the parsed parts of a chunk payload are.
+pub struct Parts<'a> {
+    /// First exponent with its own context.
+    pub lo: u16,
+    /// Last exponent with its own context (`hi - lo < 64`).
+    pub hi: u16,
+    /// Mantissa bits of the dtype (the exponent is `(bits >> mantissa) & exp_mask`).
+    pub mantissa_bits: u32,
+    /// Exponent mask of the dtype.
+    pub exp_mask: u32,
+    /// The validated model (one context per exponent in `lo..=hi`).
+    pub model: &'a Model,
+    /// The rANS word stream, little-endian 16-bit words.
+    pub words: &'a [u8],
+    /// The raw bits.
+    pub bits: &'a [u8],
+    /// Token -> (value without its raw bits, raw bit count).
+    pub expand: &'a [(u64, u32); 256],
+}
+
+/// Decodes a chunk of 16-bit floats, with the scalar decoder's verdict on every payload.
+/// `pred` and `out` have the same even length.
+pub fn decode16(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    assert!(available(), "decode16 needs AVX2");
+    assert_eq!(pred.len(), out.len());
+    assert!(parts.hi >= parts.lo && ((parts.hi - parts.lo) as usize) < 64);
+    assert_eq!(STATES, 16, "the vector decoder runs four quads of four states");
+    assert_eq!(parts.model.freqs.len(), (parts.hi - parts.lo) as usize + 1);
+    // SAFETY: AVX2 is available (checked above), and `decode16_avx2` only reads and writes
+    // within the slices it is given (see the comments at each raw access).
+    unsafe { decode16_avx2(parts, pred, out) }
+}
+
+/// Shuffle controls for the renormalisation: for each mask of lanes that need a word, lane
+/// `j` receives the `k`-th next word (bytes `2k, 2k + 1`, zero-extended) where `k` counts
+/// the needing lanes before `j`; other lanes receive zero.
+const fn renorm_shuffles() -> [[u8; 16]; 16] {
+    let mut t = [[0x80u8; 16]; 16];
+    let mut m = 0;
+    while m < 16 {
+        let mut k = 0u8;
+        let mut j = 0;
+        while j < 4 {
+            if m & (1 << j) != 0 {
+                t[m][4 * j] = 2 * k;
+                t[m][4 * j + 1] = 2 * k + 1;
+                k += 1;
+            }
+            j += 1;
+        }
+        m += 1;
+    }
+    t
+}
+
+const SHUFFLES: [[u8; 16]; 16] = renorm_shuffles();
+
+#[target_feature(enable = "avx2")]
+unsafe fn decode16_avx2(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    let tables = PackedTables::new(parts.model);
+    let words = parts.words;
+    let mut bits = BitReader::new(parts.bits);
+    let n = pred.len() / 2;
+    let word_at = |p: usize| {
+        words
+            .get(2 * p..2 * p + 2)
+            .map_or(0u32, |b| u16::from_le_bytes([b[0], b[1]]) as u32)
+    };
+    // The initial states, as the scalar WordReader reads them.
+    let mut pos = 0usize; // words consumed
+    let mut st = [0u32; STATES];
+    for s in st.iter_mut() {
+        *s = word_at(pos) | (word_at(pos + 1) << 16);
+        pos += 2;
+    }
+    // Four independent chains of four lanes: state 4q + j is lane j of quad q.
+    let mut x0 = _mm_loadu_si128(st[0..].as_ptr() as *const __m128i);
+    let mut x1 = _mm_loadu_si128(st[4..].as_ptr() as *const __m128i);
+    let mut x2 = _mm_loadu_si128(st[8..].as_ptr() as *const __m128i);
+    let mut x3 = _mm_loadu_si128(st[12..].as_ptr() as *const __m128i);
+    let lo = _mm_set1_epi32(parts.lo as i32);
+    let hi = _mm_set1_epi32(parts.hi as i32);
+    let emask = _mm_set1_epi32(parts.exp_mask as i32);
+    let shift = _mm_cvtsi32_si128(parts.mantissa_bits as i32);
+    let slot_mask = _mm_set1_epi32(SCALE as i32 - 1);
+    let ffff = _mm_set1_epi32(0xFFFF);
+    let sign16 = _mm_set1_epi32(0x8000);
+    let low15 = _mm_set1_epi32(0x7FFF);
+    let mut bad = 0u64;
+    let groups = n / STATES;
+    // One quad: four lanes, four states, four elements. A macro rather than a loop keeps
+    // the four quads' states in registers, so their chains overlap.
+    macro_rules! quad {
+        ($x:ident, $q:expr, $g:ident) => {{
+            let at = 8 * (STATES / 4 * $g + $q);
+            // SAFETY: g < n / 16 and q < 4, so bytes at..at + 8 lie inside `pred` (length 2n).
+            let p16 = _mm_loadl_epi64(pred.as_ptr().add(at) as *const __m128i);
+            let p = _mm_cvtepu16_epi32(p16);
+            let e = _mm_and_si128(_mm_srl_epi32(p, shift), emask);
+            let ctx = _mm_sub_epi32(_mm_min_epu32(_mm_max_epu32(e, lo), hi), lo);
+            let slot = _mm_and_si128($x, slot_mask);
+            let idx = _mm_or_si128(_mm_slli_epi32(ctx, SCALE_BITS as i32), slot);
+            // SAFETY: ctx <= hi - lo < number of contexts and slot < SCALE, so every index is
+            // below tables.slots.len() = contexts * SCALE.
+            let entry = _mm_i32gather_epi32(tables.slots.as_ptr() as *const i32, idx, 4);
+            let freq = _mm_add_epi32(
+                _mm_and_si128(_mm_srli_epi32(entry, 8), _mm_set1_epi32(0xFFF)),
+                _mm_set1_epi32(1),
+            );
+            let bias = _mm_srli_epi32(entry, 20);
+            $x = _mm_add_epi32(_mm_mullo_epi32(freq, _mm_srli_epi32($x, SCALE_BITS as i32)), bias);
+            // Renormalise the lanes whose state fell below 2^16 with the next words, in lane order.
+            let need = _mm_cmpeq_epi32(_mm_srli_epi32($x, 16), _mm_setzero_si128());
+            let m = _mm_movemask_ps(_mm_castsi128_ps(need)) as usize;
+            let mut next = [0u8; 8];
+            match words.get(2 * pos..2 * pos + 8) {
+                Some(b) => next.copy_from_slice(b),
+                None => {
+                    for (k, v) in next.chunks_exact_mut(2).enumerate() {
+                        v.copy_from_slice(&(word_at(pos + k) as u16).to_le_bytes());
+                    }
+                }
+            }
+            // SAFETY: `next` holds 8 bytes; m < 16 indexes SHUFFLES, whose rows are 16 bytes.
+            let w = _mm_shuffle_epi8(
+                _mm_loadl_epi64(next.as_ptr() as *const __m128i),
+                _mm_loadu_si128(SHUFFLES[m].as_ptr() as *const __m128i),
+            );
+            $x = _mm_blendv_epi8($x, _mm_or_si128(_mm_slli_epi32($x, 16), w), need);
+            pos += m.count_ones() as usize;
+            // Tokens and raw bits, in element order.
+            let mut syms = [0u32; 4];
+            let mut ctxs = [0u32; 4];
+            _mm_storeu_si128(syms.as_mut_ptr() as *mut __m128i, entry);
+            _mm_storeu_si128(ctxs.as_mut_ptr() as *mut __m128i, ctx);
+            bits.refill();
+            let mut z = [0u32; 4];
+            for j in 0..4 {
+                bad |= (tables.unused >> (ctxs[j] & 63)) & 1;
+                let (base, nb) = parts.expand[(syms[j] & 0xFF) as usize];
+                z[j] = (base | bits.take(nb)) as u32;
+            }
+            // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
+            let z = _mm_loadu_si128(z.as_ptr() as *const __m128i);
+            let one = _mm_set1_epi32(1);
+            let d = _mm_xor_si128(
+                _mm_srli_epi32(z, 1),
+                _mm_sub_epi32(_mm_setzero_si128(), _mm_and_si128(z, one)),
+            );
+            let psign = _mm_srai_epi32(_mm_slli_epi32(p, 16), 31);
+            let ord = _mm_xor_si128(p, _mm_or_si128(_mm_and_si128(psign, ffff), sign16));
+            let o = _mm_and_si128(_mm_add_epi32(ord, d), ffff);
+            let osign = _mm_srai_epi32(_mm_slli_epi32(o, 16), 31);
+            let v = _mm_xor_si128(o, _mm_xor_si128(ffff, _mm_and_si128(osign, low15)));
+            // SAFETY: as for the load: bytes at..at + 8 lie inside `out`, as long as `pred`.
+            _mm_storel_epi64(out.as_mut_ptr().add(at) as *mut __m128i, _mm_packus_epi32(v, v));
+        }};
+    }
+    for g in 0..groups {
+        quad!(x0, 0, g);
+        quad!(x1, 1, g);
+        quad!(x2, 2, g);
+        quad!(x3, 3, g);
+    }
+    // The last n % 16 elements one at a time, element i on state i % 16, as in the scalar decoder.
+    for (q, x) in [x0, x1, x2, x3].into_iter().enumerate() {
+        _mm_storeu_si128(st[4 * q..].as_mut_ptr() as *mut __m128i, x);
+    }
+    for i in groups * STATES..n {
+        if i % 4 == 0 {
+            bits.refill();
+        }
+        let k = i % STATES;
+        let p = u16::from_le_bytes([pred[2 * i], pred[2 * i + 1]]) as u32;
+        let e = (p >> parts.mantissa_bits) & parts.exp_mask;
+        let c = e.clamp(parts.lo as u32, parts.hi as u32) - parts.lo as u32;
+        bad |= (tables.unused >> (c & 63)) & 1;
+        let entry = tables.slots[c as usize * SCALE + (st[k] as usize & (SCALE - 1))];
+        st[k] = (((entry >> 8) & 0xFFF) + 1)
+            .wrapping_mul(st[k] >> SCALE_BITS)
+            .wrapping_add(entry >> 20);
+        if st[k] < RANS_L {
+            st[k] = (st[k] << 16) | word_at(pos);
+            pos += 1;
+        }
+        let (base, nb) = parts.expand[(entry & 0xFF) as usize];
+        let z = (base | bits.take(nb)) as u32;
+        let d = (z >> 1) ^ (z & 1).wrapping_neg();
+        let ord = if p & 0x8000 != 0 { !p & 0xFFFF } else { p | 0x8000 };
+        let o = ord.wrapping_add(d) & 0xFFFF;
+        let v = if o & 0x8000 != 0 { o & 0x7FFF } else { !o & 0xFFFF };
+        out[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_le_bytes());
+    }
+    verdict(
+        bad != 0,
+        2 * pos == words.len() && st.iter().all(|&s| s == RANS_L) && bits.finish(),
+    )
+}
