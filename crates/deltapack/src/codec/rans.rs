@@ -1,14 +1,14 @@
-//! Static, context-switched rANS over byte-sized symbols, four interleaved states.
+//! Static, context-switched rANS over byte-sized symbols, sixteen interleaved states.
 //!
 //! Written by hand because no maintained crate exposes an encoder with per-symbol context
-//! tables and a serialisable model (see CRATES.md: constriction has no table serialisation,
-//! zstd's FSE/huff0 are not exposed). The construction is ryg's `rans_word`: 32-bit states,
-//! 16-bit renormalisation, 12-bit probabilities. Four states break the dependency chain so
-//! the decoder runs at several symbols per cycle-latency.
+//! tables and a serialisable model (constriction has no table serialisation, zstd's FSE and
+//! huff0 are not exposed). The construction is ryg's `rans_word`: 32-bit states, 16-bit
+//! renormalisation, 12-bit probabilities. Sixteen independent states hide the latency of
+//! each symbol's table lookups; the AVX2 decoder (`simd`) runs them as four vectors.
 //!
 //! The decoder treats its input as hostile: tables are validated when read, reads past the
-//! end of the word stream yield zeros and are reported by [`Decoder::finish`], and no index
-//! can go out of bounds.
+//! end of the word stream yield zeros and are reported by [`WordReader::finish`], and no
+//! index can go out of bounds.
 
 /// Probability resolution: frequencies of one context sum to `1 << SCALE_BITS`.
 pub const SCALE_BITS: u32 = 12;
