@@ -2,7 +2,7 @@
 //!
 //! The modules follow the data: [`checkpoint`] reads (and writes) Hugging Face safetensors
 //! checkpoints, [`pair`] matches fine-tune tensors with their base counterparts, [`codec`]
-//! codes chunks of tensors, [`container`] is the delta file, [`make`] and [`apply`] drive the
+//! codes chunks of tensors, [`container`] is the delta file, [`make`](mod@make) and [`apply`](mod@apply) drive the
 //! whole pipeline in bounded memory.
 
 #![warn(missing_docs)]

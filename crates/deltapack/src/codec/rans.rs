@@ -19,7 +19,7 @@ const RANS_L: u32 = 1 << 16;
 /// and four lanes of four for the vector decoder.
 const STATES: usize = 16;
 
-/// Frequencies of every context, each summing to [`SCALE`] (or empty for an unused context).
+/// Frequencies of every context, each summing to `1 << SCALE_BITS` (or empty for an unused context).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
     /// `freqs[ctx][symbol]`; a context with no symbols has an empty vector.
@@ -71,7 +71,7 @@ impl Model {
     }
 }
 
-/// Scales a histogram to frequencies summing to [`SCALE`], every present symbol at least 1.
+/// Scales a histogram to frequencies summing to `1 << SCALE_BITS`, every present symbol at least 1.
 ///
 /// Deterministic (integer arithmetic only), so encoder output never depends on the machine.
 fn normalize(counts: &[u32; 256]) -> Vec<u16> {
