@@ -231,7 +231,14 @@ macro_rules! dispatch {
 pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
     assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
     assert_eq!(target.len() % layout.width, 0, "partial element");
-    dispatch!(layout, encode_impl(layout, pred, target, scratch))
+    dispatch!(layout, encode_impl(layout, pred, target, scratch, true))
+}
+
+/// [`encode`] without CPU-specific code paths; its output is identical.
+pub fn encode_portable(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
+    assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
+    assert_eq!(target.len() % layout.width, 0, "partial element");
+    dispatch!(layout, encode_impl(layout, pred, target, scratch, false))
 }
 
 fn encode_impl<W: Word, const FLOAT: bool>(
@@ -239,6 +246,7 @@ fn encode_impl<W: Word, const FLOAT: bool>(
     pred: &[u8],
     target: &[u8],
     scratch: &mut Scratch,
+    allow_simd: bool,
 ) -> Vec<u8> {
     let w = layout.width;
     let n = target.len() / w;
@@ -252,6 +260,47 @@ fn encode_impl<W: Word, const FLOAT: bool>(
     scratch.symbols.resize(n, 0);
     scratch.contexts.resize(n, 0);
     let mut bits = BitWriter::with_buffer(std::mem::take(&mut scratch.bits), n * 3 / 2);
+    let (syms, ctxs) = (&mut scratch.symbols[..], &mut scratch.contexts[..]);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if allow_simd && FLOAT && W::BITS == 16 && super::simd::available() {
+        // Tokens, contexts and raw bits eight at a time, in blocks that stay in L1; the
+        // histogram and the bit packing stay scalar.
+        const BLOCK: usize = 256;
+        let f = layout.float.expect("float layout");
+        let params = super::simd::TokenParams {
+            lo,
+            hi,
+            mantissa_bits: f.mantissa_bits,
+            exp_mask: f.exponent_mask,
+        };
+        let (mut raw, mut nb) = ([0u16; BLOCK], [0u8; BLOCK]);
+        done = n / BLOCK * BLOCK;
+        for b in (0..done).step_by(BLOCK) {
+            let (s, c) = (&mut syms[b..b + BLOCK], &mut ctxs[b..b + BLOCK]);
+            super::simd::tokens16(
+                &params,
+                &pred[2 * b..2 * (b + BLOCK)],
+                &target[2 * b..2 * (b + BLOCK)],
+                s,
+                c,
+                &mut raw,
+                &mut nb,
+            );
+            for g in 0..BLOCK / 4 {
+                let (mut acc, mut nbits) = (0u64, 0u32);
+                for j in 0..4 {
+                    let i = 4 * g + j;
+                    sub[(j * nctx + c[i] as usize) * stride + s[i] as usize] += 1;
+                    acc |= (raw[i] as u64) << nbits;
+                    nbits += nb[i] as u32;
+                }
+                bits.put(acc, nbits);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = allow_simd;
     // One element: token, context and raw bits; `lane` picks the sub-histogram.
     let mut element = |lane: usize, p: &[u8], t: &[u8], sym: &mut u8, ctx: &mut u8| -> (u64, u32) {
         let p = W::load(p);
@@ -263,13 +312,14 @@ fn encode_impl<W: Word, const FLOAT: bool>(
         *ctx = c;
         (raw, nb)
     };
-    let (syms, ctxs) = (&mut scratch.symbols[..], &mut scratch.contexts[..]);
-    let mut done = 0;
     if W::BITS <= 16 {
         // Values of up to 16 bits carry at most 13 raw bits: four fit one 56-bit put, which
         // shortens the writer's loop-carried chain (the decoder refills once per four too).
-        let groups = pred.chunks_exact(4 * w).zip(target.chunks_exact(4 * w));
-        for (g, (p4, t4)) in groups.enumerate() {
+        let groups = pred[done * w..]
+            .chunks_exact(4 * w)
+            .zip(target[done * w..].chunks_exact(4 * w));
+        for (k, (p4, t4)) in groups.enumerate() {
+            let g = done / 4 + k;
             let (s4, c4) = (&mut syms[4 * g..4 * g + 4], &mut ctxs[4 * g..4 * g + 4]);
             let (mut acc, mut nbits) = (0u64, 0u32);
             for j in 0..4 {
@@ -546,6 +596,7 @@ mod tests {
                 target.extend_from_slice(&t.to_le_bytes());
             }
             let mut payload = encode(l, &pred, &target, &mut Scratch::default());
+            prop_assert_eq!(&payload, &encode_portable(l, &pred, &target, &mut Scratch::default()));
             // Damage some payloads: both decoders must still agree (on the error, too).
             if damage < 20 && !payload.is_empty() {
                 let i = (next() as usize) % payload.len();

@@ -250,3 +250,98 @@ unsafe fn decode16_avx2(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<()
         2 * pos == words.len() && st.iter().all(|&s| s == RANS_L) && bits.finish(),
     )
 }
+
+/// What [`tokens16`] needs to know about a chunk.
+pub struct TokenParams {
+    /// First exponent with its own context.
+    pub lo: u16,
+    /// Last exponent with its own context.
+    pub hi: u16,
+    /// Mantissa bits of the dtype.
+    pub mantissa_bits: u32,
+    /// Exponent mask of the dtype.
+    pub exp_mask: u32,
+}
+
+/// The encoder's per-element work for 16-bit floats, eight at a time: for each element, its
+/// token, context, raw bits and raw bit count, exactly as `exact::tokenize` and the context
+/// map give them. `pred` and `target` hold `8k` elements; every output holds at least `8k`.
+pub fn tokens16(
+    params: &TokenParams,
+    pred: &[u8],
+    target: &[u8],
+    tok: &mut [u8],
+    ctx: &mut [u8],
+    raw: &mut [u16],
+    nbits: &mut [u8],
+) {
+    assert!(available(), "tokens16 needs AVX2");
+    let n = pred.len() / 2;
+    assert!(pred.len() == target.len() && pred.len() % 16 == 0);
+    assert!(tok.len() >= n && ctx.len() >= n && raw.len() >= n && nbits.len() >= n);
+    // SAFETY: AVX2 is available (checked above) and the lengths were checked: every raw
+    // access below stays inside the slices.
+    unsafe { tokens16_avx2(params, pred, target, tok, ctx, raw, nbits) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn tokens16_avx2(
+    params: &TokenParams,
+    pred: &[u8],
+    target: &[u8],
+    tok: &mut [u8],
+    ctx: &mut [u8],
+    raw: &mut [u16],
+    nbits: &mut [u8],
+) {
+    let lo = _mm256_set1_epi32(params.lo as i32);
+    let hi = _mm256_set1_epi32(params.hi as i32);
+    let emask = _mm256_set1_epi32(params.exp_mask as i32);
+    let shift = _mm_cvtsi32_si128(params.mantissa_bits as i32);
+    let ffff = _mm256_set1_epi32(0xFFFF);
+    let sign16 = _mm256_set1_epi32(0x8000);
+    let one = _mm256_set1_epi32(1);
+    let sixteen = _mm256_set1_epi32(16);
+    let ordered = |x: __m256i| {
+        let sign = _mm256_srai_epi32(_mm256_slli_epi32(x, 16), 31);
+        _mm256_xor_si256(x, _mm256_or_si256(_mm256_and_si256(sign, ffff), sign16))
+    };
+    for g in 0..pred.len() / 16 {
+        // SAFETY: g < len / 16, so bytes 16g..16g + 16 lie inside `pred` and `target`.
+        let p = _mm256_cvtepu16_epi32(_mm_loadu_si128(pred.as_ptr().add(16 * g) as *const __m128i));
+        let t = _mm256_cvtepu16_epi32(_mm_loadu_si128(target.as_ptr().add(16 * g) as *const __m128i));
+        let d = _mm256_and_si256(_mm256_sub_epi32(ordered(t), ordered(p)), ffff);
+        let s = _mm256_srai_epi32(_mm256_slli_epi32(d, 16), 16);
+        let z = _mm256_and_si256(
+            _mm256_xor_si256(_mm256_slli_epi32(s, 1), _mm256_srai_epi32(s, 31)),
+            ffff,
+        );
+        // floor(log2(z | 16)) from the exponent of its (exact) f32 conversion.
+        let f = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_or_si256(z, sixteen)));
+        let n = _mm256_sub_epi32(_mm256_srli_epi32(f, 23), _mm256_set1_epi32(127));
+        let nb = _mm256_sub_epi32(n, _mm256_set1_epi32(2));
+        let m = _mm256_and_si256(_mm256_srlv_epi32(z, nb), _mm256_set1_epi32(3));
+        let small = _mm256_cmpgt_epi32(sixteen, z);
+        let token = _mm256_blendv_epi8(_mm256_add_epi32(_mm256_slli_epi32(n, 2), m), z, small);
+        let nb = _mm256_andnot_si256(small, nb);
+        let r = _mm256_and_si256(z, _mm256_sub_epi32(_mm256_sllv_epi32(one, nb), one));
+        let e = _mm256_and_si256(_mm256_srl_epi32(p, shift), emask);
+        let c = _mm256_sub_epi32(_mm256_min_epu32(_mm256_max_epu32(e, lo), hi), lo);
+        // Narrow to bytes and 16-bit words: pack within 128-bit halves, then put halves in order.
+        let tn = _mm256_permute4x64_epi64(_mm256_packus_epi32(token, nb), 0b11_01_10_00);
+        let tn8 = _mm256_packus_epi16(tn, tn);
+        let rc = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, c), 0b11_01_10_00);
+        let c8 = _mm256_packus_epi16(rc, rc);
+        // SAFETY: element offsets 8g..8g + 8 lie inside every output (checked by the caller).
+        _mm_storel_epi64(tok.as_mut_ptr().add(8 * g) as *mut __m128i, _mm256_castsi256_si128(tn8));
+        _mm_storel_epi64(
+            nbits.as_mut_ptr().add(8 * g) as *mut __m128i,
+            _mm256_extracti128_si256(tn8, 1),
+        );
+        _mm_storeu_si128(raw.as_mut_ptr().add(8 * g) as *mut __m128i, _mm256_castsi256_si128(rc));
+        _mm_storel_epi64(
+            ctx.as_mut_ptr().add(8 * g) as *mut __m128i,
+            _mm256_extracti128_si256(c8, 1),
+        );
+    }
+}
