@@ -352,11 +352,13 @@ fn encode_impl<W: Word, const FLOAT: bool>(
         counts[(k / stride) % nctx][k % stride] += x;
     }
     let model = Model::from_counts(&counts);
+    let tables = EncoderTables::new(&model);
     let (states, len) = rans::encode(
-        &EncoderTables::new(&model),
+        &tables,
         &scratch.symbols,
         &scratch.contexts,
         &mut scratch.words,
+        allow_simd,
     );
     let raw = bits.finish();
     let mut out = Vec::with_capacity(16 + 2 * rans::stream_words(len) + raw.len() + 4 * 64 * cmap.count());

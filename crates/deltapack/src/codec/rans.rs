@@ -118,14 +118,13 @@ fn normalize(counts: &[u32; 256]) -> Vec<u16> {
 /// `l = ceil(log2(freq))` and `m = ceil(2^(32 + l) / freq)`, `x / freq == (x * m) >> (32 + l)`
 /// for every `x < 2^32`. As `2^32 <= m < 2^33`, it is computed as
 /// `(x + ((x * (m - 2^32)) >> 32)) >> l` in 64-bit arithmetic.
+/// The layout is fixed (`repr(C)`) because the vector encoder gathers its two 32-bit words:
+/// `rcp_low`, then `freq | start << 13 | shift << 25` (`cmpl_freq = SCALE - freq` is derived).
 #[derive(Clone, Copy, Default)]
-#[repr(align(16))]
-struct EncSymbol {
+#[repr(C, align(8))]
+pub(super) struct EncSymbol {
     rcp_low: u32,
-    freq: u16,
-    start: u16,
-    cmpl_freq: u16,
-    shift: u8,
+    packed: u32,
 }
 
 impl EncSymbol {
@@ -135,40 +134,52 @@ impl EncSymbol {
         let m = (1u64 << (32 + l)).div_ceil(freq as u64);
         EncSymbol {
             rcp_low: (m - (1 << 32)) as u32,
-            freq: freq as u16,
-            start: start as u16,
-            cmpl_freq: (SCALE - freq) as u16,
-            shift: l as u8,
+            packed: freq | start << 13 | l << 25,
         }
+    }
+
+    #[inline(always)]
+    fn freq(&self) -> u32 {
+        self.packed & 0x1FFF
+    }
+
+    #[inline(always)]
+    fn start(&self) -> u32 {
+        (self.packed >> 13) & 0xFFF
+    }
+
+    #[inline(always)]
+    fn shift(&self) -> u32 {
+        self.packed >> 25
     }
 
     /// `x / freq`, exactly, for any 32-bit `x`.
     #[inline(always)]
     fn quotient(&self, x: u32) -> u32 {
         let x = x as u64;
-        ((x + ((x * self.rcp_low as u64) >> 32)) >> self.shift) as u32
+        ((x + ((x * self.rcp_low as u64) >> 32)) >> self.shift()) as u32
     }
 
     /// Encodes into state `x`, pushing a word into `out` when renormalising (branch-free).
     #[inline(always)]
     fn put(&self, x: &mut u32, out: &mut [u16], len: &mut usize) {
         // x_max = ((L >> scale_bits) << 16) * freq keeps the state below 2^32 after the step.
-        let big = *x as u64 >= (((RANS_L >> SCALE_BITS) as u64) << 16) * self.freq as u64;
+        let big = *x as u64 >= (((RANS_L >> SCALE_BITS) as u64) << 16) * self.freq() as u64;
         out[*len] = *x as u16;
         *len += big as usize;
         let v = if big { *x >> 16 } else { *x };
         // x = (x / freq) * SCALE + x % freq + start, rearranged to use only the quotient.
         *x = v
-            .wrapping_add(self.start as u32)
-            .wrapping_add(self.quotient(v).wrapping_mul(self.cmpl_freq as u32));
+            .wrapping_add(self.start())
+            .wrapping_add(self.quotient(v).wrapping_mul(SCALE - self.freq()));
     }
 }
 
 /// Encoder tables for one model, indexed `[ctx * stride + symbol]`, where `stride` is the
 /// longest alphabet of any context (64 for 16-bit values): small enough to stay in L1.
 pub struct EncoderTables {
-    entries: Vec<EncSymbol>,
-    stride: usize,
+    pub(super) entries: Vec<EncSymbol>,
+    pub(super) stride: usize,
 }
 
 impl EncoderTables {
@@ -196,17 +207,36 @@ impl EncoderTables {
 /// `words` is scratch space, reused across calls so that no chunk pays for a fresh buffer.
 /// Every (context, symbol) pair must have a nonzero frequency in the model the tables came
 /// from; that holds when the model was built from these very symbols.
-pub fn encode(tables: &EncoderTables, symbols: &[u8], contexts: &[u8], words: &mut Vec<u16>) -> ([u32; STATES], usize) {
+pub fn encode(
+    tables: &EncoderTables,
+    symbols: &[u8],
+    contexts: &[u8],
+    words: &mut Vec<u16>,
+    allow_simd: bool,
+) -> ([u32; STATES], usize) {
     assert_eq!(symbols.len(), contexts.len());
     let n = symbols.len();
-    // At most one word per symbol, plus one slot of slack for the branch-free store.
-    if words.len() < n + 1 {
-        words.resize(n + 1, 0);
+    // At most one word per symbol, plus slack for the branch-free (and 8-byte vector) stores.
+    if words.len() < n + 8 {
+        words.resize(n + 8, 0);
     }
     let mut len = 0usize;
     let mut st = [RANS_L; STATES];
-    // Symbols are coded last to first; symbol i uses state i % STATES.
-    for i in (0..n).rev() {
+    // Symbols are coded last to first; symbol i uses state i % STATES. The last n % STATES
+    // symbols go first, then whole groups, with vectors where the CPU has them.
+    let full = n - n % STATES;
+    for i in (full..n).rev() {
+        let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
+        e.put(&mut st[i % STATES], words, &mut len);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if allow_simd && super::simd::available() {
+        super::simd::encode_groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st);
+        return (st, len);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = allow_simd;
+    for i in (0..full).rev() {
         let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
         e.put(&mut st[i % STATES], words, &mut len);
     }
@@ -376,7 +406,10 @@ mod tests {
 
     fn stream(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u8> {
         let mut words = Vec::new();
-        let (states, len) = encode(tables, symbols, contexts, &mut words);
+        let (states, len) = encode(tables, symbols, contexts, &mut words, true);
+        let mut portable = Vec::new();
+        assert_eq!(encode(tables, symbols, contexts, &mut portable, false), (states, len));
+        assert_eq!(portable[..len], words[..len]);
         let mut out = Vec::new();
         write_stream(states, &words[..len], &mut out);
         assert_eq!(out.len(), 2 * stream_words(len));

@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use super::bits::BitReader;
 use super::exact::{verdict, DecodeError};
-use super::rans::{Model, INTERLEAVE as STATES, SCALE_BITS};
+use super::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
 
 const SCALE: usize = 1 << SCALE_BITS;
 const RANS_L: u32 = 1 << 16;
@@ -343,5 +343,120 @@ unsafe fn tokens16_avx2(
             ctx.as_mut_ptr().add(8 * g) as *mut __m128i,
             _mm256_extracti128_si256(c8, 1),
         );
+    }
+}
+
+/// Shuffle controls for the encoder's renormalisation: for each mask of lanes that emit a
+/// word, the low 16 bits of those lanes packed in descending lane order (the order the
+/// scalar encoder, which walks symbols backwards, emits them).
+const fn emit_shuffles() -> [[u8; 16]; 16] {
+    let mut t = [[0x80u8; 16]; 16];
+    let mut m = 0;
+    while m < 16 {
+        let mut k = 0;
+        let mut j = 4;
+        while j > 0 {
+            j -= 1;
+            if m & (1 << j) != 0 {
+                t[m][2 * k] = 4 * j as u8;
+                t[m][2 * k + 1] = 4 * j as u8 + 1;
+                k += 1;
+            }
+        }
+        m += 1;
+    }
+    t
+}
+
+const EMIT: [[u8; 16]; 16] = emit_shuffles();
+
+/// Encodes whole groups of sixteen symbols (`symbols.len()` is a multiple of 16) into the
+/// sixteen states, as the scalar loop in `rans::encode` would: same states, same words.
+/// `words` must have room for `symbols.len() + 8` words past `len`.
+pub fn encode_groups(
+    tables: &EncoderTables,
+    symbols: &[u8],
+    contexts: &[u8],
+    words: &mut [u16],
+    len: &mut usize,
+    st: &mut [u32; STATES],
+) {
+    assert!(available(), "encode_groups needs AVX2");
+    assert_eq!(STATES, 16, "the vector encoder runs four quads of four states");
+    assert!(symbols.len() == contexts.len() && symbols.len() % STATES == 0);
+    assert!(words.len() >= *len + symbols.len() + 8);
+    assert!(!tables.entries.is_empty());
+    // SAFETY: AVX2 is available; every table index is clamped below entries.len(), and every
+    // word store stays below len + symbols.len() + 8 <= words.len() (checked above).
+    unsafe { encode_groups_avx2(tables, symbols, contexts, words, len, st) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn encode_groups_avx2(
+    tables: &EncoderTables,
+    symbols: &[u8],
+    contexts: &[u8],
+    words: &mut [u16],
+    len: &mut usize,
+    st: &mut [u32; STATES],
+) {
+    let base = tables.entries.as_ptr() as *const i32;
+    let stride = _mm_set1_epi32(tables.stride as i32);
+    // Valid symbols always index inside the tables; the clamp makes that a guarantee for the
+    // gathers whatever the input (a bad one only yields a wrong, never an unsafe, encoding).
+    let last = _mm_set1_epi32(tables.entries.len() as i32 - 1);
+    let hi32 = _mm_set_epi32(-1, 0, -1, 0);
+    let mut x0 = _mm_loadu_si128(st[0..].as_ptr() as *const __m128i);
+    let mut x1 = _mm_loadu_si128(st[4..].as_ptr() as *const __m128i);
+    let mut x2 = _mm_loadu_si128(st[8..].as_ptr() as *const __m128i);
+    let mut x3 = _mm_loadu_si128(st[12..].as_ptr() as *const __m128i);
+    // One quad: states 4q..4q + 4 take symbols 16g + 4q + j. A macro keeps the states in registers.
+    macro_rules! quad {
+        ($x:ident, $q:expr, $g:ident) => {{
+            let at = STATES * $g + 4 * $q;
+            // SAFETY: at + 4 <= symbols.len() == contexts.len().
+            let s = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(
+                (symbols.as_ptr().add(at) as *const i32).read_unaligned(),
+            ));
+            let c = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(
+                (contexts.as_ptr().add(at) as *const i32).read_unaligned(),
+            ));
+            // Index in 32-bit words of the entry's first word (entries are 8 bytes).
+            let entry = _mm_min_epu32(_mm_add_epi32(_mm_mullo_epi32(c, stride), s), last);
+            let idx = _mm_slli_epi32(entry, 1);
+            // SAFETY: entry <= entries.len() - 1, so both gathered words lie inside the tables.
+            let rcp = _mm_i32gather_epi32(base, idx, 4);
+            let packed = _mm_i32gather_epi32(base.add(1), idx, 4);
+            let freq = _mm_and_si128(packed, _mm_set1_epi32(0x1FFF));
+            let start = _mm_and_si128(_mm_srli_epi32(packed, 13), _mm_set1_epi32(0xFFF));
+            let cmpl = _mm_sub_epi32(_mm_set1_epi32(SCALE as i32), freq);
+            let l = _mm_srli_epi32(packed, 25);
+            // Renormalise: x >= freq << 20 (compared as x >> 20 >= freq, which cannot overflow).
+            let big = _mm_cmpgt_epi32(_mm_srli_epi32($x, 20), _mm_sub_epi32(freq, _mm_set1_epi32(1)));
+            let m = _mm_movemask_ps(_mm_castsi128_ps(big)) as usize;
+            let emitted = _mm_shuffle_epi8($x, _mm_loadu_si128(EMIT[m].as_ptr() as *const __m128i));
+            // SAFETY: *len + 4 <= words.len() (checked by the caller); 8 bytes are written.
+            _mm_storel_epi64(words.as_mut_ptr().add(*len) as *mut __m128i, emitted);
+            *len += m.count_ones() as usize;
+            let v = _mm_blendv_epi8($x, _mm_srli_epi32($x, 16), big);
+            // q = v / freq = (v + t) >> l with t = (v * rcp_low) >> 32, computed as
+            // (((v - t) >> 1) + t) >> (l - 1) to stay within 32 bits; q = v when l == 0.
+            let p02 = _mm_mul_epu32(v, rcp);
+            let p13 = _mm_mul_epu32(_mm_srli_epi64(v, 32), _mm_srli_epi64(rcp, 32));
+            let t = _mm_or_si128(_mm_srli_epi64(p02, 32), _mm_and_si128(p13, hi32));
+            let half = _mm_add_epi32(_mm_srli_epi32(_mm_sub_epi32(v, t), 1), t);
+            let lm1 = _mm_max_epi32(_mm_sub_epi32(l, _mm_set1_epi32(1)), _mm_setzero_si128());
+            let q = _mm_blendv_epi8(_mm_srlv_epi32(half, lm1), v, _mm_cmpeq_epi32(l, _mm_setzero_si128()));
+            $x = _mm_add_epi32(_mm_add_epi32(v, start), _mm_mullo_epi32(q, cmpl));
+        }};
+    }
+    for g in (0..symbols.len() / STATES).rev() {
+        quad!(x3, 3, g);
+        quad!(x2, 2, g);
+        quad!(x1, 1, g);
+        quad!(x0, 0, g);
+    }
+    for (q, x) in [x0, x1, x2, x3].into_iter().enumerate() {
+        _mm_storeu_si128(st[4 * q..].as_mut_ptr() as *mut __m128i, x);
     }
 }
