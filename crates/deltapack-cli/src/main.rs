@@ -65,6 +65,10 @@ enum Command {
         /// fsync the output before it is renamed into place.
         #[arg(long)]
         sync: bool,
+        /// Store configs, tokenizers and shard headers whole instead of against the base's
+        /// files, so that applying needs only the base's tensors, in any file layout.
+        #[arg(long)]
+        self_contained: bool,
     },
     /// Rebuild the fine-tune from its base and a delta into a directory.
     Apply {
@@ -176,12 +180,14 @@ fn run(cli: Cli) -> Result<()> {
             chunk_bytes,
             force,
             sync,
+            self_contained,
         } => {
             let opts = deltapack::MakeOptions {
                 base_id,
                 chunk_bytes,
                 force,
                 sync,
+                self_contained,
             };
             let t = std::time::Instant::now();
             let r = deltapack::make(&base, &finetuned, &output, &opts, &bars)

@@ -77,6 +77,7 @@ pub fn verify(base: &Path, delta: &Path, finetuned: Option<&Path>, progress: &dy
         ft: ft.as_ref(),
         seen_files: BTreeSet::new(),
         current: None,
+        aux: None,
     };
     let mut report = rebuild(&delta, &base, &mut sink, progress)?;
     sink.finish(&delta)?;
@@ -155,7 +156,9 @@ impl Assembler<'_> {
 trait Sink: Send {
     fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()>;
     fn data(&mut self, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()>;
-    fn aux(&mut self, a: &AuxEntry, bytes: &[u8]) -> Result<()>;
+    fn begin_aux(&mut self, a: &AuxEntry) -> Result<()>;
+    fn aux_data(&mut self, bytes: &[u8]) -> Result<()>;
+    fn end_aux(&mut self) -> Result<()>;
 }
 
 struct Decoded {
@@ -344,8 +347,9 @@ fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn
     state.finish_files()?;
     progress.finish();
     for a in &delta.index.aux {
-        let bytes = aux_bytes(delta, base, a)?;
-        sink.aux(a, &bytes)?;
+        sink.begin_aux(a)?;
+        stream_aux(delta, base, a, &mut |b| sink.aux_data(b))?;
+        sink.end_aux()?;
     }
     Ok(RebuildReport {
         weight_files: files.len(),
@@ -413,21 +417,57 @@ fn header_bytes(delta: &Delta, base: &Checkpoint, f: &WeightFile) -> Result<Vec<
     Ok(bytes)
 }
 
-fn aux_bytes(delta: &Delta, base: &Checkpoint, a: &AuxEntry) -> Result<Vec<u8>> {
-    let base_file = |p: &str| {
-        let path = base.root.join(p);
+/// Streams an auxiliary file's contents to `out` in pieces, then checks its size and
+/// fingerprint (an error then still discards everything written).
+fn stream_aux(delta: &Delta, base: &Checkpoint, a: &AuxEntry, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let base_path = |p: &str| {
         if !base.root.is_dir() {
-            return Err(wrong_base(
-                delta,
-                base,
-                p,
-                "is needed from the base directory, but the base is a single file".into(),
-            ));
+            let why = "is needed from the base directory, but the base is a single file (or make the delta with --self-contained)";
+            return Err(wrong_base(delta, base, p, why.into()));
         }
+        Ok(base.root.join(p))
+    };
+    let read_base = |p: &str| {
+        let path = base_path(p)?;
         std::fs::read(&path).map_err(|e| wrong_base(delta, base, p, format!("cannot be read from the base: {e}")))
     };
-    let bytes = blob_bytes(delta, base, &a.blob, a.size, base_file)?;
-    if bytes.len() as u64 != a.size || hash::hex(&hash::bytes(&bytes)) != a.hash {
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut emit = |piece: &[u8]| -> Result<()> {
+        hasher.update(piece);
+        size += piece.len() as u64;
+        out(piece)
+    };
+    match &a.blob {
+        Blob::SameAsBase { path } => {
+            let p = base_path(path)?;
+            let f = std::fs::File::open(&p)
+                .map_err(|e| wrong_base(delta, base, path, format!("cannot be read from the base: {e}")))?;
+            copy_pieces(f.take(a.size.saturating_add(1)), &mut emit, |e| {
+                Error::io("reading", &p, e)
+            })?;
+        }
+        Blob::Zstd {
+            offset,
+            len,
+            dict,
+            dict_hash,
+        } => {
+            let dict = load_dict(delta, base, dict, dict_hash, read_base)?;
+            let data = delta.range(*offset, *len);
+            let corrupt = |e: std::io::Error| {
+                Error::corrupt(&delta.path, format!("stored file {} does not decompress: {e}", a.path))
+            };
+            let dec = match &dict {
+                Some(d) => zstd::stream::Decoder::with_dictionary(data, d),
+                None => zstd::stream::Decoder::with_buffer(data),
+            }
+            .map_err(corrupt)?;
+            // At most one byte more than promised: a hostile stream cannot run on forever.
+            copy_pieces(dec.take(a.size.saturating_add(1)), &mut emit, corrupt)?;
+        }
+    }
+    if size != a.size || hash::hex(hasher.finalize().as_bytes()) != a.hash {
         return Err(match a.blob {
             Blob::SameAsBase { .. } => wrong_base(
                 delta,
@@ -438,7 +478,46 @@ fn aux_bytes(delta: &Delta, base: &Checkpoint, a: &AuxEntry) -> Result<Vec<u8>> 
             Blob::Zstd { .. } => Error::corrupt(&delta.path, format!("file {} does not match its fingerprint", a.path)),
         });
     }
-    Ok(bytes)
+    Ok(())
+}
+
+/// Feeds `src` to `emit` in pieces of 1 MiB.
+fn copy_pieces(
+    mut src: impl Read,
+    emit: &mut dyn FnMut(&[u8]) -> Result<()>,
+    err: impl Fn(std::io::Error) -> Error,
+) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src.read(&mut buf).map_err(&err)?;
+        if n == 0 {
+            return Ok(());
+        }
+        emit(&buf[..n])?;
+    }
+}
+
+/// The zstd dictionary a blob was compressed with, checked against its recorded fingerprint.
+fn load_dict(
+    delta: &Delta,
+    base: &Checkpoint,
+    dict: &Option<String>,
+    dict_hash: &Option<String>,
+    from_base: impl Fn(&str) -> Result<Vec<u8>>,
+) -> Result<Option<Vec<u8>>> {
+    let (Some(p), Some(h)) = (dict, dict_hash) else {
+        return Ok(None);
+    };
+    let d = from_base(p)?;
+    if &hash::hex(&hash::bytes(&d)) != h {
+        return Err(wrong_base(
+            delta,
+            base,
+            p,
+            "differs from the file the delta was made with".into(),
+        ));
+    }
+    Ok(Some(d))
 }
 
 fn blob_bytes(
@@ -456,21 +535,7 @@ fn blob_bytes(
             dict,
             dict_hash,
         } => {
-            let dict = match (dict, dict_hash) {
-                (Some(p), Some(h)) => {
-                    let d = from_base(p)?;
-                    if &hash::hex(&hash::bytes(&d)) != h {
-                        return Err(wrong_base(
-                            delta,
-                            base,
-                            p,
-                            "differs from the file the delta was made with".into(),
-                        ));
-                    }
-                    Some(d)
-                }
-                _ => None,
-            };
+            let dict = load_dict(delta, base, dict, dict_hash, &from_base)?;
             let data = delta.range(*offset, *len);
             let corrupt =
                 |e: std::io::Error| Error::corrupt(&delta.path, format!("stored file does not decompress: {e}"));
@@ -539,15 +604,19 @@ impl Sink for DirSink {
         self.write(bytes)
     }
 
-    fn aux(&mut self, a: &AuxEntry, bytes: &[u8]) -> Result<()> {
+    fn begin_aux(&mut self, a: &AuxEntry) -> Result<()> {
         self.close_current()?;
-        let mut f = self.dir.create_file(&a.path)?;
-        let path = self.dir.target().join(&a.path);
-        f.write_all(bytes).map_err(|e| Error::io("writing", &path, e))?;
-        if self.sync {
-            f.sync_all().map_err(|e| Error::io("syncing", &path, e))?;
-        }
+        let file = self.dir.create_file(&a.path)?;
+        self.current = Some((BufWriter::with_capacity(1 << 20, file), a.path.clone(), a.size));
         Ok(())
+    }
+
+    fn aux_data(&mut self, bytes: &[u8]) -> Result<()> {
+        self.write(bytes)
+    }
+
+    fn end_aux(&mut self) -> Result<()> {
+        self.close_current()
     }
 }
 
@@ -556,6 +625,8 @@ struct CompareSink<'a> {
     ft: Option<&'a Checkpoint>,
     seen_files: BTreeSet<String>,
     current: Option<usize>,
+    /// The fine-tune's auxiliary file being compared, and its path.
+    aux: Option<(std::io::BufReader<std::fs::File>, String)>,
 }
 
 impl CompareSink<'_> {
@@ -617,15 +688,40 @@ impl Sink for CompareSink<'_> {
         Ok(())
     }
 
-    fn aux(&mut self, a: &AuxEntry, bytes: &[u8]) -> Result<()> {
+    fn begin_aux(&mut self, a: &AuxEntry) -> Result<()> {
         self.seen_files.insert(a.path.clone());
         let Some(ft) = self.ft else { return Ok(()) };
         let theirs = ft.aux.iter().find(|x| x.rel == a.path);
         let theirs =
             theirs.ok_or_else(|| Self::mismatch(ft, &a.path, None, "is in the delta but not in the fine-tune"))?;
-        let content = std::fs::read(&theirs.path).map_err(|e| Error::io("reading", &theirs.path, e))?;
-        if content != bytes {
-            return Err(Self::mismatch(ft, &a.path, None, "rebuilt file differs"));
+        let f = std::fs::File::open(&theirs.path).map_err(|e| Error::io("reading", &theirs.path, e))?;
+        self.aux = Some((std::io::BufReader::new(f), a.path.clone()));
+        Ok(())
+    }
+
+    fn aux_data(&mut self, bytes: &[u8]) -> Result<()> {
+        let (Some(ft), Some((theirs, path))) = (self.ft, self.aux.as_mut()) else {
+            return Ok(());
+        };
+        let mut buf = vec![0u8; bytes.len()];
+        let same = theirs.read_exact(&mut buf).is_ok() && buf == bytes;
+        if !same {
+            return Err(Self::mismatch(ft, path, None, "rebuilt file differs"));
+        }
+        Ok(())
+    }
+
+    fn end_aux(&mut self) -> Result<()> {
+        let (Some(ft), Some((mut theirs, path))) = (self.ft, self.aux.take()) else {
+            return Ok(());
+        };
+        let mut rest = [0u8; 1];
+        if theirs
+            .read(&mut rest)
+            .map_err(|e| Error::io("reading", ft.root.join(&path), e))?
+            != 0
+        {
+            return Err(Self::mismatch(ft, &path, None, "the fine-tune's file is longer"));
         }
         Ok(())
     }

@@ -31,6 +31,10 @@ pub struct MakeOptions {
     pub force: bool,
     /// fsync the output before renaming it into place.
     pub sync: bool,
+    /// Store shard headers and non-weight files whole (compressed), never as references to
+    /// or deltas against the base's files, so that applying needs only the base's tensors,
+    /// in any file layout. Costs the size of the compressed tokenizer and configs.
+    pub self_contained: bool,
 }
 
 impl Default for MakeOptions {
@@ -40,6 +44,7 @@ impl Default for MakeOptions {
             chunk_bytes: 1 << 21,
             force: false,
             sync: false,
+            self_contained: false,
         }
     }
 }
@@ -107,7 +112,12 @@ pub fn make(
     let mut w = ContainerWriter::create(out, opts.force)?;
     let mut files = Vec::new();
     for shard in &ft_ck.shards {
-        let (header, header_hash) = store_header(&mut w, &base_ck, &shard.rel, shard.header_bytes())?;
+        let (header, header_hash) = store_header(
+            &mut w,
+            (!opts.self_contained).then_some(&base_ck),
+            &shard.rel,
+            shard.header_bytes(),
+        )?;
         files.push(WeightFile {
             path: shard.rel.clone(),
             size: 0,
@@ -127,7 +137,7 @@ pub fn make(
     let aux = ft_ck
         .aux
         .iter()
-        .map(|a| store_aux(&mut w, &base_ck, a))
+        .map(|a| store_aux(&mut w, (!opts.self_contained).then_some(&base_ck), a))
         .collect::<Result<Vec<_>>>()?;
     let index = Index {
         format: "deltapack".into(),
@@ -206,13 +216,15 @@ fn removed(t: &TensorRef) -> RemovedTensor {
 }
 
 /// Stores a shard header: a reference if some base shard has the very same bytes, else
-/// compressed against the base shard of the same name (or the first one).
-fn store_header(w: &mut ContainerWriter, base: &Checkpoint, rel: &str, bytes: &[u8]) -> Result<(Blob, Digest)> {
+/// compressed against the base shard of the same name (or the first one). Without a base
+/// (self-contained deltas), compressed alone.
+fn store_header(w: &mut ContainerWriter, base: Option<&Checkpoint>, rel: &str, bytes: &[u8]) -> Result<(Blob, Digest)> {
     let digest = hash::bytes(bytes);
-    if let Some(s) = base.shards.iter().find(|s| s.header_bytes() == bytes) {
+    let shards = base.map_or(&[][..], |b| &b.shards[..]);
+    if let Some(s) = shards.iter().find(|s| s.header_bytes() == bytes) {
         return Ok((Blob::SameAsBase { path: s.rel.clone() }, digest));
     }
-    let dict = base.shards.iter().find(|s| s.rel == rel).or(base.shards.first());
+    let dict = shards.iter().find(|s| s.rel == rel).or(shards.first());
     let (offset, len) = w.append_zstd(bytes, dict.map(|s| s.header_bytes()))?;
     let blob = Blob::Zstd {
         offset,
@@ -225,9 +237,9 @@ fn store_header(w: &mut ContainerWriter, base: &Checkpoint, rel: &str, bytes: &[
 
 /// Stores an auxiliary file: a reference if the base has an identical one, else compressed
 /// with the base's file of the same name as dictionary (configs and tokenizers of a
-/// fine-tune usually differ from the base's in a few bytes).
-fn store_aux(w: &mut ContainerWriter, base: &Checkpoint, a: &AuxFile) -> Result<AuxEntry> {
-    let base_file = base.aux.iter().find(|b| b.rel == a.rel);
+/// fine-tune usually differ from the base's in a few bytes). Without a base, compressed alone.
+fn store_aux(w: &mut ContainerWriter, base: Option<&Checkpoint>, a: &AuxFile) -> Result<AuxEntry> {
+    let base_file = base.and_then(|b| b.aux.iter().find(|x| x.rel == a.rel));
     let dict = match base_file {
         Some(b) if b.size <= MAX_DICT_BYTES => {
             Some(std::fs::read(&b.path).map_err(|e| Error::io("reading", &b.path, e))?)

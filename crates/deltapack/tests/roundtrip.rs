@@ -236,6 +236,41 @@ fn identical_files_and_tensors_cost_nothing() {
     );
 }
 
+#[test]
+fn self_contained_deltas_need_only_the_base_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = small_pair(dir.path());
+    let base_file = base.join("model.safetensors");
+    let delta = dir.path().join("d.dpk");
+    // Against the base's files: applying with only the base's weights file names what is missing.
+    make(&base, &ft, &delta, &opts(4096), &NoProgress).unwrap();
+    let err = apply(
+        &base_file,
+        &delta,
+        &dir.path().join("x"),
+        &ApplyOptions::default(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), deltapack::ErrorKind::WrongBase, "{err}");
+    assert!(err.to_string().contains("--self-contained"), "{err}");
+    let self_contained = MakeOptions {
+        self_contained: true,
+        force: true,
+        ..opts(4096)
+    };
+    make(&base, &ft, &delta, &self_contained, &NoProgress).unwrap();
+    let d = Delta::open(&delta).unwrap();
+    assert!(d
+        .index
+        .aux
+        .iter()
+        .all(|a| matches!(a.blob, deltapack::container::index::Blob::Zstd { dict: None, .. })));
+    let out = dir.path().join("out");
+    apply(&base_file, &delta, &out, &ApplyOptions::default(), &NoProgress).unwrap();
+    assert_eq!(files(&out), files(&ft));
+}
+
 /// The real checkpoints in ../shared/models, when present (CI has them beside the clone).
 #[test]
 fn shared_real_checkpoints_round_trip() {
