@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use deltapack::checkpoint::hub;
 use deltapack::ErrorKind;
 
 /// Store fine-tuned models as compact deltas against their base, and rebuild them bit for bit.
@@ -44,10 +45,11 @@ struct Global {
 enum Command {
     /// Make a delta of a fine-tune against its base.
     Make {
-        /// Base checkpoint: a model directory or a .safetensors file.
+        /// Base checkpoint: a model directory, a .safetensors file, or ORG/NAME[@REVISION] in
+        /// the local Hugging Face cache (then recorded as --base-id).
         #[arg(long)]
         base: PathBuf,
-        /// Fine-tuned checkpoint: a model directory or a .safetensors file.
+        /// Fine-tuned checkpoint: a model directory, a .safetensors file, or ORG/NAME[@REVISION].
         #[arg(long)]
         finetuned: PathBuf,
         /// Output delta file (.dpk).
@@ -182,6 +184,9 @@ fn run(cli: Cli) -> Result<()> {
             sync,
             self_contained,
         } => {
+            let (base, hub_id) = hub::resolve(&base)?;
+            let (finetuned, _) = hub::resolve(&finetuned)?;
+            let base_id = base_id.or(hub_id);
             let opts = deltapack::MakeOptions {
                 base_id,
                 chunk_bytes,
@@ -201,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             sync,
         } => {
+            let (base, _) = hub::resolve(&base)?;
             let opts = deltapack::ApplyOptions { force, sync };
             let t = std::time::Instant::now();
             let r = deltapack::apply(&base, &delta, &output, &opts, &bars)
@@ -213,6 +219,8 @@ fn run(cli: Cli) -> Result<()> {
             report::inspect(g.json, &delta, &index, size, tensors)
         }
         Command::Verify { base, delta, finetuned } => {
+            let (base, _) = hub::resolve(&base)?;
+            let finetuned = finetuned.map(|f| hub::resolve(&f).map(|r| r.0)).transpose()?;
             let t = std::time::Instant::now();
             let r = deltapack::verify(&base, &delta, finetuned.as_deref(), &bars)
                 .with_context(|| format!("verifying {}", delta.display()))?;

@@ -148,3 +148,43 @@ fn a_full_disk_leaves_no_partial_output() {
         .collect();
     assert_eq!(left.len(), 3, "left behind: {left:?}");
 }
+
+#[test]
+fn bases_resolve_from_the_hugging_face_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, _) = pair(dir.path());
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let cache = dir.path().join("hub");
+    let repo = cache.join("models--org--demo-base");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::rename(&base, repo.join("snapshots").join(commit)).unwrap();
+    let delta = format!("{}/hub.dpk", dir.path().display());
+    let with_cache = |args: &[&str]| bin().args(args).env("HF_HUB_CACHE", &cache).output().unwrap();
+    let o = with_cache(&[
+        "make",
+        "--base",
+        "org/demo-base",
+        "--finetuned",
+        &ft,
+        "-o",
+        &delta,
+        "--json",
+    ]);
+    assert_eq!(json(&o)["tied"], 1);
+    let inspect = json(&run(&["inspect", &delta, "--json"]));
+    assert_eq!(inspect["base"]["id"], format!("org/demo-base@{commit}"));
+    let o = with_cache(&[
+        "verify",
+        "--base",
+        &format!("org/demo-base@{commit}"),
+        &delta,
+        "--finetuned",
+        &ft,
+    ]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let o = with_cache(&["verify", "--base", "org/missing", &delta]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("huggingface-cli download org/missing"));
+}

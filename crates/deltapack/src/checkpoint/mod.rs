@@ -2,6 +2,7 @@
 //! writing reconstructed ones atomically.
 
 pub mod header;
+pub mod hub;
 mod read;
 mod write;
 
