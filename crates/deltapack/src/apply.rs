@@ -454,17 +454,14 @@ fn stream_aux(delta: &Delta, base: &Checkpoint, a: &AuxEntry, out: &mut dyn FnMu
             dict_hash,
         } => {
             let dict = load_dict(delta, base, dict, dict_hash, read_base)?;
-            let data = delta.range(*offset, *len);
-            let corrupt = |e: std::io::Error| {
-                Error::corrupt(&delta.path, format!("stored file {} does not decompress: {e}", a.path))
-            };
-            let dec = match &dict {
-                Some(d) => zstd::stream::Decoder::with_dictionary(data, d),
-                None => zstd::stream::Decoder::with_buffer(data),
-            }
-            .map_err(corrupt)?;
-            // At most one byte more than promised: a hostile stream cannot run on forever.
-            copy_pieces(dec.take(a.size.saturating_add(1)), &mut emit, corrupt)?;
+            unzstd(
+                delta,
+                delta.range(*offset, *len),
+                dict.as_deref(),
+                a.size,
+                &a.path,
+                &mut emit,
+            )?;
         }
     }
     if size != a.size || hash::hex(hasher.finalize().as_bytes()) != a.hash {
@@ -479,6 +476,25 @@ fn stream_aux(delta: &Delta, base: &Checkpoint, a: &AuxEntry, out: &mut dyn FnMu
         });
     }
     Ok(())
+}
+
+/// Decompresses a stored blob to `emit` in pieces, reading at most one byte more than the
+/// `size` promised, so that a hostile stream cannot run on forever.
+fn unzstd(
+    delta: &Delta,
+    data: &[u8],
+    dict: Option<&[u8]>,
+    size: u64,
+    what: &str,
+    emit: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let corrupt = |e: std::io::Error| Error::corrupt(&delta.path, format!("stored {what} does not decompress: {e}"));
+    let dec = match dict {
+        Some(d) => zstd::stream::Decoder::with_dictionary(data, d),
+        None => zstd::stream::Decoder::with_buffer(data),
+    }
+    .map_err(corrupt)?;
+    copy_pieces(dec.take(size.saturating_add(1)), emit, corrupt)
 }
 
 /// Feeds `src` to `emit` in pieces of 1 MiB.
@@ -536,20 +552,18 @@ fn blob_bytes(
             dict_hash,
         } => {
             let dict = load_dict(delta, base, dict, dict_hash, &from_base)?;
-            let data = delta.range(*offset, *len);
-            let corrupt =
-                |e: std::io::Error| Error::corrupt(&delta.path, format!("stored file does not decompress: {e}"));
-            let mut dec = match &dict {
-                Some(d) => zstd::stream::Decoder::with_dictionary(data, d),
-                None => zstd::stream::Decoder::with_buffer(data),
-            }
-            .map_err(corrupt)?;
             let mut out = Vec::new();
-            // Read at most one byte more than promised, so a hostile stream cannot balloon memory.
-            (&mut dec)
-                .take(size.saturating_add(1))
-                .read_to_end(&mut out)
-                .map_err(corrupt)?;
+            unzstd(
+                delta,
+                delta.range(*offset, *len),
+                dict.as_deref(),
+                size,
+                "a shard header",
+                &mut |b| {
+                    out.extend_from_slice(b);
+                    Ok(())
+                },
+            )?;
             Ok(out)
         }
     }
