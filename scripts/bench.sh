@@ -18,6 +18,7 @@ WORK=${1:-bench-out}
 REPEATS=${2:-3}
 MODELS=${MODELS:-../shared/models}
 mkdir -p "$WORK"
+[ -x /usr/bin/time ] || { echo "needs GNU time for peak RSS: apt-get install time"; exit 2; }
 cargo build --release -q -p deltapack-cli
 BIN=$PWD/target/release/deltapack
 

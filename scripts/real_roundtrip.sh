@@ -16,9 +16,15 @@ trap 'rm -rf "$WORK"' EXIT
 
 step() { # label command...
   local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >"$WORK/out.txt"
-  read -r s kb <"$WORK/time"
-  printf '  %-8s %6.2f s  %6d MB\n' "$label" "$s" "$((kb / 1024))"
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >"$WORK/out.txt"
+    read -r s kb <"$WORK/time"
+    printf '  %-8s %6.2f s  %6d MB\n' "$label" "$s" "$((kb / 1024))"
+  else # GNU time (Debian package `time`) missing: seconds only, from bash's own timer.
+    local t0=$EPOCHREALTIME
+    "$@" >"$WORK/out.txt"
+    awk -v a="$t0" -v b="$EPOCHREALTIME" -v l="$label" 'BEGIN {printf "  %-8s %6.2f s  (peak RSS needs /usr/bin/time)\n", l, b - a}'
+  fi
 }
 
 for dir in "$MODELS"/*/; do
