@@ -233,12 +233,7 @@ impl<'a> Ctx<'a> {
             Some(s) => (s.dtype, self.base.bytes(s)),
             None => (tdt, &[]),
         };
-        let cb = self.chunk_bytes;
-        let source_hashes = job
-            .source_chunks
-            .clone()
-            .map(|c| hash::chunk(&src[c * cb..((c + 1) * cb).min(src.len())]))
-            .collect();
+        let source_hashes = job.hash_source(src, self.chunk_bytes);
         let mut bytes = vec![0u8; job.range.len()];
         if !job.range.is_empty() {
             let chunk = &t.chunks[job.chunk];
@@ -270,13 +265,9 @@ impl<'a> Ctx<'a> {
             self.delta.release(c.offset, c.len);
         }
         if let Some(s) = s {
-            let cb = self.chunk_bytes;
-            self.base.release(
-                s,
-                job.source_chunks.start * cb..(job.source_chunks.end * cb).min(s.len()),
-            );
-            self.base
-                .release(s, job.range.start.min(s.len())..job.range.end.min(s.len()));
+            let td = dtype::parse(&t.dtype).expect("validated dtype");
+            let read = pair::source_range(t.relation, s.dtype, td, job.range.clone(), s.len());
+            self.base.release(s, job.source_span(self.chunk_bytes, s.len(), read));
         }
     }
 

@@ -302,11 +302,7 @@ impl Ctx<'_> {
             Some(s) => (s.dtype, self.base.bytes(s)),
             None => (t.dtype, &[]),
         };
-        let source_hashes = job
-            .source_chunks
-            .clone()
-            .map(|c| hash::chunk(&src[c * self.chunk_bytes..((c + 1) * self.chunk_bytes).min(src.len())]))
-            .collect();
+        let source_hashes = job.hash_source(src, self.chunk_bytes);
         let payload = SCRATCH.with(|s| {
             let (scratch, buf) = &mut *s.borrow_mut();
             let pred = pair::predict(p.relation, sdt, t.dtype, src, job.range.clone(), buf);
@@ -326,11 +322,14 @@ impl Ctx<'_> {
         let t = self.target(job.tensor);
         self.ft.release(t, job.range.clone());
         if let Some(s) = self.source(job.tensor) {
-            let cb = self.chunk_bytes;
-            let hashed = job.source_chunks.start * cb..(job.source_chunks.end * cb).min(s.len());
-            let read = job.range.start.min(s.len())..job.range.end.min(s.len());
-            self.base.release(s, hashed);
-            self.base.release(s, read);
+            let read = pair::source_range(
+                self.pairings[job.tensor].relation,
+                s.dtype,
+                t.dtype,
+                job.range.clone(),
+                s.len(),
+            );
+            self.base.release(s, job.source_span(self.chunk_bytes, s.len(), read));
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Pairing fine-tune tensors with the base tensors that predict them.
 
+use std::ops::Range;
+
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -81,15 +83,10 @@ pub fn plan(base: &Checkpoint, ft: &Checkpoint) -> Plan {
     Plan { pairings, removed }
 }
 
-fn index_of(ck: &Checkpoint, name: &str) -> Option<usize> {
-    let t = ck.tensor(name)?;
-    ck.tensors.iter().position(|x| std::ptr::eq(x, t))
-}
-
 fn pair_one(base: &Checkpoint, t: &TensorRef) -> (Relation, Option<usize>) {
     if let Some(b) = base.tensor(&t.name) {
         if let Some(rel) = relation(b.dtype, &b.shape, t.dtype, &t.shape) {
-            return (rel, index_of(base, &t.name));
+            return (rel, base.index_of(&t.name));
         }
         return (Relation::New, None);
     }
@@ -104,7 +101,7 @@ fn pair_one(base: &Checkpoint, t: &TensorRef) -> (Relation, Option<usize>) {
                     Some(Relation::Direct | Relation::Resized)
                 )
             {
-                return (Relation::Tied, index_of(base, &b.name));
+                return (Relation::Tied, base.index_of(&b.name));
             }
         }
     }
@@ -125,6 +122,19 @@ pub fn relation(sd: Dtype, ss: &[usize], td: Dtype, ts: &[usize]) -> Option<Rela
     None
 }
 
+/// The bytes of a source of dtype `sd` (`src_len` bytes long) that predict bytes `range` of a
+/// target of dtype `td` under `relation` (empty for `New`).
+pub fn source_range(relation: Relation, sd: Dtype, td: Dtype, range: Range<usize>, src_len: usize) -> Range<usize> {
+    match relation {
+        Relation::New => 0..0,
+        Relation::Converted => {
+            let (tw, sw) = (td.bitsize() / 8, sd.bitsize() / 8);
+            range.start / tw * sw..range.end / tw * sw
+        }
+        Relation::Direct | Relation::Resized | Relation::Tied => range.start.min(src_len)..range.end.min(src_len),
+    }
+}
+
 /// Fills `buf` with the prediction for bytes `range` of a target tensor of dtype `td`
 /// from `source` bytes of dtype `sd` under `relation`, or returns the source slice itself
 /// when no copy is needed.
@@ -133,30 +143,21 @@ pub fn predict<'a>(
     sd: Dtype,
     td: Dtype,
     source: &'a [u8],
-    range: std::ops::Range<usize>,
+    range: Range<usize>,
     buf: &'a mut Vec<u8>,
 ) -> &'a [u8] {
     buf.clear();
+    let src = &source[source_range(relation, sd, td, range.clone(), source.len())];
     match relation {
-        Relation::Direct => &source[range],
-        Relation::Resized | Relation::Tied if range.end <= source.len() => &source[range],
-        Relation::Resized | Relation::Tied => {
-            let common = range.start.min(source.len())..range.end.min(source.len());
-            buf.extend_from_slice(&source[common]);
+        Relation::Converted => dtype::convert(sd, td, src, buf),
+        _ if src.len() == range.len() => return src,
+        // Rows the source lacks (a grown vocabulary, or a new tensor) are predicted as zeros.
+        _ => {
+            buf.extend_from_slice(src);
             buf.resize(range.len(), 0);
-            buf
-        }
-        Relation::Converted => {
-            let (tw, sw) = (td.bitsize() / 8, sd.bitsize() / 8);
-            let src = &source[range.start / tw * sw..range.end / tw * sw];
-            dtype::convert(sd, td, src, buf);
-            buf
-        }
-        Relation::New => {
-            buf.resize(range.len(), 0);
-            buf
         }
     }
+    buf
 }
 
 #[cfg(test)]

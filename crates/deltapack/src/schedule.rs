@@ -9,6 +9,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
+use crate::hash::{self, Digest};
+
 /// One unit of parallel work: a chunk of a target tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Job {
@@ -22,6 +24,27 @@ pub(crate) struct Job {
     pub source_chunks: Range<usize>,
     /// True for the tensor's last job.
     pub last: bool,
+}
+
+impl Job {
+    /// Fingerprints of the source chunks this job hashes, from the source's bytes.
+    pub(crate) fn hash_source(&self, src: &[u8], chunk_bytes: usize) -> Vec<Digest> {
+        self.source_chunks
+            .clone()
+            .map(|c| hash::chunk(&src[c * chunk_bytes..((c + 1) * chunk_bytes).min(src.len())]))
+            .collect()
+    }
+
+    /// The source bytes this job touches: those it hashes and `read` (what its prediction
+    /// read), as one span to release.
+    pub(crate) fn source_span(&self, chunk_bytes: usize, src_len: usize, read: Range<usize>) -> Range<usize> {
+        let hashed = self.source_chunks.start * chunk_bytes..(self.source_chunks.end * chunk_bytes).min(src_len);
+        match (hashed.is_empty(), read.is_empty()) {
+            (true, _) => read,
+            (_, true) => hashed,
+            _ => hashed.start.min(read.start)..hashed.end.max(read.end),
+        }
+    }
 }
 
 /// The jobs of tensor `tensor`, `len` bytes long, predicted from a source of `source_len` bytes.

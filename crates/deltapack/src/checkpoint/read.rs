@@ -192,7 +192,12 @@ impl Checkpoint {
 
     /// Looks a tensor up by name.
     pub fn tensor(&self, name: &str) -> Option<&TensorRef> {
-        self.by_name.get(name).map(|&i| &self.tensors[i])
+        self.index_of(name).map(|i| &self.tensors[i])
+    }
+
+    /// The position of a tensor in [`Checkpoint::tensors`].
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
     }
 
     /// The bytes of a tensor (memory-mapped; touching them faults pages in).

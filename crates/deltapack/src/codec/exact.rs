@@ -163,6 +163,17 @@ impl ContextMap {
         (self.hi - self.lo) as usize + 1
     }
 
+    /// The same mapping, for the vector code paths.
+    #[cfg(target_arch = "x86_64")]
+    fn vector_params(&self) -> super::simd::Contexts {
+        super::simd::Contexts {
+            lo: self.lo,
+            hi: self.hi,
+            mantissa_bits: self.shift,
+            exp_mask: self.exp_mask as u32,
+        }
+    }
+
     #[inline(always)]
     fn of(&self, pred_bits: u64) -> u8 {
         // Masking to the table size lets the compiler drop the bounds check.
@@ -267,19 +278,13 @@ fn encode_impl<W: Word, const FLOAT: bool>(
         // Tokens, contexts and raw bits eight at a time, in blocks that stay in L1; the
         // histogram and the bit packing stay scalar.
         const BLOCK: usize = 256;
-        let f = layout.float.expect("float layout");
-        let params = super::simd::TokenParams {
-            lo,
-            hi,
-            mantissa_bits: f.mantissa_bits,
-            exp_mask: f.exponent_mask,
-        };
+        let contexts = cmap.vector_params();
         let (mut raw, mut nb) = ([0u16; BLOCK], [0u8; BLOCK]);
         done = n / BLOCK * BLOCK;
         for b in (0..done).step_by(BLOCK) {
             let (s, c) = (&mut syms[b..b + BLOCK], &mut ctxs[b..b + BLOCK]);
             super::simd::tokens16(
-                &params,
+                &contexts,
                 &pred[2 * b..2 * (b + BLOCK)],
                 &target[2 * b..2 * (b + BLOCK)],
                 s,
@@ -418,12 +423,8 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     let expand = TokenTable::new();
     #[cfg(target_arch = "x86_64")]
     if allow_simd && FLOAT && W::BITS == 16 && super::simd::available() {
-        let f = layout.float.expect("float layout");
         let parts = super::simd::Parts {
-            lo,
-            hi,
-            mantissa_bits: f.mantissa_bits,
-            exp_mask: f.exponent_mask,
+            contexts: cmap.vector_params(),
             model: &model,
             words,
             bits: &input[word_bytes..],

@@ -54,14 +54,8 @@ impl PackedTables {
 
 /// Where the parsed parts of a chunk payload are.
 pub struct Parts<'a> {
-    /// First exponent with its own context.
-    pub lo: u16,
-    /// Last exponent with its own context (`hi - lo < 64`).
-    pub hi: u16,
-    /// Mantissa bits of the dtype (the exponent is `(bits >> mantissa) & exp_mask`).
-    pub mantissa_bits: u32,
-    /// Exponent mask of the dtype.
-    pub exp_mask: u32,
+    /// How exponents map to contexts.
+    pub contexts: Contexts,
     /// The validated model (one context per exponent in `lo..=hi`).
     pub model: &'a Model,
     /// The rANS word stream, little-endian 16-bit words.
@@ -77,9 +71,12 @@ pub struct Parts<'a> {
 pub fn decode16(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     assert!(available(), "decode16 needs AVX2");
     assert_eq!(pred.len(), out.len());
-    assert!(parts.hi >= parts.lo && ((parts.hi - parts.lo) as usize) < 64);
+    assert!(parts.contexts.hi >= parts.contexts.lo && ((parts.contexts.hi - parts.contexts.lo) as usize) < 64);
     assert_eq!(STATES, 16, "the vector decoder runs four quads of four states");
-    assert_eq!(parts.model.freqs.len(), (parts.hi - parts.lo) as usize + 1);
+    assert_eq!(
+        parts.model.freqs.len(),
+        (parts.contexts.hi - parts.contexts.lo) as usize + 1
+    );
     // SAFETY: AVX2 is available (checked above), and `decode16_avx2` only reads and writes
     // within the slices it is given (see the comments at each raw access).
     unsafe { decode16_avx2(parts, pred, out) }
@@ -128,14 +125,11 @@ unsafe fn decode16_avx2(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<()
         pos += 2;
     }
     // Four independent chains of four lanes: state 4q + j is lane j of quad q.
-    let mut x0 = _mm_loadu_si128(st[0..].as_ptr() as *const __m128i);
-    let mut x1 = _mm_loadu_si128(st[4..].as_ptr() as *const __m128i);
-    let mut x2 = _mm_loadu_si128(st[8..].as_ptr() as *const __m128i);
-    let mut x3 = _mm_loadu_si128(st[12..].as_ptr() as *const __m128i);
-    let lo = _mm_set1_epi32(parts.lo as i32);
-    let hi = _mm_set1_epi32(parts.hi as i32);
-    let emask = _mm_set1_epi32(parts.exp_mask as i32);
-    let shift = _mm_cvtsi32_si128(parts.mantissa_bits as i32);
+    let [mut x0, mut x1, mut x2, mut x3] = load_quads(&st);
+    let lo = _mm_set1_epi32(parts.contexts.lo as i32);
+    let hi = _mm_set1_epi32(parts.contexts.hi as i32);
+    let emask = _mm_set1_epi32(parts.contexts.exp_mask as i32);
+    let shift = _mm_cvtsi32_si128(parts.contexts.mantissa_bits as i32);
     let slot_mask = _mm_set1_epi32(SCALE as i32 - 1);
     let ffff = _mm_set1_epi32(0xFFFF);
     let sign16 = _mm_set1_epi32(0x8000);
@@ -217,17 +211,15 @@ unsafe fn decode16_avx2(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<()
         quad!(x3, 3, g);
     }
     // The last n % 16 elements one at a time, element i on state i % 16, as in the scalar decoder.
-    for (q, x) in [x0, x1, x2, x3].into_iter().enumerate() {
-        _mm_storeu_si128(st[4 * q..].as_mut_ptr() as *mut __m128i, x);
-    }
+    store_quads([x0, x1, x2, x3], &mut st);
     for i in groups * STATES..n {
         if i % 4 == 0 {
             bits.refill();
         }
         let k = i % STATES;
         let p = u16::from_le_bytes([pred[2 * i], pred[2 * i + 1]]) as u32;
-        let e = (p >> parts.mantissa_bits) & parts.exp_mask;
-        let c = e.clamp(parts.lo as u32, parts.hi as u32) - parts.lo as u32;
+        let e = (p >> parts.contexts.mantissa_bits) & parts.contexts.exp_mask;
+        let c = e.clamp(parts.contexts.lo as u32, parts.contexts.hi as u32) - parts.contexts.lo as u32;
         bad |= (tables.unused >> (c & 63)) & 1;
         let entry = tables.slots[c as usize * SCALE + (st[k] as usize & (SCALE - 1))];
         st[k] = (((entry >> 8) & 0xFFF) + 1)
@@ -251,8 +243,8 @@ unsafe fn decode16_avx2(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<()
     )
 }
 
-/// What [`tokens16`] needs to know about a chunk.
-pub struct TokenParams {
+/// How a chunk maps exponents to contexts: `clamp((bits >> mantissa_bits) & exp_mask, lo, hi) - lo`.
+pub struct Contexts {
     /// First exponent with its own context.
     pub lo: u16,
     /// Last exponent with its own context.
@@ -267,7 +259,7 @@ pub struct TokenParams {
 /// token, context, raw bits and raw bit count, exactly as `exact::tokenize` and the context
 /// map give them. `pred` and `target` hold `8k` elements; every output holds at least `8k`.
 pub fn tokens16(
-    params: &TokenParams,
+    contexts: &Contexts,
     pred: &[u8],
     target: &[u8],
     tok: &mut [u8],
@@ -281,12 +273,12 @@ pub fn tokens16(
     assert!(tok.len() >= n && ctx.len() >= n && raw.len() >= n && nbits.len() >= n);
     // SAFETY: AVX2 is available (checked above) and the lengths were checked: every raw
     // access below stays inside the slices.
-    unsafe { tokens16_avx2(params, pred, target, tok, ctx, raw, nbits) }
+    unsafe { tokens16_avx2(contexts, pred, target, tok, ctx, raw, nbits) }
 }
 
 #[target_feature(enable = "avx2")]
 unsafe fn tokens16_avx2(
-    params: &TokenParams,
+    contexts: &Contexts,
     pred: &[u8],
     target: &[u8],
     tok: &mut [u8],
@@ -294,10 +286,10 @@ unsafe fn tokens16_avx2(
     raw: &mut [u16],
     nbits: &mut [u8],
 ) {
-    let lo = _mm256_set1_epi32(params.lo as i32);
-    let hi = _mm256_set1_epi32(params.hi as i32);
-    let emask = _mm256_set1_epi32(params.exp_mask as i32);
-    let shift = _mm_cvtsi32_si128(params.mantissa_bits as i32);
+    let lo = _mm256_set1_epi32(contexts.lo as i32);
+    let hi = _mm256_set1_epi32(contexts.hi as i32);
+    let emask = _mm256_set1_epi32(contexts.exp_mask as i32);
+    let shift = _mm_cvtsi32_si128(contexts.mantissa_bits as i32);
     let ffff = _mm256_set1_epi32(0xFFFF);
     let sign16 = _mm256_set1_epi32(0x8000);
     let one = _mm256_set1_epi32(1);
@@ -406,10 +398,7 @@ unsafe fn encode_groups_avx2(
     // gathers whatever the input (a bad one only yields a wrong, never an unsafe, encoding).
     let last = _mm_set1_epi32(tables.entries.len() as i32 - 1);
     let hi32 = _mm_set_epi32(-1, 0, -1, 0);
-    let mut x0 = _mm_loadu_si128(st[0..].as_ptr() as *const __m128i);
-    let mut x1 = _mm_loadu_si128(st[4..].as_ptr() as *const __m128i);
-    let mut x2 = _mm_loadu_si128(st[8..].as_ptr() as *const __m128i);
-    let mut x3 = _mm_loadu_si128(st[12..].as_ptr() as *const __m128i);
+    let [mut x0, mut x1, mut x2, mut x3] = load_quads(st);
     // One quad: states 4q..4q + 4 take symbols 16g + 4q + j. A macro keeps the states in registers.
     macro_rules! quad {
         ($x:ident, $q:expr, $g:ident) => {{
@@ -456,7 +445,19 @@ unsafe fn encode_groups_avx2(
         quad!(x1, 1, g);
         quad!(x0, 0, g);
     }
-    for (q, x) in [x0, x1, x2, x3].into_iter().enumerate() {
-        _mm_storeu_si128(st[4 * q..].as_mut_ptr() as *mut __m128i, x);
+    store_quads([x0, x1, x2, x3], st);
+}
+
+/// The sixteen states as four vectors of four lanes: state `4q + j` is lane `j` of quad `q`.
+fn load_quads(st: &[u32; STATES]) -> [__m128i; 4] {
+    // SAFETY: each load reads 16 bytes at element 4q (q < 4) of a 16-element array.
+    std::array::from_fn(|q| unsafe { _mm_loadu_si128(st[4 * q..].as_ptr() as *const __m128i) })
+}
+
+/// Inverse of [`load_quads`].
+fn store_quads(quads: [__m128i; 4], st: &mut [u32; STATES]) {
+    for (q, x) in quads.into_iter().enumerate() {
+        // SAFETY: writes 16 bytes at element 4q (q < 4) of a 16-element array.
+        unsafe { _mm_storeu_si128(st[4 * q..].as_mut_ptr() as *mut __m128i, x) }
     }
 }
