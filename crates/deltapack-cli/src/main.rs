@@ -4,6 +4,7 @@
 mod demo;
 mod progress;
 mod report;
+mod sweep;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -71,6 +72,8 @@ enum Command {
         /// files, so that applying needs only the base's tensors, in any file layout.
         #[arg(long)]
         self_contained: bool,
+        #[command(flatten)]
+        codec: CodecArgs,
     },
     /// Rebuild the fine-tune from its base and a delta into a directory.
     Apply {
@@ -108,6 +111,22 @@ enum Command {
         #[arg(long)]
         finetuned: Option<PathBuf>,
     },
+    /// Run a grid of codecs and settings on one pair; write DIR/sweep.csv and DIR/sweep.svg
+    /// (a rate-distortion plot with the Gaussian bound drawn in).
+    Sweep {
+        /// Base checkpoint.
+        #[arg(long)]
+        base: PathBuf,
+        /// Fine-tuned checkpoint.
+        #[arg(long)]
+        finetuned: PathBuf,
+        /// Output directory (created if missing).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also keep each delta as DIR/<codec>-<setting>.dpk.
+        #[arg(long)]
+        keep_deltas: bool,
+    },
     /// Make a small realistic base and fine-tune, then run make, inspect, apply and verify on them.
     Demo {
         /// Working directory (default: a temporary one, removed afterwards).
@@ -117,6 +136,84 @@ enum Command {
     /// Developer tools for benchmarks.
     #[command(hide = true, subcommand)]
     Dev(Dev),
+}
+
+/// Codec choice of `make`.
+#[derive(Args, Clone, Default)]
+pub struct CodecArgs {
+    /// Codec: exact (default), quant, sparse, dare, sign, sign-axis or auto, optionally with
+    /// settings as NAME:key=value,... (e.g. quant:bits=3,group=64,domain=value).
+    #[arg(long, default_value = "exact")]
+    codec: String,
+    /// quant: bits per code (2..8), with one step per group of 128 values.
+    #[arg(long)]
+    bits: Option<u8>,
+    /// quant: one absolute step per tensor; sparse: quantize the kept values with this step.
+    #[arg(long)]
+    step: Option<f64>,
+    /// sparse, dare: fraction of the changes to keep (dare default 0.1).
+    #[arg(long)]
+    keep: Option<f64>,
+    /// dare: seed of the random masks (each tensor's mask also depends on its name).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Largest relative RMS error of each tensor's delta, ||D'-D||/||D||: the codec's cheapest
+    /// setting within it is chosen per tensor (a tensor no setting fits is stored exactly).
+    /// Not for dare, which keeps the delta only in expectation.
+    #[arg(long)]
+    max_error: Option<f64>,
+    /// Codec for the tensors matching a glob: 'GLOB=NAME[:key=value,...]'; repeatable, the
+    /// first match wins. 1-D tensors (norms, biases) stay exact unless a rule names them.
+    #[arg(long = "tensor-codec", value_name = "GLOB=SPEC")]
+    tensor_codec: Vec<String>,
+    /// sign-axis: safetensors file of mean squared input activations per linear weight
+    /// (weight name -> 1-D vector over its columns) to weight the fit; see docs/CODECS.md.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+}
+
+impl CodecArgs {
+    /// The codec policy these flags describe.
+    pub fn policy(&self) -> Result<deltapack::tune::CodecPolicy> {
+        let mut spec: deltapack::tune::CodecSpec = self.codec.parse().map_err(anyhow::Error::msg)?;
+        let set = |spec: &mut deltapack::tune::CodecSpec, k: &str, v: Option<String>| -> Result<()> {
+            if let Some(v) = v {
+                spec.set(k, &v).map_err(|e| anyhow::anyhow!("--{k}: {e}"))?;
+            }
+            Ok(())
+        };
+        set(&mut spec, "bits", self.bits.map(|b| b.to_string()))?;
+        set(&mut spec, "step", self.step.map(|b| b.to_string()))?;
+        set(&mut spec, "keep", self.keep.map(|b| b.to_string()))?;
+        set(&mut spec, "seed", self.seed.map(|b| b.to_string()))?;
+        if let Some(e) = self.max_error {
+            anyhow::ensure!(e.is_finite() && e > 0.0, "--max-error must be a positive number");
+            anyhow::ensure!(
+                spec.takes_budget(),
+                "--max-error does not apply to dare: it preserves the delta only in expectation"
+            );
+        }
+        anyhow::ensure!(
+            self.max_error.is_some() || spec != deltapack::tune::CodecSpec::Auto,
+            "--codec auto needs --max-error"
+        );
+        let rules = self
+            .tensor_codec
+            .iter()
+            .map(|r| r.parse().map_err(|e| anyhow::anyhow!("--tensor-codec: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        let calibration = self
+            .calibration
+            .as_deref()
+            .map(deltapack::tune::Calibration::open)
+            .transpose()?;
+        Ok(deltapack::tune::CodecPolicy {
+            default: spec,
+            rules,
+            max_error: self.max_error,
+            calibration,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -183,6 +280,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             sync,
             self_contained,
+            codec,
         } => {
             let (base, hub_id) = hub::resolve(&base)?;
             let (finetuned, _) = hub::resolve(&finetuned)?;
@@ -193,6 +291,7 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 sync,
                 self_contained,
+                codecs: codec.policy()?,
             };
             let t = std::time::Instant::now();
             let r = deltapack::make(&base, &finetuned, &output, &opts, &bars)
@@ -225,6 +324,16 @@ fn run(cli: Cli) -> Result<()> {
             let r = deltapack::verify(&base, &delta, finetuned.as_deref(), &bars)
                 .with_context(|| format!("verifying {}", delta.display()))?;
             report::rebuild(g.json, "verified", &r, t.elapsed())
+        }
+        Command::Sweep {
+            base,
+            finetuned,
+            output,
+            keep_deltas,
+        } => {
+            let (base, _) = hub::resolve(&base)?;
+            let (finetuned, _) = hub::resolve(&finetuned)?;
+            sweep::run(&base, &finetuned, &output, keep_deltas, g.json, &bars)
         }
         Command::Demo { dir } => demo::run(dir, g.json, &bars),
         Command::Dev(d) => dev(d),

@@ -53,12 +53,38 @@ pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Resul
     );
     println!("  fine-tune {:>12}", human(r.finetuned_bytes));
     println!(
-        "  delta     {:>12}   ratio {:.2}x   ({:.3} bits per fine-tune byte)",
+        "  delta     {:>12}   ratio {:.2}x   ({:.3} bits per parameter)",
         human(r.delta_bytes),
         r.ratio,
-        8.0 * r.delta_bytes as f64 / r.finetuned_bytes.max(1) as f64
+        r.bits_per_param
     );
+    if !r.tensors.is_empty() {
+        println!(
+            "  lossy     {} tensors; model error ||D'-D||/||D|| = {:.5}",
+            r.lossy, r.error
+        );
+        println!();
+        quality_table(
+            r.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.codec.as_str(), t.setting.clone(), &t.quality)),
+        );
+    }
     Ok(())
+}
+
+/// Prints one line per tensor: codec, setting, bits/param, error, max abs error.
+fn quality_table<'a>(rows: impl Iterator<Item = (&'a str, &'a str, String, &'a deltapack::tune::Quality)>) {
+    println!(
+        "  {:<52} {:<9} {:>9} {:>9} {:>10}  setting",
+        "tensor", "codec", "bits/par", "error", "max |err|"
+    );
+    for (name, codec, setting, q) in rows {
+        println!(
+            "  {:<52} {:<9} {:>9.3} {:>9.5} {:>10.3e}  {setting}",
+            name, codec, q.bits_per_param, q.error, q.max_abs_error
+        );
+    }
 }
 
 /// Prints the result of `apply` or `verify`.
@@ -69,10 +95,10 @@ pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) ->
         v["ok"] = json!(true);
         return print_json(&v);
     }
-    let what = if r.compared_with_finetuned {
-        ", identical to the fine-tune byte for byte"
-    } else {
-        ""
+    let what = match (r.compared_with_finetuned, r.measured.is_empty()) {
+        (true, true) => ", identical to the fine-tune byte for byte",
+        (true, false) => ", exact tensors identical to the fine-tune",
+        _ => "",
     };
     println!(
         "{verb}: {} tensors in {} weight files and {} other files, {} in {:.2} s; every fingerprint matched{what}",
@@ -82,6 +108,22 @@ pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) ->
         human(r.bytes),
         took.as_secs_f64()
     );
+    if !r.measured.is_empty() {
+        println!(
+            "lossy tensors measured against the fine-tune: model error {:.5}",
+            r.measured_error
+        );
+        println!(
+            "  {:<52} {:<9} {:>10} {:>10} {:>10}",
+            "tensor", "codec", "recorded", "measured", "max |err|"
+        );
+        for m in &r.measured {
+            println!(
+                "  {:<52} {:<9} {:>10.5} {:>10.5} {:>10.3e}",
+                m.name, m.codec, m.recorded_error, m.error, m.max_abs_error
+            );
+        }
+    }
     Ok(())
 }
 
@@ -95,7 +137,10 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             .map(|t| {
                 json!({"name": t.name, "dtype": t.dtype, "shape": t.shape, "relation": t.relation,
                        "unchanged": t.unchanged(), "bytes": t.len(), "stored_bytes": t.stored_bytes(),
-                       "source": t.source.as_ref().map(|s| &s.name)})
+                       "source": t.source.as_ref().map(|s| &s.name),
+                       "codec": t.codec.as_ref().map_or("exact", |c| c.name()),
+                       "setting": t.codec.as_ref().map(|c| c.setting()),
+                       "quality": t.quality})
             })
             .collect();
         let aux: Vec<_> = index
@@ -107,6 +152,7 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             "path": path, "size": size, "format_version": index.version, "created_by": index.created_by,
             "base": index.base, "finetuned_bytes": ft, "ratio": ft as f64 / size as f64,
             "chunk_bytes": index.chunk_bytes,
+            "bits_per_param": bits_per_param(index, size), "error": deltapack::make::model_error(index),
             "files": index.files.iter().map(|f| json!({"path": f.path, "size": f.size, "tensors": f.tensors.len()})).collect::<Vec<_>>(),
             "tensors": t, "aux": aux, "removed": index.removed, "skipped": index.skipped,
         }));
@@ -146,6 +192,14 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
         same,
         index.removed.len()
     );
+    let lossy = tensors.iter().filter(|t| t.codec.is_some()).count();
+    if lossy > 0 {
+        println!(
+            "lossy:     {lossy} tensors; {:.3} bits per parameter; model error {:.5}",
+            bits_per_param(index, size),
+            deltapack::make::model_error(index)
+        );
+    }
     for f in &index.files {
         println!("  {}  {}  {} tensors", f.path, human(f.size), f.tensors.len());
     }
@@ -163,7 +217,19 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
     for s in &index.skipped {
         println!("  skipped {}: {}", s.path, s.reason);
     }
-    if list_tensors {
+    if list_tensors && index.tensors().any(|t| t.quality.is_some()) {
+        println!();
+        quality_table(tensors.iter().filter_map(|t| {
+            let q = t.quality.as_ref()?;
+            let codec = t.codec.as_ref().map_or("exact", |c| c.name());
+            Some((
+                t.name.as_str(),
+                codec,
+                t.codec.as_ref().map(|c| c.setting()).unwrap_or_default(),
+                q,
+            ))
+        }));
+    } else if list_tensors {
         println!();
         println!(
             "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8}",
@@ -189,4 +255,9 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
         }
     }
     Ok(())
+}
+
+/// 8 x delta size / number of fine-tune values.
+fn bits_per_param(index: &Index, size: u64) -> f64 {
+    8.0 * size as f64 / index.tensors().map(|t| t.numel()).sum::<u64>().max(1) as f64
 }

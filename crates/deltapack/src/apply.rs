@@ -9,13 +9,14 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
-use crate::codec::exact;
+use crate::codec::{exact, lossy};
 use crate::container::index::{AuxEntry, Blob, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
 use crate::pair;
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
+use crate::tune::QualitySums;
 use crate::{dtype, Error, Result};
 
 /// Options of [`apply`].
@@ -38,8 +39,28 @@ pub struct RebuildReport {
     pub tensors: usize,
     /// Bytes of all files rebuilt.
     pub bytes: u64,
-    /// True when the rebuilt files were compared byte for byte with a fine-tune.
+    /// True when the rebuilt files were compared with a fine-tune (byte for byte, except
+    /// lossy tensors, whose error was measured instead).
     pub compared_with_finetuned: bool,
+    /// Lossy tensors' quality measured against the fine-tune (empty without one).
+    pub measured: Vec<MeasuredTensor>,
+    /// The model's relative RMS error measured against the fine-tune (0 if all exact).
+    pub measured_error: f64,
+}
+
+/// A lossy tensor's quality: as recorded in the delta, and as measured against the fine-tune.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeasuredTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Codec name.
+    pub codec: String,
+    /// Relative RMS error the delta recorded.
+    pub recorded_error: f64,
+    /// Relative RMS error measured now.
+    pub error: f64,
+    /// Largest absolute error measured now.
+    pub max_abs_error: f64,
 }
 
 /// Rebuilds the fine-tune from `base` and the delta at `delta` into the directory `out`.
@@ -75,13 +96,38 @@ pub fn verify(base: &Path, delta: &Path, finetuned: Option<&Path>, progress: &dy
     let ft = finetuned.map(Checkpoint::open).transpose()?;
     let mut sink = CompareSink {
         ft: ft.as_ref(),
+        base: &base,
         seen_files: BTreeSet::new(),
         current: None,
         aux: None,
+        sums: Vec::new(),
     };
     let mut report = rebuild(&delta, &base, &mut sink, progress)?;
     sink.finish(&delta)?;
     report.compared_with_finetuned = ft.is_some();
+    let (mut err, mut norm) = (0.0, 0.0);
+    for (t, q) in &sink.sums {
+        let rec = t.quality.map_or(0.0, |q| q.error);
+        let m = q.quality(0, 1);
+        err += q.err_sq;
+        norm += q.delta_sq;
+        report.measured.push(MeasuredTensor {
+            name: t.name.clone(),
+            codec: t.codec.as_ref().map_or("exact", |c| c.name()).into(),
+            recorded_error: rec,
+            error: m.error,
+            max_abs_error: m.max_abs_error,
+        });
+    }
+    // Exact tensors count towards the model's delta norm with zero error.
+    norm += delta
+        .index
+        .tensors()
+        .filter(|t| t.codec.is_none())
+        .filter_map(|t| t.quality)
+        .map(|q| q.delta_norm * q.delta_norm)
+        .sum::<f64>();
+    report.measured_error = if norm > 0.0 { (err / norm).sqrt() } else { 0.0 };
     Ok(report)
 }
 
@@ -173,6 +219,8 @@ struct Ctx<'a> {
     /// Every tensor of the delta, file by file, with its base source.
     tensors: Vec<(&'a TensorEntry, Option<&'a TensorRef>)>,
     chunk_bytes: usize,
+    /// `sign-axis` scales of the tensors that have them (few and small: two vectors each).
+    scales: Vec<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -205,11 +253,29 @@ impl<'a> Ctx<'a> {
             };
             tensors.push((t, src));
         }
+        let scales = tensors
+            .iter()
+            .map(|(t, _)| match (&t.codec, &t.params) {
+                (Some(c), Some(p)) => {
+                    let bytes = delta.range(p.offset, p.len);
+                    if crate::container::index::checksum(bytes) != p.checksum {
+                        return Err(Error::CorruptDelta {
+                            path: delta.path.clone(),
+                            tensor: Some(t.name.clone()),
+                            reason: "codec parameters do not match their checksum".into(),
+                        });
+                    }
+                    Ok(crate::tune::axis_scales(c, bytes))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Ctx {
             delta,
             base,
             tensors,
             chunk_bytes: delta.index.chunk_bytes as usize,
+            scales,
         })
     }
 
@@ -241,6 +307,23 @@ impl<'a> Ctx<'a> {
             let pred = pair::predict(t.relation, sdt, tdt, src, job.range.clone(), &mut buf);
             match chunk.codec {
                 ChunkCodec::Same => bytes.copy_from_slice(pred),
+                ChunkCodec::Lossy => {
+                    let payload = self.delta.chunk_payload(&t.name, chunk)?;
+                    let codec = t.codec.as_ref().expect("validated: lossy chunks have a codec");
+                    let params = lossy::ChunkParams {
+                        codec,
+                        first: (job.range.start / (tdt.bitsize() / 8)) as u64,
+                        axis: self.scales[job.tensor].as_ref().map(|(r, c)| lossy::AxisScales {
+                            rows: r,
+                            first_row: 0,
+                            cols: c,
+                        }),
+                    };
+                    if let Err(e) = lossy::decode(tdt, &params, pred, payload, &mut bytes) {
+                        self.check_source(job.tensor)?;
+                        return Err(self.corrupt(t, format!("chunk {} does not decode: {}", job.chunk, e.0)));
+                    }
+                }
                 ChunkCodec::Exact => {
                     let payload = self.delta.chunk_payload(&t.name, chunk)?;
                     if let Err(e) = exact::decode(dtype::layout(tdt), pred, payload, &mut bytes) {
@@ -348,6 +431,8 @@ fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn
         tensors: ctx.tensors.len(),
         bytes: delta.index.finetuned_bytes(),
         compared_with_finetuned: false,
+        measured: Vec::new(),
+        measured_error: 0.0,
     })
 }
 
@@ -628,6 +713,10 @@ impl Sink for DirSink {
 /// Compares rebuilt bytes with a fine-tune's files, or only lets the fingerprints be checked.
 struct CompareSink<'a> {
     ft: Option<&'a Checkpoint>,
+    /// The base, to measure lossy tensors' changes.
+    base: &'a Checkpoint,
+    /// Error sums of each lossy tensor, in order.
+    sums: Vec<(TensorEntry, QualitySums)>,
     seen_files: BTreeSet<String>,
     current: Option<usize>,
     /// The fine-tune's auxiliary file being compared, and its path.
@@ -661,6 +750,35 @@ impl CompareSink<'_> {
     }
 }
 
+impl CompareSink<'_> {
+    /// Adds a lossy chunk's error against the fine-tune to its tensor's sums.
+    fn measure(
+        &mut self,
+        ft: &Checkpoint,
+        theirs: &TensorRef,
+        t: &TensorEntry,
+        range: std::ops::Range<usize>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let shard = &ft.shards[theirs.shard].rel;
+        let dt = dtype::parse(&t.dtype).expect("validated dtype");
+        let src = t.source.as_ref().and_then(|s| self.base.tensor(&s.name));
+        let (Some(target), Some(src)) = (ft.bytes(theirs).get(range.clone()), src) else {
+            return Err(Self::mismatch(ft, shard, Some(&t.name), "tensor has another size"));
+        };
+        if theirs.dtype != dt {
+            return Err(Self::mismatch(ft, shard, Some(&t.name), "tensor has another dtype"));
+        }
+        let q = QualitySums::chunk(dt, &self.base.bytes(src)[range.clone()], target, bytes);
+        if self.sums.last().is_none_or(|(x, _)| x.name != t.name) {
+            self.sums.push((t.clone(), QualitySums::default()));
+        }
+        self.sums.last_mut().expect("just pushed").1.add(&q);
+        ft.release(theirs, range);
+        Ok(())
+    }
+}
+
 impl Sink for CompareSink<'_> {
     fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()> {
         self.seen_files.insert(f.path.clone());
@@ -681,6 +799,9 @@ impl Sink for CompareSink<'_> {
         let theirs =
             theirs.ok_or_else(|| Self::mismatch(ft, &ft.shards[shard].rel, Some(&t.name), "tensor missing"))?;
         let ours = offset..offset + bytes.len();
+        if t.codec.is_some() {
+            return self.measure(ft, theirs, t, ours, bytes);
+        }
         if ft.bytes(theirs).get(ours.clone()) != Some(bytes) {
             return Err(Self::mismatch(
                 ft,

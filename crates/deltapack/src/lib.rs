@@ -21,7 +21,8 @@ pub mod pair;
 pub mod progress;
 mod schedule;
 
-pub use apply::{apply, verify, ApplyOptions, RebuildReport};
-pub use make::{make, MakeOptions, MakeReport};
+pub use apply::{apply, verify, ApplyOptions, MeasuredTensor, RebuildReport};
+pub use make::{make, MakeOptions, MakeReport, TensorReport};
 pub mod stats;
 pub mod synth;
+pub mod tune;

@@ -6,15 +6,17 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
-use crate::codec::exact;
+use crate::codec::{exact, lossy};
 use crate::container::index::{
-    self, AuxEntry, BaseInfo, Blob, Chunk, ChunkCodec, Index, RemovedTensor, SourceTensor, TensorEntry, WeightFile,
+    self, AuxEntry, BaseInfo, Blob, Chunk, ChunkCodec, Index, Payload, RemovedTensor, SourceTensor, TensorEntry,
+    WeightFile,
 };
 use crate::container::{ContainerWriter, VERSION_MAJOR};
 use crate::hash::{self, Digest};
 use crate::pair::{self, Pairing, Plan, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
+use crate::tune::{self, CodecPolicy, QualitySums, TensorPlan, TensorView};
 use crate::{dtype, Error, Result};
 
 /// Largest base file used as a compression dictionary for the fine-tune's file of the same name.
@@ -35,6 +37,8 @@ pub struct MakeOptions {
     /// or deltas against the base's files, so that applying needs only the base's tensors,
     /// in any file layout. Costs the size of the compressed tokenizer and configs.
     pub self_contained: bool,
+    /// Which codec each tensor gets (default: every tensor exact).
+    pub codecs: CodecPolicy,
 }
 
 impl Default for MakeOptions {
@@ -45,6 +49,7 @@ impl Default for MakeOptions {
             force: false,
             sync: false,
             self_contained: false,
+            codecs: CodecPolicy::default(),
         }
     }
 }
@@ -80,6 +85,41 @@ pub struct MakeReport {
     pub aux_same_as_base: usize,
     /// Files skipped (pickles).
     pub skipped: Vec<String>,
+    /// Tensors coded lossily.
+    pub lossy: usize,
+    /// The model's relative RMS error of the delta (0 for exact deltas).
+    pub error: f64,
+    /// 8 x delta size / number of fine-tune values.
+    pub bits_per_param: f64,
+    /// Codec, setting and quality of every tensor, in lossy runs (empty for exact ones).
+    pub tensors: Vec<TensorReport>,
+}
+
+/// One tensor's codec and quality, as `make` reports them.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    /// Tensor name.
+    pub name: String,
+    /// Codec name (`exact`, `quant`, ...).
+    pub codec: String,
+    /// The codec's settings.
+    pub setting: String,
+    /// Size and error.
+    #[serde(flatten)]
+    pub quality: tune::Quality,
+}
+
+impl TensorReport {
+    /// The report of an index entry that recorded its quality.
+    pub fn of(t: &TensorEntry) -> Option<TensorReport> {
+        let q = t.quality?;
+        Some(TensorReport {
+            name: t.name.clone(),
+            codec: t.codec.as_ref().map_or("exact", |c| c.name()).to_string(),
+            setting: t.codec.as_ref().map(|c| c.setting()).unwrap_or_default(),
+            quality: q,
+        })
+    }
 }
 
 thread_local! {
@@ -90,6 +130,8 @@ struct Encoded {
     payload: Option<Vec<u8>>,
     target_hash: Digest,
     source_hashes: Vec<Digest>,
+    /// Error sums of the chunk, in lossy runs.
+    quality: Option<QualitySums>,
 }
 
 /// Makes a delta of `finetuned` against `base` and writes it to `out`.
@@ -127,7 +169,7 @@ pub fn make(
             tensors: Vec::new(),
         });
     }
-    let tensors = encode_tensors(&mut w, &base_ck, &ft_ck, &plan, opts.chunk_bytes, progress)?;
+    let tensors = encode_tensors(&mut w, &base_ck, &ft_ck, &plan, opts, progress)?;
     for (entry, p) in tensors.into_iter().zip(&plan.pairings) {
         let t = &ft_ck.tensors[p.target];
         let f = &mut files[t.shard];
@@ -157,9 +199,11 @@ pub fn make(
     };
     let report_base = report(&index);
     let delta_bytes = w.finish(&index, opts.sync)?;
+    let numel: u64 = index.tensors().map(|t| t.numel()).sum();
     Ok(MakeReport {
         delta_bytes,
         ratio: index.finetuned_bytes() as f64 / delta_bytes as f64,
+        bits_per_param: 8.0 * delta_bytes as f64 / numel.max(1) as f64,
         ..report_base
     })
 }
@@ -204,6 +248,24 @@ fn report(index: &Index) -> MakeReport {
             .filter(|a| matches!(a.blob, Blob::SameAsBase { .. }))
             .count(),
         skipped: index.skipped.iter().map(|s| s.path.clone()).collect(),
+        lossy: index.tensors().filter(|t| t.codec.is_some()).count(),
+        error: model_error(index),
+        bits_per_param: 0.0,
+        tensors: index.tensors().filter_map(TensorReport::of).collect(),
+    }
+}
+
+/// The relative RMS error of the whole model's delta, from the tensors' recorded quality.
+pub fn model_error(index: &Index) -> f64 {
+    let (mut err, mut norm) = (0.0, 0.0);
+    for q in index.tensors().filter_map(|t| t.quality) {
+        err += (q.error * q.delta_norm).powi(2);
+        norm += q.delta_norm.powi(2);
+    }
+    if norm > 0.0 {
+        (err / norm).sqrt()
+    } else {
+        0.0
     }
 }
 
@@ -282,6 +344,10 @@ struct Ctx<'a> {
     ft: &'a Checkpoint,
     pairings: &'a [Pairing],
     chunk_bytes: usize,
+    /// Each tensor's codec decision.
+    plans: Vec<TensorPlan>,
+    /// Whether chunks record their error (any tensor may be lossy).
+    measure: bool,
 }
 
 impl Ctx<'_> {
@@ -303,18 +369,39 @@ impl Ctx<'_> {
             None => (t.dtype, &[]),
         };
         let source_hashes = job.hash_source(src, self.chunk_bytes);
-        let payload = SCRATCH.with(|s| {
+        // Only float tensors of whole bytes per element are ever lossy.
+        let first = (job.range.start / (t.dtype.bitsize() / 8).max(1)) as u64;
+        if let Some(cp) = self.plans[job.tensor].chunk_params(first) {
+            // Lossy: the fingerprint and error are those of what `apply` will rebuild.
+            let pred = &src[job.range.clone()];
+            let mut recon = vec![0u8; target.len()];
+            let payload = lossy::encode(t.dtype, &cp, pred, target, &mut recon);
+            return Encoded {
+                payload: Some(payload),
+                target_hash: hash::chunk(&recon),
+                source_hashes,
+                quality: Some(QualitySums::chunk(t.dtype, pred, target, &recon)),
+            };
+        }
+        let (payload, quality) = SCRATCH.with(|s| {
             let (scratch, buf) = &mut *s.borrow_mut();
             let pred = pair::predict(p.relation, sdt, t.dtype, src, job.range.clone(), buf);
+            let quality =
+                (self.measure && p.relation == Relation::Direct && crate::codec::float::lossy_capable(t.dtype))
+                    .then(|| QualitySums::chunk(t.dtype, pred, target, target));
             if p.relation != Relation::New && pred == target {
-                return None;
+                return (None, quality);
             }
-            Some(exact::encode(dtype::layout(t.dtype), pred, target, scratch))
+            (
+                Some(exact::encode(dtype::layout(t.dtype), pred, target, scratch)),
+                quality,
+            )
         });
         Encoded {
             payload,
             target_hash,
             source_hashes,
+            quality,
         }
     }
 
@@ -334,19 +421,85 @@ impl Ctx<'_> {
     }
 }
 
+/// Decides every tensor's codec (exact unless the policy says otherwise), writing
+/// tensor-wide parameters to the container.
+fn plan_codecs(
+    w: &mut ContainerWriter,
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    plan: &Plan,
+    opts: &MakeOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<(TensorPlan, Option<Payload>)>> {
+    let exact = || (TensorPlan::EXACT, None);
+    if opts.codecs.is_exact() {
+        return Ok(plan.pairings.iter().map(|_| exact()).collect());
+    }
+    progress.begin("analyse", ft.tensors.iter().map(|t| t.len() as u64).sum());
+    let mut out = Vec::with_capacity(plan.pairings.len());
+    for p in &plan.pairings {
+        let t = &ft.tensors[p.target];
+        let src = p.source.map(|i| &base.tensors[i]);
+        let decided = match src {
+            Some(s) if p.relation == Relation::Direct && s.dtype == t.dtype => {
+                let release = |r: std::ops::Range<usize>| {
+                    base.release(s, r.clone());
+                    ft.release(t, r);
+                };
+                let view = TensorView {
+                    name: &t.name,
+                    dtype: t.dtype,
+                    shape: &t.shape,
+                    base: base.bytes(s),
+                    target: ft.bytes(t),
+                    chunk_bytes: opts.chunk_bytes,
+                    release: &release,
+                };
+                let tp = tune::plan(&opts.codecs, &view, &t.name)?;
+                base.release(s, 0..s.len());
+                ft.release(t, 0..t.len());
+                let payload = match tp.params() {
+                    Some(b) => Some(Payload {
+                        offset: w.append(&b)?,
+                        len: b.len() as u64,
+                        checksum: index::checksum(&b),
+                    }),
+                    None => None,
+                };
+                (tp, payload)
+            }
+            _ => exact(),
+        };
+        progress.advance(t.len() as u64);
+        out.push(decided);
+    }
+    progress.finish();
+    Ok(out)
+}
+
 fn encode_tensors(
     w: &mut ContainerWriter,
     base: &Checkpoint,
     ft: &Checkpoint,
     plan: &Plan,
-    chunk_bytes: usize,
+    opts: &MakeOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<TensorEntry>> {
+    let chunk_bytes = opts.chunk_bytes;
+    let decided = plan_codecs(w, base, ft, plan, opts, progress)?;
+    let mut params = Vec::with_capacity(decided.len());
+    let mut plans = Vec::with_capacity(decided.len());
+    for (tp, payload) in decided {
+        plans.push(tp);
+        params.push(payload);
+    }
     let ctx = Ctx {
         base,
         ft,
         pairings: &plan.pairings,
         chunk_bytes,
+        plans,
+        measure: !opts.codecs.is_exact(),
     };
     let jobs: Vec<Job> = plan
         .pairings
@@ -364,6 +517,8 @@ fn encode_tensors(
         chunks: Vec::new(),
         target_hashes: Vec::new(),
         source_hashes: Vec::new(),
+        quality: None,
+        params,
     };
     // Workers encode chunks while this thread writes them in order.
     schedule::ordered(&jobs, |j| ctx.encode(j), |j, e| sink.consume(&ctx, j, e, progress))?;
@@ -378,11 +533,16 @@ struct Collector<'w> {
     chunks: Vec<Chunk>,
     target_hashes: Vec<Digest>,
     source_hashes: Vec<Digest>,
+    /// Error sums of the current tensor.
+    quality: Option<QualitySums>,
+    /// Each tensor's parameter blob, taken when its entry is made.
+    params: Vec<Option<Payload>>,
 }
 
 impl Collector<'_> {
     fn consume(&mut self, ctx: &Ctx, job: &Job, enc: Encoded, progress: &dyn Progress) -> Result<()> {
         if !job.range.is_empty() {
+            let lossy = ctx.plans[job.tensor].codec.is_some();
             self.chunks.push(match enc.payload {
                 None => Chunk {
                     codec: ChunkCodec::Same,
@@ -391,7 +551,7 @@ impl Collector<'_> {
                     checksum: index::checksum(&[]),
                 },
                 Some(p) => Chunk {
-                    codec: ChunkCodec::Exact,
+                    codec: if lossy { ChunkCodec::Lossy } else { ChunkCodec::Exact },
                     offset: self.w.append(&p)?,
                     len: p.len() as u64,
                     checksum: index::checksum(&p),
@@ -399,13 +559,23 @@ impl Collector<'_> {
             });
             self.target_hashes.push(enc.target_hash);
         }
+        if let Some(q) = &enc.quality {
+            self.quality.get_or_insert_with(QualitySums::default).add(q);
+        }
         self.source_hashes.extend(enc.source_hashes);
         ctx.release(job);
         progress.advance(job.range.len() as u64);
         if job.last {
             let chunks = std::mem::take(&mut self.chunks);
-            self.entries
-                .push(ctx.entry(job.tensor, chunks, &self.target_hashes, &self.source_hashes));
+            let mut entry = ctx.entry(job.tensor, chunks, &self.target_hashes, &self.source_hashes);
+            entry.codec = ctx.plans[job.tensor].codec.clone();
+            entry.params = self.params[job.tensor].take();
+            let measured = self.quality.take();
+            if ctx.measure {
+                let q = measured.unwrap_or_default();
+                entry.quality = Some(q.quality(entry.stored_bytes(), entry.numel()));
+            }
+            self.entries.push(entry);
             self.target_hashes.clear();
             self.source_hashes.clear();
         }
@@ -438,6 +608,9 @@ impl Ctx<'_> {
             source,
             hash: hash::hex(&hash::tensor(t.len() as u64, cb, target_hashes)),
             chunks,
+            codec: None,
+            params: None,
+            quality: None,
         }
     }
 }

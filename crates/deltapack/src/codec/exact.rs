@@ -17,7 +17,7 @@ use super::rans::{self, DecoderTables, EncoderTables, Model};
 use crate::dtype::ElementLayout;
 
 /// Most exponent contexts one chunk may use; rarer exponents share the edge contexts.
-const MAX_CONTEXTS: usize = 40;
+pub(super) const MAX_CONTEXTS: usize = 40;
 /// Values below this are tokens by themselves.
 const DIRECT: u64 = 16;
 
@@ -34,7 +34,7 @@ pub struct Scratch {
     bits: Vec<u8>,
 }
 
-trait Word: Copy {
+pub(super) trait Word: Copy {
     const BITS: u32;
     fn load(b: &[u8]) -> u64;
     fn store(v: u64, b: &mut [u8]);
@@ -43,7 +43,7 @@ trait Word: Copy {
 macro_rules! word {
     ($name:ident, $t:ty) => {
         #[derive(Clone, Copy)]
-        struct $name;
+        pub(super) struct $name;
         impl Word for $name {
             const BITS: u32 = <$t>::BITS;
             #[inline(always)]
@@ -63,7 +63,7 @@ word!(W32, u32);
 word!(W64, u64);
 
 #[inline(always)]
-fn mask(bits: u32) -> u64 {
+pub(super) fn mask(bits: u32) -> u64 {
     if bits == 64 {
         u64::MAX
     } else {
@@ -73,7 +73,7 @@ fn mask(bits: u32) -> u64 {
 
 /// Maps a float bit pattern to an integer with the same order as the float values.
 #[inline(always)]
-fn to_ordered(x: u64, bits: u32, float: bool) -> u64 {
+pub(super) fn to_ordered(x: u64, bits: u32, float: bool) -> u64 {
     if !float {
         return x;
     }
@@ -86,7 +86,7 @@ fn to_ordered(x: u64, bits: u32, float: bool) -> u64 {
 }
 
 #[inline(always)]
-fn from_ordered(o: u64, bits: u32, float: bool) -> u64 {
+pub(super) fn from_ordered(o: u64, bits: u32, float: bool) -> u64 {
     if !float {
         return o;
     }
@@ -99,20 +99,20 @@ fn from_ordered(o: u64, bits: u32, float: bool) -> u64 {
 }
 
 #[inline(always)]
-fn zigzag(d: u64, bits: u32) -> u64 {
+pub(super) fn zigzag(d: u64, bits: u32) -> u64 {
     let s = ((d << (64 - bits)) as i64) >> (64 - bits);
     ((s << 1) ^ (s >> 63)) as u64 & mask(bits)
 }
 
 #[inline(always)]
-fn unzigzag(z: u64, bits: u32) -> u64 {
+pub(super) fn unzigzag(z: u64, bits: u32) -> u64 {
     ((z >> 1) ^ (z & 1).wrapping_neg()) & mask(bits)
 }
 
 /// Splits `v` into (token, raw bit count, raw bits), without branches: which case applies
 /// depends on the data and would be mispredicted often.
 #[inline(always)]
-fn tokenize(v: u64) -> (u8, u32, u64) {
+pub(super) fn tokenize(v: u64) -> (u8, u32, u64) {
     let small = v < DIRECT;
     let n = (63 - (v | DIRECT).leading_zeros()).max(4); // >= 4
     let m = (v >> (n - 2)) & 3;
@@ -124,7 +124,7 @@ fn tokenize(v: u64) -> (u8, u32, u64) {
 }
 
 /// Largest token a value of `bits` bits can produce.
-fn max_token(bits: u32) -> usize {
+pub(super) fn max_token(bits: u32) -> usize {
     DIRECT as usize + (bits as usize - 1 - 4) * 4 + 3
 }
 
@@ -132,7 +132,7 @@ fn max_token(bits: u32) -> usize {
 const MAX_EXPONENTS: usize = 2048;
 
 /// Context lookup for a chunk: exponent -> context index.
-struct ContextMap {
+pub(super) struct ContextMap {
     lo: u16,
     hi: u16,
     lut: Box<[u8; MAX_EXPONENTS]>,
@@ -141,7 +141,7 @@ struct ContextMap {
 }
 
 impl ContextMap {
-    fn new(layout: ElementLayout, lo: u16, hi: u16) -> Self {
+    pub(super) fn new(layout: ElementLayout, lo: u16, hi: u16) -> Self {
         let (shift, exp_mask) = match layout.float {
             Some(f) => (f.mantissa_bits, f.exponent_mask as u64),
             None => (0, 0),
@@ -159,7 +159,7 @@ impl ContextMap {
         }
     }
 
-    fn count(&self) -> usize {
+    pub(super) fn count(&self) -> usize {
         (self.hi - self.lo) as usize + 1
     }
 
@@ -175,7 +175,7 @@ impl ContextMap {
     }
 
     #[inline(always)]
-    fn of(&self, pred_bits: u64) -> u8 {
+    pub(super) fn of(&self, pred_bits: u64) -> u8 {
         // Masking to the table size lets the compiler drop the bounds check.
         self.lut[((pred_bits >> self.shift) & self.exp_mask) as usize & (MAX_EXPONENTS - 1)]
     }
@@ -183,7 +183,7 @@ impl ContextMap {
 
 /// Chooses the exponent range that gets its own contexts: rare exponents at either end
 /// would cost more in table bytes than they save, so they join the nearest kept one.
-fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
+pub(super) fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
     let Some(f) = layout.float else { return (0, 0) };
     let w = layout.width;
     let mut hist = vec![0u64; f.exponent_mask as usize + 1];
@@ -478,7 +478,7 @@ pub(super) fn verdict(bad_context: bool, consumed_exactly: bool) -> Result<(), D
 pub(super) struct TokenTable(pub(super) [(u64, u32); 256]);
 
 impl TokenTable {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let mut t = [(0u64, 0u32); 256];
         for (tok, e) in t.iter_mut().enumerate() {
             let tok = tok as u64;
@@ -493,12 +493,12 @@ impl TokenTable {
     }
 
     #[inline(always)]
-    fn get(&self, tok: u8) -> (u64, u32) {
+    pub(super) fn get(&self, tok: u8) -> (u64, u32) {
         self.0[tok as usize]
     }
 }
 
-fn read_u16(input: &mut &[u8]) -> Result<u16, DecodeError> {
+pub(super) fn read_u16(input: &mut &[u8]) -> Result<u16, DecodeError> {
     if input.len() < 2 {
         return Err(DecodeError("payload truncated"));
     }

@@ -2,5 +2,8 @@
 
 mod bits;
 pub mod exact;
+pub mod float;
+pub mod ints;
+pub mod lossy;
 pub mod rans;
 mod simd;

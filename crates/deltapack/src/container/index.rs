@@ -5,9 +5,12 @@ use std::collections::{BTreeSet, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{is_safe_rel_path, Skipped};
+use crate::codec::float::lossy_capable;
+use crate::codec::lossy::TensorCodec;
 use crate::dtype;
 use crate::hash;
 use crate::pair::{self, Relation};
+use crate::tune::Quality;
 
 /// Top-level index of a delta file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -107,6 +110,27 @@ pub struct TensorEntry {
     pub hash: String,
     /// Coded chunks, `ceil(bytes / chunk_bytes)` of them.
     pub chunks: Vec<Chunk>,
+    /// The lossy codec of its `lossy` chunks; absent for exact tensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<TensorCodec>,
+    /// The codec's tensor-wide parameters (`sign-axis` scales), if it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Payload>,
+    /// Size and error of the stored tensor, recorded by lossy runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Quality>,
+}
+
+/// A byte range of the payload with its checksum.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// Offset in the delta file.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// xxh3-64 of the bytes, hex.
+    pub checksum: String,
 }
 
 impl TensorEntry {
@@ -125,9 +149,14 @@ impl TensorEntry {
         self.relation == Relation::Direct && self.chunks.iter().all(|c| c.codec == ChunkCodec::Same)
     }
 
-    /// Compressed payload bytes.
+    /// Compressed payload bytes (chunks and parameters).
     pub fn stored_bytes(&self) -> u64 {
-        self.chunks.iter().map(|c| c.len).sum()
+        self.chunks.iter().map(|c| c.len).sum::<u64>() + self.params.as_ref().map_or(0, |p| p.len)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
     }
 }
 
@@ -153,6 +182,8 @@ pub enum ChunkCodec {
     Same,
     /// The exact codec (`codec::exact`).
     Exact,
+    /// The tensor's lossy codec (`codec::lossy`).
+    Lossy,
 }
 
 /// One coded chunk.
@@ -286,15 +317,15 @@ impl Index {
             if t.chunks.len() as u64 != hash::chunk_count(len, self.chunk_bytes) {
                 return Err(ctx("wrong number of chunks"));
             }
+            self.validate_codec(t, dt, ranges)?;
             for c in &t.chunks {
-                if c.checksum.len() != 16 || !c.checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(ctx("bad chunk checksum"));
-                }
+                check_checksum(&c.checksum).map_err(&ctx)?;
                 match c.codec {
                     ChunkCodec::Same if c.len != 0 => return Err(ctx("'same' chunk with a payload")),
                     ChunkCodec::Same if t.relation == Relation::New => return Err(ctx("'same' chunk without a base")),
                     ChunkCodec::Same => {}
-                    ChunkCodec::Exact => ranges.push((c.offset, c.len, t.name.clone())),
+                    ChunkCodec::Lossy if t.codec.is_none() => return Err(ctx("'lossy' chunk without a codec")),
+                    ChunkCodec::Exact | ChunkCodec::Lossy => ranges.push((c.offset, c.len, t.name.clone())),
                 }
             }
         }
@@ -306,6 +337,47 @@ impl Index {
             ));
         }
         Ok(())
+    }
+
+    /// A lossy codec needs a float tensor of the base's dtype and shape, valid settings, the
+    /// parameter blob it requires, and only lossy chunks.
+    fn validate_codec(
+        &self,
+        t: &TensorEntry,
+        dt: safetensors::Dtype,
+        ranges: &mut Vec<(u64, u64, String)>,
+    ) -> Result<(), String> {
+        let ctx = |m: &str| format!("tensor '{}': {m}", t.name);
+        if let Some(q) = &t.quality {
+            let ok = [q.bits_per_param, q.error, q.max_abs_error, q.delta_norm]
+                .iter()
+                .all(|x| x.is_finite() && *x >= 0.0);
+            if !ok {
+                return Err(ctx("quality figures are not finite and non-negative"));
+            }
+        }
+        let Some(codec) = &t.codec else {
+            return match t.params {
+                None => Ok(()),
+                Some(_) => Err(ctx("parameters without a lossy codec")),
+            };
+        };
+        if !lossy_capable(dt) || t.relation != Relation::Direct {
+            return Err(ctx("lossy codec on a tensor that is not a float of the base's shape"));
+        }
+        if t.chunks.iter().any(|c| c.codec != ChunkCodec::Lossy) {
+            return Err(ctx("a lossy tensor with non-lossy chunks"));
+        }
+        let need = codec.validate(t.numel()).map_err(|m| ctx(&m))?;
+        match (&t.params, need) {
+            (None, 0) => Ok(()),
+            (Some(p), n) if n > 0 && p.len == n => {
+                check_checksum(&p.checksum).map_err(&ctx)?;
+                ranges.push((p.offset, p.len, t.name.clone()));
+                Ok(())
+            }
+            _ => Err(ctx("codec parameters missing or of the wrong size")),
+        }
     }
 
     fn validate_source(&self, t: &TensorEntry, dt: safetensors::Dtype, shape: &[usize]) -> Result<(), String> {
@@ -344,6 +416,13 @@ fn check_hash(h: &str, what: &str) -> Result<(), String> {
     hash::parse_hex(h)
         .map(|_| ())
         .ok_or_else(|| format!("{what}: bad fingerprint"))
+}
+
+fn check_checksum(c: &str) -> Result<(), &'static str> {
+    if c.len() != 16 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("bad checksum");
+    }
+    Ok(())
 }
 
 fn check_path(p: &str, seen: &mut BTreeSet<String>) -> Result<(), String> {

@@ -1,0 +1,161 @@
+//! Float elements as the lossy codecs see them: values in f64, rounding back to the
+//! tensor's dtype, the exponent field (a coding context) and the unit in the last place.
+//!
+//! All arithmetic is plain IEEE f64 without fused operations, so a reconstruction is the
+//! same on every machine and for every thread count.
+
+use safetensors::Dtype;
+
+/// A float dtype the lossy codecs can code.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// Bytes per element.
+    const WIDTH: usize;
+    /// Mantissa bits.
+    const MANT: u32;
+    /// Exponent bits.
+    const EXP: u32;
+    /// The element's bit pattern.
+    fn bits(b: &[u8]) -> u64;
+    /// The element's value.
+    fn load(b: &[u8]) -> f64;
+    /// Writes `v` rounded to nearest (ties to even).
+    fn store(v: f64, out: &mut [u8]);
+
+    /// The biased exponent field of an element.
+    #[inline(always)]
+    fn exponent(b: &[u8]) -> u32 {
+        ((Self::bits(b) >> Self::MANT) & ((1 << Self::EXP) - 1)) as u32
+    }
+
+    /// The spacing of representable values at biased exponent `e` (subnormals included).
+    fn ulp(e: u32) -> f64 {
+        let bias = (1i32 << (Self::EXP - 1)) - 1;
+        2f64.powi(e.max(1) as i32 - bias - Self::MANT as i32)
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16;
+impl Elem for Bf16 {
+    const WIDTH: usize = 2;
+    const MANT: u32 = 7;
+    const EXP: u32 = 8;
+    #[inline(always)]
+    fn bits(b: &[u8]) -> u64 {
+        u16::from_le_bytes([b[0], b[1]]) as u64
+    }
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        // A bf16 is the top half of an f32: exact, and far cheaper than a generic conversion.
+        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) as f64
+    }
+    #[inline(always)]
+    fn store(v: f64, out: &mut [u8]) {
+        // Through f32: bf16 keeps 8 of its 24 bits, so rounding twice changes only exact
+        // ties of the f64, and it is deterministic either way.
+        out.copy_from_slice(&half::bf16::from_f32(v as f32).to_bits().to_le_bytes());
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct F16;
+impl Elem for F16 {
+    const WIDTH: usize = 2;
+    const MANT: u32 = 10;
+    const EXP: u32 = 5;
+    #[inline(always)]
+    fn bits(b: &[u8]) -> u64 {
+        u16::from_le_bytes([b[0], b[1]]) as u64
+    }
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() as f64
+    }
+    #[inline(always)]
+    fn store(v: f64, out: &mut [u8]) {
+        out.copy_from_slice(&half::f16::from_f32(v as f32).to_bits().to_le_bytes());
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct F32;
+impl Elem for F32 {
+    const WIDTH: usize = 4;
+    const MANT: u32 = 23;
+    const EXP: u32 = 8;
+    #[inline(always)]
+    fn bits(b: &[u8]) -> u64 {
+        u32::from_le_bytes(b.try_into().expect("4 bytes")) as u64
+    }
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64
+    }
+    #[inline(always)]
+    fn store(v: f64, out: &mut [u8]) {
+        out.copy_from_slice(&(v as f32).to_le_bytes());
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct F64;
+impl Elem for F64 {
+    const WIDTH: usize = 8;
+    const MANT: u32 = 52;
+    const EXP: u32 = 11;
+    #[inline(always)]
+    fn bits(b: &[u8]) -> u64 {
+        u64::from_le_bytes(b.try_into().expect("8 bytes"))
+    }
+    #[inline(always)]
+    fn load(b: &[u8]) -> f64 {
+        f64::from_le_bytes(b.try_into().expect("8 bytes"))
+    }
+    #[inline(always)]
+    fn store(v: f64, out: &mut [u8]) {
+        out.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Whether the lossy codecs can code tensors of `dtype` (the IEEE-style floats).
+pub fn lossy_capable(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
+}
+
+/// Calls `$f::<Elem>(args)` for a lossy-capable dtype; other dtypes are a caller bug.
+macro_rules! with_elem {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            safetensors::Dtype::BF16 => $f::<$crate::codec::float::Bf16>($($arg),*),
+            safetensors::Dtype::F16 => $f::<$crate::codec::float::F16>($($arg),*),
+            safetensors::Dtype::F32 => $f::<$crate::codec::float::F32>($($arg),*),
+            safetensors::Dtype::F64 => $f::<$crate::codec::float::F64>($($arg),*),
+            d => unreachable!("lossy codec on {d:?}"),
+        }
+    };
+}
+pub(crate) use with_elem;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ulps_match_the_formats() {
+        assert_eq!(Bf16::ulp(127), 2f64.powi(-7));
+        assert_eq!(F16::ulp(15), 2f64.powi(-10));
+        assert_eq!(F32::ulp(127), 2f64.powi(-23));
+        assert_eq!(F32::ulp(0), F32::ulp(1), "subnormals share the smallest normal spacing");
+        let one = half::bf16::from_f32(1.0).to_bits().to_le_bytes();
+        assert_eq!(Bf16::exponent(&one), 127);
+    }
+
+    #[test]
+    fn store_rounds_to_nearest_even() {
+        let mut b = [0u8; 2];
+        Bf16::store(1.0 + 2f64.powi(-8), &mut b);
+        assert_eq!(Bf16::load(&b), 1.0, "a tie rounds to the even neighbour");
+        Bf16::store(1.0 + 3.0 * 2f64.powi(-8), &mut b);
+        assert_eq!(Bf16::load(&b), 1.0 + 2f64.powi(-6));
+    }
+}

@@ -1,0 +1,182 @@
+//! An entropy coder for streams of unsigned integers under a few contexts.
+//!
+//! The lossy codecs produce integers (quantization codes, gaps between kept positions,
+//! signs, exact differences of kept values) rather than element pairs; this codes them with
+//! the exact codec's machinery: hybrid tokens (the value below 16, else its bit length and
+//! two more bits) rANS-coded per context, plus raw low bits. A stream is self-delimiting,
+//! so several can follow one another in one chunk payload.
+//!
+//! Stream layout: `n_words: varint, n_raw: varint, model (n_ctx contexts), words, raw bits`.
+//! The caller knows the number of values and of contexts; an empty stream is one byte pair.
+
+use super::bits::{BitReader, BitWriter};
+use super::exact::{max_token, tokenize, DecodeError, TokenTable};
+use super::rans::{self, DecoderTables, EncoderTables, Model};
+
+/// Most contexts one stream may use.
+pub const MAX_CONTEXTS: usize = 64;
+
+/// Appends the stream coding `values[i]` under context `contexts[i]` (`contexts` empty: all 0).
+///
+/// Every context must be `< n_ctx`.
+pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) {
+    assert!(
+        contexts.is_empty() || contexts.len() == values.len(),
+        "one context per value"
+    );
+    assert!((1..=MAX_CONTEXTS).contains(&n_ctx), "context count");
+    if values.is_empty() {
+        rans::put_varint(out, 0);
+        rans::put_varint(out, 0);
+        return;
+    }
+    let ctx = |i: usize| contexts.get(i).copied().unwrap_or(0);
+    let mut counts = vec![[0u32; 256]; n_ctx];
+    let mut symbols = Vec::with_capacity(values.len());
+    let mut bits = BitWriter::default();
+    for (i, &v) in values.iter().enumerate() {
+        let (tok, nb, raw) = tokenize(v);
+        counts[ctx(i) as usize][tok as usize] += 1;
+        symbols.push(tok);
+        bits.put(raw, nb);
+    }
+    let all_ctx: Vec<u8>;
+    let ctxs = if contexts.is_empty() {
+        all_ctx = vec![0; values.len()];
+        &all_ctx[..]
+    } else {
+        contexts
+    };
+    let model = Model::from_counts(&counts);
+    let tables = EncoderTables::new(&model);
+    let mut words = Vec::new();
+    let (states, len) = rans::encode(&tables, &symbols, ctxs, &mut words, true);
+    let raw = bits.finish();
+    rans::put_varint(out, rans::stream_words(len) as u64);
+    rans::put_varint(out, raw.len() as u64);
+    model.write(out);
+    rans::write_stream(states, &words[..len], out);
+    out.extend_from_slice(&raw);
+}
+
+/// Decodes a stream made by [`encode`] from the front of `input` into `out` (whose length
+/// is the number of values), with `context(i)` the context of value `i` (each `< n_ctx`).
+///
+/// The input is untrusted: any inconsistency is an error, never a panic. Values wider
+/// than `max_bits` bits are rejected.
+pub fn decode(
+    input: &mut &[u8],
+    n_ctx: usize,
+    max_bits: u32,
+    mut context: impl FnMut(usize) -> u8,
+    out: &mut [u64],
+) -> Result<(), DecodeError> {
+    let n_words = rans::get_varint(input).ok_or(DecodeError("bad word count"))?;
+    let n_raw = rans::get_varint(input).ok_or(DecodeError("bad raw-bit length"))?;
+    if out.is_empty() {
+        return match (n_words, n_raw) {
+            (0, 0) => Ok(()),
+            _ => Err(DecodeError("empty stream with content")),
+        };
+    }
+    let model = Model::read(input, n_ctx).ok_or(DecodeError("bad frequency table"))?;
+    if model.freqs.iter().any(|f| f.len() > max_token(max_bits) + 1) {
+        return Err(DecodeError("token out of range"));
+    }
+    let word_bytes = take_len(input, n_words.checked_mul(2))?;
+    let raw_bytes = take_len(&mut &input[word_bytes..], Some(n_raw))?;
+    let (words, rest) = input.split_at(word_bytes);
+    let (raw, rest) = rest.split_at(raw_bytes);
+    *input = rest;
+    let tables = DecoderTables::new(&model);
+    let expand = TokenTable::new();
+    let mut bits = BitReader::new(raw);
+    let (mut reader, mut st) = rans::WordReader::new(words);
+    let mut bad = 0u8;
+    for (i, o) in out.iter_mut().enumerate() {
+        let c = context(i) as usize;
+        if c >= n_ctx {
+            return Err(DecodeError("context out of range"));
+        }
+        let (base, nbits) = expand.get(tables.step(c, &mut st[i % rans::INTERLEAVE], &mut reader, &mut bad));
+        *o = base | bits.get(nbits);
+    }
+    super::exact::verdict(bad != 0, reader.finish(st) && bits.finish())
+}
+
+/// Checks that `len` bytes are available at the front of `input` and returns their count.
+fn take_len(input: &mut &[u8], len: Option<u64>) -> Result<usize, DecodeError> {
+    len.filter(|&b| b <= input.len() as u64)
+        .map(|b| b as usize)
+        .ok_or(DecodeError("stream past end of payload"))
+}
+
+/// Maps a signed integer to an unsigned one, small magnitudes to small values.
+#[inline(always)]
+pub fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// Inverse of [`zigzag`].
+#[inline(always)]
+pub fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(values: &[u64], contexts: &[u8], n_ctx: usize) -> usize {
+        let mut out = vec![7u8];
+        encode(values, contexts, n_ctx, &mut out);
+        out.push(9);
+        let mut input = &out[1..];
+        let mut got = vec![0u64; values.len()];
+        decode(
+            &mut input,
+            n_ctx,
+            64,
+            |i| contexts.get(i).copied().unwrap_or(0),
+            &mut got,
+        )
+        .expect("decodes");
+        assert_eq!(got, values);
+        assert_eq!(input, &[9], "the stream delimits itself");
+        out.len() - 2
+    }
+
+    proptest! {
+        #[test]
+        fn streams_round_trip(vals in proptest::collection::vec((any::<u64>(), 0u32..64, 0u8..5), 0..2000)) {
+            let values: Vec<u64> = vals.iter().map(|&(v, b, _)| v >> b).collect();
+            let contexts: Vec<u8> = vals.iter().map(|&(_, _, c)| c).collect();
+            round_trip(&values, &contexts, 5);
+            round_trip(&values, &[], 1);
+        }
+
+        #[test]
+        fn zigzag_round_trips(v in any::<i64>()) {
+            prop_assert_eq!(unzigzag(zigzag(v)), v);
+        }
+
+        #[test]
+        fn hostile_streams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), n in 0usize..300) {
+            let mut input = &bytes[..];
+            let mut out = vec![0u64; n];
+            let _ = decode(&mut input, 3, 64, |i| (i % 3) as u8, &mut out);
+        }
+    }
+
+    #[test]
+    fn skewed_binary_streams_cost_their_entropy() {
+        // 90 % zeros: about 0.47 bits per value.
+        let values: Vec<u64> = (0..100_000u64)
+            .map(|i| (i.wrapping_mul(2654435761) % 10 == 0) as u64)
+            .collect();
+        let bytes = round_trip(&values, &[], 1);
+        let bits_per_value = bytes as f64 * 8.0 / values.len() as f64;
+        assert!(bits_per_value < 0.5, "{bits_per_value}");
+    }
+}

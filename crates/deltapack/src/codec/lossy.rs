@@ -1,0 +1,1027 @@
+//! The lossy codecs: one chunk of a float tensor coded within an error, against the base.
+//!
+//! Every codec reconstructs `base + D'` in f64 and rounds it to the tensor's dtype, where
+//! `D'` approximates the delta `D = fine-tune - base`:
+//! - `quant`: `D' = code * step`, one step per tensor (`step`) or per group of elements
+//!   (`bits`: the group's largest change over `2^(bits-1) - 1`), codes entropy-coded under
+//!   the base value's exponent; with `bits`, the largest changes (`outliers`) are kept exactly.
+//!   In the `ulp` domain the step of each element is rounded to a whole number of the base
+//!   value's units in the last place, so `base + D'` lands on the dtype's grid instead of
+//!   being rounded to it (see `docs/CODECS.md` for the measurement that made it the default).
+//! - `sparse`: the changes with `|D| >= threshold` are kept (exactly, or quantized with
+//!   `step`), positions gap-coded; all others are dropped.
+//! - `dare`: a pseudo-random fraction `keep` of the changes, chosen by a hash of the seed
+//!   and the element index (no positions stored), kept exactly and rescaled by `1 / keep`.
+//! - `sign` / `sign-axis`: `D' = sign(D) * scale`, one scale per tensor or `row[i] * col[j]`.
+//!
+//! Elements whose base or fine-tune value is not finite are always kept exactly.
+//!
+//! Chunk payload: `exceptions, body`. Exceptions: `count: varint`, then (if any) a gap
+//! stream and a stream of exact differences (see [`super::ints`]). Bodies by codec:
+//! - quant: (`bits` only) one bf16 step per group; `ctx_lo: u16, ctx_hi: u16`; the codes of
+//!   all elements, zigzagged, under context `clamp(exponent(base), lo, hi) - lo`;
+//! - sparse: `count: varint`, a gap stream, then exact differences or zigzagged codes;
+//! - dare: the exact differences of the kept elements;
+//! - sign, sign-axis: one stream of signs (1 = negative).
+
+use serde::{Deserialize, Serialize};
+
+use super::exact::{from_ordered, mask, to_ordered, DecodeError};
+use super::float::{with_elem, Elem};
+use super::ints::{self, unzigzag, zigzag};
+use super::rans;
+
+/// A tensor's codec and settings, as recorded in the index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum TensorCodec {
+    /// Quantized deltas.
+    Quant {
+        /// One step for the whole tensor (absolute, in the weights' units).
+        step: Option<f32>,
+        /// Bits per code, with a step per group of `group` elements.
+        bits: Option<u8>,
+        /// Elements per group (a power of two) when `bits` is set.
+        group: u32,
+        /// Fraction of each chunk's largest changes kept exactly when `bits` is set.
+        outliers: f32,
+        /// Where the quantization grid lies.
+        domain: Domain,
+    },
+    /// Only the largest changes, positions gap-coded.
+    Sparse {
+        /// Changes with `|D| >= threshold` are kept.
+        threshold: f32,
+        /// Quantize kept changes with this step (ULP-snapped) instead of keeping them exactly.
+        step: Option<f32>,
+    },
+    /// Random drop and rescale (DARE): the mask comes from the seed.
+    Dare {
+        /// Probability that a change is kept.
+        keep: f32,
+        /// The tensor's mask seed.
+        seed: u64,
+    },
+    /// One bit per change and one scale for the tensor (BitDelta).
+    Sign {
+        /// The magnitude of every reconstructed change.
+        scale: f32,
+        /// Unchanged values stay unchanged (a third symbol, coded under the base exponent).
+        #[serde(default)]
+        zeros: bool,
+    },
+    /// One bit per change, scaled by `row[i] * col[j]` (vectors in the tensor's parameter blob).
+    SignAxis {
+        /// Rows (first dimension).
+        rows: u64,
+        /// Columns (product of the other dimensions).
+        cols: u64,
+        /// True when the fit was weighted by activation statistics.
+        calibrated: bool,
+        /// Unchanged values stay unchanged (a third symbol, coded under the base exponent).
+        #[serde(default)]
+        zeros: bool,
+    },
+}
+
+/// Where quantization steps lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Domain {
+    /// The step as given: `base + code * step` is then rounded to the dtype.
+    Value,
+    /// The step rounded to a whole number (at least one) of the base value's ULPs.
+    Ulp,
+}
+
+impl TensorCodec {
+    /// Short name (`quant`, `sparse`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            TensorCodec::Quant { .. } => "quant",
+            TensorCodec::Sparse { .. } => "sparse",
+            TensorCodec::Dare { .. } => "dare",
+            TensorCodec::Sign { .. } => "sign",
+            TensorCodec::SignAxis { .. } => "sign-axis",
+        }
+    }
+
+    /// The settings, as `key=value` pairs for reports.
+    pub fn setting(&self) -> String {
+        match self {
+            TensorCodec::Quant {
+                step: Some(s), domain, ..
+            } => format!("step={s:.3e},domain={}", domain_name(*domain)),
+            TensorCodec::Quant {
+                bits,
+                group,
+                outliers,
+                domain,
+                ..
+            } => format!(
+                "bits={},group={group},outliers={outliers},domain={}",
+                bits.unwrap_or(0),
+                domain_name(*domain)
+            ),
+            TensorCodec::Sparse { threshold, step } => match step {
+                Some(s) => format!("threshold={threshold:.3e},step={s:.3e}"),
+                None => format!("threshold={threshold:.3e}"),
+            },
+            TensorCodec::Dare { keep, seed } => format!("keep={keep},seed={seed}"),
+            TensorCodec::Sign { scale, zeros } => format!("scale={scale:.3e},zeros={zeros}"),
+            TensorCodec::SignAxis { calibrated, zeros, .. } => format!("calibrated={calibrated},zeros={zeros}"),
+        }
+    }
+
+    /// Checks the settings of an index entry for a tensor of `numel` elements; returns the
+    /// required byte length of its parameter blob (0: none).
+    pub fn validate(&self, numel: u64) -> Result<u64, String> {
+        let pos = |x: f32| x.is_finite() && x > 0.0;
+        match *self {
+            TensorCodec::Quant {
+                step,
+                bits,
+                group,
+                outliers,
+                ..
+            } => {
+                match (step, bits) {
+                    (Some(s), None) if pos(s) => {}
+                    (None, Some(2..=8)) if group.is_power_of_two() && (16..=1 << 16).contains(&group) => {}
+                    _ => return Err("quant needs a positive step, or 2..8 bits and a power-of-two group".into()),
+                }
+                if !(0.0..=0.5).contains(&outliers) {
+                    return Err("quant outlier fraction outside 0..0.5".into());
+                }
+                Ok(0)
+            }
+            TensorCodec::Sparse { threshold, step } => {
+                if !(threshold.is_finite() && threshold >= 0.0) || step.is_some_and(|s| !pos(s)) {
+                    return Err("sparse needs a finite threshold and a positive step".into());
+                }
+                Ok(0)
+            }
+            TensorCodec::Dare { keep, .. } if keep > 0.0 && keep <= 1.0 => Ok(0),
+            TensorCodec::Dare { .. } => Err("dare keep fraction outside (0, 1]".into()),
+            TensorCodec::Sign { scale, .. } if scale.is_finite() && scale >= 0.0 => Ok(0),
+            TensorCodec::Sign { .. } => Err("sign scale is not a finite non-negative number".into()),
+            TensorCodec::SignAxis { rows, cols, .. } => {
+                if rows.checked_mul(cols) != Some(numel) || numel == 0 {
+                    return Err("sign-axis rows x cols differs from the element count".into());
+                }
+                rows.checked_add(cols)
+                    .and_then(|n| n.checked_mul(4))
+                    .ok_or_else(|| "sign-axis vectors overflow".into())
+            }
+        }
+    }
+}
+
+fn domain_name(d: Domain) -> &'static str {
+    match d {
+        Domain::Value => "value",
+        Domain::Ulp => "ulp",
+    }
+}
+
+/// Per-row and per-column scales of `sign-axis`, for the rows a chunk touches.
+#[derive(Debug, Clone, Copy)]
+pub struct AxisScales<'a> {
+    /// Scales of rows `first_row..`, as many as the chunk touches.
+    pub rows: &'a [f32],
+    /// Index of `rows[0]`.
+    pub first_row: u64,
+    /// All column scales.
+    pub cols: &'a [f32],
+}
+
+/// What a chunk coder needs besides the bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkParams<'a> {
+    /// The tensor's codec.
+    pub codec: &'a TensorCodec,
+    /// Index of the chunk's first element within the tensor.
+    pub first: u64,
+    /// Scales of `sign-axis`.
+    pub axis: Option<AxisScales<'a>>,
+}
+
+/// Encodes one chunk (`base` and `target` of the same float dtype and length); returns the
+/// payload and writes to `recon` exactly what [`decode`] will rebuild from it.
+pub fn encode(dtype: safetensors::Dtype, p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8> {
+    assert_eq!(base.len(), target.len(), "base and target lengths differ");
+    assert_eq!(base.len(), recon.len(), "base and output lengths differ");
+    with_elem!(dtype, encode_impl(p, base, target, recon))
+}
+
+/// Decodes a payload made by [`encode`] into `out`, given the same base bytes and params.
+///
+/// The payload is untrusted: any inconsistency is an error, never a panic.
+pub fn decode(
+    dtype: safetensors::Dtype,
+    p: &ChunkParams,
+    base: &[u8],
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
+    assert_eq!(base.len(), out.len(), "base and output lengths differ");
+    with_elem!(dtype, decode_impl(p, base, payload, out))
+}
+
+/// The exact difference of two elements as the exact codec defines it (ordered, zigzagged).
+#[inline(always)]
+fn exact_diff<E: Elem>(b: &[u8], t: &[u8]) -> u64 {
+    let bits = 8 * E::WIDTH as u32;
+    let d = to_ordered(E::bits(t), bits, true).wrapping_sub(to_ordered(E::bits(b), bits, true));
+    super::exact::zigzag(d & mask(bits), bits)
+}
+
+#[inline(always)]
+fn apply_exact<E: Elem>(b: &[u8], z: u64, out: &mut [u8]) {
+    let bits = 8 * E::WIDTH as u32;
+    let o = to_ordered(E::bits(b), bits, true).wrapping_add(super::exact::unzigzag(z & mask(bits), bits)) & mask(bits);
+    out.copy_from_slice(&from_ordered(o, bits, true).to_le_bytes()[..E::WIDTH]);
+}
+
+/// Largest code magnitude a quantizer emits; beyond it the element is kept exactly.
+const MAX_CODE: f64 = (1u64 << 40) as f64;
+
+/// Codes a sorted set of positions and one value per position.
+fn put_set(positions: &[u32], values: &[u64], out: &mut Vec<u8>) {
+    rans::put_varint(out, positions.len() as u64);
+    if positions.is_empty() {
+        return;
+    }
+    let mut prev: Option<u32> = None;
+    let gaps: Vec<u64> = positions
+        .iter()
+        .map(|&p| {
+            let g = prev.map_or(p, |q| p - q - 1) as u64;
+            prev = Some(p);
+            g
+        })
+        .collect();
+    ints::encode(&gaps, &[], 1, out);
+    ints::encode(values, &[], 1, out);
+}
+
+/// Reads a set written by [`put_set`] for a chunk of `n` elements.
+fn get_set(input: &mut &[u8], n: usize, max_bits: u32) -> Result<(Vec<u32>, Vec<u64>), DecodeError> {
+    let count = rans::get_varint(input).ok_or(DecodeError("bad set size"))?;
+    if count > n as u64 {
+        return Err(DecodeError("more kept elements than the chunk has"));
+    }
+    if count == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mut gaps = vec![0u64; count as usize];
+    ints::decode(input, 1, 64, |_| 0, &mut gaps)?;
+    let mut positions = Vec::with_capacity(gaps.len());
+    let mut next = 0u64;
+    for g in gaps {
+        let p = next
+            .checked_add(g)
+            .filter(|&p| p < n as u64)
+            .ok_or(DecodeError("position past the chunk"))?;
+        positions.push(p as u32);
+        next = p + 1;
+    }
+    let mut values = vec![0u64; count as usize];
+    ints::decode(input, 1, max_bits, |_| 0, &mut values)?;
+    Ok((positions, values))
+}
+
+/// Exponent contexts of a quantized chunk: the top 16 exponents present in the base.
+fn context_range<E: Elem>(base: &[u8]) -> (u16, u16) {
+    let mut seen = [false; 2048];
+    for b in base.chunks_exact(E::WIDTH) {
+        seen[E::exponent(b) as usize & 2047] = true;
+    }
+    let hi = seen.iter().rposition(|&s| s).unwrap_or(0);
+    let lo = seen.iter().position(|&s| s).unwrap_or(0).max(hi.saturating_sub(15));
+    (lo as u16, hi as u16)
+}
+
+/// Exponent context of each element of a chunk under the range `lo..=hi`.
+fn contexts<E: Elem>(base: &[u8], (lo, hi): (u16, u16)) -> Vec<u8> {
+    base.chunks_exact(E::WIDTH)
+        .map(|b| (E::exponent(b).clamp(lo as u32, hi as u32) - lo as u32) as u8)
+        .collect()
+}
+
+fn read_context_range<E: Elem>(input: &mut &[u8]) -> Result<(u16, u16), DecodeError> {
+    let lo = super::exact::read_u16(input)?;
+    let hi = super::exact::read_u16(input)?;
+    if lo > hi || hi - lo >= 16 || hi as u32 >= 1 << E::EXP {
+        return Err(DecodeError("context range out of bounds"));
+    }
+    Ok((lo, hi))
+}
+
+/// Keep-mask of DARE: element `i` of a tensor is kept when a hash of `(seed, i)` falls below `keep`.
+pub fn dare_kept(seed: u64, index: u64, keep: f32) -> bool {
+    // SplitMix64's finaliser: a stateless, well-mixed hash, so any element's fate is
+    // computable alone and identical on every machine.
+    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 11) as f64) < keep as f64 * (1u64 << 53) as f64
+}
+
+/// The step an element gets in `domain`: `step`, or `step` in whole ULPs of the base value.
+#[inline(always)]
+fn element_step(domain: Domain, step: f64, ulp: f64) -> f64 {
+    match domain {
+        Domain::Value => step,
+        Domain::Ulp => (step / ulp).round().max(1.0) * ulp,
+    }
+}
+
+/// A sign codec's magnitude. When unchanged values are coded apart (`zeros`), a coded sign
+/// says the value moved: the magnitude becomes a whole number of the base value's ULPs, at
+/// least one, so that magnitudes under half a ULP (common in bf16) do not round back to the
+/// base value. Otherwise it is used as is.
+#[inline(always)]
+fn snap<E: Elem>(zeros: bool, m: f64, b: &[u8], ulps: &[f64]) -> f64 {
+    if m == 0.0 || !zeros {
+        return m;
+    }
+    element_step(Domain::Ulp, m, ulps[E::exponent(b) as usize])
+}
+
+fn ulp_table<E: Elem>() -> Vec<f64> {
+    (0..1u32 << E::EXP).map(E::ulp).collect()
+}
+
+/// A chunk between its streams and its reconstruction: the encoder computes it from the
+/// data, the decoder reads it from the payload, and both rebuild from it with the same code.
+struct Symbols {
+    /// Elements rebuilt exactly, and their exact differences.
+    exceptions: Vec<u32>,
+    exc_values: Vec<u64>,
+    body: Body,
+}
+
+enum Body {
+    /// Per-group steps (`bits` mode: bf16 bits; empty with one `step`), context range, zigzagged codes.
+    Quant {
+        group_steps: Vec<u16>,
+        range: (u16, u16),
+        codes: Vec<u64>,
+    },
+    /// Kept positions, with exact differences or zigzagged codes.
+    Sparse { kept: Vec<u32>, values: Vec<u64> },
+    /// Exact differences of the elements the mask keeps.
+    Dare { values: Vec<u64> },
+    /// 0 = +, 1 = -, 2 = unchanged; with unchanged values coded apart, the context range.
+    Sign { range: Option<(u16, u16)>, signs: Vec<u64> },
+}
+
+fn encode_impl<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8> {
+    let sym = analyse::<E>(p, base, target);
+    let mut out = Vec::new();
+    write_symbols::<E>(&sym, base, &mut out);
+    rebuild::<E>(p, base, &sym, recon).expect("symbols computed from the data rebuild");
+    out
+}
+
+fn decode_impl<E: Elem>(p: &ChunkParams, base: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    let mut input = payload;
+    let sym = read_symbols::<E>(p, base, &mut input)?;
+    if !input.is_empty() {
+        return Err(DecodeError("payload longer than its content"));
+    }
+    rebuild::<E>(p, base, &sym, out)
+}
+
+/// Computes a chunk's symbols from the data.
+fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
+    let w = E::WIDTH;
+    let n = base.len() / w;
+    let el = |i: usize| (&base[i * w..(i + 1) * w], &target[i * w..(i + 1) * w]);
+    let delta = |i: usize| {
+        let (b, t) = el(i);
+        E::load(t) - E::load(b)
+    };
+    let mut exceptions: Vec<u32> = (0..n)
+        .filter(|&i| {
+            let (b, t) = el(i);
+            !(E::load(b).is_finite() && E::load(t).is_finite())
+        })
+        .map(|i| i as u32)
+        .collect();
+    let body = match *p.codec {
+        TensorCodec::Quant {
+            step,
+            bits,
+            group,
+            outliers,
+            domain,
+        } => {
+            let group = if step.is_some() { n.max(1) } else { group as usize };
+            if bits.is_some() && outliers > 0.0 {
+                exceptions = merge(&exceptions, &largest::<E>(base, target, outliers));
+            }
+            let is_exc = membership(&exceptions, n);
+            let group_steps: Vec<u16> = match bits {
+                Some(b) if step.is_none() => {
+                    let levels = ((1u32 << (b - 1)) - 1) as f64;
+                    (0..n.div_ceil(group))
+                        .map(|g| {
+                            let r = g * group..((g + 1) * group).min(n);
+                            let m = r.filter(|&i| !is_exc[i]).map(|i| delta(i).abs()).fold(0.0, f64::max);
+                            half::bf16::from_f64(m / levels).to_bits()
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            let steps = step_of(step, &group_steps);
+            let ulps = ulp_table::<E>();
+            let mut codes = vec![0u64; n];
+            for i in 0..n {
+                let (b, _) = el(i);
+                let s = element_step(domain, steps(i / group), ulps[E::exponent(b) as usize]);
+                if is_exc[i] || s == 0.0 {
+                    continue;
+                }
+                let c = (delta(i) / s).round();
+                if c.abs() >= MAX_CODE {
+                    exceptions.push(i as u32);
+                    continue;
+                }
+                codes[i] = zigzag(c as i64);
+            }
+            drop(steps);
+            exceptions.sort_unstable();
+            for &i in &exceptions {
+                codes[i as usize] = 0;
+            }
+            Body::Quant {
+                group_steps,
+                range: context_range::<E>(base),
+                codes,
+            }
+        }
+        TensorCodec::Sparse { threshold, step } => {
+            let is_exc = membership(&exceptions, n);
+            let kept: Vec<u32> = (0..n)
+                .filter(|&i| !is_exc[i] && (delta(i).abs() as f32) >= threshold)
+                .map(|i| i as u32)
+                .collect();
+            let ulps = ulp_table::<E>();
+            let values = kept
+                .iter()
+                .map(|&i| {
+                    let (b, t) = el(i as usize);
+                    match step {
+                        None => exact_diff::<E>(b, t),
+                        Some(s) => {
+                            let s = element_step(Domain::Ulp, s as f64, ulps[E::exponent(b) as usize]);
+                            zigzag((delta(i as usize) / s).round().clamp(-MAX_CODE, MAX_CODE) as i64)
+                        }
+                    }
+                })
+                .collect();
+            Body::Sparse { kept, values }
+        }
+        TensorCodec::Dare { keep, seed } => {
+            let is_exc = membership(&exceptions, n);
+            let values = (0..n)
+                .filter(|&i| !is_exc[i] && dare_kept(seed, p.first + i as u64, keep))
+                .map(|i| {
+                    let (b, t) = el(i);
+                    exact_diff::<E>(b, t)
+                })
+                .collect();
+            Body::Dare { values }
+        }
+        TensorCodec::Sign { zeros, .. } | TensorCodec::SignAxis { zeros, .. } => {
+            let signs = (0..n)
+                .map(|i| {
+                    let d = delta(i);
+                    if zeros && d == 0.0 {
+                        2
+                    } else {
+                        (d < 0.0) as u64
+                    }
+                })
+                .collect();
+            Body::Sign {
+                range: zeros.then(|| context_range::<E>(base)),
+                signs,
+            }
+        }
+    };
+    let exc_values = exceptions
+        .iter()
+        .map(|&i| {
+            let (b, t) = el(i as usize);
+            exact_diff::<E>(b, t)
+        })
+        .collect();
+    Symbols {
+        exceptions,
+        exc_values,
+        body,
+    }
+}
+
+/// The step of group `g`: the tensor's one step, or the group's stored bf16 step.
+fn step_of<'a>(step: Option<f32>, group_steps: &'a [u16]) -> impl Fn(usize) -> f64 + 'a {
+    move |g| match step {
+        Some(s) => s as f64,
+        None => half::bf16::from_bits(group_steps[g]).to_f64(),
+    }
+}
+
+fn write_symbols<E: Elem>(sym: &Symbols, base: &[u8], out: &mut Vec<u8>) {
+    put_set(&sym.exceptions, &sym.exc_values, out);
+    match &sym.body {
+        Body::Quant {
+            group_steps,
+            range,
+            codes,
+        } => {
+            out.extend(group_steps.iter().flat_map(|s| s.to_le_bytes()));
+            out.extend_from_slice(&range.0.to_le_bytes());
+            out.extend_from_slice(&range.1.to_le_bytes());
+            ints::encode(codes, &contexts::<E>(base, *range), 16, out);
+        }
+        Body::Sparse { kept, values } => put_set(kept, values, out),
+        Body::Dare { values } => ints::encode(values, &[], 1, out),
+        Body::Sign { range: None, signs } => ints::encode(signs, &[], 1, out),
+        Body::Sign {
+            range: Some(range),
+            signs,
+        } => {
+            // Stored: 0 = unchanged, 1 = +, 2 = -: the common symbol gets the small token.
+            let stored: Vec<u64> = signs.iter().map(|&s| (s + 1) % 3).collect();
+            out.extend_from_slice(&range.0.to_le_bytes());
+            out.extend_from_slice(&range.1.to_le_bytes());
+            ints::encode(&stored, &contexts::<E>(base, *range), 16, out);
+        }
+    }
+}
+
+fn read_symbols<E: Elem>(p: &ChunkParams, base: &[u8], input: &mut &[u8]) -> Result<Symbols, DecodeError> {
+    let w = E::WIDTH;
+    let n = base.len() / w;
+    let (exceptions, exc_values) = get_set(input, n, 8 * w as u32 + 1)?;
+    let body = match *p.codec {
+        TensorCodec::Quant { step, group, .. } => {
+            let group_steps = match step {
+                Some(_) => Vec::new(),
+                None => {
+                    let need = n.div_ceil(group as usize) * 2;
+                    let raw = input.get(..need).ok_or(DecodeError("group steps truncated"))?;
+                    *input = &input[need..];
+                    raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+                }
+            };
+            let range = read_context_range::<E>(input)?;
+            let ctx = contexts::<E>(base, range);
+            let mut codes = vec![0u64; n];
+            ints::decode(input, 16, 64, |i| ctx[i], &mut codes)?;
+            Body::Quant {
+                group_steps,
+                range,
+                codes,
+            }
+        }
+        TensorCodec::Sparse { .. } => {
+            let (kept, values) = get_set(input, n, 64)?;
+            Body::Sparse { kept, values }
+        }
+        TensorCodec::Dare { keep, seed } => {
+            let is_exc = membership(&exceptions, n);
+            let count = (0..n)
+                .filter(|&i| !is_exc[i] && dare_kept(seed, p.first + i as u64, keep))
+                .count();
+            let mut values = vec![0u64; count];
+            ints::decode(input, 1, 8 * w as u32 + 1, |_| 0, &mut values)?;
+            Body::Dare { values }
+        }
+        TensorCodec::Sign { zeros, .. } | TensorCodec::SignAxis { zeros, .. } => {
+            let mut signs = vec![0u64; n];
+            if zeros {
+                let range = read_context_range::<E>(input)?;
+                let ctx = contexts::<E>(base, range);
+                ints::decode(input, 16, 8, |i| ctx[i], &mut signs)?;
+                signs.iter_mut().for_each(|s| *s = (*s + 2) % 3);
+                Body::Sign {
+                    range: Some(range),
+                    signs,
+                }
+            } else {
+                ints::decode(input, 1, 8, |_| 0, &mut signs)?;
+                Body::Sign { range: None, signs }
+            }
+        }
+    };
+    Ok(Symbols {
+        exceptions,
+        exc_values,
+        body,
+    })
+}
+
+/// Rebuilds a chunk from its symbols. Symbols read from a payload are untrusted: any
+/// inconsistency is an error, never a panic.
+fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8]) -> Result<(), DecodeError> {
+    let w = E::WIDTH;
+    let n = base.len() / w;
+    let ulps = ulp_table::<E>();
+    let b_at = |i: usize| &base[i * w..(i + 1) * w];
+    match (&sym.body, p.codec) {
+        (
+            Body::Quant { group_steps, codes, .. },
+            &TensorCodec::Quant {
+                step, group, domain, ..
+            },
+        ) => {
+            let group = if step.is_some() { n.max(1) } else { group as usize };
+            if step.is_none() && group_steps.len() != n.div_ceil(group) {
+                return Err(DecodeError("wrong number of group steps"));
+            }
+            let steps = step_of(step, group_steps);
+            for (i, (&c, o)) in codes.iter().zip(out.chunks_exact_mut(w)).enumerate() {
+                let b = b_at(i);
+                let s = element_step(domain, steps(i / group), ulps[E::exponent(b) as usize]);
+                let d = if s == 0.0 { 0.0 } else { unzigzag(c) as f64 * s };
+                E::store(E::load(b) + d, o);
+            }
+        }
+        (Body::Sparse { kept, values }, &TensorCodec::Sparse { step, .. }) => {
+            out.copy_from_slice(base);
+            for (&i, &v) in kept.iter().zip(values) {
+                let i = i as usize;
+                let (b, o) = (b_at(i), &mut out[i * w..(i + 1) * w]);
+                match step {
+                    None => apply_exact::<E>(b, v, o),
+                    Some(s) => {
+                        let s = element_step(Domain::Ulp, s as f64, ulps[E::exponent(b) as usize]);
+                        E::store(E::load(b) + unzigzag(v) as f64 * s, o);
+                    }
+                }
+            }
+        }
+        (Body::Dare { values }, &TensorCodec::Dare { keep, seed }) => {
+            out.copy_from_slice(base);
+            let is_exc = membership(&sym.exceptions, n);
+            let kept = (0..n).filter(|&i| !is_exc[i] && dare_kept(seed, p.first + i as u64, keep));
+            let mut t = [0u8; 8];
+            for (i, &v) in kept.zip(values) {
+                let b = b_at(i);
+                apply_exact::<E>(b, v, &mut t[..w]);
+                let d = E::load(&t[..w]) - E::load(b);
+                E::store(E::load(b) + d / keep as f64, &mut out[i * w..(i + 1) * w]);
+            }
+        }
+        (Body::Sign { signs, .. }, codec) => {
+            let (zeros, axis) = match *codec {
+                TensorCodec::Sign { scale, zeros } => (zeros, Err(scale as f64)),
+                TensorCodec::SignAxis { cols, zeros, .. } => (
+                    zeros,
+                    Ok((p.axis.ok_or(DecodeError("sign-axis without scales"))?, cols)),
+                ),
+                _ => return Err(DecodeError("symbols of another codec")),
+            };
+            for (i, (&s, o)) in signs.iter().zip(out.chunks_exact_mut(w)).enumerate() {
+                let b = b_at(i);
+                let m = match axis {
+                    Err(scale) => scale,
+                    Ok((a, cols)) => {
+                        let g = p.first + i as u64;
+                        let r = (g / cols).checked_sub(a.first_row).map(|r| r as usize);
+                        let rs = r.and_then(|r| a.rows.get(r));
+                        let cs = a.cols.get((g % cols) as usize);
+                        let (Some(&rs), Some(&cs)) = (rs, cs) else {
+                            return Err(DecodeError("sign-axis scales do not cover the chunk"));
+                        };
+                        rs as f64 * cs as f64
+                    }
+                };
+                let m = snap::<E>(zeros, m, b, &ulps);
+                let v = match s {
+                    0 => E::load(b) + m,
+                    1 => E::load(b) - m,
+                    _ => E::load(b),
+                };
+                E::store(v, o);
+            }
+        }
+        _ => return Err(DecodeError("symbols of another codec")),
+    }
+    for (&i, &v) in sym.exceptions.iter().zip(&sym.exc_values) {
+        let i = i as usize;
+        apply_exact::<E>(b_at(i), v, &mut out[i * w..(i + 1) * w]);
+    }
+    Ok(())
+}
+
+/// Positions of the `fraction` largest finite changes of a chunk (ties: lower index first).
+fn largest<E: Elem>(base: &[u8], target: &[u8], fraction: f32) -> Vec<u32> {
+    let w = E::WIDTH;
+    let mut keyed: Vec<(u64, u32)> = base
+        .chunks_exact(w)
+        .zip(target.chunks_exact(w))
+        .enumerate()
+        .filter_map(|(i, (b, t))| {
+            let d = (E::load(t) - E::load(b)).abs();
+            // Descending magnitude as an ascending key; non-finite changes never qualify.
+            d.is_finite().then(|| (!d.to_bits(), i as u32))
+        })
+        .collect();
+    let m = (fraction as f64 * keyed.len() as f64) as usize;
+    if m == 0 {
+        return Vec::new();
+    }
+    keyed.select_nth_unstable(m - 1);
+    let mut top: Vec<u32> = keyed[..m].iter().map(|&(_, i)| i).collect();
+    top.sort_unstable();
+    top
+}
+
+fn merge(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut m: Vec<u32> = a.iter().chain(b).copied().collect();
+    m.sort_unstable();
+    m.dedup();
+    m
+}
+
+fn membership(positions: &[u32], n: usize) -> Vec<bool> {
+    let mut m = vec![false; n];
+    for &p in positions {
+        m[p as usize] = true;
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use safetensors::Dtype;
+
+    /// bf16 weights ~ N(0, 0.02)-ish and a Gaussian-ish delta of scale `sigma`.
+    fn pair(seed: u64, n: usize, sigma: f32) -> (Vec<u8>, Vec<u8>) {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f32 / (1u64 << 53) as f32
+        };
+        let mut normal = || (0..12).map(|_| uniform()).sum::<f32>() - 6.0;
+        let (mut b, mut t) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let w = 0.02 * normal();
+            let d = sigma * normal();
+            b.extend_from_slice(&half::bf16::from_f32(w).to_bits().to_le_bytes());
+            t.extend_from_slice(&half::bf16::from_f32(w + d).to_bits().to_le_bytes());
+        }
+        (b, t)
+    }
+
+    fn codecs() -> Vec<TensorCodec> {
+        vec![
+            TensorCodec::Quant {
+                step: Some(2e-4),
+                bits: None,
+                group: 128,
+                outliers: 0.0,
+                domain: Domain::Ulp,
+            },
+            TensorCodec::Quant {
+                step: Some(2e-4),
+                bits: None,
+                group: 128,
+                outliers: 0.0,
+                domain: Domain::Value,
+            },
+            TensorCodec::Quant {
+                step: None,
+                bits: Some(3),
+                group: 64,
+                outliers: 0.01,
+                domain: Domain::Ulp,
+            },
+            TensorCodec::Sparse {
+                threshold: 1e-3,
+                step: None,
+            },
+            TensorCodec::Sparse {
+                threshold: 1e-3,
+                step: Some(1e-4),
+            },
+            TensorCodec::Dare { keep: 0.3, seed: 7 },
+            TensorCodec::Sign {
+                scale: 8e-4,
+                zeros: false,
+            },
+            TensorCodec::Sign {
+                scale: 8e-4,
+                zeros: true,
+            },
+        ]
+    }
+
+    fn params(codec: &TensorCodec) -> ChunkParams<'_> {
+        ChunkParams {
+            codec,
+            first: 0,
+            axis: None,
+        }
+    }
+
+    fn round_trip(dtype: Dtype, p: &ChunkParams, b: &[u8], t: &[u8]) -> (Vec<u8>, usize) {
+        let mut recon = vec![0u8; t.len()];
+        let payload = encode(dtype, p, b, t, &mut recon);
+        let mut out = vec![0u8; t.len()];
+        decode(dtype, p, b, &payload, &mut out).expect("decodes");
+        assert_eq!(out, recon, "{:?}: decode rebuilds what encode promised", p.codec);
+        (out, payload.len())
+    }
+
+    fn rel_error(b: &[u8], t: &[u8], r: &[u8]) -> f64 {
+        let v = |x: &[u8], i: usize| half::bf16::from_le_bytes([x[2 * i], x[2 * i + 1]]).to_f64();
+        let (mut e, mut d) = (0.0, 0.0);
+        for i in 0..b.len() / 2 {
+            e += (v(r, i) - v(t, i)).powi(2);
+            d += (v(t, i) - v(b, i)).powi(2);
+        }
+        (e / d).sqrt()
+    }
+
+    #[test]
+    fn every_codec_round_trips_and_rebuilds_what_it_promised() {
+        let (b, t) = pair(1, 5000, 1e-3);
+        for c in codecs() {
+            round_trip(Dtype::BF16, &params(&c), &b, &t);
+        }
+    }
+
+    #[test]
+    fn quantization_error_follows_the_step() {
+        let (b, t) = pair(2, 50_000, 1e-3);
+        for domain in [Domain::Value, Domain::Ulp] {
+            let c = TensorCodec::Quant {
+                step: Some(3.5e-4),
+                bits: None,
+                group: 128,
+                outliers: 0.0,
+                domain,
+            };
+            let (r, _) = round_trip(Dtype::BF16, &params(&c), &b, &t);
+            let e = rel_error(&b, &t, &r);
+            // A uniform quantizer's error is step / sqrt(12) = 0.10 of this delta, plus the
+            // grid's rounding in the value domain.
+            assert!(e < 0.13, "{domain:?}: {e}");
+            assert!(e > 0.05, "{domain:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn more_bits_cost_more_and_err_less() {
+        let (b, t) = pair(3, 50_000, 1e-3);
+        let mut last = (0usize, f64::MAX);
+        for bits in [2, 4, 6] {
+            let c = TensorCodec::Quant {
+                step: None,
+                bits: Some(bits),
+                group: 128,
+                outliers: 0.001,
+                domain: Domain::Ulp,
+            };
+            let (r, len) = round_trip(Dtype::BF16, &params(&c), &b, &t);
+            let e = rel_error(&b, &t, &r);
+            assert!(len > last.0 && e < last.1, "{bits} bits: {len} B, error {e}");
+            last = (len, e);
+        }
+    }
+
+    #[test]
+    fn sparse_keeps_exactly_the_large_changes() {
+        let (b, t) = pair(4, 20_000, 1e-3);
+        let c = TensorCodec::Sparse {
+            threshold: 1.5e-3,
+            step: None,
+        };
+        let (r, _) = round_trip(Dtype::BF16, &params(&c), &b, &t);
+        for i in 0..b.len() / 2 {
+            let v = |x: &[u8]| half::bf16::from_le_bytes([x[2 * i], x[2 * i + 1]]).to_f64();
+            let big = ((v(&t) - v(&b)).abs() as f32) >= 1.5e-3;
+            assert_eq!(v(&r), if big { v(&t) } else { v(&b) }, "element {i}");
+        }
+    }
+
+    #[test]
+    fn dare_masks_come_from_the_seed() {
+        let kept = |seed| {
+            (0..100_000u64)
+                .filter(|&i| dare_kept(seed, i, 0.25))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept(5), kept(5), "the same seed gives the same mask");
+        assert_ne!(kept(5), kept(6));
+        let frac = kept(5).len() as f64 / 100_000.0;
+        assert!((frac - 0.25).abs() < 0.01, "{frac}");
+        // Decoding needs only the seed: the payload holds no positions, and a chunk's mask
+        // depends on its place in the tensor.
+        let (b, t) = pair(5, 4000, 1e-3);
+        let c = TensorCodec::Dare { keep: 0.25, seed: 9 };
+        let p = ChunkParams {
+            codec: &c,
+            first: 4000,
+            axis: None,
+        };
+        let (r, _) = round_trip(Dtype::BF16, &p, &b, &t);
+        let changed = (0..4000)
+            .filter(|&i| r[2 * i..2 * i + 2] != b[2 * i..2 * i + 2])
+            .count();
+        let moved = (0..4000u64)
+            .filter(|&i| {
+                dare_kept(9, 4000 + i, 0.25)
+                    && t[2 * i as usize..2 * i as usize + 2] != b[2 * i as usize..2 * i as usize + 2]
+            })
+            .count();
+        assert_eq!(changed, moved);
+    }
+
+    #[test]
+    fn sign_axis_scales_each_row_and_column() {
+        let (b, t) = pair(6, 64 * 32, 1e-3);
+        let c = TensorCodec::SignAxis {
+            rows: 64,
+            cols: 32,
+            calibrated: false,
+            zeros: false,
+        };
+        let rows: Vec<f32> = (0..64).map(|i| 1e-3 * (1.0 + i as f32 / 64.0)).collect();
+        let cols: Vec<f32> = (0..32).map(|j| 0.5 + j as f32 / 32.0).collect();
+        let p = ChunkParams {
+            codec: &c,
+            first: 0,
+            axis: Some(AxisScales {
+                rows: &rows,
+                first_row: 0,
+                cols: &cols,
+            }),
+        };
+        let (r, _) = round_trip(Dtype::BF16, &p, &b, &t);
+        let v = |x: &[u8], i: usize| half::bf16::from_le_bytes([x[2 * i], x[2 * i + 1]]).to_f64();
+        let i = 5 * 32 + 7;
+        let m = rows[5] as f64 * cols[7] as f64;
+        let want = v(&b, i) + if v(&t, i) < v(&b, i) { -m } else { m };
+        assert_eq!(half::bf16::from_f64(want).to_f64(), v(&r, i));
+        let short = ChunkParams {
+            axis: Some(AxisScales {
+                rows: &rows[..10],
+                first_row: 0,
+                cols: &cols,
+            }),
+            ..p
+        };
+        let mut recon = vec![0u8; t.len()];
+        let payload = encode(Dtype::BF16, &p, &b, &t, &mut recon);
+        assert!(
+            decode(Dtype::BF16, &short, &b, &payload, &mut recon).is_err(),
+            "scales must cover the chunk"
+        );
+    }
+
+    #[test]
+    fn non_finite_values_are_kept_exactly() {
+        let (mut b, mut t) = pair(7, 1000, 1e-3);
+        t[20..22].copy_from_slice(&half::bf16::NAN.to_bits().to_le_bytes());
+        b[40..42].copy_from_slice(&half::bf16::INFINITY.to_bits().to_le_bytes());
+        for c in codecs() {
+            let (r, _) = round_trip(Dtype::BF16, &params(&c), &b, &t);
+            assert_eq!(r[20..22], t[20..22], "{c:?}");
+            assert_eq!(r[40..42], t[40..42], "{c:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn f32_and_f16_round_trip(seed in 0u64..1000, n in 1usize..600) {
+            let (b16, t16) = pair(seed, n, 1e-3);
+            let widen = |x: &[u8]| x.chunks_exact(2).flat_map(|e| half::bf16::from_le_bytes([e[0], e[1]]).to_f32().to_le_bytes()).collect::<Vec<u8>>();
+            let narrow = |x: &[u8]| x.chunks_exact(2).flat_map(|e| half::f16::from_f32(half::bf16::from_le_bytes([e[0], e[1]]).to_f32()).to_bits().to_le_bytes()).collect::<Vec<u8>>();
+            for c in codecs() {
+                round_trip(Dtype::F32, &params(&c), &widen(&b16), &widen(&t16));
+                round_trip(Dtype::F16, &params(&c), &narrow(&b16), &narrow(&t16));
+            }
+        }
+
+        #[test]
+        fn hostile_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), which in 0usize..8) {
+            let (b, _) = pair(8, 100, 1e-3);
+            let c = &codecs()[which];
+            let mut out = vec![0u8; b.len()];
+            let _ = decode(Dtype::BF16, &params(c), &b, &bytes, &mut out);
+        }
+    }
+}

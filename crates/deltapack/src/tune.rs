@@ -1,0 +1,1253 @@
+//! Choosing each tensor's codec and settings: what the user asked for, the statistics and
+//! fits the lossy codecs need, and the search for the cheapest setting within an error budget.
+//!
+//! Every pass here streams the tensor in fixed blocks of rows, runs the blocks of a window
+//! in parallel and adds their results up in block order, so every choice and every stored
+//! number is the same for any thread count.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+use serde::Serialize;
+
+use crate::codec::float::{with_elem, Elem};
+use crate::codec::lossy::{self, AxisScales, ChunkParams, Domain, TensorCodec};
+use crate::codec::{exact, float};
+use crate::{dtype, Error, Result};
+
+/// A codec as the user names it, settings optional (`quant:bits=4`, `sparse:keep=0.1`, `auto`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CodecSpec {
+    /// Bit-exact.
+    Exact,
+    /// Quantized deltas: `bits` with groups, or one `step`; neither: the budget decides, else 4 bits.
+    Quant {
+        /// Bits per code (2..8), with a step per group.
+        bits: Option<u8>,
+        /// One absolute step for the tensor.
+        step: Option<f64>,
+        /// Elements per group with `bits` (power of two).
+        group: u32,
+        /// Fraction of each chunk's largest changes kept exactly with `bits`.
+        outliers: f32,
+        /// Where the quantization grid lies.
+        domain: Domain,
+    },
+    /// The largest changes: a fraction `keep`, or all with `|D| >= threshold`.
+    Sparse {
+        /// Fraction of changes kept.
+        keep: Option<f64>,
+        /// Keep changes at least this large.
+        threshold: Option<f64>,
+        /// Quantize kept changes with this step instead of keeping them exactly.
+        step: Option<f64>,
+    },
+    /// DARE: keep a random fraction and rescale.
+    Dare {
+        /// Fraction kept.
+        keep: f64,
+        /// Seed; each tensor's mask seed derives from it and the tensor's name.
+        seed: u64,
+    },
+    /// 1-bit signs, one scale per tensor.
+    Sign {
+        /// Keep unchanged values unchanged (a third symbol); `None`: when at least a fifth are.
+        zeros: Option<bool>,
+    },
+    /// 1-bit signs, per-row times per-column scales (rank-1 fit of |D|).
+    SignAxis {
+        /// As for `Sign`.
+        zeros: Option<bool>,
+    },
+    /// Per tensor, the cheapest of all codecs within the error budget.
+    Auto,
+}
+
+impl CodecSpec {
+    /// The codec's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CodecSpec::Exact => "exact",
+            CodecSpec::Quant { .. } => "quant",
+            CodecSpec::Sparse { .. } => "sparse",
+            CodecSpec::Dare { .. } => "dare",
+            CodecSpec::Sign { .. } => "sign",
+            CodecSpec::SignAxis { .. } => "sign-axis",
+            CodecSpec::Auto => "auto",
+        }
+    }
+
+    /// The spec named `name` with default settings.
+    pub fn named(name: &str) -> std::result::Result<CodecSpec, String> {
+        Ok(match name {
+            "exact" => CodecSpec::Exact,
+            "quant" => CodecSpec::Quant {
+                bits: None,
+                step: None,
+                group: 128,
+                outliers: 0.001,
+                domain: Domain::Ulp,
+            },
+            "sparse" => CodecSpec::Sparse {
+                keep: None,
+                threshold: None,
+                step: None,
+            },
+            "dare" => CodecSpec::Dare { keep: 0.1, seed: 0 },
+            "sign" => CodecSpec::Sign { zeros: None },
+            "sign-axis" => CodecSpec::SignAxis { zeros: None },
+            "auto" => CodecSpec::Auto,
+            _ => {
+                return Err(format!(
+                    "unknown codec '{name}' (expected exact, quant, sparse, dare, sign, sign-axis or auto)"
+                ))
+            }
+        })
+    }
+
+    /// Sets one `key=value` setting.
+    pub fn set(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let codec = self.name();
+        let bad = || format!("bad value '{value}' for {key} of codec {codec}");
+        let f = || {
+            value
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(bad)
+        };
+        let frac = || f().and_then(|x| if x > 0.0 && x <= 1.0 { Ok(x) } else { Err(bad()) });
+        match (self, key) {
+            (CodecSpec::Quant { bits, step, .. }, "bits") => {
+                *bits = Some(value.parse().ok().filter(|b| (2..=8).contains(b)).ok_or_else(bad)?);
+                *step = None;
+            }
+            (CodecSpec::Quant { bits, step, .. }, "step") => {
+                *step = Some(f().and_then(|s| if s > 0.0 { Ok(s) } else { Err(bad()) })?);
+                *bits = None;
+            }
+            (CodecSpec::Quant { group, .. }, "group") => {
+                *group = value
+                    .parse()
+                    .ok()
+                    .filter(|g: &u32| g.is_power_of_two() && (16..=1 << 16).contains(g))
+                    .ok_or_else(bad)?;
+            }
+            (CodecSpec::Quant { outliers, .. }, "outliers") => {
+                *outliers = f().and_then(|x| if x <= 0.5 { Ok(x as f32) } else { Err(bad()) })?;
+            }
+            (CodecSpec::Quant { domain, .. }, "domain") => {
+                *domain = match value {
+                    "value" => Domain::Value,
+                    "ulp" => Domain::Ulp,
+                    _ => return Err(bad()),
+                }
+            }
+            (CodecSpec::Sparse { keep, threshold, .. }, "keep") => {
+                *keep = Some(frac()?);
+                *threshold = None;
+            }
+            (CodecSpec::Sparse { keep, threshold, .. }, "threshold") => {
+                *threshold = Some(f()?);
+                *keep = None;
+            }
+            (CodecSpec::Sparse { step, .. }, "step") => {
+                *step = Some(f().and_then(|s| if s > 0.0 { Ok(s) } else { Err(bad()) })?)
+            }
+            (CodecSpec::Dare { keep, .. }, "keep") => *keep = frac()?,
+            (CodecSpec::Dare { seed, .. }, "seed") => *seed = value.parse().map_err(|_| bad())?,
+            (CodecSpec::Sign { zeros } | CodecSpec::SignAxis { zeros }, "zeros") => {
+                *zeros = match value {
+                    "keep" => Some(true),
+                    "sign" => Some(false),
+                    "auto" => None,
+                    _ => return Err(bad()),
+                }
+            }
+            (_, k) => return Err(format!("codec {codec} has no setting '{k}'")),
+        }
+        Ok(())
+    }
+
+    /// True when a budget (`--max-error`) can steer this codec.
+    pub fn takes_budget(&self) -> bool {
+        !matches!(self, CodecSpec::Dare { .. })
+    }
+}
+
+impl FromStr for CodecSpec {
+    type Err = String;
+
+    /// Parses `NAME[:key=value,...]`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (name, settings) = s.split_once(':').unwrap_or((s, ""));
+        let mut spec = CodecSpec::named(name)?;
+        for kv in settings.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("setting '{kv}' is not key=value"))?;
+            spec.set(k, v)?;
+        }
+        Ok(spec)
+    }
+}
+
+/// A codec for the tensors whose names match a glob (`--tensor-codec GLOB=SPEC`).
+#[derive(Debug, Clone)]
+pub struct TensorRule {
+    /// The pattern as given.
+    pub pattern: String,
+    matcher: globset::GlobMatcher,
+    /// The codec for matching tensors.
+    pub spec: CodecSpec,
+}
+
+impl FromStr for TensorRule {
+    type Err = String;
+
+    /// Parses `GLOB=NAME[:key=value,...]`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (pattern, spec) = split_rule(s).ok_or_else(|| format!("'{s}' is not GLOB=CODEC[:key=value,...]"))?;
+        let glob = globset::Glob::new(pattern).map_err(|e| format!("bad pattern '{pattern}': {e}"))?;
+        Ok(TensorRule {
+            pattern: pattern.to_string(),
+            matcher: glob.compile_matcher(),
+            spec: spec.parse()?,
+        })
+    }
+}
+
+/// Splits `GLOB=NAME[:settings]` at the `=` that precedes a codec name.
+fn split_rule(s: &str) -> Option<(&str, &str)> {
+    s.match_indices('=').find_map(|(i, _)| {
+        let rest = &s[i + 1..];
+        let name = rest.split(':').next()?;
+        CodecSpec::named(name).is_ok().then(|| (&s[..i], rest))
+    })
+}
+
+/// How a run chooses codecs.
+#[derive(Debug, Clone)]
+pub struct CodecPolicy {
+    /// The codec for tensors no rule matches.
+    pub default: CodecSpec,
+    /// Per-tensor rules; the first match wins.
+    pub rules: Vec<TensorRule>,
+    /// Largest relative RMS error of the delta per tensor, if any.
+    pub max_error: Option<f64>,
+    /// Mean squared input activations per linear layer, for a weighted `sign-axis` fit.
+    pub calibration: Option<Calibration>,
+}
+
+impl Default for CodecPolicy {
+    fn default() -> Self {
+        CodecPolicy {
+            default: CodecSpec::Exact,
+            rules: Vec::new(),
+            max_error: None,
+            calibration: None,
+        }
+    }
+}
+
+impl CodecPolicy {
+    /// True when every tensor is coded exactly.
+    pub fn is_exact(&self) -> bool {
+        self.default == CodecSpec::Exact && self.rules.iter().all(|r| r.spec == CodecSpec::Exact)
+    }
+
+    /// The spec for a tensor and whether a rule named it. 1-D tensors (norms, biases) stay
+    /// exact unless a rule says otherwise: they are tiny and sensitive.
+    fn spec_for(&self, name: &str, ndim: usize) -> &CodecSpec {
+        if let Some(r) = self.rules.iter().find(|r| r.matcher.is_match(name)) {
+            return &r.spec;
+        }
+        if ndim < 2 {
+            return &CodecSpec::Exact;
+        }
+        &self.default
+    }
+}
+
+/// Per-input-channel activation statistics: a safetensors file mapping a linear layer's
+/// weight name to a 1-D F32/F16/BF16 vector of mean squared activations (one per column).
+#[derive(Debug, Clone, Default)]
+pub struct Calibration {
+    vectors: std::collections::HashMap<String, Vec<f32>>,
+}
+
+impl Calibration {
+    /// Reads a calibration file.
+    pub fn open(path: &Path) -> Result<Calibration> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bad_checkpoint(path, format!("not a safetensors file: {e}")))?;
+        let mut vectors = std::collections::HashMap::new();
+        for (name, view) in st.tensors() {
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                Dtype::BF16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                d => {
+                    return Err(Error::bad_checkpoint(
+                        path,
+                        format!("calibration vector '{name}' is {d:?}; use F32, F16 or BF16"),
+                    ))
+                }
+            };
+            if view.shape().len() != 1 || values.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return Err(Error::bad_checkpoint(
+                    path,
+                    format!("calibration vector '{name}' must be 1-D, finite and non-negative"),
+                ));
+            }
+            vectors.insert(name, values);
+        }
+        Ok(Calibration { vectors })
+    }
+
+    /// Builds calibration data from vectors (tests and bindings).
+    pub fn from_vectors(vectors: impl IntoIterator<Item = (String, Vec<f32>)>) -> Calibration {
+        Calibration {
+            vectors: vectors.into_iter().collect(),
+        }
+    }
+
+    fn weights(&self, name: &str, cols: u64) -> Option<&[f32]> {
+        self.vectors
+            .get(name)
+            .filter(|v| v.len() as u64 == cols)
+            .map(|v| &v[..])
+    }
+}
+
+/// One tensor as the tuner sees it: same dtype and shape on both sides.
+pub(crate) struct TensorView<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub base: &'a [u8],
+    pub target: &'a [u8],
+    pub chunk_bytes: usize,
+    /// Drops the pages of a byte range of both tensors once a pass is done with it, so that
+    /// passes over a big tensor keep only a few blocks resident.
+    pub release: &'a (dyn Fn(std::ops::Range<usize>) + Sync),
+}
+
+impl TensorView<'_> {
+    fn numel(&self) -> u64 {
+        (self.target.len() / (self.dtype.bitsize() / 8)) as u64
+    }
+
+    fn rows_cols(&self) -> (u64, u64) {
+        let cols = self.shape[1..].iter().product::<usize>().max(1) as u64;
+        (self.numel() / cols, cols)
+    }
+}
+
+/// Row and column scales of `sign-axis`.
+pub type AxisVectors = (Vec<f32>, Vec<f32>);
+
+/// What the tuner decided for one tensor.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorPlan {
+    /// The lossy codec, or `None` for exact.
+    pub codec: Option<TensorCodec>,
+    /// The `sign-axis` scales.
+    pub axis: Option<AxisVectors>,
+}
+
+impl TensorPlan {
+    pub const EXACT: TensorPlan = TensorPlan {
+        codec: None,
+        axis: None,
+    };
+
+    /// The tensor-wide parameter blob: row then column scales, f32 little-endian.
+    pub fn params(&self) -> Option<Vec<u8>> {
+        let (r, c) = self.axis.as_ref()?;
+        Some(r.iter().chain(c).flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    /// The per-chunk parameters for the chunk starting at element `first`.
+    pub fn chunk_params(&self, first: u64) -> Option<ChunkParams<'_>> {
+        Some(ChunkParams {
+            codec: self.codec.as_ref()?,
+            first,
+            axis: self.axis.as_ref().map(|(r, c)| AxisScales {
+                rows: r,
+                first_row: 0,
+                cols: c,
+            }),
+        })
+    }
+}
+
+/// Splits a sign-axis parameter blob into row and column scales.
+pub fn axis_scales(codec: &TensorCodec, blob: &[u8]) -> Option<AxisVectors> {
+    let TensorCodec::SignAxis { rows, .. } = codec else {
+        return None;
+    };
+    let all: Vec<f32> = blob
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let (r, c) = all.split_at((*rows as usize).min(all.len()));
+    Some((r.to_vec(), c.to_vec()))
+}
+
+/// Decides a tensor's codec and settings.
+pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Result<TensorPlan> {
+    let spec = policy.spec_for(t.name, t.shape.len());
+    if *spec == CodecSpec::Exact || !float::lossy_capable(t.dtype) || t.target.is_empty() {
+        return Ok(TensorPlan::EXACT);
+    }
+    let budget = policy.max_error;
+    let calib = policy
+        .calibration
+        .as_ref()
+        .and_then(|c| c.weights(t.name, t.rows_cols().1));
+    let stats = with_elem!(
+        t.dtype,
+        stats(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
+    );
+    if stats.delta_sq == 0.0 {
+        return Ok(TensorPlan::EXACT);
+    }
+    match (spec, budget) {
+        (CodecSpec::Auto, None) => Err(Error::InvalidArgument(
+            "codec 'auto' needs --max-error to choose within".into(),
+        )),
+        (CodecSpec::Auto, Some(e)) => auto(t, &stats, e, calib),
+        (s, None) => Ok(fixed(s, t, &stats, calib, seed_salt)),
+        (s, Some(e)) => Ok(budgeted(s, t, &stats, e, calib)?.map_or(TensorPlan::EXACT, |c| c.plan)),
+    }
+}
+
+/// Whole-tensor statistics of the delta.
+struct Stats {
+    delta_sq: f64,
+    abs_sum: f64,
+    finite: u64,
+    /// Finite changes that are exactly zero.
+    zeros: u64,
+    /// Count and sum of squares of the changes per magnitude bin (see [`mag_bin`]), if asked.
+    hist: Option<(Vec<u64>, Vec<f64>)>,
+}
+
+const BINS: usize = 1 << 15;
+
+/// Magnitude bin of a change: the top 16 bits of `|d|` as an f32 (sign dropped).
+#[inline(always)]
+fn mag_bin(d: f64) -> usize {
+    ((d.abs() as f32).to_bits() >> 16) as usize & (BINS - 1)
+}
+
+/// Element ranges of the analysis blocks: whole rows, about one chunk each.
+fn blocks(t: &TensorView) -> Vec<std::ops::Range<usize>> {
+    let (rows, cols) = t.rows_cols();
+    let per_chunk = (t.chunk_bytes / (t.dtype.bitsize() / 8)) as u64;
+    let rows_per = (per_chunk / cols).max(1);
+    (0..rows.div_ceil(rows_per))
+        .map(|b| {
+            let r0 = b * rows_per;
+            let r1 = ((b + 1) * rows_per).min(rows);
+            (r0 * cols) as usize..(r1 * cols) as usize
+        })
+        .collect()
+}
+
+/// Maps blocks (element ranges) in parallel, windows of a few per thread, and folds
+/// results in block order; each block's pages are released after use.
+fn fold_blocks<R: Send, A>(
+    t: &TensorView,
+    blocks: &[std::ops::Range<usize>],
+    map: impl Fn(std::ops::Range<usize>) -> R + Sync,
+    init: A,
+    mut fold: impl FnMut(A, R) -> A,
+) -> A {
+    let window = 2 * rayon::current_num_threads();
+    let width = t.dtype.bitsize() / 8;
+    let mut acc = init;
+    for w in blocks.chunks(window) {
+        let parts: Vec<R> = w
+            .par_iter()
+            .map(|r| {
+                let out = map(r.clone());
+                (t.release)(r.start * width..r.end * width);
+                out
+            })
+            .collect();
+        for p in parts {
+            acc = fold(acc, p);
+        }
+    }
+    acc
+}
+
+fn elem_delta<E: Elem>(t: &TensorView, i: usize) -> f64 {
+    let w = E::WIDTH;
+    E::load(&t.target[i * w..(i + 1) * w]) - E::load(&t.base[i * w..(i + 1) * w])
+}
+
+fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
+    let init = Stats {
+        delta_sq: 0.0,
+        abs_sum: 0.0,
+        finite: 0,
+        zeros: 0,
+        hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
+    };
+    fold_blocks(
+        t,
+        &blocks(t),
+        |r| {
+            let mut s = Stats {
+                delta_sq: 0.0,
+                abs_sum: 0.0,
+                finite: 0,
+                zeros: 0,
+                hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
+            };
+            for i in r {
+                let d = elem_delta::<E>(t, i);
+                if !d.is_finite() {
+                    continue;
+                }
+                s.delta_sq += d * d;
+                s.abs_sum += d.abs();
+                s.finite += 1;
+                s.zeros += (d == 0.0) as u64;
+                if let Some((c, q)) = s.hist.as_mut() {
+                    let b = mag_bin(d);
+                    c[b] += 1;
+                    q[b] += d * d;
+                }
+            }
+            s
+        },
+        init,
+        |mut a, s| {
+            a.delta_sq += s.delta_sq;
+            a.abs_sum += s.abs_sum;
+            a.finite += s.finite;
+            a.zeros += s.zeros;
+            if let (Some((ac, aq)), Some((c, q))) = (a.hist.as_mut(), s.hist) {
+                ac.iter_mut().zip(c).for_each(|(x, y)| *x += y);
+                aq.iter_mut().zip(q).for_each(|(x, y)| *x += y);
+            }
+            a
+        },
+    )
+}
+
+/// Alternating least-squares rounds of the rank-1 fit. Without weights or a mask each
+/// round is a power iteration; the first guess (column means) is already close, since |D|
+/// is non-negative and its top singular pair dominates.
+const FIT_ROUNDS: usize = 3;
+
+/// The best row and column scales for `sign-axis`: `r, c` minimising
+/// `sum_ij a_j m_ij (|D_ij| - r_i c_j)^2`, where `a` are the calibration weights (or 1) and
+/// `m_ij` is 0 for unchanged values when `zeros` keeps them (they are rebuilt exactly), else 1.
+/// Without weights or mask this is the top singular pair of |D|.
+fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (Vec<f32>, Vec<f32>) {
+    let (rows, cols) = t.rows_cols();
+    let cols = cols as usize;
+    let a: Vec<f64> = match weights {
+        Some(w) => w.iter().map(|&x| (x as f64).max(1e-12)).collect(),
+        None => vec![1.0; cols],
+    };
+    let blocks = blocks(t);
+    let w = E::WIDTH;
+    // Row `row` of |D| and of the weights a_j m_ij: each pass converts a row once, then
+    // runs plain loops over it.
+    let fill = |row: usize, d: &mut Vec<f64>, wt: &mut Vec<f64>| {
+        let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
+        d.clear();
+        wt.clear();
+        for ((b, t), &aj) in b.chunks_exact(w).zip(tg.chunks_exact(w)).take(cols).zip(&a) {
+            let x = E::load(t) - E::load(b);
+            let (x, m) = match (x.is_finite(), zeros && x == 0.0) {
+                (false, _) => (0.0, 0.0),
+                (true, true) => (0.0, 0.0),
+                (true, false) => (x.abs(), 1.0),
+            };
+            d.push(x);
+            wt.push(aj * m);
+        }
+    };
+    let rows_of = |r: &std::ops::Range<usize>| r.start / cols..r.end / cols;
+    // The least-squares row scale given the columns.
+    let row_scale = |d: &[f64], wt: &[f64], c: &[f64]| {
+        let (mut num, mut den) = (0.0, 0.0);
+        for j in 0..cols {
+            num += wt[j] * d[j] * c[j];
+            den += wt[j] * c[j] * c[j];
+        }
+        if den > 0.0 {
+            num / den
+        } else {
+            0.0
+        }
+    };
+    let add = |mut acc: (Vec<f64>, Vec<f64>), p: (Vec<f64>, Vec<f64>)| {
+        acc.0.iter_mut().zip(p.0).for_each(|(x, y)| *x += y);
+        acc.1.iter_mut().zip(p.1).for_each(|(x, y)| *x += y);
+        acc
+    };
+    let zero = || (vec![0f64; cols], vec![0f64; cols]);
+    // First guess: weighted column means.
+    let (num, den) = fold_blocks(
+        t,
+        &blocks,
+        |r| {
+            let (mut acc, mut d, mut wt) = (zero(), Vec::with_capacity(cols), Vec::with_capacity(cols));
+            for row in rows_of(&r) {
+                fill(row, &mut d, &mut wt);
+                for j in 0..cols {
+                    acc.0[j] += wt[j] * d[j];
+                    acc.1[j] += wt[j];
+                }
+            }
+            acc
+        },
+        zero(),
+        add,
+    );
+    let mut c: Vec<f64> = num
+        .iter()
+        .zip(&den)
+        .map(|(n, d)| if *d > 0.0 { n / d } else { 0.0 })
+        .collect();
+    // Each round: rows given columns, and in the same pass the columns' normal equations
+    // given those rows.
+    for _ in 0..FIT_ROUNDS {
+        let (num, den) = fold_blocks(
+            t,
+            &blocks,
+            |r| {
+                let (mut acc, mut d, mut wt) = (zero(), Vec::with_capacity(cols), Vec::with_capacity(cols));
+                for row in rows_of(&r) {
+                    fill(row, &mut d, &mut wt);
+                    let ri = row_scale(&d, &wt, &c);
+                    for j in 0..cols {
+                        acc.0[j] += wt[j] * d[j] * ri;
+                        acc.1[j] += wt[j] * ri * ri;
+                    }
+                }
+                acc
+            },
+            zero(),
+            add,
+        );
+        c = num
+            .iter()
+            .zip(&den)
+            .map(|(n, d)| if *d > 0.0 { n / d } else { 0.0 })
+            .collect();
+    }
+    let row_scales = fold_blocks(
+        t,
+        &blocks,
+        |r| {
+            let (mut d, mut wt) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
+            rows_of(&r)
+                .map(|row| {
+                    fill(row, &mut d, &mut wt);
+                    row_scale(&d, &wt, &c) as f32
+                })
+                .collect::<Vec<f32>>()
+        },
+        Vec::with_capacity(rows as usize),
+        |mut acc, p| {
+            acc.extend(p);
+            acc
+        },
+    );
+    (row_scales, c.iter().map(|&x| x as f32).collect())
+}
+
+/// A candidate setting with what a trial measured.
+struct Candidate {
+    plan: TensorPlan,
+    /// Estimated payload bytes for the whole tensor.
+    bytes: f64,
+    /// Relative RMS error over the sampled chunks.
+    error: f64,
+}
+
+/// The codec settings for a spec without budget.
+fn fixed(spec: &CodecSpec, t: &TensorView, stats: &Stats, calib: Option<&[f32]>, salt: &str) -> TensorPlan {
+    let codec = match *spec {
+        CodecSpec::Quant {
+            bits,
+            step,
+            group,
+            outliers,
+            domain,
+        } => TensorCodec::Quant {
+            step: step.map(|s| s as f32),
+            bits: if step.is_some() { None } else { Some(bits.unwrap_or(4)) },
+            group,
+            outliers,
+            domain,
+        },
+        CodecSpec::Sparse { keep, threshold, step } => TensorCodec::Sparse {
+            threshold: threshold.map_or_else(|| keep_threshold(stats, keep.unwrap_or(0.1)), |x| x as f32),
+            step: step.map(|s| s as f32),
+        },
+        CodecSpec::Dare { keep, seed } => TensorCodec::Dare {
+            keep: keep as f32,
+            seed: mask_seed(seed, salt),
+        },
+        CodecSpec::Sign { zeros } => {
+            let zeros = keep_zeros(zeros, stats);
+            let n = if zeros {
+                stats.finite - stats.zeros
+            } else {
+                stats.finite
+            };
+            TensorCodec::Sign {
+                scale: (stats.abs_sum / n.max(1) as f64) as f32,
+                zeros,
+            }
+        }
+        CodecSpec::SignAxis { zeros } => return sign_axis(t, stats, calib, keep_zeros(zeros, stats)),
+        CodecSpec::Exact | CodecSpec::Auto => return TensorPlan::EXACT,
+    };
+    TensorPlan {
+        codec: Some(codec),
+        axis: None,
+    }
+}
+
+/// Whether sign codecs keep unchanged values: as asked, else when at least a fifth of the
+/// values did not change (typical of bf16 fine-tunes, where small updates round away).
+fn keep_zeros(asked: Option<bool>, stats: &Stats) -> bool {
+    asked.unwrap_or(stats.zeros * 5 >= stats.finite)
+}
+
+fn sign_axis(t: &TensorView, stats: &Stats, calib: Option<&[f32]>, zeros: bool) -> TensorPlan {
+    let (rows, cols) = t.rows_cols();
+    // One row (or a huge one) has no axis structure to fit: a per-tensor scale is the same fit.
+    if rows < 2 || cols > 1 << 22 {
+        return fixed(&CodecSpec::Sign { zeros: Some(zeros) }, t, stats, None, "");
+    }
+    let (r, c) = with_elem!(t.dtype, fit_axis(t, calib, zeros));
+    TensorPlan {
+        codec: Some(TensorCodec::SignAxis {
+            rows,
+            cols,
+            calibrated: calib.is_some(),
+            zeros,
+        }),
+        axis: Some((r, c)),
+    }
+}
+
+/// Each tensor's DARE seed: the user's seed mixed with the tensor's name, so that tensors
+/// of one shape get different masks.
+fn mask_seed(seed: u64, salt: &str) -> u64 {
+    let h = blake3::hash(format!("{seed}\0{salt}").as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The threshold keeping about `keep` of the finite changes (never more).
+fn keep_threshold(stats: &Stats, keep: f64) -> f32 {
+    let (counts, _) = stats.hist.as_ref().expect("histogram computed for sparse");
+    let want = (keep * stats.finite as f64).floor() as u64;
+    let mut above = 0u64;
+    for b in (0..BINS).rev() {
+        if above + counts[b] > want {
+            return f32::from_bits(((b + 1) as u32) << 16);
+        }
+        above += counts[b];
+    }
+    0.0
+}
+
+/// The largest threshold whose dropped changes stay within the relative error `e`.
+fn budget_threshold(stats: &Stats, e: f64) -> f32 {
+    let (_, sq) = stats.hist.as_ref().expect("histogram computed for sparse");
+    let allowed = e * e * stats.delta_sq;
+    let mut dropped = 0.0;
+    for (b, &s) in sq.iter().enumerate() {
+        if dropped + s > allowed {
+            return f32::from_bits((b as u32) << 16);
+        }
+        dropped += s;
+    }
+    f32::INFINITY
+}
+
+/// Chunks measured by a trial: all of a small tensor, an evenly spread sample of a big one.
+const TRIAL_CHUNKS: usize = 8;
+
+/// Encodes and decodes (a sample of) the tensor with `plan`: estimated bytes and error.
+fn trial(t: &TensorView, plan: TensorPlan, all: bool) -> Candidate {
+    let w = t.dtype.bitsize() / 8;
+    let n = t.target.len().div_ceil(t.chunk_bytes);
+    let step = if all { 1 } else { n.div_ceil(TRIAL_CHUNKS).max(1) };
+    let chosen: Vec<usize> = (0..n).step_by(step).collect();
+    let layout = dtype::layout(t.dtype);
+    let parts: Vec<(usize, f64, f64, usize)> = chosen
+        .par_iter()
+        .map(|&c| {
+            let r = c * t.chunk_bytes..((c + 1) * t.chunk_bytes).min(t.target.len());
+            let (b, tg) = (&t.base[r.clone()], &t.target[r.clone()]);
+            let (bytes, recon) = match plan.chunk_params((r.start / w) as u64) {
+                Some(p) => {
+                    let mut out = vec![0u8; tg.len()];
+                    let payload = lossy::encode(t.dtype, &p, b, tg, &mut out);
+                    (payload.len(), Some(out))
+                }
+                None => (exact::encode(layout, b, tg, &mut Default::default()).len(), None),
+            };
+            let q = recon.map_or_else(QualitySums::default, |out| QualitySums::chunk(t.dtype, b, tg, &out));
+            (t.release)(r.clone());
+            (bytes, q.err_sq, q.delta_sq, r.len())
+        })
+        .collect();
+    let (mut bytes, mut err, mut dsq, mut len) = (0usize, 0f64, 0f64, 0usize);
+    for (b, e, d, l) in parts {
+        bytes += b;
+        err += e;
+        dsq += d;
+        len += l;
+    }
+    let params = plan.axis.as_ref().map_or(0, |(r, c)| 4 * (r.len() + c.len())) as f64;
+    Candidate {
+        bytes: bytes as f64 * t.target.len() as f64 / len.max(1) as f64 + params,
+        error: if dsq > 0.0 { (err / dsq).sqrt() } else { 0.0 },
+        plan,
+    }
+}
+
+/// Whether sampling could let a budgeted setting miss: small tensors are measured whole.
+fn sampled(t: &TensorView) -> bool {
+    t.target.len().div_ceil(t.chunk_bytes) > TRIAL_CHUNKS
+}
+
+/// The cheapest setting of `spec` whose error is at most `e`, or `None` if even its finest
+/// setting misses (the caller then codes the tensor exactly).
+fn budgeted(
+    spec: &CodecSpec,
+    t: &TensorView,
+    stats: &Stats,
+    e: f64,
+    calib: Option<&[f32]>,
+) -> Result<Option<Candidate>> {
+    let rms = (stats.delta_sq / stats.finite.max(1) as f64).sqrt();
+    let found = match *spec {
+        CodecSpec::Quant {
+            bits: Some(_),
+            group,
+            outliers,
+            domain,
+            ..
+        } => {
+            // The budget picks the bit count: the fewest that meet it.
+            let mut found = None;
+            for b in 2..=8u8 {
+                let plan = TensorPlan {
+                    codec: Some(TensorCodec::Quant {
+                        step: None,
+                        bits: Some(b),
+                        group,
+                        outliers,
+                        domain,
+                    }),
+                    axis: None,
+                };
+                let c = confirm(t, trial(t, plan, false), e);
+                if c.error <= e {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        }
+        CodecSpec::Quant { domain, .. } => search_step(t, e, rms, domain),
+        CodecSpec::Sparse { step, .. } => {
+            let threshold = budget_threshold(stats, e);
+            let plan = TensorPlan {
+                codec: Some(TensorCodec::Sparse {
+                    threshold,
+                    step: step.map(|s| s as f32),
+                }),
+                axis: None,
+            };
+            Some(confirm(t, trial(t, plan, false), e)).filter(|c| c.error <= e)
+        }
+        CodecSpec::Sign { .. } | CodecSpec::SignAxis { .. } => {
+            let plan = fixed(spec, t, stats, calib, "");
+            Some(confirm(t, trial(t, plan, false), e)).filter(|c| c.error <= e)
+        }
+        CodecSpec::Dare { .. } => {
+            return Err(Error::InvalidArgument(
+                "codec 'dare' keeps the delta only in expectation; it takes no --max-error".into(),
+            ))
+        }
+        CodecSpec::Exact | CodecSpec::Auto => None,
+    };
+    Ok(found)
+}
+
+/// Re-measures a sampled candidate on the whole tensor.
+fn confirm(t: &TensorView, c: Candidate, e: f64) -> Candidate {
+    if c.error <= e && sampled(t) {
+        trial(t, c.plan, true)
+    } else {
+        c
+    }
+}
+
+/// The largest quantization step whose error is within `e`: start from the uniform
+/// quantizer's `step = e * rms * sqrt(12)`, then rescale by the measured error (error is
+/// close to proportional to the step) a few times, keeping the cheapest that fits.
+fn search_step(t: &TensorView, e: f64, rms: f64, domain: Domain) -> Option<Candidate> {
+    let target = 0.985 * e;
+    let mut step = e * rms * 12f64.sqrt();
+    let mut best: Option<Candidate> = None;
+    for _ in 0..8 {
+        let plan = TensorPlan {
+            codec: Some(TensorCodec::Quant {
+                step: Some(step as f32),
+                bits: None,
+                group: 128,
+                outliers: 0.0,
+                domain,
+            }),
+            axis: None,
+        };
+        let c = trial(t, plan, false);
+        let ratio = if c.error > 0.0 { target / c.error } else { 2.0 };
+        if c.error <= e && best.as_ref().is_none_or(|b| c.bytes < b.bytes) {
+            best = Some(c);
+        }
+        if (ratio - 1.0).abs() < 0.01 {
+            break;
+        }
+        step *= ratio.clamp(0.25, 4.0);
+    }
+    // A sample can flatter: confirm on the whole tensor, shrinking the step until it fits.
+    let mut c = best?;
+    for _ in 0..6 {
+        c = confirm(t, c, e);
+        if c.error <= e {
+            return Some(c);
+        }
+        let Some(TensorCodec::Quant { step: Some(s), .. }) = c.plan.codec else {
+            break;
+        };
+        let shrunk = s * (0.98 * e / c.error) as f32;
+        c.plan.codec = Some(TensorCodec::Quant {
+            step: Some(shrunk),
+            bits: None,
+            group: 128,
+            outliers: 0.0,
+            domain,
+        });
+        c.error = 0.0;
+    }
+    None
+}
+
+/// Per tensor, the cheapest of exact, quant, sparse, sign and sign-axis within `e`.
+fn auto(t: &TensorView, stats: &Stats, e: f64, calib: Option<&[f32]>) -> Result<TensorPlan> {
+    let exact = trial(t, TensorPlan::EXACT, false);
+    let mut best = exact;
+    let quant = CodecSpec::named("quant").expect("known codec");
+    let sparse = CodecSpec::named("sparse").expect("known codec");
+    for spec in [
+        CodecSpec::SignAxis { zeros: None },
+        CodecSpec::Sign { zeros: None },
+        sparse,
+        quant,
+    ] {
+        if let Some(c) = budgeted(&spec, t, stats, e, calib)? {
+            if c.bytes < best.bytes {
+                best = c;
+            }
+        }
+    }
+    Ok(best.plan)
+}
+
+/// Quality of one reconstructed tensor, as recorded in the index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quality {
+    /// 8 x stored bytes / elements.
+    pub bits_per_param: f64,
+    /// ||D' - D|| / ||D|| (0 when the delta is zero or the tensor exact).
+    pub error: f64,
+    /// Largest |reconstruction - fine-tune|.
+    pub max_abs_error: f64,
+    /// ||D||, to combine tensors' errors into the model's.
+    pub delta_norm: f64,
+}
+
+/// Accumulates a tensor's quality chunk by chunk (in order, so sums are deterministic).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QualitySums {
+    pub err_sq: f64,
+    pub delta_sq: f64,
+    pub max_abs: f64,
+}
+
+impl QualitySums {
+    /// Adds one chunk: `recon` against `target`, changes measured from `base`.
+    pub fn chunk(dtype: Dtype, base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums {
+        with_elem!(dtype, chunk_sums(base, target, recon))
+    }
+
+    pub fn add(&mut self, o: &QualitySums) {
+        self.err_sq += o.err_sq;
+        self.delta_sq += o.delta_sq;
+        self.max_abs = self.max_abs.max(o.max_abs);
+    }
+
+    pub fn quality(&self, stored_bytes: u64, numel: u64) -> Quality {
+        Quality {
+            bits_per_param: 8.0 * stored_bytes as f64 / numel.max(1) as f64,
+            error: if self.delta_sq > 0.0 {
+                (self.err_sq / self.delta_sq).sqrt()
+            } else {
+                0.0
+            },
+            max_abs_error: self.max_abs,
+            delta_norm: self.delta_sq.sqrt(),
+        }
+    }
+}
+
+fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums {
+    let w = E::WIDTH;
+    let mut s = QualitySums::default();
+    for ((b, t), r) in base
+        .chunks_exact(w)
+        .zip(target.chunks_exact(w))
+        .zip(recon.chunks_exact(w))
+    {
+        let (b, t, r) = (E::load(b), E::load(t), E::load(r));
+        let d = t - b;
+        if !d.is_finite() {
+            continue;
+        }
+        let err = (r - t).abs();
+        s.err_sq += err * err;
+        s.delta_sq += d * d;
+        s.max_abs = s.max_abs.max(err);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bf16 tensor of `rows x cols`: weights ~ N(0, 0.02)-ish, delta `scale(i, j) * noise`.
+    fn tensor(rows: usize, cols: usize, seed: u64, scale: impl Fn(usize, usize) -> f32) -> (Vec<u8>, Vec<u8>) {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f32 / (1u64 << 53) as f32
+        };
+        let mut normal = || (0..12).map(|_| uniform()).sum::<f32>() - 6.0;
+        let (mut b, mut t) = (Vec::new(), Vec::new());
+        for i in 0..rows {
+            for j in 0..cols {
+                let w = 0.02 * normal();
+                let d = scale(i, j) * normal();
+                b.extend_from_slice(&half::bf16::from_f32(w).to_bits().to_le_bytes());
+                t.extend_from_slice(&half::bf16::from_f32(w + d).to_bits().to_le_bytes());
+            }
+        }
+        (b, t)
+    }
+
+    fn view<'a>(shape: &'a [usize], b: &'a [u8], t: &'a [u8]) -> TensorView<'a> {
+        TensorView {
+            name: "w",
+            dtype: Dtype::BF16,
+            shape,
+            base: b,
+            target: t,
+            // Small chunks: several blocks and sampled trials even in a small test tensor.
+            chunk_bytes: 1 << 14,
+            release: &|_| {},
+        }
+    }
+
+    fn policy(spec: &str, e: Option<f64>) -> CodecPolicy {
+        CodecPolicy {
+            default: spec.parse().unwrap(),
+            max_error: e,
+            ..Default::default()
+        }
+    }
+
+    /// The error and bytes of a plan, measured on the whole tensor.
+    fn measure(v: &TensorView, spec: &str, e: Option<f64>) -> (f64, f64, Option<TensorCodec>) {
+        let p = plan(&policy(spec, e), v, "w").unwrap();
+        let codec = p.codec.clone();
+        let c = trial(v, p, true);
+        (c.error, c.bytes, codec)
+    }
+
+    #[test]
+    fn budgets_are_met_and_looser_ones_cost_less() {
+        let shape = [256, 512];
+        // Rows with different delta scales: structure a per-tensor setting must cover.
+        let (b, t) = tensor(256, 512, 1, |i, _| 1e-3 * (0.5 + (i % 7) as f32 / 4.0));
+        let v = view(&shape, &b, &t);
+        for spec in ["quant", "quant:bits=4", "quant:domain=value", "sparse", "auto"] {
+            let mut last = f64::MAX;
+            for e in [0.03, 0.1, 0.3] {
+                let (err, bytes, codec) = measure(&v, spec, Some(e));
+                assert!(err <= e, "{spec} within {e}: error {err} ({codec:?})");
+                assert!(
+                    bytes < last,
+                    "{spec}: a looser budget {e} costs less ({bytes} vs {last})"
+                );
+                last = bytes;
+            }
+        }
+    }
+
+    #[test]
+    fn sign_within_a_budget_or_exact() {
+        let shape = [128, 256];
+        let (b, t) = tensor(128, 256, 2, |_, _| 1e-3);
+        let v = view(&shape, &b, &t);
+        let (err, _, codec) = measure(&v, "sign", Some(0.7));
+        assert!(
+            err <= 0.7 && matches!(codec, Some(TensorCodec::Sign { .. })),
+            "{err} {codec:?}"
+        );
+        let (err, _, codec) = measure(&v, "sign", Some(0.2));
+        assert_eq!((err, codec), (0.0, None), "no sign setting fits 0.2: stored exactly");
+    }
+
+    #[test]
+    fn per_axis_scales_beat_one_scale_on_structured_deltas() {
+        let shape = [256, 384];
+        let (b, t) = tensor(256, 384, 3, |i, j| {
+            2e-4 * (1.0 + (i % 16) as f32) * (1.0 + (j % 5) as f32)
+        });
+        let v = view(&shape, &b, &t);
+        let (tensor_err, _, _) = measure(&v, "sign:zeros=sign", None);
+        let (axis_err, _, codec) = measure(&v, "sign-axis:zeros=sign", None);
+        assert!(matches!(codec, Some(TensorCodec::SignAxis { .. })));
+        assert!(axis_err < 0.9 * tensor_err, "axis {axis_err} vs tensor {tensor_err}");
+        // And never worse on an unstructured delta.
+        let (b, t) = tensor(256, 384, 4, |_, _| 1e-3);
+        let v = view(&shape, &b, &t);
+        let (tensor_err, _, _) = measure(&v, "sign:zeros=sign", None);
+        let (axis_err, _, _) = measure(&v, "sign-axis:zeros=sign", None);
+        assert!(axis_err <= tensor_err * 1.001, "axis {axis_err} vs tensor {tensor_err}");
+    }
+
+    #[test]
+    fn calibration_weights_the_fit_towards_busy_inputs() {
+        let shape = [128, 64];
+        let (b, t) = tensor(128, 64, 5, |i, j| 1e-4 * (1.0 + (i * j % 13) as f32));
+        let v = view(&shape, &b, &t);
+        // Columns 0..8 carry large activations: their error should shrink with the weighting.
+        let weights: Vec<f32> = (0..64).map(|j| if j < 8 { 100.0 } else { 1.0 }).collect();
+        let col_err = |p: &TensorPlan| {
+            let cp = p.chunk_params(0).unwrap();
+            let mut r = vec![0u8; t.len()];
+            lossy::encode(Dtype::BF16, &cp, &b, &t, &mut r);
+            let v = |x: &[u8], k: usize| half::bf16::from_le_bytes([x[2 * k], x[2 * k + 1]]).to_f64();
+            (0..128 * 64)
+                .filter(|k| k % 64 < 8)
+                .map(|k| (v(&r, k) - v(&t, k)).powi(2))
+                .sum::<f64>()
+        };
+        let mut pol = policy("sign-axis:zeros=sign", None);
+        let plain = plan(&pol, &v, "w").unwrap();
+        pol.calibration = Some(Calibration::from_vectors([("w".to_string(), weights)]));
+        let weighted = plan(&pol, &v, "w").unwrap();
+        assert!(matches!(
+            weighted.codec,
+            Some(TensorCodec::SignAxis { calibrated: true, .. })
+        ));
+        assert!(
+            col_err(&weighted) < col_err(&plain),
+            "{} vs {}",
+            col_err(&weighted),
+            col_err(&plain)
+        );
+    }
+
+    #[test]
+    fn specs_and_rules_parse() {
+        assert_eq!(
+            "quant:bits=3,group=64".parse::<CodecSpec>().unwrap(),
+            CodecSpec::Quant {
+                bits: Some(3),
+                step: None,
+                group: 64,
+                outliers: 0.001,
+                domain: Domain::Ulp
+            }
+        );
+        assert!("quant:bits=9".parse::<CodecSpec>().is_err());
+        assert!("sparse:keep=0".parse::<CodecSpec>().is_err());
+        assert!("nope".parse::<CodecSpec>().is_err());
+        let r: TensorRule = "*.attention.*=sign-axis:zeros=keep".parse().unwrap();
+        assert_eq!(r.pattern, "*.attention.*");
+        assert!(r.matcher.is_match("encoder.layer.0.attention.self.query.weight"));
+        assert_eq!(r.spec, CodecSpec::SignAxis { zeros: Some(true) });
+        let p = CodecPolicy {
+            rules: vec![r, "*embeddings*=exact".parse().unwrap()],
+            default: CodecSpec::Sign { zeros: None },
+            ..Default::default()
+        };
+        assert_eq!(
+            p.spec_for("x.attention.y", 2),
+            &CodecSpec::SignAxis { zeros: Some(true) }
+        );
+        assert_eq!(p.spec_for("word_embeddings", 2), &CodecSpec::Exact);
+        assert_eq!(
+            p.spec_for("x.LayerNorm.weight", 1),
+            &CodecSpec::Exact,
+            "1-D stays exact"
+        );
+        assert_eq!(p.spec_for("x.dense.weight", 2), &CodecSpec::Sign { zeros: None });
+    }
+
+    #[test]
+    fn choices_do_not_depend_on_thread_count() {
+        let shape = [256, 512];
+        let (b, t) = tensor(256, 512, 6, |i, _| 1e-3 * (1.0 + (i % 3) as f32));
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let v = view(&shape, &b, &t);
+                let p = plan(&policy("auto", Some(0.1)), &v, "w").unwrap();
+                let q = plan(&policy("sign-axis", None), &v, "w").unwrap();
+                (p.codec, q.params())
+            })
+        };
+        assert_eq!(run(1), run(3));
+    }
+}
