@@ -172,35 +172,44 @@ pub struct CodecArgs {
     calibration: Option<PathBuf>,
 }
 
+/// A usage error: exit code 2, like the library's invalid arguments.
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    deltapack::Error::InvalidArgument(msg.into()).into()
+}
+
 impl CodecArgs {
     /// The codec policy these flags describe.
     pub fn policy(&self) -> Result<deltapack::tune::CodecPolicy> {
-        let mut spec: deltapack::tune::CodecSpec = self.codec.parse().map_err(anyhow::Error::msg)?;
-        let set = |spec: &mut deltapack::tune::CodecSpec, k: &str, v: Option<String>| -> Result<()> {
+        use deltapack::tune::CodecSpec;
+        let mut spec: CodecSpec = self.codec.parse().map_err(|e| usage(format!("--codec: {e}")))?;
+        let settings = [
+            ("bits", self.bits.map(|b| b.to_string())),
+            ("step", self.step.map(|b| b.to_string())),
+            ("keep", self.keep.map(|b| b.to_string())),
+            ("seed", self.seed.map(|b| b.to_string())),
+        ];
+        for (k, v) in settings {
             if let Some(v) = v {
-                spec.set(k, &v).map_err(|e| anyhow::anyhow!("--{k}: {e}"))?;
+                spec.set(k, &v).map_err(|e| usage(format!("--{k}: {e}")))?;
             }
-            Ok(())
-        };
-        set(&mut spec, "bits", self.bits.map(|b| b.to_string()))?;
-        set(&mut spec, "step", self.step.map(|b| b.to_string()))?;
-        set(&mut spec, "keep", self.keep.map(|b| b.to_string()))?;
-        set(&mut spec, "seed", self.seed.map(|b| b.to_string()))?;
-        if let Some(e) = self.max_error {
-            anyhow::ensure!(e.is_finite() && e > 0.0, "--max-error must be a positive number");
-            anyhow::ensure!(
-                spec.takes_budget(),
-                "--max-error does not apply to dare: it preserves the delta only in expectation"
-            );
         }
-        anyhow::ensure!(
-            self.max_error.is_some() || spec != deltapack::tune::CodecSpec::Auto,
-            "--codec auto needs --max-error"
-        );
+        if let Some(e) = self.max_error {
+            if !(e.is_finite() && e > 0.0) {
+                return Err(usage("--max-error must be a positive number"));
+            }
+            if !spec.takes_budget() {
+                return Err(usage(
+                    "--max-error does not apply to dare: it preserves the delta only in expectation",
+                ));
+            }
+        }
+        if self.max_error.is_none() && spec == CodecSpec::Auto {
+            return Err(usage("--codec auto needs --max-error"));
+        }
         let rules = self
             .tensor_codec
             .iter()
-            .map(|r| r.parse().map_err(|e| anyhow::anyhow!("--tensor-codec: {e}")))
+            .map(|r| r.parse().map_err(|e| usage(format!("--tensor-codec: {e}"))))
             .collect::<Result<Vec<_>>>()?;
         let calibration = self
             .calibration

@@ -188,3 +188,69 @@ fn bases_resolve_from_the_hugging_face_cache() {
     assert_eq!(code(&o), 2);
     assert!(String::from_utf8_lossy(&o.stderr).contains("huggingface-cli download org/missing"));
 }
+
+#[test]
+fn lossy_flags_reports_and_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, _) = pair(dir.path());
+    let delta = format!("{}/lossy.dpk", dir.path().display());
+    let made = json(&run(&[
+        "make",
+        "--base",
+        &base,
+        "--finetuned",
+        &ft,
+        "-o",
+        &delta,
+        "--json",
+        "--codec",
+        "quant",
+        "--max-error",
+        "0.05",
+        "--tensor-codec",
+        "*embed*=sign-axis",
+    ]));
+    let tensors = made["tensors"].as_array().unwrap();
+    assert!(!tensors.is_empty());
+    for t in tensors {
+        let want = if t["name"].as_str().unwrap().contains("embed") {
+            "sign-axis"
+        } else {
+            "quant"
+        };
+        if t["codec"] != "exact" {
+            assert_eq!(t["codec"], want, "{t}");
+        }
+        if t["codec"] == "quant" {
+            assert!(t["error"].as_f64().unwrap() <= 0.05, "{t}");
+        }
+    }
+    let inspect = json(&run(&["inspect", &delta, "--json"]));
+    assert!(inspect["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["quality"]["error"].as_f64().unwrap() > 0.0));
+    let verified = json(&run(&["verify", "--base", &base, &delta, "--finetuned", &ft, "--json"]));
+    assert!((verified["measured_error"].as_f64().unwrap() - made["error"].as_f64().unwrap()).abs() < 1e-9);
+    // Usage errors: exit 2, with the reason.
+    for bad in [
+        &["--codec", "dare", "--max-error", "0.1"][..],
+        &["--codec", "auto"],
+        &["--codec", "quant:bits=12"],
+        &["--tensor-codec", "nonsense"],
+    ] {
+        let mut args = vec!["make", "--base", &base, "--finetuned", &ft, "-o", &delta, "--force"];
+        args.extend_from_slice(bad);
+        let o = run(&args);
+        assert_eq!(code(&o), 2, "{bad:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let out = format!("{}/sweep", dir.path().display());
+    let o = run(&["sweep", "-q", "--base", &base, "--finetuned", &ft, "-o", &out]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(format!("{out}/sweep.csv")).unwrap();
+    assert!(csv.starts_with("codec,setting,max_error,bits_per_param,error,seconds"));
+    assert!(csv.lines().count() > 20 && csv.contains("sign-axis"));
+    let svg = std::fs::read_to_string(format!("{out}/sweep.svg")).unwrap();
+    assert!(svg.contains("Gaussian bound") && svg.trim_end().ends_with("</svg>"));
+}

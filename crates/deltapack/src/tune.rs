@@ -920,7 +920,7 @@ fn confirm(t: &TensorView, c: Candidate, e: f64) -> Candidate {
 /// quantizer's `step = e * rms * sqrt(12)`, then rescale by the measured error (error is
 /// close to proportional to the step) a few times, keeping the cheapest that fits.
 fn search_step(t: &TensorView, e: f64, rms: f64, domain: Domain) -> Option<Candidate> {
-    let target = 0.985 * e;
+    let target = 0.995 * e;
     let mut step = e * rms * 12f64.sqrt();
     let mut best: Option<Candidate> = None;
     for _ in 0..8 {
