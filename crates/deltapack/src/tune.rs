@@ -556,9 +556,9 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
 }
 
 /// Alternating least-squares rounds of the rank-1 fit. Without weights or a mask each
-/// round is a power iteration; the first guess (column means) is already close, since |D|
-/// is non-negative and its top singular pair dominates.
-const FIT_ROUNDS: usize = 3;
+/// round is a power iteration; the first round (row means) is already close, since |D| is
+/// non-negative and its top singular pair dominates.
+const FIT_ROUNDS: usize = 2;
 
 /// The best row and column scales for `sign-axis`: `r, c` minimising
 /// `sum_ij a_j m_ij (|D_ij| - r_i c_j)^2`, where `a` are the calibration weights (or 1) and
@@ -591,13 +591,22 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (V
         }
     };
     let rows_of = |r: &std::ops::Range<usize>| r.start / cols..r.end / cols;
-    // The least-squares row scale given the columns.
+    // The least-squares row scale given the columns, summed in four fixed lanes: fast, and
+    // the same sum on every machine.
     let row_scale = |d: &[f64], wt: &[f64], c: &[f64]| {
-        let (mut num, mut den) = (0.0, 0.0);
-        for j in 0..cols {
-            num += wt[j] * d[j] * c[j];
-            den += wt[j] * c[j] * c[j];
+        let (mut num, mut den) = ([0f64; 4], [0f64; 4]);
+        let quads = d.chunks_exact(4).zip(wt.chunks_exact(4)).zip(c.chunks_exact(4));
+        for ((d4, w4), c4) in quads {
+            for k in 0..4 {
+                num[k] += w4[k] * d4[k] * c4[k];
+                den[k] += w4[k] * c4[k] * c4[k];
+            }
         }
+        for j in cols / 4 * 4..cols {
+            num[0] += wt[j] * d[j] * c[j];
+            den[0] += wt[j] * c[j] * c[j];
+        }
+        let (num, den) = ((num[0] + num[1]) + (num[2] + num[3]), (den[0] + den[1]) + (den[2] + den[3]));
         if den > 0.0 {
             num / den
         } else {
@@ -610,29 +619,8 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (V
         acc
     };
     let zero = || (vec![0f64; cols], vec![0f64; cols]);
-    // First guess: weighted column means.
-    let (num, den) = fold_blocks(
-        t,
-        &blocks,
-        |r| {
-            let (mut acc, mut d, mut wt) = (zero(), Vec::with_capacity(cols), Vec::with_capacity(cols));
-            for row in rows_of(&r) {
-                fill(row, &mut d, &mut wt);
-                for j in 0..cols {
-                    acc.0[j] += wt[j] * d[j];
-                    acc.1[j] += wt[j];
-                }
-            }
-            acc
-        },
-        zero(),
-        add,
-    );
-    let mut c: Vec<f64> = num
-        .iter()
-        .zip(&den)
-        .map(|(n, d)| if *d > 0.0 { n / d } else { 0.0 })
-        .collect();
+    // First guess: equal columns, so the first rows are weighted row means.
+    let mut c = vec![1f64; cols];
     // Each round: rows given columns, and in the same pass the columns' normal equations
     // given those rows.
     for _ in 0..FIT_ROUNDS {

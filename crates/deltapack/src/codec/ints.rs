@@ -30,16 +30,6 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
         rans::put_varint(out, 0);
         return;
     }
-    let ctx = |i: usize| contexts.get(i).copied().unwrap_or(0);
-    let mut counts = vec![[0u32; 256]; n_ctx];
-    let mut symbols = Vec::with_capacity(values.len());
-    let mut bits = BitWriter::default();
-    for (i, &v) in values.iter().enumerate() {
-        let (tok, nb, raw) = tokenize(v);
-        counts[ctx(i) as usize][tok as usize] += 1;
-        symbols.push(tok);
-        bits.put(raw, nb);
-    }
     let all_ctx: Vec<u8>;
     let ctxs = if contexts.is_empty() {
         all_ctx = vec![0; values.len()];
@@ -47,6 +37,23 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
     } else {
         contexts
     };
+    let mut counts = vec![[0u32; 256]; n_ctx];
+    let mut symbols = Vec::with_capacity(values.len());
+    let mut bits = BitWriter::default();
+    if values.iter().all(|&v| v < 16) {
+        // Small alphabets (signs, most codes): every token is the value, no raw bits.
+        for (&v, &c) in values.iter().zip(ctxs) {
+            counts[c as usize][v as usize] += 1;
+            symbols.push(v as u8);
+        }
+    } else {
+        for (&v, &c) in values.iter().zip(ctxs) {
+            let (tok, nb, raw) = tokenize(v);
+            counts[c as usize][tok as usize] += 1;
+            symbols.push(tok);
+            bits.put(raw, nb);
+        }
+    }
     let model = Model::from_counts(&counts);
     let tables = EncoderTables::new(&model);
     let mut words = Vec::new();

@@ -338,6 +338,16 @@ fn element_step(domain: Domain, step: f64, ulp: f64) -> f64 {
     }
 }
 
+/// A base value moved by a sign symbol: 0 = +m, 1 = -m, anything else unchanged.
+#[inline(always)]
+fn moved<E: Elem>(b: &[u8], s: u64, m: f64) -> f64 {
+    match s {
+        0 => E::load(b) + m,
+        1 => E::load(b) - m,
+        _ => E::load(b),
+    }
+}
+
 /// A sign codec's magnitude. When unchanged values are coded apart (`zeros`), a coded sign
 /// says the value moved: the magnitude becomes a whole number of the base value's ULPs, at
 /// least one, so that magnitudes under half a ULP (common in bf16) do not round back to the
@@ -679,37 +689,30 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
                 E::store(E::load(b) + d / keep as f64, &mut out[i * w..(i + 1) * w]);
             }
         }
-        (Body::Sign { signs, .. }, codec) => {
-            let (zeros, axis) = match *codec {
-                TensorCodec::Sign { scale, zeros } => (zeros, Err(scale as f64)),
-                TensorCodec::SignAxis { cols, zeros, .. } => (
-                    zeros,
-                    Ok((p.axis.ok_or(DecodeError("sign-axis without scales"))?, cols)),
-                ),
-                _ => return Err(DecodeError("symbols of another codec")),
-            };
+        (Body::Sign { signs, .. }, &TensorCodec::Sign { scale, zeros }) => {
             for (i, (&s, o)) in signs.iter().zip(out.chunks_exact_mut(w)).enumerate() {
                 let b = b_at(i);
-                let m = match axis {
-                    Err(scale) => scale,
-                    Ok((a, cols)) => {
-                        let g = p.first + i as u64;
-                        let r = (g / cols).checked_sub(a.first_row).map(|r| r as usize);
-                        let rs = r.and_then(|r| a.rows.get(r));
-                        let cs = a.cols.get((g % cols) as usize);
-                        let (Some(&rs), Some(&cs)) = (rs, cs) else {
-                            return Err(DecodeError("sign-axis scales do not cover the chunk"));
-                        };
-                        rs as f64 * cs as f64
-                    }
-                };
-                let m = snap::<E>(zeros, m, b, &ulps);
-                let v = match s {
-                    0 => E::load(b) + m,
-                    1 => E::load(b) - m,
-                    _ => E::load(b),
-                };
-                E::store(v, o);
+                E::store(moved::<E>(b, s, snap::<E>(zeros, scale as f64, b, &ulps)), o);
+            }
+        }
+        (Body::Sign { signs, .. }, &TensorCodec::SignAxis { cols, zeros, .. }) => {
+            let a = p.axis.ok_or(DecodeError("sign-axis without scales"))?;
+            // The rows this chunk touches must have scales, and all columns.
+            let last = (p.first + n as u64).div_ceil(cols.max(1));
+            let rows = (p.first / cols.max(1))
+                .checked_sub(a.first_row)
+                .and_then(|r0| a.rows.get(r0 as usize..(last - a.first_row) as usize))
+                .filter(|_| a.cols.len() as u64 == cols)
+                .ok_or(DecodeError("sign-axis scales do not cover the chunk"))?;
+            let (mut r, mut c) = (0usize, (p.first % cols) as usize);
+            for (i, (&s, o)) in signs.iter().zip(out.chunks_exact_mut(w)).enumerate() {
+                let b = b_at(i);
+                let m = rows[r] as f64 * a.cols[c] as f64;
+                E::store(moved::<E>(b, s, snap::<E>(zeros, m, b, &ulps)), o);
+                c += 1;
+                if c as u64 == cols {
+                    (r, c) = (r + 1, 0);
+                }
             }
         }
         _ => return Err(DecodeError("symbols of another codec")),

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Lossy codecs on the reference pair (Qwen2.5-0.5B shapes, bf16, delta ~ N(0, 0.001)),
+# side by side with the exact codec in the same run.
+#
+#   scripts/bench_lossy.sh WORKDIR [REPS]
+#
+# Makes the pair with `deltapack dev synth` if WORKDIR/ref is missing. For each codec
+# setting: bits/param, model error and the Gaussian bounds (Shannon 2^-R, ideal entropy-coded
+# scalar quantizer 1.17 x 2^-R); for the fixed settings also the median make time over REPS
+# runs (default 3) and its ratio to the exact codec's median, runs interleaved so that a
+# noisy machine slows both alike. Peak RSS with GNU time when available.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+work="$1"
+reps="${2:-3}"
+dp="${DELTAPACK:-$root/target/release/deltapack}"
+ref="$work/ref"
+[ -d "$ref/base" ] || "$dp" dev synth --preset reference "$ref"
+timer=()
+if /usr/bin/time -f %M true 2>/dev/null; then timer=(/usr/bin/time -f "%e %M" -o "$work/time"); fi
+run() { # codec [max-error] -> prints "bits error seconds rss"
+    local budget=()
+    [ -n "${2:-}" ] && budget=(--max-error "$2")
+    local start end out
+    start=$(date +%s.%N)
+    out="$("${timer[@]}" "$dp" make -q --json --force --base "$ref/base" --finetuned "$ref/finetuned" \
+        -o "$work/lossy.dpk" --codec "$1" "${budget[@]}")"
+    end=$(date +%s.%N)
+    local rss="-"
+    [ ${#timer[@]} -gt 0 ] && rss="$(awk '{print $2}' "$work/time")"
+    python3 -c 'import json,sys; m=json.loads(sys.argv[1]); print(m["bits_per_param"], m["error"], float(sys.argv[2]) - float(sys.argv[3]), sys.argv[4])' \
+        "$out" "$end" "$start" "$rss"
+}
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+fixed=(exact "sign:zeros=sign" "sign-axis:zeros=sign" "quant:bits=4" "quant:bits=5" "sparse:keep=0.1" "dare:keep=0.1")
+declare -A times rss bits err
+for ((r = 0; r < reps; r++)); do
+    for c in "${fixed[@]}"; do
+        read -r b e s m < <(run "$c")
+        times[$c]+="$s "
+        rss[$c]="$m" bits[$c]="$b" err[$c]="$e"
+    done
+done
+exact_t="$(echo ${times[exact]} | tr ' ' '\n' | median)"
+printf "%-24s %9s %9s %9s %9s %10s %9s %8s\n" codec max_err bits/par error shannon ideal_sq "make s" "x exact"
+for c in "${fixed[@]}"; do
+    t="$(echo ${times[$c]} | tr ' ' '\n' | median)"
+    python3 -c 'import sys; c,b,e,t,x=sys.argv[1:]; b,e,t,x=float(b),float(e),float(t),float(x); print(f"{c:<24} {\"-\":>9} {b:9.3f} {e:9.4f} {2**-b:9.4f} {1.17*2**-b:10.4f} {t:9.2f} {t/x:8.2f}")' \
+        "$c" "${bits[$c]}" "${err[$c]}" "$t" "$exact_t"
+    echo "    peak RSS ${rss[$c]} KB"
+done
+for cb in "quant 0.045" "quant 0.1" "quant:domain=value 0.045" "quant:domain=value 0.1" "sparse 0.5" "auto 0.1"; do
+    set -- $cb
+    read -r b e s m < <(run "$1" "$2")
+    python3 -c 'import sys; c,me,b,e,t=sys.argv[1:]; b,e,t=float(b),float(e),float(t); print(f"{c:<24} {me:>9} {b:9.3f} {e:9.4f} {2**-b:9.4f} {1.17*2**-b:10.4f} {t:9.2f}")' \
+        "$1" "$2" "$b" "$e" "$s"
+    echo "    peak RSS $m KB"
+done
