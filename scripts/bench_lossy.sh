@@ -46,7 +46,7 @@ exact_t="$(echo ${times[exact]} | tr ' ' '\n' | median)"
 printf "%-24s %9s %9s %9s %9s %10s %9s %8s\n" codec max_err bits/par error shannon ideal_sq "make s" "x exact"
 for c in "${fixed[@]}"; do
     t="$(echo ${times[$c]} | tr ' ' '\n' | median)"
-    python3 -c 'import sys; c,b,e,t,x=sys.argv[1:]; b,e,t,x=float(b),float(e),float(t),float(x); print(f"{c:<24} {\"-\":>9} {b:9.3f} {e:9.4f} {2**-b:9.4f} {1.17*2**-b:10.4f} {t:9.2f} {t/x:8.2f}")' \
+    python3 -c 'import sys; c,b,e,t,x=sys.argv[1:]; b,e,t,x=float(b),float(e),float(t),float(x); d="-"; print(f"{c:<24} {d:>9} {b:9.3f} {e:9.4f} {2**-b:9.4f} {1.17*2**-b:10.4f} {t:9.2f} {t/x:8.2f}")' \
         "$c" "${bits[$c]}" "${err[$c]}" "$t" "$exact_t"
     echo "    peak RSS ${rss[$c]} KB"
 done

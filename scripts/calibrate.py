@@ -4,8 +4,8 @@ of each input channel, over some text run through the fine-tune.
 
     python3 scripts/calibrate.py MODEL_DIR TEXTS.jsonl OUT.safetensors [--field query] [--n 256]
 
-TEXTS.jsonl holds one JSON object per line; --field names the text (default "query"; a
-plain-text file with one text per line also works). The output maps each nn.Linear's weight
+TEXTS.jsonl holds one JSON object per line; --field names the texts, comma-separated
+(default "query"; a plain-text file with one text per line also works). The output maps each nn.Linear's weight
 name, as the checkpoint names it, to a float32 vector of length in_features: what
 `deltapack make --codec sign-axis --calibration OUT.safetensors` weights its fit with, so
 that the columns fed by large activations are fitted best. Needs torch, transformers, safetensors.
@@ -30,7 +30,8 @@ for line in open(a.texts):
     if not line:
         continue
     try:
-        texts.append(json.loads(line)[a.field])
+        row = json.loads(line)
+        texts.extend(row[f] for f in a.field.split(","))
     except (ValueError, KeyError, TypeError):
         texts.append(line)
 texts = texts[: a.n]

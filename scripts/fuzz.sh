@@ -8,6 +8,7 @@
 #                 exact::decode of every chunk against a zero prediction
 #   exact_decode  codec::exact::decode on (dtype selector, prediction, payload) split from the input
 #   header        checkpoint::header::parse with and without a file length
+#   lossy_decode  codec::lossy::decode of every lossy codec on (base, payload, chunk offset) from the input
 #
 # - Installs cargo-fuzz if missing (`cargo install --locked cargo-fuzz`).
 # - The toolchain is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz use its nightly-only flags.
@@ -30,7 +31,7 @@ fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 fuzz_dir="$root/fuzz"
-targets=(container exact_decode header)
+targets=(container exact_decode header lossy_decode)
 cd "$root"
 
 export RUSTC_BOOTSTRAP=1

@@ -169,7 +169,12 @@ fn plot(points: &[Point]) -> String {
         w - left - right,
         h - top - bottom
     );
-    let step = if xmax > 10.0 { 2.0 } else { 1.0 };
+    let step = match xmax {
+        x if x <= 2.0 => 0.25,
+        x if x <= 4.0 => 0.5,
+        x if x <= 10.0 => 1.0,
+        _ => 2.0,
+    };
     let mut b = 0.0;
     while b <= xmax + 1e-9 {
         let _ = writeln!(

@@ -606,7 +606,10 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (V
             num[0] += wt[j] * d[j] * c[j];
             den[0] += wt[j] * c[j] * c[j];
         }
-        let (num, den) = ((num[0] + num[1]) + (num[2] + num[3]), (den[0] + den[1]) + (den[2] + den[3]));
+        let (num, den) = (
+            (num[0] + num[1]) + (num[2] + num[3]),
+            (den[0] + den[1]) + (den[2] + den[3]),
+        );
         if den > 0.0 {
             num / den
         } else {
