@@ -424,12 +424,14 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
         let (b, t) = el(i);
         E::load(t) - E::load(b)
     };
-    let mut exceptions: Vec<u32> = (0..n)
-        .filter(|&i| {
-            let (b, t) = el(i);
-            !(E::load(b).is_finite() && E::load(t).is_finite())
-        })
-        .map(|i| i as u32)
+    // Non-finite means an all-ones exponent field: an integer test, no conversion.
+    let top = (1u32 << E::EXP) - 1;
+    let mut exceptions: Vec<u32> = base
+        .chunks_exact(w)
+        .zip(target.chunks_exact(w))
+        .enumerate()
+        .filter(|(_, (b, t))| E::exponent(b) == top || E::exponent(t) == top)
+        .map(|(i, _)| i as u32)
         .collect();
     let body = match *p.codec {
         TensorCodec::Quant {
