@@ -8,7 +8,8 @@
 # setting: bits/param, model error and the Gaussian bounds (Shannon 2^-R, ideal entropy-coded
 # scalar quantizer 1.17 x 2^-R); for the fixed settings also the median make time over REPS
 # runs (default 3) and its ratio to the exact codec's median, runs interleaved so that a
-# noisy machine slows both alike. Peak RSS with GNU time when available.
+# noisy machine slows both alike. Peak RSS with GNU time when available. SKIP_BUDGETS=1
+# leaves out the (slow) budgeted settings.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
@@ -50,6 +51,7 @@ for c in "${fixed[@]}"; do
         "$c" "${bits[$c]}" "${err[$c]}" "$t" "$exact_t"
     echo "    peak RSS ${rss[$c]} KB"
 done
+[ -n "${SKIP_BUDGETS:-}" ] && exit 0
 for cb in "quant 0.045" "quant 0.1" "quant:domain=value 0.045" "quant:domain=value 0.1" "sparse 0.5" "auto 0.1"; do
     set -- $cb
     read -r b e s m < <(run "$1" "$2")

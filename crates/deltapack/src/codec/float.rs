@@ -30,7 +30,7 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// The spacing of representable values at biased exponent `e` (subnormals included).
     fn ulp(e: u32) -> f64 {
         let bias = (1i32 << (Self::EXP - 1)) - 1;
-        2f64.powi(e.max(1) as i32 - bias - Self::MANT as i32)
+        pow2(e.max(1) as i32 - bias - Self::MANT as i32)
     }
 }
 
@@ -117,6 +117,15 @@ impl Elem for F64 {
     }
 }
 
+/// `2^k` exactly, subnormals included (`powi` would round `2^-1074` to zero).
+fn pow2(k: i32) -> f64 {
+    if k >= -1022 {
+        f64::from_bits(((k + 1023) as u64) << 52)
+    } else {
+        f64::from_bits(1u64 << (k + 1074).max(0))
+    }
+}
+
 /// Whether the lossy codecs can code tensors of `dtype` (the IEEE-style floats).
 pub fn lossy_capable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
@@ -146,6 +155,8 @@ mod tests {
         assert_eq!(F16::ulp(15), 2f64.powi(-10));
         assert_eq!(F32::ulp(127), 2f64.powi(-23));
         assert_eq!(F32::ulp(0), F32::ulp(1), "subnormals share the smallest normal spacing");
+        assert_eq!(F64::ulp(0), f64::from_bits(1), "the smallest f64 spacing is not zero");
+        assert_eq!(F64::ulp(2046), 2f64.powi(1023 - 52));
         let one = half::bf16::from_f32(1.0).to_bits().to_le_bytes();
         assert_eq!(Bf16::exponent(&one), 127);
     }

@@ -341,10 +341,28 @@ fn round(x: f64) -> f64 {
 
 /// The step an element gets in `domain`: `step`, or `step` in whole ULPs of the base value.
 #[inline(always)]
-fn element_step(domain: Domain, step: f64, ulp: f64) -> f64 {
+fn element_step(domain: Domain, step: f64, ulp: Ulp) -> f64 {
     match domain {
         Domain::Value => step,
-        Domain::Ulp => round(step / ulp).max(1.0) * ulp,
+        Domain::Ulp => round(ulp.over(step)).max(1.0) * ulp.0,
+    }
+}
+
+/// The spacing of values at one exponent, and its inverse when that is finite.
+#[derive(Clone, Copy)]
+struct Ulp(f64, f64);
+
+impl Ulp {
+    /// `x / ulp`. The spacing is a power of two, so multiplying by its inverse gives the
+    /// very same number, without a division per element (only f64 subnormal spacings,
+    /// whose inverse overflows, divide).
+    #[inline(always)]
+    fn over(self, x: f64) -> f64 {
+        if self.1.is_finite() {
+            x * self.1
+        } else {
+            x / self.0
+        }
     }
 }
 
@@ -363,15 +381,15 @@ fn moved<E: Elem>(b: &[u8], s: u64, m: f64) -> f64 {
 /// least one, so that magnitudes under half a ULP (common in bf16) do not round back to the
 /// base value. Otherwise it is used as is.
 #[inline(always)]
-fn snap<E: Elem>(zeros: bool, m: f64, b: &[u8], ulps: &[f64]) -> f64 {
+fn snap<E: Elem>(zeros: bool, m: f64, b: &[u8], ulps: &[Ulp]) -> f64 {
     if m == 0.0 || !zeros {
         return m;
     }
     element_step(Domain::Ulp, m, ulps[E::exponent(b) as usize])
 }
 
-fn ulp_table<E: Elem>() -> Vec<f64> {
-    (0..1u32 << E::EXP).map(E::ulp).collect()
+fn ulp_table<E: Elem>() -> Vec<Ulp> {
+    (0..1u32 << E::EXP).map(|e| Ulp(E::ulp(e), 1.0 / E::ulp(e))).collect()
 }
 
 /// A chunk between its streams and its reconstruction: the encoder computes it from the
@@ -442,6 +460,8 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             domain,
         } => {
             let group = if step.is_some() { n.max(1) } else { group as usize };
+            // Groups are powers of two (validated): a shift, not a division per element.
+            let gshift = if step.is_some() { 63 } else { group.trailing_zeros() };
             if bits.is_some() && outliers > 0.0 {
                 exceptions = merge(&exceptions, &largest::<E>(base, target, outliers));
             }
@@ -464,7 +484,7 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             let mut codes = vec![0u64; n];
             for i in 0..n {
                 let (b, _) = el(i);
-                let s = element_step(domain, steps(i / group), ulps[E::exponent(b) as usize]);
+                let s = element_step(domain, steps(i >> gshift), ulps[E::exponent(b) as usize]);
                 if is_exc[i] || s == 0.0 {
                     continue;
                 }
@@ -664,13 +684,15 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
             },
         ) => {
             let group = if step.is_some() { n.max(1) } else { group as usize };
+            // Groups are powers of two (validated): a shift, not a division per element.
+            let gshift = if step.is_some() { 63 } else { group.trailing_zeros() };
             if step.is_none() && group_steps.len() != n.div_ceil(group) {
                 return Err(DecodeError("wrong number of group steps"));
             }
             let steps = step_of(step, group_steps);
             for (i, (&c, o)) in codes.iter().zip(out.chunks_exact_mut(w)).enumerate() {
                 let b = b_at(i);
-                let s = element_step(domain, steps(i / group), ulps[E::exponent(b) as usize]);
+                let s = element_step(domain, steps(i >> gshift), ulps[E::exponent(b) as usize]);
                 let d = if s == 0.0 { 0.0 } else { unzigzag(c) as f64 * s };
                 E::store(E::load(b) + d, o);
             }
