@@ -142,7 +142,8 @@ enum Command {
 #[derive(Args, Clone, Default)]
 pub struct CodecArgs {
     /// Codec: exact (default), quant, sparse, dare, sign, sign-axis or auto, optionally with
-    /// settings as NAME:key=value,... (e.g. quant:bits=3,group=64,domain=value).
+    /// settings as NAME:key=value,... (e.g. quant:bits=3,group=64,domain=value). dare keeps
+    /// the delta only in expectation, not within an error: it takes no --max-error.
     #[arg(long, default_value = "exact")]
     codec: String,
     /// quant: bits per code (2..8), with one step per group of 128 values.
@@ -151,7 +152,7 @@ pub struct CodecArgs {
     /// quant: one absolute step per tensor; sparse: quantize the kept values with this step.
     #[arg(long)]
     step: Option<f64>,
-    /// sparse, dare: fraction of the changes to keep (dare default 0.1).
+    /// sparse, dare: fraction of the changes to keep (default 0.1).
     #[arg(long)]
     keep: Option<f64>,
     /// dare: seed of the random masks (each tensor's mask also depends on its name).
