@@ -30,6 +30,11 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
         rans::put_varint(out, 0);
         return;
     }
+    if values.iter().all(|&v| v < 16) {
+        // Small alphabets (most codes): every token is the value, no raw bits.
+        let symbols: Vec<u8> = values.iter().map(|&v| v as u8).collect();
+        return encode_small(&symbols, contexts, n_ctx, out);
+    }
     let all_ctx: Vec<u8>;
     let ctxs = if contexts.is_empty() {
         all_ctx = vec![0; values.len()];
@@ -40,30 +45,58 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
     let mut counts = vec![[0u32; 256]; n_ctx];
     let mut symbols = Vec::with_capacity(values.len());
     let mut bits = BitWriter::default();
-    if values.iter().all(|&v| v < 16) {
-        // Small alphabets (signs, most codes): every token is the value, no raw bits.
-        for (&v, &c) in values.iter().zip(ctxs) {
-            counts[c as usize][v as usize] += 1;
-            symbols.push(v as u8);
-        }
-    } else {
-        for (&v, &c) in values.iter().zip(ctxs) {
-            let (tok, nb, raw) = tokenize(v);
-            counts[c as usize][tok as usize] += 1;
-            symbols.push(tok);
-            bits.put(raw, nb);
-        }
+    for (&v, &c) in values.iter().zip(ctxs) {
+        let (tok, nb, raw) = tokenize(v);
+        counts[c as usize][tok as usize] += 1;
+        symbols.push(tok);
+        bits.put(raw, nb);
     }
-    let model = Model::from_counts(&counts);
+    finish(&symbols, ctxs, &counts, &bits.finish(), out);
+}
+
+/// [`encode`] of values below 16 given as bytes (signs, ternary symbols): the same stream,
+/// without building tokens or raw bits.
+pub fn encode_small(values: &[u8], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) {
+    assert!(
+        contexts.is_empty() || contexts.len() == values.len(),
+        "one context per value"
+    );
+    assert!((1..=MAX_CONTEXTS).contains(&n_ctx), "context count");
+    assert!(values.iter().all(|&v| v < 16), "small values only");
+    if values.is_empty() {
+        rans::put_varint(out, 0);
+        rans::put_varint(out, 0);
+        return;
+    }
+    let mut counts = vec![[0u32; 256]; n_ctx];
+    let all_ctx: Vec<u8>;
+    let ctxs = if contexts.is_empty() {
+        let c = &mut counts[0];
+        for &v in values {
+            c[v as usize] += 1;
+        }
+        all_ctx = vec![0; values.len()];
+        &all_ctx[..]
+    } else {
+        for (&v, &c) in values.iter().zip(contexts) {
+            counts[c as usize][v as usize] += 1;
+        }
+        contexts
+    };
+    finish(values, ctxs, &counts, &[], out);
+}
+
+/// Writes the model, the rANS words of `symbols` and the raw bits.
+fn finish(symbols: &[u8], ctxs: &[u8], counts: &[[u32; 256]], raw: &[u8], out: &mut Vec<u8>) {
+    let model = Model::from_counts(counts);
     let tables = EncoderTables::new(&model);
     let mut words = Vec::new();
-    let (states, len) = rans::encode(&tables, &symbols, ctxs, &mut words, true);
-    let raw = bits.finish();
+    let (states, len) = rans::encode(&tables, symbols, ctxs, &mut words, true);
     rans::put_varint(out, rans::stream_words(len) as u64);
     rans::put_varint(out, raw.len() as u64);
     model.write(out);
     rans::write_stream(states, &words[..len], out);
-    out.extend_from_slice(&raw);
+    out.extend_from_slice(raw);
 }
 
 /// Decodes a stream made by [`encode`] from the front of `input` into `out` (whose length

@@ -368,7 +368,7 @@ impl Ulp {
 
 /// A base value moved by a sign symbol: 0 = +m, 1 = -m, anything else unchanged.
 #[inline(always)]
-fn moved<E: Elem>(b: &[u8], s: u64, m: f64) -> f64 {
+fn moved<E: Elem>(b: &[u8], s: u8, m: f64) -> f64 {
     match s {
         0 => E::load(b) + m,
         1 => E::load(b) - m,
@@ -413,7 +413,7 @@ enum Body {
     /// Exact differences of the elements the mask keeps.
     Dare { values: Vec<u64> },
     /// 0 = +, 1 = -, 2 = unchanged; with unchanged values coded apart, the context range.
-    Sign { range: Option<(u16, u16)>, signs: Vec<u64> },
+    Sign { range: Option<(u16, u16)>, signs: Vec<u8> },
 }
 
 fn encode_impl<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8> {
@@ -547,7 +547,7 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
                     if zeros && d == 0.0 {
                         2
                     } else {
-                        (d < 0.0) as u64
+                        (d < 0.0) as u8
                     }
                 })
                 .collect();
@@ -594,16 +594,16 @@ fn write_symbols<E: Elem>(sym: &Symbols, base: &[u8], out: &mut Vec<u8>) {
         }
         Body::Sparse { kept, values } => put_set(kept, values, out),
         Body::Dare { values } => ints::encode(values, &[], 1, out),
-        Body::Sign { range: None, signs } => ints::encode(signs, &[], 1, out),
+        Body::Sign { range: None, signs } => ints::encode_small(signs, &[], 1, out),
         Body::Sign {
             range: Some(range),
             signs,
         } => {
             // Stored: 0 = unchanged, 1 = +, 2 = -: the common symbol gets the small token.
-            let stored: Vec<u64> = signs.iter().map(|&s| (s + 1) % 3).collect();
+            let stored: Vec<u8> = signs.iter().map(|&s| (s + 1) % 3).collect();
             out.extend_from_slice(&range.0.to_le_bytes());
             out.extend_from_slice(&range.1.to_le_bytes());
-            ints::encode(&stored, &contexts::<E>(base, *range), 16, out);
+            ints::encode_small(&stored, &contexts::<E>(base, *range), 16, out);
         }
     }
 }
@@ -647,19 +647,23 @@ fn read_symbols<E: Elem>(p: &ChunkParams, base: &[u8], input: &mut &[u8]) -> Res
             Body::Dare { values }
         }
         TensorCodec::Sign { zeros, .. } | TensorCodec::SignAxis { zeros, .. } => {
-            let mut signs = vec![0u64; n];
+            let mut raw = vec![0u64; n];
+            // Values over 2 are corrupt; they rebuild as unchanged and fail the fingerprint.
+            let small = |v: u64| v.min(3) as u8;
             if zeros {
                 let range = read_context_range::<E>(input)?;
                 let ctx = contexts::<E>(base, range);
-                ints::decode(input, 16, 8, |i| ctx[i], &mut signs)?;
-                signs.iter_mut().for_each(|s| *s = (*s + 2) % 3);
+                ints::decode(input, 16, 8, |i| ctx[i], &mut raw)?;
                 Body::Sign {
                     range: Some(range),
-                    signs,
+                    signs: raw.iter().map(|&s| (small(s) + 2) % 3).collect(),
                 }
             } else {
-                ints::decode(input, 1, 8, |_| 0, &mut signs)?;
-                Body::Sign { range: None, signs }
+                ints::decode(input, 1, 8, |_| 0, &mut raw)?;
+                Body::Sign {
+                    range: None,
+                    signs: raw.iter().map(|&s| small(s)).collect(),
+                }
             }
         }
     };
