@@ -559,7 +559,7 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
 /// Alternating least-squares rounds of the rank-1 fit. Without weights or a mask each
 /// round is a power iteration; the first round (row means) is already close, since |D| is
 /// non-negative and its top singular pair dominates.
-const FIT_ROUNDS: usize = 2;
+const FIT_ROUNDS: usize = 1;
 
 /// The best row and column scales for `sign-axis`: `r, c` minimising
 /// `sum_ij a_j m_ij (|D_ij| - r_i c_j)^2`, where `a` are the calibration weights (or 1) and
@@ -578,17 +578,15 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (V
     // runs plain loops over it.
     let fill = |row: usize, d: &mut Vec<f64>, wt: &mut Vec<f64>| {
         let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
-        d.clear();
-        wt.clear();
-        for ((b, t), &aj) in b.chunks_exact(w).zip(tg.chunks_exact(w)).take(cols).zip(&a) {
+        d.resize(cols, 0.0);
+        wt.resize(cols, 0.0);
+        let elems = b.chunks_exact(w).zip(tg.chunks_exact(w)).zip(&a);
+        for (((b, t), &aj), (dj, wj)) in elems.zip(d.iter_mut().zip(wt.iter_mut())) {
             let x = E::load(t) - E::load(b);
-            let (x, m) = match (x.is_finite(), zeros && x == 0.0) {
-                (false, _) => (0.0, 0.0),
-                (true, true) => (0.0, 0.0),
-                (true, false) => (x.abs(), 1.0),
-            };
-            d.push(x);
-            wt.push(aj * m);
+            // Not finite, or unchanged and kept apart: no weight in the fit.
+            let used = x.is_finite() && !(zeros && x == 0.0);
+            *dj = if used { x.abs() } else { 0.0 };
+            *wj = if used { aj } else { 0.0 };
         }
     };
     let rows_of = |r: &std::ops::Range<usize>| r.start / cols..r.end / cols;

@@ -366,16 +366,6 @@ impl Ulp {
     }
 }
 
-/// A base value moved by a sign symbol: 0 = +m, 1 = -m, anything else unchanged.
-#[inline(always)]
-fn moved<E: Elem>(b: &[u8], s: u8, m: f64) -> f64 {
-    match s {
-        0 => E::load(b) + m,
-        1 => E::load(b) - m,
-        _ => E::load(b),
-    }
-}
-
 /// A sign codec's magnitude. When unchanged values are coded apart (`zeros`), a coded sign
 /// says the value moved: the magnitude becomes a whole number of the base value's ULPs, at
 /// least one, so that magnitudes under half a ULP (common in bf16) do not round back to the
@@ -738,7 +728,8 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
                     } else {
                         scale as f64
                     };
-                    [m, -m, 0.0]
+                    // Adding -0.0 leaves every value as it is, -0.0 included.
+                    [m, -m, -0.0]
                 })
                 .collect();
             for ((&s, b), o) in signs.iter().zip(base.chunks_exact(w)).zip(out.chunks_exact_mut(w)) {
@@ -759,7 +750,8 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
             for (i, (&s, o)) in signs.iter().zip(out.chunks_exact_mut(w)).enumerate() {
                 let b = b_at(i);
                 let m = rows[r] as f64 * a.cols[c] as f64;
-                E::store(moved::<E>(b, s, snap::<E>(zeros, m, b, &ulps)), o);
+                let m = snap::<E>(zeros, m, b, &ulps);
+                E::store(E::load(b) + [m, -m, -0.0][s.min(2) as usize], o);
                 c += 1;
                 if c as u64 == cols {
                     (r, c) = (r + 1, 0);
