@@ -458,33 +458,35 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             let group_steps: Vec<u16> = match bits {
                 Some(b) if step.is_none() => {
                     let levels = ((1u32 << (b - 1)) - 1) as f64;
-                    (0..n.div_ceil(group))
-                        .map(|g| {
-                            let r = g * group..((g + 1) * group).min(n);
-                            let m = r.filter(|&i| !is_exc[i]).map(|i| delta(i).abs()).fold(0.0, f64::max);
-                            half::bf16::from_f64(m / levels).to_bits()
-                        })
+                    let mut gmax = vec![0f64; n.div_ceil(group)];
+                    for (i, (b, t)) in base.chunks_exact(w).zip(target.chunks_exact(w)).enumerate() {
+                        let a = (E::load(t) - E::load(b)).abs();
+                        let g = &mut gmax[i >> gshift];
+                        if !is_exc[i] && a > *g {
+                            *g = a;
+                        }
+                    }
+                    gmax.iter()
+                        .map(|&m| half::bf16::from_f64(m / levels).to_bits())
                         .collect()
                 }
                 _ => Vec::new(),
             };
-            let steps = step_of(step, &group_steps);
-            let ulps = ulp_table::<E>();
+            let mut steps = StepTable::new::<E>(step, &group_steps, gshift, domain);
             let mut codes = vec![0u64; n];
-            for i in 0..n {
-                let (b, _) = el(i);
-                let s = element_step(domain, steps(i >> gshift), ulps[E::exponent(b) as usize]);
+            let elems = base.chunks_exact(w).zip(target.chunks_exact(w));
+            for (i, ((b, t), code)) in elems.zip(codes.iter_mut()).enumerate() {
+                let s = steps.get(i, E::exponent(b) as usize);
                 if is_exc[i] || s == 0.0 {
                     continue;
                 }
-                let c = round(delta(i) / s);
+                let c = round((E::load(t) - E::load(b)) / s);
                 if c.abs() >= MAX_CODE {
                     exceptions.push(i as u32);
                     continue;
                 }
-                codes[i] = zigzag(c as i64);
+                *code = zigzag(c as i64);
             }
-            drop(steps);
             exceptions.sort_unstable();
             for &i in &exceptions {
                 codes[i as usize] = 0;
@@ -561,11 +563,48 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
     }
 }
 
-/// The step of group `g`: the tensor's one step, or the group's stored bf16 step.
-fn step_of<'a>(step: Option<f32>, group_steps: &'a [u16]) -> impl Fn(usize) -> f64 + 'a {
-    move |g| match step {
-        Some(s) => s as f64,
-        None => half::bf16::from_bits(group_steps[g]).to_f64(),
+/// Each element's quantization step. With one step per tensor it depends only on the
+/// element's exponent: one table per chunk. With `bits` it is the group's stored bf16 step,
+/// rounded to the element's ULPs.
+struct StepTable {
+    per_exponent: Option<Vec<f64>>,
+    groups: Vec<f64>,
+    gshift: u32,
+    domain: Domain,
+    ulps: Vec<Ulp>,
+    /// Per exponent, the group whose step was last computed for it, and that step: a group
+    /// holds a handful of exponents, so most elements skip the rounding arithmetic.
+    cached: Vec<(usize, f64)>,
+}
+
+impl StepTable {
+    fn new<E: Elem>(step: Option<f32>, group_steps: &[u16], gshift: u32, domain: Domain) -> Self {
+        let ulps = ulp_table::<E>();
+        let per_exponent = step.map(|s| ulps.iter().map(|&u| element_step(domain, s as f64, u)).collect());
+        StepTable {
+            per_exponent,
+            groups: group_steps.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect(),
+            gshift,
+            domain,
+            cached: vec![(usize::MAX, 0.0); ulps.len()],
+            ulps,
+        }
+    }
+
+    /// The step of element `i` whose base exponent is `e`.
+    #[inline(always)]
+    fn get(&mut self, i: usize, e: usize) -> f64 {
+        if let Some(t) = &self.per_exponent {
+            return t[e];
+        }
+        let g = i >> self.gshift;
+        let (cg, cv) = self.cached[e];
+        if cg == g {
+            return cv;
+        }
+        let v = element_step(self.domain, self.groups[g], self.ulps[e]);
+        self.cached[e] = (g, v);
+        v
     }
 }
 
@@ -684,10 +723,10 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
             if step.is_none() && group_steps.len() != n.div_ceil(group) {
                 return Err(DecodeError("wrong number of group steps"));
             }
-            let steps = step_of(step, group_steps);
-            for (i, (&c, o)) in codes.iter().zip(out.chunks_exact_mut(w)).enumerate() {
-                let b = b_at(i);
-                let s = element_step(domain, steps(i >> gshift), ulps[E::exponent(b) as usize]);
+            let mut steps = StepTable::new::<E>(step, group_steps, gshift, domain);
+            let elems = codes.iter().zip(base.chunks_exact(w)).zip(out.chunks_exact_mut(w));
+            for (i, ((&c, b), o)) in elems.enumerate() {
+                let s = steps.get(i, E::exponent(b) as usize);
                 let d = if s == 0.0 { 0.0 } else { unzigzag(c) as f64 * s };
                 E::store(E::load(b) + d, o);
             }
@@ -773,26 +812,31 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
 /// cut, so that only the few changes at or above it are sorted.
 fn largest<E: Elem>(base: &[u8], target: &[u8], fraction: f32) -> Vec<u32> {
     let w = E::WIDTH;
-    let mags = || {
-        base.chunks_exact(w).zip(target.chunks_exact(w)).map(|(b, t)| {
+    // Non-finite changes are exceptions already: never outliers (-1 marks them).
+    let mags: Vec<f64> = base
+        .chunks_exact(w)
+        .zip(target.chunks_exact(w))
+        .map(|(b, t)| {
             let d = (E::load(t) - E::load(b)).abs();
-            // Non-finite changes are exceptions already: never outliers.
             if d.is_finite() {
                 d
             } else {
                 -1.0
             }
         })
-    };
-    let finite = mags().filter(|&d| d >= 0.0).count();
+        .collect();
+    let bin = |d: f64| ((d as f32).to_bits() >> 16) as usize;
+    let mut hist = vec![0u32; 1 << 16];
+    let mut finite = 0usize;
+    for &d in &mags {
+        if d >= 0.0 {
+            hist[bin(d)] += 1;
+            finite += 1;
+        }
+    }
     let m = (fraction as f64 * finite as f64) as usize;
     if m == 0 {
         return Vec::new();
-    }
-    let bin = |d: f64| ((d as f32).to_bits() >> 16) as usize;
-    let mut hist = vec![0u32; 1 << 16];
-    for d in mags().filter(|&d| d >= 0.0) {
-        hist[bin(d)] += 1;
     }
     let (mut above, mut cut) = (0usize, 0usize);
     for b in (0..hist.len()).rev() {
@@ -802,10 +846,11 @@ fn largest<E: Elem>(base: &[u8], target: &[u8], fraction: f32) -> Vec<u32> {
             break;
         }
     }
-    let mut keyed: Vec<(u64, u32)> = mags()
+    let mut keyed: Vec<(u64, u32)> = mags
+        .iter()
         .enumerate()
-        .filter(|&(_, d)| d >= 0.0 && bin(d) >= cut)
-        .map(|(i, d)| (!d.to_bits(), i as u32))
+        .filter(|&(_, &d)| d >= 0.0 && bin(d) >= cut)
+        .map(|(i, &d)| (!d.to_bits(), i as u32))
         .collect();
     keyed.select_nth_unstable(m - 1);
     let mut top: Vec<u32> = keyed[..m].iter().map(|&(_, i)| i).collect();
