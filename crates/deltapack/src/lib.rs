@@ -26,3 +26,6 @@ pub use make::{make, MakeOptions, MakeReport, TensorReport};
 pub mod stats;
 pub mod synth;
 pub mod tune;
+
+#[cfg(test)]
+mod testdata;

@@ -881,22 +881,7 @@ mod tests {
 
     /// bf16 weights ~ N(0, 0.02)-ish and a Gaussian-ish delta of scale `sigma`.
     fn pair(seed: u64, n: usize, sigma: f32) -> (Vec<u8>, Vec<u8>) {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut uniform = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 11) as f32 / (1u64 << 53) as f32
-        };
-        let mut normal = || (0..12).map(|_| uniform()).sum::<f32>() - 6.0;
-        let (mut b, mut t) = (Vec::new(), Vec::new());
-        for _ in 0..n {
-            let w = 0.02 * normal();
-            let d = sigma * normal();
-            b.extend_from_slice(&half::bf16::from_f32(w).to_bits().to_le_bytes());
-            t.extend_from_slice(&half::bf16::from_f32(w + d).to_bits().to_le_bytes());
-        }
-        (b, t)
+        crate::testdata::bf16_pair(1, n, seed, |_, _| sigma)
     }
 
     fn codecs() -> Vec<TensorCodec> {
