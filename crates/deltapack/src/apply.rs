@@ -16,7 +16,7 @@ use crate::hash::{self, Digest};
 use crate::pair;
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
-use crate::tune::QualitySums;
+use crate::tune::{QualitySums, TensorPlan};
 use crate::{dtype, Error, Result};
 
 /// Options of [`apply`].
@@ -219,8 +219,8 @@ struct Ctx<'a> {
     /// Every tensor of the delta, file by file, with its base source.
     tensors: Vec<(&'a TensorEntry, Option<&'a TensorRef>)>,
     chunk_bytes: usize,
-    /// `sign-axis` scales of the tensors that have them (few and small: two vectors each).
-    scales: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Each tensor's lossy codec and `sign-axis` scales (few and small: two vectors each).
+    plans: Vec<TensorPlan>,
 }
 
 impl<'a> Ctx<'a> {
@@ -253,7 +253,7 @@ impl<'a> Ctx<'a> {
             };
             tensors.push((t, src));
         }
-        let scales = tensors
+        let plans = tensors
             .iter()
             .map(|(t, _)| match (&t.codec, &t.params) {
                 (Some(c), Some(p)) => {
@@ -265,9 +265,15 @@ impl<'a> Ctx<'a> {
                             reason: "codec parameters do not match their checksum".into(),
                         });
                     }
-                    Ok(crate::tune::axis_scales(c, bytes))
+                    Ok(TensorPlan {
+                        codec: Some(c.clone()),
+                        axis: crate::tune::axis_scales(c, bytes),
+                    })
                 }
-                _ => Ok(None),
+                (codec, _) => Ok(TensorPlan {
+                    codec: codec.clone(),
+                    axis: None,
+                }),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Ctx {
@@ -275,7 +281,7 @@ impl<'a> Ctx<'a> {
             base,
             tensors,
             chunk_bytes: delta.index.chunk_bytes as usize,
-            scales,
+            plans,
         })
     }
 
@@ -309,16 +315,10 @@ impl<'a> Ctx<'a> {
                 ChunkCodec::Same => bytes.copy_from_slice(pred),
                 ChunkCodec::Lossy => {
                     let payload = self.delta.chunk_payload(&t.name, chunk)?;
-                    let codec = t.codec.as_ref().expect("validated: lossy chunks have a codec");
-                    let params = lossy::ChunkParams {
-                        codec,
-                        first: (job.range.start / (tdt.bitsize() / 8)) as u64,
-                        axis: self.scales[job.tensor].as_ref().map(|(r, c)| lossy::AxisScales {
-                            rows: r,
-                            first_row: 0,
-                            cols: c,
-                        }),
-                    };
+                    let first = (job.range.start / (tdt.bitsize() / 8)) as u64;
+                    let params = self.plans[job.tensor]
+                        .chunk_params(first)
+                        .expect("validated: lossy chunks have a codec");
                     if let Err(e) = lossy::decode(tdt, &params, pred, payload, &mut bytes) {
                         self.check_source(job.tensor)?;
                         return Err(self.corrupt(t, format!("chunk {} does not decode: {}", job.chunk, e.0)));

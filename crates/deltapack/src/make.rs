@@ -363,7 +363,6 @@ impl Ctx<'_> {
         let p = &self.pairings[job.tensor];
         let t = self.target(job.tensor);
         let target = &self.ft.bytes(t)[job.range.clone()];
-        let target_hash = hash::chunk(target);
         let (sdt, src): (_, &[u8]) = match self.source(job.tensor) {
             Some(s) => (s.dtype, self.base.bytes(s)),
             None => (t.dtype, &[]),
@@ -399,7 +398,8 @@ impl Ctx<'_> {
         });
         Encoded {
             payload,
-            target_hash,
+            // Lossy chunks return above with the fingerprint of their reconstruction.
+            target_hash: hash::chunk(target),
             source_hashes,
             quality,
         }

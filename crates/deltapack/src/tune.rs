@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::Serialize;
 
+use crate::codec::float::magnitude_bin as mag_bin;
 use crate::codec::float::{with_elem, Elem};
 use crate::codec::lossy::{self, AxisScales, ChunkParams, Domain, TensorCodec};
 use crate::codec::{exact, float};
@@ -449,13 +450,7 @@ struct Stats {
     hist: Option<(Vec<u64>, Vec<f64>)>,
 }
 
-const BINS: usize = 1 << 15;
-
-/// Magnitude bin of a change: the top 16 bits of `|d|` as an f32 (sign dropped).
-#[inline(always)]
-fn mag_bin(d: f64) -> usize {
-    ((d.abs() as f32).to_bits() >> 16) as usize & (BINS - 1)
-}
+const BINS: usize = float::MAGNITUDE_BINS;
 
 /// Element ranges of the analysis blocks: whole rows, about one chunk each.
 fn blocks(t: &TensorView) -> Vec<std::ops::Range<usize>> {

@@ -126,6 +126,17 @@ fn pow2(k: i32) -> f64 {
     }
 }
 
+/// Number of [`magnitude_bin`] bins.
+pub(crate) const MAGNITUDE_BINS: usize = 1 << 15;
+
+/// Histogram bin of a change's magnitude: the top 16 bits of `|d|` as an f32, sign dropped
+/// (so 2^15 bins, 128 per octave). Thresholds on bin edges are exact: `|d| as f32 >=
+/// f32::from_bits(b << 16)` holds exactly for the bins from `b` up.
+#[inline(always)]
+pub(crate) fn magnitude_bin(d: f64) -> usize {
+    ((d.abs() as f32).to_bits() >> 16) as usize & (MAGNITUDE_BINS - 1)
+}
+
 /// Whether the lossy codecs can code tensors of `dtype` (the IEEE-style floats).
 pub fn lossy_capable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)

@@ -825,8 +825,8 @@ fn largest<E: Elem>(base: &[u8], target: &[u8], fraction: f32) -> Vec<u32> {
             }
         })
         .collect();
-    let bin = |d: f64| ((d as f32).to_bits() >> 16) as usize;
-    let mut hist = vec![0u32; 1 << 16];
+    let bin = super::float::magnitude_bin;
+    let mut hist = vec![0u32; super::float::MAGNITUDE_BINS];
     let mut finite = 0usize;
     for &d in &mags {
         if d >= 0.0 {
