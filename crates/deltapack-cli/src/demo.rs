@@ -21,7 +21,7 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
     };
     let say = |s: String| {
         if !json_out {
-            println!("{s}");
+            out!("{s}");
         }
     };
     let spec = Spec::demo();
@@ -91,14 +91,14 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
     let identical = same_files(&ft, &out)?;
     anyhow::ensure!(identical, "the rebuilt directory differs from the fine-tune");
     if json_out {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"make": made, "apply": applied, "verify": verified, "identical": identical})
             )?
         );
     } else {
-        println!(
+        out!(
             "\nrebuilt directory is byte-identical to the fine-tune: {} files",
             std::fs::read_dir(&ft)?.count()
         );

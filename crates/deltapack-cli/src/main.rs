@@ -1,6 +1,21 @@
 //! `deltapack`: the command-line front end. Parsing, progress and printing only; the work
 //! is done by the `deltapack` library.
 
+/// `println!` that ends the program quietly when stdout is a closed pipe (`deltapack inspect
+/// x.dpk | head`) instead of panicking; any other failure to write is an I/O error (exit 5).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing to stdout: {e}");
+            std::process::exit(5);
+        }
+    }};
+}
+
 mod demo;
 mod progress;
 mod report;
@@ -365,7 +380,7 @@ fn dev(cmd: Dev) -> Result<()> {
         Dev::Bounds { base, finetuned } => {
             let b = deltapack::checkpoint::Checkpoint::open(&base)?;
             let f = deltapack::checkpoint::Checkpoint::open(&finetuned)?;
-            println!("{}", serde_json::to_string(&deltapack::stats::bounds(&b, &f))?);
+            out!("{}", serde_json::to_string(&deltapack::stats::bounds(&b, &f))?);
             Ok(())
         }
     }

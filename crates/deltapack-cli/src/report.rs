@@ -25,7 +25,7 @@ pub fn human(bytes: u64) -> String {
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -37,11 +37,11 @@ pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Resul
         v["seconds"] = json!(took.as_secs_f64());
         return print_json(&v);
     }
-    println!("wrote {} in {:.2} s", out.display(), took.as_secs_f64());
-    println!();
-    println!("  tensors   same {:>5}   changed {:>5}   resized {:>3}   converted {:>3}   tied {:>3}   new {:>3}   removed {:>3}",
+    out!("wrote {} in {:.2} s", out.display(), took.as_secs_f64());
+    out!();
+    out!("  tensors   same {:>5}   changed {:>5}   resized {:>3}   converted {:>3}   tied {:>3}   new {:>3}   removed {:>3}",
         r.same, r.changed, r.resized, r.converted, r.tied, r.new, r.removed);
-    println!(
+    out!(
         "  files     {} auxiliary ({} identical to the base's){}",
         r.aux_files,
         r.aux_same_as_base,
@@ -51,19 +51,20 @@ pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Resul
             format!(", skipped: {}", r.skipped.join(", "))
         }
     );
-    println!("  fine-tune {:>12}", human(r.finetuned_bytes));
-    println!(
+    out!("  fine-tune {:>12}", human(r.finetuned_bytes));
+    out!(
         "  delta     {:>12}   ratio {:.2}x   ({:.3} bits per parameter)",
         human(r.delta_bytes),
         r.ratio,
         r.bits_per_param
     );
     if !r.tensors.is_empty() {
-        println!(
+        out!(
             "  lossy     {} tensors; model error ||D'-D||/||D|| = {:.5}",
-            r.lossy, r.error
+            r.lossy,
+            r.error
         );
-        println!();
+        out!();
         quality_table(
             r.tensors
                 .iter()
@@ -75,14 +76,22 @@ pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Resul
 
 /// Prints one line per tensor: codec, setting, bits/param, error, max abs error.
 fn quality_table<'a>(rows: impl Iterator<Item = (&'a str, &'a str, String, &'a deltapack::tune::Quality)>) {
-    println!(
+    out!(
         "  {:<52} {:<9} {:>9} {:>9} {:>10}  setting",
-        "tensor", "codec", "bits/par", "error", "max |err|"
+        "tensor",
+        "codec",
+        "bits/par",
+        "error",
+        "max |err|"
     );
     for (name, codec, setting, q) in rows {
-        println!(
+        out!(
             "  {:<52} {:<9} {:>9.3} {:>9.5} {:>10.3e}  {setting}",
-            name, codec, q.bits_per_param, q.error, q.max_abs_error
+            name,
+            codec,
+            q.bits_per_param,
+            q.error,
+            q.max_abs_error
         );
     }
 }
@@ -100,7 +109,7 @@ pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) ->
         (true, false) => ", exact tensors identical to the fine-tune",
         _ => "",
     };
-    println!(
+    out!(
         "{verb}: {} tensors in {} weight files and {} other files, {} in {:.2} s; every fingerprint matched{what}",
         r.tensors,
         r.weight_files,
@@ -109,18 +118,26 @@ pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) ->
         took.as_secs_f64()
     );
     if !r.measured.is_empty() {
-        println!(
+        out!(
             "lossy tensors measured against the fine-tune: model error {:.5}",
             r.measured_error
         );
-        println!(
+        out!(
             "  {:<52} {:<9} {:>10} {:>10} {:>10}",
-            "tensor", "codec", "recorded", "measured", "max |err|"
+            "tensor",
+            "codec",
+            "recorded",
+            "measured",
+            "max |err|"
         );
         for m in &r.measured {
-            println!(
+            out!(
                 "  {:<52} {:<9} {:>10.5} {:>10.5} {:>10.3e}",
-                m.name, m.codec, m.recorded_error, m.error, m.max_abs_error
+                m.name,
+                m.codec,
+                m.recorded_error,
+                m.error,
+                m.max_abs_error
             );
         }
     }
@@ -157,14 +174,14 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             "tensors": t, "aux": aux, "removed": index.removed, "skipped": index.skipped,
         }));
     }
-    println!(
+    out!(
         "{}: deltapack format v{}, {} ({})",
         path.display(),
         index.version,
         human(size),
         index.created_by
     );
-    println!(
+    out!(
         "base:      {}",
         index
             .base
@@ -172,13 +189,13 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             .as_deref()
             .unwrap_or("(origin not recorded; see --base-id of make)")
     );
-    println!(
+    out!(
         "           {} tensors, {}, fingerprint {}",
         index.base.tensors,
         human(index.base.bytes),
         &index.base.fingerprint[..16]
     );
-    println!(
+    out!(
         "fine-tune: {} in {} weight files and {} other files; ratio {:.2}x",
         human(ft),
         index.files.len(),
@@ -186,7 +203,7 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
         ft as f64 / size as f64
     );
     let same = tensors.iter().filter(|t| t.unchanged()).count();
-    println!(
+    out!(
         "tensors:   {} ({} unchanged), {} removed from the base",
         tensors.len(),
         same,
@@ -194,14 +211,14 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
     );
     let lossy = tensors.iter().filter(|t| t.codec.is_some()).count();
     if lossy > 0 {
-        println!(
+        out!(
             "lossy:     {lossy} tensors; {:.3} bits per parameter; model error {:.5}",
             bits_per_param(index, size),
             deltapack::make::model_error(index)
         );
     }
     for f in &index.files {
-        println!("  {}  {}  {} tensors", f.path, human(f.size), f.tensors.len());
+        out!("  {}  {}  {} tensors", f.path, human(f.size), f.tensors.len());
     }
     for a in &index.aux {
         let how = match &a.blob {
@@ -212,13 +229,13 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
                 if dict.is_some() { " (against the base's)" } else { "" }
             ),
         };
-        println!("  {}  {}  {how}", a.path, human(a.size));
+        out!("  {}  {}  {how}", a.path, human(a.size));
     }
     for s in &index.skipped {
-        println!("  skipped {}: {}", s.path, s.reason);
+        out!("  skipped {}: {}", s.path, s.reason);
     }
     if list_tensors && index.tensors().any(|t| t.quality.is_some()) {
-        println!();
+        out!();
         quality_table(tensors.iter().filter_map(|t| {
             let q = t.quality.as_ref()?;
             let codec = t.codec.as_ref().map_or("exact", |c| c.name());
@@ -230,10 +247,15 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             ))
         }));
     } else if list_tensors {
-        println!();
-        println!(
+        out!();
+        out!(
             "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8}",
-            "tensor", "dtype", "shape", "relation", "stored", "bits/el"
+            "tensor",
+            "dtype",
+            "shape",
+            "relation",
+            "stored",
+            "bits/el"
         );
         for t in tensors {
             let elems = t.shape.iter().product::<u64>().max(1);
@@ -243,7 +265,7 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             } else {
                 format!("{:?}", t.relation).to_lowercase()
             };
-            println!(
+            out!(
                 "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8.3}",
                 t.name,
                 t.dtype,

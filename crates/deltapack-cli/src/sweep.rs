@@ -104,12 +104,12 @@ pub fn run(
     let svg = dir.join("sweep.svg");
     std::fs::write(&svg, plot(&points)).with_context(|| format!("writing {}", svg.display()))?;
     if json_out {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"csv": csv, "svg": svg, "points": points.len()})
         );
     } else {
-        println!("wrote {} and {}", csv.display(), svg.display());
+        out!("wrote {} and {}", csv.display(), svg.display());
     }
     Ok(())
 }
