@@ -70,7 +70,7 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
         &out,
         &deltapack::ApplyOptions {
             force: true,
-            sync: false,
+            ..Default::default()
         },
         bars,
     )?;

@@ -19,6 +19,7 @@ macro_rules! out {
 mod demo;
 mod progress;
 mod report;
+mod store;
 mod sweep;
 
 use std::io::IsTerminal;
@@ -71,6 +72,11 @@ enum Command {
         /// Output delta file (.dpk).
         #[arg(short, long)]
         output: PathBuf,
+        /// Code against the model this chain of deltas rebuilds (repeat, in order from the
+        /// base) instead of the base: the new delta continues the last one. A lossy child is
+        /// coded against its parent's reconstruction, so errors do not add up.
+        #[arg(long = "parent", value_name = "DELTA")]
+        parents: Vec<PathBuf>,
         /// Where the base comes from, e.g. ORG/NAME@REVISION; shown by `inspect`.
         #[arg(long)]
         base_id: Option<String>,
@@ -90,13 +96,15 @@ enum Command {
         #[command(flatten)]
         codec: CodecArgs,
     },
-    /// Rebuild the fine-tune from its base and a delta into a directory.
+    /// Rebuild the fine-tune from its base and a delta (or a chain of deltas, in order from
+    /// the base, rebuilt in one pass) into a directory.
     Apply {
-        /// Base checkpoint the delta was made from.
+        /// Base checkpoint the (first) delta was made from.
         #[arg(long)]
         base: PathBuf,
-        /// The delta file.
-        delta: PathBuf,
+        /// The delta file, or the chain of delta files from the base.
+        #[arg(required = true, value_name = "DELTA")]
+        deltas: Vec<PathBuf>,
         /// Output directory.
         #[arg(short, long)]
         output: PathBuf,
@@ -115,17 +123,58 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
-    /// Check that a delta rebuilds its fine-tune from this base, without writing anything.
+    /// Check that a delta (or chain) rebuilds its fine-tune from this base, without writing anything.
     Verify {
         /// Base checkpoint.
         #[arg(long)]
         base: PathBuf,
-        /// The delta file.
-        delta: PathBuf,
+        /// The delta file, or the chain of delta files from the base.
+        #[arg(required = true, value_name = "DELTA")]
+        deltas: Vec<PathBuf>,
         /// Also compare every rebuilt byte with this fine-tune.
         #[arg(long)]
         finetuned: Option<PathBuf>,
     },
+    /// Turn a chain of deltas into one delta against the base that rebuilds the same model
+    /// (byte for byte; the new delta is exact).
+    Squash {
+        /// Base checkpoint of the chain.
+        #[arg(long)]
+        base: PathBuf,
+        /// The chain, in order from the base.
+        #[arg(required = true, value_name = "DELTA")]
+        deltas: Vec<PathBuf>,
+        /// Output delta file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-code the model a delta (or chain) rebuilds as an exact delta against another base.
+    Rebase {
+        /// Base checkpoint the delta was made from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The new base.
+        #[arg(long)]
+        onto: PathBuf,
+        /// The delta, or chain in order from the base.
+        #[arg(required = true, value_name = "DELTA")]
+        deltas: Vec<PathBuf>,
+        /// Output delta file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Where the new base comes from (ORG/NAME@REVISION).
+        #[arg(long)]
+        base_id: Option<String>,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+    },
+    /// A store: one or more bases and many named deltas, chained (see `store --help`).
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Run a grid of codecs and settings on one pair; write DIR/sweep.csv and DIR/sweep.svg
     /// (a rate-distortion plot with the Gaussian bound drawn in).
     Sweep {
@@ -300,6 +349,7 @@ fn run(cli: Cli) -> Result<()> {
             base,
             finetuned,
             output,
+            parents,
             base_id,
             chunk_bytes,
             force,
@@ -317,24 +367,29 @@ fn run(cli: Cli) -> Result<()> {
                 sync,
                 self_contained,
                 codecs: codec.policy()?,
+                ..Default::default()
             };
             let t = std::time::Instant::now();
-            let r = deltapack::make(&base, &finetuned, &output, &opts, &bars)
+            let r = deltapack::chain::make_child(&base, &parents, &finetuned, &output, &opts, None, &bars)
                 .with_context(|| format!("making {}", output.display()))?;
             report::make(g.json, &output, &r, t.elapsed())
         }
         Command::Apply {
             base,
-            delta,
+            deltas,
             output,
             force,
             sync,
         } => {
             let (base, _) = hub::resolve(&base)?;
-            let opts = deltapack::ApplyOptions { force, sync };
+            let opts = deltapack::ApplyOptions {
+                force,
+                sync,
+                aux_store: None,
+            };
             let t = std::time::Instant::now();
-            let r = deltapack::apply(&base, &delta, &output, &opts, &bars)
-                .with_context(|| format!("applying {}", delta.display()))?;
+            let r = deltapack::apply_chain(&base, &deltas, &output, &opts, &bars)
+                .with_context(|| format!("applying {}", names(&deltas)))?;
             report::rebuild(g.json, "applied", &r, t.elapsed())
         }
         Command::Inspect { delta, tensors } => {
@@ -342,14 +397,56 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("inspecting {}", delta.display()))?;
             report::inspect(g.json, &delta, &index, size, tensors)
         }
-        Command::Verify { base, delta, finetuned } => {
+        Command::Verify {
+            base,
+            deltas,
+            finetuned,
+        } => {
             let (base, _) = hub::resolve(&base)?;
             let finetuned = finetuned.map(|f| hub::resolve(&f).map(|r| r.0)).transpose()?;
             let t = std::time::Instant::now();
-            let r = deltapack::verify(&base, &delta, finetuned.as_deref(), &bars)
-                .with_context(|| format!("verifying {}", delta.display()))?;
+            let r = deltapack::Chain::open(&base, &deltas)
+                .and_then(|c| deltapack::verify_chain(&c, finetuned.as_deref(), &bars))
+                .with_context(|| format!("verifying {}", names(&deltas)))?;
             report::rebuild(g.json, "verified", &r, t.elapsed())
         }
+        Command::Squash {
+            base,
+            deltas,
+            output,
+            force,
+        } => {
+            let (base, _) = hub::resolve(&base)?;
+            let opts = deltapack::MakeOptions {
+                force,
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            let r = deltapack::chain::squash(&base, &deltas, &output, &opts, &bars)
+                .with_context(|| format!("squashing {}", names(&deltas)))?;
+            report::make(g.json, &output, &r, t.elapsed())
+        }
+        Command::Rebase {
+            base,
+            onto,
+            deltas,
+            output,
+            base_id,
+            force,
+        } => {
+            let (base, _) = hub::resolve(&base)?;
+            let (onto, hub_id) = hub::resolve(&onto)?;
+            let opts = deltapack::MakeOptions {
+                force,
+                base_id: base_id.or(hub_id),
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            let r = deltapack::chain::rebase(&base, &deltas, &onto, &output, &opts, &bars)
+                .with_context(|| format!("rebasing {}", names(&deltas)))?;
+            report::make(g.json, &output, &r, t.elapsed())
+        }
+        Command::Store(cmd) => store::run(cmd, g.json, &bars),
         Command::Sweep {
             base,
             finetuned,
@@ -363,6 +460,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { dir } => demo::run(dir, g.json, &bars),
         Command::Dev(d) => dev(d),
     }
+}
+
+/// The delta files of a chain, for messages.
+fn names(deltas: &[PathBuf]) -> String {
+    let v: Vec<String> = deltas.iter().map(|d| d.display().to_string()).collect();
+    v.join(" -> ")
 }
 
 fn dev(cmd: Dev) -> Result<()> {

@@ -24,7 +24,7 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-fn print_json(v: &serde_json::Value) -> Result<()> {
+pub fn print_json(v: &serde_json::Value) -> Result<()> {
     out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -109,8 +109,12 @@ pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) ->
         (true, false) => ", exact tensors identical to the fine-tune",
         _ => "",
     };
+    let chain = match r.chain_length {
+        1 => String::new(),
+        n => format!(" through a chain of {n} deltas"),
+    };
     out!(
-        "{verb}: {} tensors in {} weight files and {} other files, {} in {:.2} s; every fingerprint matched{what}",
+        "{verb}{chain}: {} tensors in {} weight files and {} other files, {} in {:.2} s; every fingerprint matched{what}",
         r.tensors,
         r.weight_files,
         r.aux_files,
@@ -223,6 +227,7 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
     for a in &index.aux {
         let how = match &a.blob {
             Blob::SameAsBase { .. } => "same as base".to_string(),
+            Blob::External => "kept in the store, by content".to_string(),
             Blob::Zstd { len, dict, .. } => format!(
                 "stored in {}{}",
                 human(*len),

@@ -1,19 +1,28 @@
-//! Rebuilding a fine-tune from its base and a delta: to a directory (`apply`), or only to
-//! check it (`verify`), in bounded windows of parallel chunk decodes.
+//! Rebuilding a fine-tune from its base and a delta, or a chain of deltas: to a directory
+//! (`apply`), or only to check it (`verify`), in bounded windows of parallel chunk decodes.
+//!
+//! A chain is rebuilt in one streaming pass: each chunk of the last delta is predicted from
+//! the same chunk of its parent's reconstruction, decoded on the fly from the grandparent's,
+//! and so on down to the base; no intermediate model is written. A chunk a link left
+//! unchanged passes through without a copy.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufWriter, Read, Write};
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
+use safetensors::Dtype;
 use serde::Serialize;
 
+use crate::chain::Chain;
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
 use crate::codec::{exact, lossy};
 use crate::container::index::{AuxEntry, Blob, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
-use crate::pair;
+use crate::pair::{self, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
 use crate::tune::{QualitySums, TensorPlan};
@@ -26,6 +35,9 @@ pub struct ApplyOptions {
     pub force: bool,
     /// fsync every file before the directory is renamed into place.
     pub sync: bool,
+    /// Directory of content-addressed auxiliary files, for deltas that keep theirs outside
+    /// (see [`Chain::aux_store`]).
+    pub aux_store: Option<PathBuf>,
 }
 
 /// What [`apply`] or [`verify`] did.
@@ -39,6 +51,8 @@ pub struct RebuildReport {
     pub tensors: usize,
     /// Bytes of all files rebuilt.
     pub bytes: u64,
+    /// Deltas applied one after another (1 without a chain).
+    pub chain_length: usize,
     /// True when the rebuilt files were compared with a fine-tune (byte for byte, except
     /// lossy tensors, whose error was measured instead).
     pub compared_with_finetuned: bool,
@@ -74,15 +88,28 @@ pub fn apply(
     opts: &ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<RebuildReport> {
-    let delta = Delta::open(delta)?;
-    let base = Checkpoint::open(base)?;
+    apply_chain(base, &[delta.to_path_buf()], out, opts, progress)
+}
+
+/// Rebuilds the model of a chain of deltas (`deltas[0]` made against `base`, each next one
+/// against the one before) into the directory `out`, in one streaming pass.
+pub fn apply_chain(
+    base: &Path,
+    deltas: &[PathBuf],
+    out: &Path,
+    opts: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<RebuildReport> {
+    let mut chain = Chain::open(base, deltas)?;
+    chain.aux_store = opts.aux_store.clone();
+    let ctx = Ctx::new(&chain)?;
     let dir = OutputDir::create(out, opts.force)?;
     let mut sink = DirSink {
         dir,
         current: None,
         sync: opts.sync,
     };
-    let report = rebuild(&delta, &base, &mut sink, progress)?;
+    let report = rebuild(&ctx, &mut sink, progress)?;
     sink.close_current()?;
     sink.dir.commit()?;
     Ok(report)
@@ -91,19 +118,25 @@ pub fn apply(
 /// Rebuilds the fine-tune in memory, chunk by chunk, checking every fingerprint; with
 /// `finetuned`, also compares every rebuilt byte with that checkpoint's files.
 pub fn verify(base: &Path, delta: &Path, finetuned: Option<&Path>, progress: &dyn Progress) -> Result<RebuildReport> {
-    let delta = Delta::open(delta)?;
-    let base = Checkpoint::open(base)?;
+    let chain = Chain::open(base, &[delta.to_path_buf()])?;
+    verify_chain(&chain, finetuned, progress)
+}
+
+/// [`verify`] for an opened chain.
+pub fn verify_chain(chain: &Chain, finetuned: Option<&Path>, progress: &dyn Progress) -> Result<RebuildReport> {
+    let ctx = Ctx::new(chain)?;
     let ft = finetuned.map(Checkpoint::open).transpose()?;
     let mut sink = CompareSink {
         ft: ft.as_ref(),
-        base: &base,
+        ctx: &ctx,
         seen_files: BTreeSet::new(),
         current: None,
         aux: None,
         sums: Vec::new(),
     };
-    let mut report = rebuild(&delta, &base, &mut sink, progress)?;
-    sink.finish(&delta)?;
+    let mut report = rebuild(&ctx, &mut sink, progress)?;
+    let delta = ctx.levels[ctx.top()].delta;
+    sink.finish(delta)?;
     report.compared_with_finetuned = ft.is_some();
     let (mut err, mut norm) = (0.0, 0.0);
     for (t, q) in &sink.sums {
@@ -131,16 +164,19 @@ pub fn verify(base: &Path, delta: &Path, finetuned: Option<&Path>, progress: &dy
     Ok(report)
 }
 
-/// Rebuilds one tensor's bytes (random access into a delta).
-pub fn rebuild_tensor(delta: &Delta, base: &Checkpoint, name: &str) -> Result<Vec<u8>> {
-    let idx =
-        delta.index.tensors().position(|t| t.name == name).ok_or_else(|| {
-            Error::InvalidArgument(format!("the delta {} has no tensor '{name}'", delta.path.display()))
-        })?;
-    let ctx = Ctx::new(delta, base)?;
+/// Rebuilds one tensor's bytes (random access into a delta or chain).
+pub fn rebuild_tensor(chain: &Chain, name: &str) -> Result<Vec<u8>> {
+    let ctx = Ctx::new(chain)?;
+    let top = ctx.top();
+    let idx = ctx.levels[top].by_name.get(name).copied().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "the delta {} has no tensor '{name}'",
+            ctx.levels[top].delta.path.display()
+        ))
+    })?;
     let jobs = ctx.jobs_of(idx);
     let parts = jobs.par_iter().map(|j| ctx.decode(j)).collect::<Result<Vec<_>>>()?;
-    let mut out = Vec::with_capacity(ctx.tensors[idx].0.len() as usize);
+    let mut out = Vec::with_capacity(ctx.levels[top].tensors[idx].0.len() as usize);
     let (mut th, mut sh) = (Vec::new(), Vec::new());
     for (j, d) in jobs.iter().zip(parts) {
         out.extend_from_slice(&d.bytes);
@@ -149,8 +185,43 @@ pub fn rebuild_tensor(delta: &Delta, base: &Checkpoint, name: &str) -> Result<Ve
         }
         sh.extend(d.source_hashes);
     }
-    ctx.check_tensor(idx, &th, &sh)?;
+    ctx.check_tensor(top, idx, &th, &sh)?;
     Ok(out)
+}
+
+/// Random access to the tensors of the model a chain rebuilds, chunk by chunk.
+///
+/// Reads decode only the chunks they cover, through every link; they check payload
+/// checksums but not fingerprints (a whole-tensor property): use [`verify_chain`] for that.
+pub struct ChainReader<'a> {
+    ctx: Ctx<'a>,
+}
+
+impl<'a> ChainReader<'a> {
+    /// Prepares reading `chain` (checks that every source tensor is where the links say).
+    pub fn new(chain: &'a Chain) -> Result<Self> {
+        Ok(ChainReader { ctx: Ctx::new(chain)? })
+    }
+
+    /// The tensors of the rebuilt model, in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = &'a TensorEntry> + '_ {
+        self.ctx.levels[self.ctx.top()].tensors.iter().map(|(t, _)| *t)
+    }
+
+    /// Bytes `range` of tensor `name` of the rebuilt model.
+    pub fn read(&self, name: &str, range: Range<usize>) -> Result<Cow<'a, [u8]>> {
+        let top = self.ctx.top();
+        let Some(&i) = self.ctx.levels[top].by_name.get(name) else {
+            return Err(Error::InvalidArgument(format!("the model has no tensor '{name}'")));
+        };
+        let len = self.ctx.levels[top].tensors[i].0.len() as usize;
+        if range.start > range.end || range.end > len {
+            return Err(Error::InvalidArgument(format!(
+                "range {range:?} outside tensor '{name}' of {len} bytes"
+            )));
+        }
+        self.ctx.read(top, i, range)
+    }
 }
 
 /// Hands decoded chunks to the sink in job order and checks each finished tensor.
@@ -181,16 +252,22 @@ impl Assembler<'_> {
     }
 
     fn consume(&mut self, ctx: &Ctx, job: &Job, d: Decoded, progress: &dyn Progress) -> Result<()> {
+        let top = ctx.top();
         self.begin_files_through(self.file_of[job.tensor])?;
-        self.sink.data(ctx.tensors[job.tensor].0, job.range.start, &d.bytes)?;
+        self.sink.data(
+            job.tensor,
+            ctx.levels[top].tensors[job.tensor].0,
+            job.range.start,
+            &d.bytes,
+        )?;
         if !job.range.is_empty() {
             self.th.push(d.target_hash);
         }
         self.sh.extend(d.source_hashes);
-        ctx.release(job);
+        ctx.release(top, job.tensor, job.chunk, d.source_span);
         progress.advance(job.range.len() as u64);
         if job.last {
-            ctx.check_tensor(job.tensor, &self.th, &self.sh)?;
+            ctx.check_tensor(top, job.tensor, &self.th, &self.sh)?;
             self.th.clear();
             self.sh.clear();
         }
@@ -201,211 +278,456 @@ impl Assembler<'_> {
 /// Where rebuilt bytes go.
 trait Sink: Send {
     fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()>;
-    fn data(&mut self, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()>;
+    /// Bytes from `offset` of tensor `i` (position in the delta's tensor list) `t`.
+    fn data(&mut self, i: usize, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()>;
     fn begin_aux(&mut self, a: &AuxEntry) -> Result<()>;
     fn aux_data(&mut self, bytes: &[u8]) -> Result<()>;
     fn end_aux(&mut self) -> Result<()>;
 }
 
-struct Decoded {
-    bytes: Vec<u8>,
+struct Decoded<'a> {
+    bytes: Cow<'a, [u8]>,
     target_hash: Digest,
     source_hashes: Vec<Digest>,
+    /// Source bytes the job read, to release once consumed.
+    source_span: Range<usize>,
 }
 
-struct Ctx<'a> {
+/// Where a tensor's prediction comes from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    /// A tensor of the base checkpoint.
+    Base(&'a TensorRef),
+    /// Tensor `i` of the level below (the parent delta's reconstruction).
+    Parent(usize),
+}
+
+/// One delta of the chain, its tensors resolved against the level below.
+struct Level<'a> {
     delta: &'a Delta,
-    base: &'a Checkpoint,
-    /// Every tensor of the delta, file by file, with its base source.
-    tensors: Vec<(&'a TensorEntry, Option<&'a TensorRef>)>,
+    tensors: Vec<(&'a TensorEntry, Option<Src<'a>>)>,
+    by_name: HashMap<&'a str, usize>,
     chunk_bytes: usize,
     /// Each tensor's lossy codec and `sign-axis` scales (few and small: two vectors each).
     plans: Vec<TensorPlan>,
 }
 
+/// Bytes of a source tensor: all of them (the base's map) or a decoded stretch.
+struct Window<'a> {
+    bytes: Cow<'a, [u8]>,
+    /// Where `bytes` starts in the source tensor.
+    offset: usize,
+    /// Length of the whole source tensor.
+    len: usize,
+}
+
+impl Window<'_> {
+    fn get(&self, r: Range<usize>) -> &[u8] {
+        &self.bytes[r.start - self.offset..r.end - self.offset]
+    }
+}
+
+/// Narrows a decoded stretch starting at `offset` to `r`, without a copy when it can.
+fn narrow(bytes: Cow<'_, [u8]>, offset: usize, r: Range<usize>) -> Cow<'_, [u8]> {
+    let (a, b) = (r.start - offset, r.end - offset);
+    match bytes {
+        Cow::Borrowed(s) => Cow::Borrowed(&s[a..b]),
+        Cow::Owned(v) if a == 0 && b == v.len() => Cow::Owned(v),
+        Cow::Owned(v) => Cow::Owned(v[a..b].to_vec()),
+    }
+}
+
+/// The smallest range holding both (either may be empty).
+fn span(a: Range<usize>, b: Range<usize>) -> Range<usize> {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b,
+        (_, true) => a,
+        _ => a.start.min(b.start)..a.end.max(b.end),
+    }
+}
+
+struct Ctx<'a> {
+    chain: &'a Chain,
+    /// `levels[0]` is made against the base; the last one is the model rebuilt.
+    levels: Vec<Level<'a>>,
+}
+
 impl<'a> Ctx<'a> {
-    /// Resolves every source tensor in the base, failing early on a missing or misshapen one.
-    fn new(delta: &'a Delta, base: &'a Checkpoint) -> Result<Self> {
-        let mut tensors = Vec::new();
-        for t in delta.index.tensors() {
-            let src = match &t.source {
-                None => None,
-                Some(s) => {
-                    let wrong = |reason: String| Error::WrongBase {
-                        path: base.root.clone(),
-                        tensor: s.name.clone(),
-                        reason,
-                        base_id: delta.index.base.id.clone(),
-                    };
-                    let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into()))?;
-                    let shape: Vec<u64> = b.shape.iter().map(|&d| d as u64).collect();
-                    if dtype::name(b.dtype) != s.dtype || shape != s.shape {
-                        return Err(wrong(format!(
-                            "is {} {:?}, the delta expects {} {:?}",
-                            dtype::name(b.dtype),
-                            shape,
-                            s.dtype,
-                            s.shape
-                        )));
-                    }
-                    Some(b)
-                }
-            };
-            tensors.push((t, src));
+    /// Resolves every source tensor in the base or the level below, failing early on a
+    /// missing or misshapen one.
+    fn new(chain: &'a Chain) -> Result<Self> {
+        let mut levels: Vec<Level<'a>> = Vec::with_capacity(chain.deltas.len());
+        for delta in &chain.deltas {
+            let mut tensors = Vec::new();
+            for t in delta.index.tensors() {
+                let src = match &t.source {
+                    None => None,
+                    Some(s) => Some(match levels.last() {
+                        None => Src::Base(resolve_in_base(chain, delta, s)?),
+                        Some(parent) => Src::Parent(resolve_in_parent(parent, delta, s)?),
+                    }),
+                };
+                tensors.push((t, src));
+            }
+            let plans = tensors
+                .iter()
+                .map(|(t, _)| plan_of(delta, t))
+                .collect::<Result<Vec<_>>>()?;
+            let by_name = tensors
+                .iter()
+                .enumerate()
+                .map(|(i, (t, _))| (t.name.as_str(), i))
+                .collect();
+            levels.push(Level {
+                delta,
+                tensors,
+                by_name,
+                chunk_bytes: delta.index.chunk_bytes as usize,
+                plans,
+            });
         }
-        let plans = tensors
-            .iter()
-            .map(|(t, _)| match (&t.codec, &t.params) {
-                (Some(c), Some(p)) => {
-                    let bytes = delta.range(p.offset, p.len);
-                    if crate::container::index::checksum(bytes) != p.checksum {
-                        return Err(Error::CorruptDelta {
-                            path: delta.path.clone(),
-                            tensor: Some(t.name.clone()),
-                            reason: "codec parameters do not match their checksum".into(),
-                        });
-                    }
-                    Ok(TensorPlan {
-                        codec: Some(c.clone()),
-                        axis: crate::tune::axis_scales(c, bytes),
-                    })
-                }
-                (codec, _) => Ok(TensorPlan {
-                    codec: codec.clone(),
-                    axis: None,
-                }),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Ctx {
-            delta,
-            base,
-            tensors,
-            chunk_bytes: delta.index.chunk_bytes as usize,
-            plans,
-        })
+        Ok(Ctx { chain, levels })
+    }
+
+    fn top(&self) -> usize {
+        self.levels.len() - 1
     }
 
     fn jobs_of(&self, i: usize) -> Vec<Job> {
-        let (t, s) = self.tensors[i];
-        schedule::jobs(i, t.len() as usize, s.map_or(0, |s| s.len()), self.chunk_bytes)
+        let top = self.top();
+        let l = &self.levels[top];
+        let src_len = self.src_meta(top, i).map_or(0, |(_, len)| len);
+        schedule::jobs(i, l.tensors[i].0.len() as usize, src_len, l.chunk_bytes)
     }
 
-    fn corrupt(&self, t: &TensorEntry, reason: String) -> Error {
+    /// Dtype and byte length of a tensor's source.
+    fn src_meta(&self, lvl: usize, i: usize) -> Option<(Dtype, usize)> {
+        match self.levels[lvl].tensors[i].1? {
+            Src::Base(s) => Some((s.dtype, s.len())),
+            Src::Parent(j) => {
+                let p = self.levels[lvl - 1].tensors[j].0;
+                Some((dtype::parse(&p.dtype).expect("validated dtype"), p.len() as usize))
+            }
+        }
+    }
+
+    fn corrupt(&self, lvl: usize, t: &TensorEntry, reason: String) -> Error {
         Error::CorruptDelta {
-            path: self.delta.path.clone(),
+            path: self.levels[lvl].delta.path.clone(),
             tensor: Some(t.name.clone()),
             reason,
         }
     }
 
-    fn decode(&self, job: &Job) -> Result<Decoded> {
-        let (t, s) = self.tensors[job.tensor];
-        let tdt = dtype::parse(&t.dtype).expect("validated dtype");
-        let (sdt, src): (_, &[u8]) = match s {
-            Some(s) => (s.dtype, self.base.bytes(s)),
-            None => (tdt, &[]),
-        };
-        let source_hashes = job.hash_source(src, self.chunk_bytes);
-        let mut bytes = vec![0u8; job.range.len()];
-        if !job.range.is_empty() {
-            let chunk = &t.chunks[job.chunk];
-            let mut buf = Vec::new();
-            let pred = pair::predict(t.relation, sdt, tdt, src, job.range.clone(), &mut buf);
-            match chunk.codec {
-                ChunkCodec::Same => bytes.copy_from_slice(pred),
-                ChunkCodec::Lossy => {
-                    let payload = self.delta.chunk_payload(&t.name, chunk)?;
-                    let first = (job.range.start / (tdt.bitsize() / 8)) as u64;
-                    let params = self.plans[job.tensor]
-                        .chunk_params(first)
-                        .expect("validated: lossy chunks have a codec");
-                    if let Err(e) = lossy::decode(tdt, &params, pred, payload, &mut bytes) {
-                        self.check_source(job.tensor)?;
-                        return Err(self.corrupt(t, format!("chunk {} does not decode: {}", job.chunk, e.0)));
-                    }
-                }
-                ChunkCodec::Exact => {
-                    let payload = self.delta.chunk_payload(&t.name, chunk)?;
-                    if let Err(e) = exact::decode(dtype::layout(tdt), pred, payload, &mut bytes) {
-                        // A wrong base predicts wrong contexts and fails to decode just like a
-                        // corrupt payload does; tell the two apart before blaming the delta.
-                        self.check_source(job.tensor)?;
-                        return Err(self.corrupt(t, format!("chunk {} does not decode: {}", job.chunk, e.0)));
-                    }
-                }
-            }
-        }
+    /// The job of the rebuilt model's chunk: its bytes, fingerprint and source fingerprints.
+    fn decode(&self, job: &Job) -> Result<Decoded<'a>> {
+        let top = self.top();
+        let (bytes, source_hashes, source_span) =
+            self.decode_range(top, job.tensor, job.chunk, job.range.clone(), job.source_chunks.clone())?;
         Ok(Decoded {
             target_hash: hash::chunk(&bytes),
             bytes,
             source_hashes,
+            source_span,
         })
     }
 
-    fn release(&self, job: &Job) {
-        let (t, s) = self.tensors[job.tensor];
-        if let Some(c) = t.chunks.get(job.chunk) {
-            self.delta.release(c.offset, c.len);
+    /// Bytes `range` of tensor `i` of level `lvl`'s reconstruction.
+    fn read(&self, lvl: usize, i: usize, range: Range<usize>) -> Result<Cow<'a, [u8]>> {
+        let cb = self.levels[lvl].chunk_bytes;
+        let len = self.levels[lvl].tensors[i].0.len() as usize;
+        if range.is_empty() {
+            return Ok(Cow::Borrowed(&[]));
         }
-        if let Some(s) = s {
-            let td = dtype::parse(&t.dtype).expect("validated dtype");
-            let read = pair::source_range(t.relation, s.dtype, td, job.range.clone(), s.len());
-            self.base.release(s, job.source_span(self.chunk_bytes, s.len(), read));
+        let (first, end) = (range.start / cb, range.end.div_ceil(cb));
+        let chunk = |k: usize| -> Result<Cow<'a, [u8]>> {
+            let r = k * cb..((k + 1) * cb).min(len);
+            let (bytes, _, read) = self.decode_range(lvl, i, k, r, 0..0)?;
+            self.release(lvl, i, k, read);
+            Ok(bytes)
+        };
+        if end - first == 1 {
+            return Ok(narrow(chunk(first)?, first * cb, range));
+        }
+        let mut out = Vec::with_capacity(range.len());
+        for k in first..end {
+            let bytes = chunk(k)?;
+            let at = k * cb;
+            let (a, b) = (range.start.max(at) - at, range.end.min(at + bytes.len()) - at);
+            out.extend_from_slice(&bytes[a..b]);
+        }
+        Ok(Cow::Owned(out))
+    }
+
+    /// The source bytes `need` of tensor `i` of level `lvl` (None for a tensor without one).
+    fn source_window(&self, lvl: usize, i: usize, need: Range<usize>) -> Result<Option<Window<'a>>> {
+        let Some(src) = self.levels[lvl].tensors[i].1 else {
+            return Ok(None);
+        };
+        Ok(Some(match src {
+            Src::Base(s) => Window {
+                bytes: Cow::Borrowed(self.chain.base.bytes(s)),
+                offset: 0,
+                len: s.len(),
+            },
+            Src::Parent(j) => {
+                let len = self.levels[lvl - 1].tensors[j].0.len() as usize;
+                // Whole chunks of the parent, so that its decoded chunks need no copying.
+                let pcb = self.levels[lvl - 1].chunk_bytes;
+                let (a, b) = (need.start / pcb * pcb, (need.end.div_ceil(pcb) * pcb).min(len));
+                let bytes = if need.is_empty() {
+                    Cow::Borrowed(&[][..])
+                } else {
+                    self.read(lvl - 1, j, a..b)?
+                };
+                Window {
+                    bytes,
+                    offset: if need.is_empty() { need.start } else { a },
+                    len,
+                }
+            }
+        }))
+    }
+
+    /// Decodes bytes `range` (chunk `chunk`) of tensor `i` of level `lvl`, hashing the source
+    /// chunks `hashed`; returns the bytes, those hashes and the source span read.
+    fn decode_range(
+        &self,
+        lvl: usize,
+        i: usize,
+        chunk: usize,
+        range: Range<usize>,
+        hashed: Range<usize>,
+    ) -> Result<(Cow<'a, [u8]>, Vec<Digest>, Range<usize>)> {
+        let level = &self.levels[lvl];
+        let t = level.tensors[i].0;
+        let tdt = dtype::parse(&t.dtype).expect("validated dtype");
+        let (sdt, slen) = self.src_meta(lvl, i).unwrap_or((tdt, 0));
+        let cb = level.chunk_bytes;
+        let read = pair::source_range(t.relation, sdt, tdt, range.clone(), slen);
+        let hashed_bytes = (hashed.start * cb).min(slen)..(hashed.end * cb).min(slen);
+        let need = span(read.clone(), hashed_bytes);
+        let win = self.source_window(lvl, i, need.clone())?;
+        let hashes = match &win {
+            Some(w) => hashed
+                .map(|c| hash::chunk(w.get(c * cb..((c + 1) * cb).min(slen))))
+                .collect(),
+            None => Vec::new(),
+        };
+        if range.is_empty() {
+            return Ok((Cow::Borrowed(&[]), hashes, need));
+        }
+        let c = &t.chunks[chunk];
+        // An unchanged chunk of a tensor predicted byte for byte passes through uncopied.
+        if c.codec == ChunkCodec::Same && t.relation != Relation::Converted && read.len() == range.len() {
+            let w = win.expect("a 'same' chunk has a source");
+            return Ok((narrow(w.bytes, w.offset, read), hashes, need));
+        }
+        let mut buf = Vec::new();
+        let pred: &[u8] = match &win {
+            Some(w) => pair::predict_window(t.relation, sdt, tdt, &w.bytes, w.offset, w.len, range.clone(), &mut buf),
+            None => pair::predict(t.relation, sdt, tdt, &[], range.clone(), &mut buf),
+        };
+        let mut bytes = vec![0u8; range.len()];
+        match c.codec {
+            ChunkCodec::Same => bytes.copy_from_slice(pred),
+            ChunkCodec::Lossy => {
+                let payload = level.delta.chunk_payload(&t.name, c)?;
+                let first = (range.start / (tdt.bitsize() / 8)) as u64;
+                let params = level.plans[i]
+                    .chunk_params(first)
+                    .expect("validated: lossy chunks have a codec");
+                if let Err(e) = lossy::decode(tdt, &params, pred, payload, &mut bytes) {
+                    self.check_source(lvl, i)?;
+                    return Err(self.corrupt(lvl, t, format!("chunk {chunk} does not decode: {}", e.0)));
+                }
+            }
+            ChunkCodec::Exact => {
+                let payload = level.delta.chunk_payload(&t.name, c)?;
+                if let Err(e) = exact::decode(dtype::layout(tdt), pred, payload, &mut bytes) {
+                    // A wrong base predicts wrong contexts and fails to decode just like a
+                    // corrupt payload does; tell the two apart before blaming the delta.
+                    self.check_source(lvl, i)?;
+                    return Err(self.corrupt(lvl, t, format!("chunk {chunk} does not decode: {}", e.0)));
+                }
+            }
+        }
+        Ok((Cow::Owned(bytes), hashes, need))
+    }
+
+    /// Drops the pages a chunk's decode touched: its payload, and base bytes it read.
+    fn release(&self, lvl: usize, i: usize, chunk: usize, source_span: Range<usize>) {
+        let (t, src) = self.levels[lvl].tensors[i];
+        if let Some(c) = t.chunks.get(chunk) {
+            self.levels[lvl].delta.release(c.offset, c.len);
+        }
+        if let Some(Src::Base(s)) = src {
+            self.chain.base.release(s, source_span);
         }
     }
 
-    /// Hashes a tensor's whole source and fails with [`Error::WrongBase`] if it is not the recorded one.
-    fn check_source(&self, i: usize) -> Result<()> {
-        let Some(src) = self.tensors[i].1 else {
+    /// Rebuilds tensor `i`'s whole source and fails with the error that explains why it is
+    /// not the one the delta recorded (a wrong base, or a broken link below).
+    fn check_source(&self, lvl: usize, i: usize) -> Result<()> {
+        let Some(src) = self.levels[lvl].tensors[i].1 else {
             return Ok(());
         };
-        let cb = self.chunk_bytes;
-        let bytes = self.base.bytes(src);
-        let hashes: Vec<Digest> = bytes.chunks(cb).map(hash::chunk).collect();
-        self.check_source_hashes(i, &hashes)
+        let hashes: Vec<Digest> = match src {
+            Src::Base(s) => self
+                .chain
+                .base
+                .bytes(s)
+                .chunks(self.levels[lvl].chunk_bytes)
+                .map(hash::chunk)
+                .collect(),
+            Src::Parent(j) => {
+                self.check_rebuilt(lvl - 1, j)?;
+                return Ok(());
+            }
+        };
+        self.check_source_hashes(lvl, i, &hashes)
     }
 
-    fn check_source_hashes(&self, i: usize, source_hashes: &[Digest]) -> Result<()> {
-        let (t, s) = self.tensors[i];
+    /// Rebuilds tensor `i` of level `lvl` whole and checks its fingerprints.
+    fn check_rebuilt(&self, lvl: usize, i: usize) -> Result<()> {
+        let l = &self.levels[lvl];
+        let src_len = self.src_meta(lvl, i).map_or(0, |(_, len)| len);
+        let (mut th, mut sh) = (Vec::new(), Vec::new());
+        for job in schedule::jobs(i, l.tensors[i].0.len() as usize, src_len, l.chunk_bytes) {
+            let (bytes, hashes, _) = self.decode_range(lvl, i, job.chunk, job.range.clone(), job.source_chunks)?;
+            if !job.range.is_empty() {
+                th.push(hash::chunk(&bytes));
+            }
+            sh.extend(hashes);
+        }
+        self.check_tensor(lvl, i, &th, &sh)
+    }
+
+    fn check_source_hashes(&self, lvl: usize, i: usize, source_hashes: &[Digest]) -> Result<()> {
+        let (t, s) = self.levels[lvl].tensors[i];
         let (Some(src), Some(rec)) = (s, &t.source) else {
             return Ok(());
         };
-        let got = hash::hex(&hash::tensor(src.len() as u64, self.chunk_bytes as u64, source_hashes));
-        if got != rec.hash {
-            return Err(Error::WrongBase {
-                path: self.base.root.clone(),
-                tensor: src.name.clone(),
-                reason: "has different values (fingerprint mismatch)".into(),
-                base_id: self.delta.index.base.id.clone(),
-            });
+        let (_, len) = self.src_meta(lvl, i).expect("has a source");
+        let cb = self.levels[lvl].chunk_bytes as u64;
+        let got = hash::hex(&hash::tensor(len as u64, cb, source_hashes));
+        if got == rec.hash {
+            return Ok(());
         }
-        Ok(())
+        match src {
+            Src::Base(b) => Err(Error::WrongBase {
+                path: self.chain.base.root.clone(),
+                tensor: b.name.clone(),
+                reason: "has different values (fingerprint mismatch)".into(),
+                base_id: self.levels[0].delta.index.base.id.clone(),
+            }),
+            // The parent's rebuilt tensor is checked whole, which names the broken link.
+            Src::Parent(j) => {
+                self.check_rebuilt(lvl - 1, j)?;
+                Err(self.corrupt(lvl, t, "its source in the parent does not match its fingerprint".into()))
+            }
+        }
     }
 
-    fn check_tensor(&self, i: usize, target_hashes: &[Digest], source_hashes: &[Digest]) -> Result<()> {
-        let (t, _) = self.tensors[i];
-        let cb = self.chunk_bytes as u64;
-        self.check_source_hashes(i, source_hashes)?;
+    fn check_tensor(&self, lvl: usize, i: usize, target_hashes: &[Digest], source_hashes: &[Digest]) -> Result<()> {
+        let t = self.levels[lvl].tensors[i].0;
+        let cb = self.levels[lvl].chunk_bytes as u64;
+        self.check_source_hashes(lvl, i, source_hashes)?;
         if hash::hex(&hash::tensor(t.len(), cb, target_hashes)) != t.hash {
-            return Err(self.corrupt(t, "rebuilt tensor does not match its fingerprint".into()));
+            return Err(self.corrupt(lvl, t, "rebuilt tensor does not match its fingerprint".into()));
         }
         Ok(())
     }
 }
 
-fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
-    let ctx = Ctx::new(delta, base)?;
+/// The base tensor a first-link tensor is predicted from, checked against the record.
+fn resolve_in_base<'a>(
+    chain: &'a Chain,
+    delta: &Delta,
+    s: &crate::container::index::SourceTensor,
+) -> Result<&'a TensorRef> {
+    let base = &chain.base;
+    let wrong = |reason: String| Error::WrongBase {
+        path: base.root.clone(),
+        tensor: s.name.clone(),
+        reason,
+        base_id: delta.index.base.id.clone(),
+    };
+    let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into()))?;
+    let shape: Vec<u64> = b.shape.iter().map(|&d| d as u64).collect();
+    if dtype::name(b.dtype) != s.dtype || shape != s.shape {
+        return Err(wrong(format!(
+            "is {} {:?}, the delta expects {} {:?}",
+            dtype::name(b.dtype),
+            shape,
+            s.dtype,
+            s.shape
+        )));
+    }
+    Ok(b)
+}
+
+/// The parent-level tensor a child tensor is predicted from: it must be the very tensor the
+/// child was made against (same dtype, shape and fingerprint).
+fn resolve_in_parent(parent: &Level<'_>, delta: &Delta, s: &crate::container::index::SourceTensor) -> Result<usize> {
+    let wrong = |reason: String| Error::WrongParent {
+        path: delta.path.clone(),
+        reason: format!("tensor '{}' {reason}", s.name),
+    };
+    let &j = parent
+        .by_name
+        .get(s.name.as_str())
+        .ok_or_else(|| wrong(format!("is missing from the parent {}", parent.delta.path.display())))?;
+    let p = parent.tensors[j].0;
+    if p.dtype != s.dtype || p.shape != s.shape || p.hash != s.hash {
+        return Err(wrong(format!(
+            "differs in the parent {} from the one the delta was made against",
+            parent.delta.path.display()
+        )));
+    }
+    Ok(j)
+}
+
+/// A tensor's lossy codec with its parameters, checked against their checksum.
+fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
+    match (&t.codec, &t.params) {
+        (Some(c), Some(p)) => {
+            let bytes = delta.range(p.offset, p.len);
+            if crate::container::index::checksum(bytes) != p.checksum {
+                return Err(Error::CorruptDelta {
+                    path: delta.path.clone(),
+                    tensor: Some(t.name.clone()),
+                    reason: "codec parameters do not match their checksum".into(),
+                });
+            }
+            Ok(TensorPlan {
+                codec: Some(c.clone()),
+                axis: crate::tune::axis_scales(c, bytes),
+            })
+        }
+        (codec, _) => Ok(TensorPlan {
+            codec: codec.clone(),
+            axis: None,
+        }),
+    }
+}
+
+fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
+    let top = ctx.top();
+    let delta = ctx.levels[top].delta;
     let files = &delta.index.files;
     let headers = files
         .iter()
-        .map(|f| header_bytes(delta, base, f))
+        .map(|f| ctx.header_bytes(top, f))
         .collect::<Result<Vec<_>>>()?;
     let file_of: Vec<usize> = files
         .iter()
         .enumerate()
         .flat_map(|(i, f)| std::iter::repeat_n(i, f.tensors.len()))
         .collect();
-    let jobs: Vec<Job> = (0..ctx.tensors.len()).flat_map(|i| ctx.jobs_of(i)).collect();
+    let jobs: Vec<Job> = (0..ctx.levels[top].tensors.len())
+        .flat_map(|i| ctx.jobs_of(i))
+        .collect();
     progress.begin("rebuild", delta.index.tensors().map(|t| t.len()).sum());
     let mut state = Assembler {
         sink,
@@ -417,54 +739,248 @@ fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn
         sh: Vec::new(),
     };
     // Workers decode chunks while this thread hands them to the sink in order.
-    schedule::ordered(&jobs, |j| ctx.decode(j), |j, d| state.consume(&ctx, j, d?, progress))?;
+    schedule::ordered(&jobs, |j| ctx.decode(j), |j, d| state.consume(ctx, j, d?, progress))?;
     state.finish_files()?;
     progress.finish();
     for a in &delta.index.aux {
         sink.begin_aux(a)?;
-        stream_aux(delta, base, a, &mut |b| sink.aux_data(b))?;
+        ctx.stream_aux(top, a, &mut |b| sink.aux_data(b))?;
         sink.end_aux()?;
     }
     Ok(RebuildReport {
         weight_files: files.len(),
         aux_files: delta.index.aux.len(),
-        tensors: ctx.tensors.len(),
+        tensors: ctx.levels[top].tensors.len(),
         bytes: delta.index.finetuned_bytes(),
+        chain_length: ctx.levels.len(),
         compared_with_finetuned: false,
         measured: Vec::new(),
         measured_error: 0.0,
     })
 }
 
-fn wrong_base(delta: &Delta, base: &Checkpoint, what: &str, reason: String) -> Error {
-    Error::WrongBase {
-        path: base.root.clone(),
-        tensor: what.to_string(),
-        reason,
-        base_id: delta.index.base.id.clone(),
+/// Files: shard headers and auxiliary files, resolved through the chain.
+impl Ctx<'_> {
+    fn base_id(&self) -> Option<String> {
+        self.levels[0].delta.index.base.id.clone()
+    }
+
+    fn wrong_base(&self, what: &str, reason: String) -> Error {
+        Error::WrongBase {
+            path: self.chain.base.root.clone(),
+            tensor: what.to_string(),
+            reason,
+            base_id: self.base_id(),
+        }
+    }
+
+    /// The error for a file level `lvl` expects from below but does not find as recorded.
+    fn wrong_below(&self, lvl: usize, what: &str, reason: &str) -> Error {
+        match lvl {
+            0 => self.wrong_base(what, reason.to_string()),
+            _ => Error::WrongParent {
+                path: self.levels[lvl].delta.path.clone(),
+                reason: format!(
+                    "{what} {reason} in the parent {}",
+                    self.levels[lvl - 1].delta.path.display()
+                ),
+            },
+        }
+    }
+
+    /// The header of shard `path` of the model below level `lvl`.
+    fn parent_header(&self, lvl: usize, path: &str) -> Result<Vec<u8>> {
+        if lvl == 0 {
+            return self
+                .chain
+                .base
+                .shards
+                .iter()
+                .find(|s| s.rel == path)
+                .map(|s| s.header_bytes().to_vec())
+                .ok_or_else(|| self.wrong_base(path, "(a shard header) is missing".into()));
+        }
+        let below = &self.levels[lvl - 1].delta.index;
+        let f = below.files.iter().find(|f| f.path == path);
+        let f = f.ok_or_else(|| self.wrong_below(lvl, path, "(a shard header) is missing"))?;
+        self.header_bytes(lvl - 1, f)
+    }
+
+    /// The whole file `path` of the model below level `lvl`.
+    fn parent_file(&self, lvl: usize, path: &str) -> Result<Vec<u8>> {
+        if lvl == 0 {
+            let p = self.base_file(path)?;
+            return std::fs::read(&p).map_err(|e| self.wrong_base(path, format!("cannot be read from the base: {e}")));
+        }
+        let below = &self.levels[lvl - 1].delta.index;
+        let a = below.aux.iter().find(|a| a.path == path);
+        let a = a.ok_or_else(|| self.wrong_below(lvl, path, "is missing"))?;
+        let mut out = Vec::with_capacity(a.size as usize);
+        self.stream_aux(lvl - 1, a, &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn base_file(&self, p: &str) -> Result<PathBuf> {
+        let base = &self.chain.base;
+        if !base.root.is_dir() {
+            let why = "is needed from the base directory, but the base is a single file (or make the delta with --self-contained)";
+            return Err(self.wrong_base(p, why.into()));
+        }
+        Ok(base.root.join(p))
+    }
+
+    /// The header bytes of a weight file of level `lvl`, checked against the index.
+    fn header_bytes(&self, lvl: usize, f: &WeightFile) -> Result<Vec<u8>> {
+        let delta = self.levels[lvl].delta;
+        let bytes = self.blob_bytes(lvl, &f.header, f.header_len, "a shard header", |p| {
+            self.parent_header(lvl, p)
+        })?;
+        if hash::hex(&hash::bytes(&bytes)) != f.header_hash {
+            return Err(match f.header {
+                Blob::SameAsBase { .. } => self.wrong_below(lvl, &f.path, "has a different header"),
+                _ => Error::corrupt(
+                    &delta.path,
+                    format!("header of {} does not match its fingerprint", f.path),
+                ),
+            });
+        }
+        check_header(delta, f, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// Streams an auxiliary file of level `lvl` to `out` in pieces, then checks its size and
+    /// fingerprint (an error then still discards everything written).
+    fn stream_aux(&self, lvl: usize, a: &AuxEntry, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let delta = self.levels[lvl].delta;
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        let mut emit = |piece: &[u8]| -> Result<()> {
+            hasher.update(piece);
+            size += piece.len() as u64;
+            out(piece)
+        };
+        match &a.blob {
+            Blob::SameAsBase { path } if lvl == 0 => {
+                let p = self.base_file(path)?;
+                let f = std::fs::File::open(&p)
+                    .map_err(|e| self.wrong_base(path, format!("cannot be read from the base: {e}")))?;
+                copy_pieces(f.take(a.size.saturating_add(1)), &mut emit, |e| {
+                    Error::io("reading", &p, e)
+                })?;
+            }
+            Blob::SameAsBase { path } => emit(&self.parent_file(lvl, path)?)?,
+            Blob::Zstd {
+                offset,
+                len,
+                dict,
+                dict_hash,
+            } => {
+                let dict = self.load_dict(lvl, dict, dict_hash, |p| self.parent_file(lvl, p))?;
+                unzstd(
+                    delta,
+                    delta.range(*offset, *len),
+                    dict.as_deref(),
+                    a.size,
+                    &a.path,
+                    &mut emit,
+                )?;
+            }
+            Blob::External => {
+                let p = self.external_path(lvl, a)?;
+                let f = std::fs::File::open(&p).map_err(|e| Error::io("reading", &p, e))?;
+                copy_pieces(f.take(a.size.saturating_add(1)), &mut emit, |e| {
+                    Error::io("reading", &p, e)
+                })?;
+            }
+        }
+        if size != a.size || hash::hex(hasher.finalize().as_bytes()) != a.hash {
+            return Err(match &a.blob {
+                Blob::SameAsBase { .. } => self.wrong_below(lvl, &a.path, "differs from the file the delta expects"),
+                Blob::Zstd { .. } => {
+                    Error::corrupt(&delta.path, format!("file {} does not match its fingerprint", a.path))
+                }
+                Blob::External => Error::corrupt(
+                    self.external_path(lvl, a)?,
+                    format!("stored copy of {} does not match its fingerprint", a.path),
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Where the store keeps an external auxiliary file.
+    fn external_path(&self, lvl: usize, a: &AuxEntry) -> Result<PathBuf> {
+        match &self.chain.aux_store {
+            Some(dir) => Ok(dir.join(&a.hash)),
+            None => Err(Error::InvalidArgument(format!(
+                "{}: file {} is kept in a deltapack store, not in the delta; rebuild it with `deltapack store get`",
+                self.levels[lvl].delta.path.display(),
+                a.path
+            ))),
+        }
+    }
+
+    /// The zstd dictionary a blob was compressed with, checked against its recorded fingerprint.
+    fn load_dict(
+        &self,
+        lvl: usize,
+        dict: &Option<String>,
+        dict_hash: &Option<String>,
+        from_below: impl Fn(&str) -> Result<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>> {
+        let (Some(p), Some(h)) = (dict, dict_hash) else {
+            return Ok(None);
+        };
+        let d = from_below(p)?;
+        if &hash::hex(&hash::bytes(&d)) != h {
+            return Err(self.wrong_below(lvl, p, "differs from the file the delta was made with"));
+        }
+        Ok(Some(d))
+    }
+
+    fn blob_bytes(
+        &self,
+        lvl: usize,
+        blob: &Blob,
+        size: u64,
+        what: &str,
+        from_below: impl Fn(&str) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let delta = self.levels[lvl].delta;
+        match blob {
+            Blob::SameAsBase { path } => from_below(path),
+            Blob::Zstd {
+                offset,
+                len,
+                dict,
+                dict_hash,
+            } => {
+                let dict = self.load_dict(lvl, dict, dict_hash, &from_below)?;
+                let mut out = Vec::new();
+                unzstd(
+                    delta,
+                    delta.range(*offset, *len),
+                    dict.as_deref(),
+                    size,
+                    what,
+                    &mut |b| {
+                        out.extend_from_slice(b);
+                        Ok(())
+                    },
+                )?;
+                Ok(out)
+            }
+            Blob::External => Err(Error::corrupt(&delta.path, format!("{what} kept outside the delta"))),
+        }
     }
 }
 
-/// The header bytes of a weight file, from the base or decompressed, checked against the index.
-fn header_bytes(delta: &Delta, base: &Checkpoint, f: &WeightFile) -> Result<Vec<u8>> {
-    let shard_header = |p: &str| {
-        base.shards
-            .iter()
-            .find(|s| s.rel == p)
-            .map(|s| s.header_bytes().to_vec())
-            .ok_or_else(|| wrong_base(delta, base, p, "(a shard header) is missing".into()))
-    };
-    let bytes = blob_bytes(delta, base, &f.header, f.header_len, shard_header)?;
-    if hash::hex(&hash::bytes(&bytes)) != f.header_hash {
-        return Err(match f.header {
-            Blob::SameAsBase { .. } => wrong_base(delta, base, &f.path, "has a different header".into()),
-            Blob::Zstd { .. } => Error::corrupt(
-                &delta.path,
-                format!("header of {} does not match its fingerprint", f.path),
-            ),
-        });
-    }
-    let h = crate::checkpoint::header::parse(&bytes, Some(f.size))
+/// A stored header must list exactly the tensors the index lists.
+fn check_header(delta: &Delta, f: &WeightFile, bytes: &[u8]) -> Result<()> {
+    let h = crate::checkpoint::header::parse(bytes, Some(f.size))
         .map_err(|r| Error::corrupt(&delta.path, format!("stored header of {}: {r}", f.path)))?;
     let listed: Vec<(&str, String, Vec<u64>, [u64; 2])> = f
         .tensors
@@ -489,67 +1005,6 @@ fn header_bytes(delta: &Delta, base: &Checkpoint, f: &WeightFile) -> Result<Vec<
             &delta.path,
             format!("stored header of {} disagrees with the index", f.path),
         ));
-    }
-    Ok(bytes)
-}
-
-/// Streams an auxiliary file's contents to `out` in pieces, then checks its size and
-/// fingerprint (an error then still discards everything written).
-fn stream_aux(delta: &Delta, base: &Checkpoint, a: &AuxEntry, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-    let base_path = |p: &str| {
-        if !base.root.is_dir() {
-            let why = "is needed from the base directory, but the base is a single file (or make the delta with --self-contained)";
-            return Err(wrong_base(delta, base, p, why.into()));
-        }
-        Ok(base.root.join(p))
-    };
-    let read_base = |p: &str| {
-        let path = base_path(p)?;
-        std::fs::read(&path).map_err(|e| wrong_base(delta, base, p, format!("cannot be read from the base: {e}")))
-    };
-    let mut hasher = blake3::Hasher::new();
-    let mut size = 0u64;
-    let mut emit = |piece: &[u8]| -> Result<()> {
-        hasher.update(piece);
-        size += piece.len() as u64;
-        out(piece)
-    };
-    match &a.blob {
-        Blob::SameAsBase { path } => {
-            let p = base_path(path)?;
-            let f = std::fs::File::open(&p)
-                .map_err(|e| wrong_base(delta, base, path, format!("cannot be read from the base: {e}")))?;
-            copy_pieces(f.take(a.size.saturating_add(1)), &mut emit, |e| {
-                Error::io("reading", &p, e)
-            })?;
-        }
-        Blob::Zstd {
-            offset,
-            len,
-            dict,
-            dict_hash,
-        } => {
-            let dict = load_dict(delta, base, dict, dict_hash, read_base)?;
-            unzstd(
-                delta,
-                delta.range(*offset, *len),
-                dict.as_deref(),
-                a.size,
-                &a.path,
-                &mut emit,
-            )?;
-        }
-    }
-    if size != a.size || hash::hex(hasher.finalize().as_bytes()) != a.hash {
-        return Err(match a.blob {
-            Blob::SameAsBase { .. } => wrong_base(
-                delta,
-                base,
-                &a.path,
-                "differs from the base file the delta expects".into(),
-            ),
-            Blob::Zstd { .. } => Error::corrupt(&delta.path, format!("file {} does not match its fingerprint", a.path)),
-        });
     }
     Ok(())
 }
@@ -586,62 +1041,6 @@ fn copy_pieces(
             return Ok(());
         }
         emit(&buf[..n])?;
-    }
-}
-
-/// The zstd dictionary a blob was compressed with, checked against its recorded fingerprint.
-fn load_dict(
-    delta: &Delta,
-    base: &Checkpoint,
-    dict: &Option<String>,
-    dict_hash: &Option<String>,
-    from_base: impl Fn(&str) -> Result<Vec<u8>>,
-) -> Result<Option<Vec<u8>>> {
-    let (Some(p), Some(h)) = (dict, dict_hash) else {
-        return Ok(None);
-    };
-    let d = from_base(p)?;
-    if &hash::hex(&hash::bytes(&d)) != h {
-        return Err(wrong_base(
-            delta,
-            base,
-            p,
-            "differs from the file the delta was made with".into(),
-        ));
-    }
-    Ok(Some(d))
-}
-
-fn blob_bytes(
-    delta: &Delta,
-    base: &Checkpoint,
-    blob: &Blob,
-    size: u64,
-    from_base: impl Fn(&str) -> Result<Vec<u8>>,
-) -> Result<Vec<u8>> {
-    match blob {
-        Blob::SameAsBase { path } => from_base(path),
-        Blob::Zstd {
-            offset,
-            len,
-            dict,
-            dict_hash,
-        } => {
-            let dict = load_dict(delta, base, dict, dict_hash, &from_base)?;
-            let mut out = Vec::new();
-            unzstd(
-                delta,
-                delta.range(*offset, *len),
-                dict.as_deref(),
-                size,
-                "a shard header",
-                &mut |b| {
-                    out.extend_from_slice(b);
-                    Ok(())
-                },
-            )?;
-            Ok(out)
-        }
     }
 }
 
@@ -690,7 +1089,7 @@ impl Sink for DirSink {
         self.write(header)
     }
 
-    fn data(&mut self, _t: &TensorEntry, _offset: usize, bytes: &[u8]) -> Result<()> {
+    fn data(&mut self, _i: usize, _t: &TensorEntry, _offset: usize, bytes: &[u8]) -> Result<()> {
         self.write(bytes)
     }
 
@@ -713,8 +1112,8 @@ impl Sink for DirSink {
 /// Compares rebuilt bytes with a fine-tune's files, or only lets the fingerprints be checked.
 struct CompareSink<'a> {
     ft: Option<&'a Checkpoint>,
-    /// The base, to measure lossy tensors' changes.
-    base: &'a Checkpoint,
+    /// The chain, to measure lossy tensors' changes against their prediction.
+    ctx: &'a Ctx<'a>,
     /// Error sums of each lossy tensor, in order.
     sums: Vec<(TensorEntry, QualitySums)>,
     seen_files: BTreeSet<String>,
@@ -756,20 +1155,24 @@ impl CompareSink<'_> {
         &mut self,
         ft: &Checkpoint,
         theirs: &TensorRef,
-        t: &TensorEntry,
+        (i, t): (usize, &TensorEntry),
         range: std::ops::Range<usize>,
         bytes: &[u8],
     ) -> Result<()> {
         let shard = &ft.shards[theirs.shard].rel;
         let dt = dtype::parse(&t.dtype).expect("validated dtype");
-        let src = t.source.as_ref().and_then(|s| self.base.tensor(&s.name));
-        let (Some(target), Some(src)) = (ft.bytes(theirs).get(range.clone()), src) else {
+        let Some(target) = ft.bytes(theirs).get(range.clone()) else {
             return Err(Self::mismatch(ft, shard, Some(&t.name), "tensor has another size"));
         };
         if theirs.dtype != dt {
             return Err(Self::mismatch(ft, shard, Some(&t.name), "tensor has another dtype"));
         }
-        let q = QualitySums::chunk(dt, &self.base.bytes(src)[range.clone()], target, bytes);
+        // Lossy tensors are direct: their prediction is the same bytes of their source.
+        let pred = match self.ctx.source_window(self.ctx.top(), i, range.clone())? {
+            Some(w) => w.get(range.clone()).to_vec(),
+            None => return Err(Self::mismatch(ft, shard, Some(&t.name), "tensor has no source")),
+        };
+        let q = QualitySums::chunk(dt, &pred, target, bytes);
         if self.sums.last().is_none_or(|(x, _)| x.name != t.name) {
             self.sums.push((t.clone(), QualitySums::default()));
         }
@@ -792,7 +1195,7 @@ impl Sink for CompareSink<'_> {
         Ok(())
     }
 
-    fn data(&mut self, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()> {
+    fn data(&mut self, i: usize, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()> {
         let Some(ft) = self.ft else { return Ok(()) };
         let shard = self.current.expect("file begun");
         let theirs = ft.tensor(&t.name).filter(|x| x.shard == shard);
@@ -800,7 +1203,7 @@ impl Sink for CompareSink<'_> {
             theirs.ok_or_else(|| Self::mismatch(ft, &ft.shards[shard].rel, Some(&t.name), "tensor missing"))?;
         let ours = offset..offset + bytes.len();
         if t.codec.is_some() {
-            return self.measure(ft, theirs, t, ours, bytes);
+            return self.measure(ft, theirs, (i, t), ours, bytes);
         }
         if ft.bytes(theirs).get(ours.clone()) != Some(bytes) {
             return Err(Self::mismatch(

@@ -68,6 +68,15 @@ pub enum Error {
         /// Where the right base comes from, if the delta records it.
         base_id: Option<String>,
     },
+    /// A delta of a chain does not continue the delta before it (or the first one is not
+    /// made against the base).
+    #[error("broken chain at {path}: {reason}")]
+    WrongParent {
+        /// The delta whose link does not hold.
+        path: PathBuf,
+        /// What does not match, and what to do.
+        reason: String,
+    },
     /// A reconstructed file or tensor differs from the fine-tune it was compared with.
     #[error("mismatch in {path}{}: {reason}", tensor_suffix(.tensor))]
     Mismatch {
@@ -110,7 +119,7 @@ impl Error {
             Error::Io { .. } => ErrorKind::Io,
             Error::BadCheckpoint { .. } | Error::OutputExists { .. } | Error::InvalidArgument(_) => ErrorKind::BadInput,
             Error::CorruptDelta { .. } => ErrorKind::CorruptDelta,
-            Error::WrongBase { .. } => ErrorKind::WrongBase,
+            Error::WrongBase { .. } | Error::WrongParent { .. } => ErrorKind::WrongBase,
             Error::Mismatch { .. } => ErrorKind::Mismatch,
         }
     }

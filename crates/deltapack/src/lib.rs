@@ -13,6 +13,7 @@ pub mod error;
 
 pub use error::{Error, ErrorKind, Result};
 pub mod apply;
+pub mod chain;
 pub mod checkpoint;
 pub mod container;
 pub mod hash;
@@ -21,9 +22,11 @@ pub mod pair;
 pub mod progress;
 mod schedule;
 
-pub use apply::{apply, verify, ApplyOptions, MeasuredTensor, RebuildReport};
+pub use apply::{apply, apply_chain, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor, RebuildReport};
+pub use chain::Chain;
 pub use make::{make, MakeOptions, MakeReport, TensorReport};
 pub mod stats;
+pub mod store;
 pub mod synth;
 pub mod tune;
 

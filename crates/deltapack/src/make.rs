@@ -39,6 +39,11 @@ pub struct MakeOptions {
     pub self_contained: bool,
     /// Which codec each tensor gets (default: every tensor exact).
     pub codecs: CodecPolicy,
+    /// Keep auxiliary files out of the delta as [`Blob::External`] references by content
+    /// (a store keeps them once for all its entries).
+    pub external_aux: bool,
+    /// Set when `base` is the reconstruction of another delta (see [`crate::chain`]).
+    pub parent: Option<index::ParentLink>,
 }
 
 impl Default for MakeOptions {
@@ -50,6 +55,8 @@ impl Default for MakeOptions {
             sync: false,
             self_contained: false,
             codecs: CodecPolicy::default(),
+            external_aux: false,
+            parent: None,
         }
     }
 }
@@ -179,7 +186,10 @@ pub fn make(
     let aux = ft_ck
         .aux
         .iter()
-        .map(|a| store_aux(&mut w, (!opts.self_contained).then_some(&base_ck), a))
+        .map(|a| match opts.external_aux {
+            true => external_aux(a),
+            false => store_aux(&mut w, (!opts.self_contained).then_some(&base_ck), a),
+        })
         .collect::<Result<Vec<_>>>()?;
     let index = Index {
         format: "deltapack".into(),
@@ -196,6 +206,7 @@ pub fn make(
         aux,
         removed: plan.removed.iter().map(|&i| removed(&base_ck.tensors[i])).collect(),
         skipped: ft_ck.skipped.clone(),
+        parent: opts.parent.clone(),
     };
     let report_base = report(&index);
     let delta_bytes = w.finish(&index, opts.sync)?;
@@ -295,6 +306,17 @@ fn store_header(w: &mut ContainerWriter, base: Option<&Checkpoint>, rel: &str, b
         dict_hash: dict.map(|s| hash::hex(&hash::bytes(s.header_bytes()))),
     };
     Ok((blob, digest))
+}
+
+/// Records an auxiliary file kept outside the delta, by its content's fingerprint.
+fn external_aux(a: &AuxFile) -> Result<AuxEntry> {
+    let (size, digest) = hash::file(&a.path).map_err(|e| Error::io("reading", &a.path, e))?;
+    Ok(AuxEntry {
+        path: a.rel.clone(),
+        size,
+        hash: hash::hex(&digest),
+        blob: Blob::External,
+    })
 }
 
 /// Stores an auxiliary file: a reference if the base has an identical one, else compressed

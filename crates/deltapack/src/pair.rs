@@ -146,8 +146,25 @@ pub fn predict<'a>(
     range: Range<usize>,
     buf: &'a mut Vec<u8>,
 ) -> &'a [u8] {
+    predict_window(relation, sd, td, source, 0, source.len(), range, buf)
+}
+
+/// [`predict`] from a stretch of the source: `window` holds its bytes from `offset` on,
+/// of a source `src_len` bytes long, and must cover what the prediction reads.
+#[allow(clippy::too_many_arguments)]
+pub fn predict_window<'a>(
+    relation: Relation,
+    sd: Dtype,
+    td: Dtype,
+    window: &'a [u8],
+    offset: usize,
+    src_len: usize,
+    range: Range<usize>,
+    buf: &'a mut Vec<u8>,
+) -> &'a [u8] {
     buf.clear();
-    let src = &source[source_range(relation, sd, td, range.clone(), source.len())];
+    let read = source_range(relation, sd, td, range.clone(), src_len);
+    let src = &window[read.start.saturating_sub(offset).min(window.len())..][..read.len()];
     match relation {
         Relation::Converted => dtype::convert(sd, td, src, buf),
         _ if src.len() == range.len() => return src,

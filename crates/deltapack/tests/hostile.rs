@@ -194,6 +194,7 @@ fn outputs_are_never_overwritten_without_force() {
         &ApplyOptions {
             force: true,
             sync: true,
+            ..Default::default()
         },
         &NoProgress,
     )

@@ -34,6 +34,24 @@ pub struct Index {
     pub removed: Vec<RemovedTensor>,
     /// Fine-tune files that were not stored, and why.
     pub skipped: Vec<Skipped>,
+    /// The delta this one continues, for a link of a chain (absent: made against the base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
+}
+
+/// What a chained delta was made against: the model another delta rebuilds.
+///
+/// The delta's `base` then describes that parent model (its tensors are the sources), and
+/// applying it needs the whole chain from the base, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParentLink {
+    /// [`Index::model_fingerprint`] of the parent delta.
+    pub fingerprint: String,
+    /// Number of deltas from the base to the parent, inclusive (1: the parent is made against the base).
+    pub depth: u32,
+    /// File name of the parent delta when this one was made, for people.
+    pub file: Option<String>,
 }
 
 /// Identity of the base a delta was made from.
@@ -70,6 +88,9 @@ pub enum Blob {
         /// BLAKE3 of that base file, checked before it is used.
         dict_hash: Option<String>,
     },
+    /// Kept outside the delta, by content: a store holds it under its BLAKE3 (the entry's
+    /// `hash`). Applying such a delta needs that store.
+    External,
 }
 
 /// One fine-tune safetensors file.
@@ -241,6 +262,33 @@ impl Index {
         self.files.iter().map(|f| f.size).sum::<u64>() + self.aux.iter().map(|a| a.size).sum::<u64>()
     }
 
+    /// Fingerprint of the model this delta rebuilds: BLAKE3 over every file's path and
+    /// header fingerprint, every tensor's name and fingerprint, and every auxiliary file's
+    /// path and fingerprint, in index order. A child delta records its parent's.
+    pub fn model_fingerprint(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"deltapack.model.v1\n");
+        for f in &self.files {
+            for s in ["file", &f.path, &f.header_hash] {
+                h.update(s.as_bytes());
+                h.update(b"\0");
+            }
+            for t in &f.tensors {
+                for s in ["tensor", &t.name, &t.hash] {
+                    h.update(s.as_bytes());
+                    h.update(b"\0");
+                }
+            }
+        }
+        for a in &self.aux {
+            for s in ["aux", &a.path, &a.hash] {
+                h.update(s.as_bytes());
+                h.update(b"\0");
+            }
+        }
+        hash::hex(h.finalize().as_bytes())
+    }
+
     /// All tensors, file by file.
     pub fn tensors(&self) -> impl Iterator<Item = &TensorEntry> {
         self.files.iter().flat_map(|f| f.tensors.iter())
@@ -261,6 +309,12 @@ impl Index {
             ));
         }
         check_hash(&self.base.fingerprint, "base fingerprint")?;
+        if let Some(p) = &self.parent {
+            check_hash(&p.fingerprint, "parent fingerprint")?;
+            if p.depth == 0 {
+                return Err("parent depth is 0".into());
+            }
+        }
         let mut ranges = Vec::new();
         let mut paths = BTreeSet::new();
         let mut names = HashSet::new();
@@ -295,6 +349,9 @@ impl Index {
         names: &mut HashSet<&'a str>,
     ) -> Result<(), String> {
         check_hash(&f.header_hash, &f.path)?;
+        if f.header == Blob::External {
+            return Err(format!("{}: a shard header cannot be kept outside the delta", f.path));
+        }
         check_blob(&f.header, &f.path, ranges)?;
         if f.header_len < 8 || f.header_len > 8 + crate::checkpoint::header::MAX_HEADER_LEN {
             return Err(format!("{}: header length {} out of range", f.path, f.header_len));
@@ -441,6 +498,7 @@ fn check_blob(b: &Blob, what: &str, ranges: &mut Vec<(u64, u64, String)>) -> Res
     match b {
         Blob::SameAsBase { path } if is_safe_rel_path(path) => Ok(()),
         Blob::SameAsBase { .. } => Err(format!("{what}: unsafe base path")),
+        Blob::External => Ok(()),
         Blob::Zstd {
             offset,
             len,

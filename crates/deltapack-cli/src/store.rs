@@ -1,0 +1,209 @@
+//! `deltapack store ...`: argument parsing and printing around `deltapack::store`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use deltapack::progress::Progress;
+use deltapack::store::{Manifest, Store};
+use serde_json::json;
+
+use crate::report::{human, print_json};
+use crate::CodecArgs;
+
+/// Store subcommands.
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Create a store with a base (or add another base to an existing store).
+    Init {
+        /// The store directory.
+        store: PathBuf,
+        /// The base checkpoint (copied into the store).
+        #[arg(long)]
+        base: PathBuf,
+        /// Name of the base in the store (default: its directory name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Add a fine-tune as a delta against the base or the stored model that gives the
+    /// smallest delta (estimated on sampled chunks), unless --parent names one.
+    Add {
+        /// The store directory.
+        store: PathBuf,
+        /// Name of the new entry.
+        name: String,
+        /// The fine-tuned checkpoint.
+        finetuned: PathBuf,
+        /// Code against this entry instead of choosing.
+        #[arg(long)]
+        parent: Option<String>,
+        #[command(flatten)]
+        codec: CodecArgs,
+    },
+    /// Show the lineage tree with sizes, ratios, and total against naive storage.
+    List {
+        /// The store directory.
+        store: PathBuf,
+    },
+    /// Rebuild an entry into a directory (byte-identical files for exact deltas).
+    Get {
+        /// The store directory.
+        store: PathBuf,
+        /// The entry.
+        name: String,
+        /// Output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove an entry.
+    Rm {
+        /// The store directory.
+        store: PathBuf,
+        /// The entry.
+        name: String,
+        /// Re-code the entries coded against it against its parent instead of refusing.
+        #[arg(long)]
+        reparent: bool,
+    },
+    /// Verify everything: manifest, files, and every entry rebuilt through its chain.
+    Fsck {
+        /// The store directory.
+        store: PathBuf,
+    },
+}
+
+/// Runs a store subcommand.
+pub fn run(cmd: StoreCommand, json_out: bool, bars: &dyn Progress) -> Result<()> {
+    match cmd {
+        StoreCommand::Init { store, base, name } => {
+            let (base, _) = deltapack::checkpoint::hub::resolve(&base)?;
+            Store::init(&store, &base, name.as_deref()).with_context(|| format!("initialising {}", store.display()))?;
+            list(&store, json_out)
+        }
+        StoreCommand::Add {
+            store,
+            name,
+            finetuned,
+            parent,
+            codec,
+        } => {
+            let (finetuned, _) = deltapack::checkpoint::hub::resolve(&finetuned)?;
+            let opts = deltapack::MakeOptions {
+                codecs: codec.policy()?,
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            let s = Store::open(&store)?;
+            let (e, r) = s
+                .add(&name, &finetuned, parent.as_deref(), &opts, bars)
+                .with_context(|| format!("adding {name} to {}", store.display()))?;
+            if json_out {
+                return print_json(&json!({"entry": e, "report": r, "seconds": t.elapsed().as_secs_f64()}));
+            }
+            out!(
+                "added {} against {}: {} ({:.1}x smaller than its {}), {}, in {:.2} s",
+                e.name,
+                e.parent
+                    .as_deref()
+                    .map_or(format!("base {}", e.base), |p| format!("entry {p}")),
+                human(e.delta_bytes),
+                e.finetuned_bytes as f64 / e.delta_bytes.max(1) as f64,
+                human(e.finetuned_bytes),
+                e.codec,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        StoreCommand::List { store } => list(&store, json_out),
+        StoreCommand::Get {
+            store,
+            name,
+            output,
+            force,
+        } => {
+            let t = std::time::Instant::now();
+            let r = Store::open(&store)?
+                .get(&name, &output, force, bars)
+                .with_context(|| format!("getting {name} from {}", store.display()))?;
+            crate::report::rebuild(json_out, "rebuilt", &r, t.elapsed())
+        }
+        StoreCommand::Rm { store, name, reparent } => {
+            let moved = Store::open(&store)?
+                .remove(&name, reparent, bars)
+                .with_context(|| format!("removing {name} from {}", store.display()))?;
+            if json_out {
+                return print_json(&json!({"removed": name, "reparented": moved}));
+            }
+            out!(
+                "removed {name}{}",
+                match moved.is_empty() {
+                    true => String::new(),
+                    false => format!("; re-coded {} against its parent", moved.join(", ")),
+                }
+            );
+            Ok(())
+        }
+        StoreCommand::Fsck { store } => {
+            let r = Store::open(&store)?
+                .fsck(bars)
+                .with_context(|| format!("checking {}", store.display()))?;
+            if json_out {
+                return print_json(&json!({"ok": true, "report": r}));
+            }
+            out!(
+                "ok: {} bases, {} entries rebuilt through their chains, {} auxiliary files; every fingerprint matched{}",
+                r.bases,
+                r.entries,
+                r.aux_files,
+                match r.leftovers_removed {
+                    0 => String::new(),
+                    n => format!("; removed {n} leftovers of interrupted operations"),
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+fn list(store: &Path, json_out: bool) -> Result<()> {
+    let m = Store::open(store)?.manifest()?;
+    let naive: u64 = m.entries.iter().map(|e| e.finetuned_bytes).sum();
+    let stored: u64 = m.entries.iter().map(|e| e.delta_bytes).sum();
+    if json_out {
+        return print_json(&json!({"manifest": m, "naive_bytes": naive, "delta_bytes": stored}));
+    }
+    for b in &m.bases {
+        let size: u64 = b.files.iter().map(|f| f.size).sum();
+        out!("base {}  {}", b.name, human(size));
+        tree(&m, &b.name, None, 1);
+    }
+    out!(
+        "{} entries: {} of deltas for {} of fine-tunes ({:.1}x smaller than storing each whole)",
+        m.entries.len(),
+        human(stored),
+        human(naive),
+        naive as f64 / stored.max(1) as f64
+    );
+    Ok(())
+}
+
+fn tree(m: &Manifest, base: &str, parent: Option<&str>, depth: usize) {
+    for e in m
+        .entries
+        .iter()
+        .filter(|e| e.base == base && e.parent.as_deref() == parent)
+    {
+        out!(
+            "{}{}  {}  {:.1}x  {}",
+            "  ".repeat(depth),
+            e.name,
+            human(e.delta_bytes),
+            e.finetuned_bytes as f64 / e.delta_bytes.max(1) as f64,
+            e.codec
+        );
+        tree(m, base, Some(&e.name), depth + 1);
+    }
+}
