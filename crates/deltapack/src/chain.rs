@@ -98,16 +98,6 @@ pub fn check_links(deltas: &[Delta]) -> Result<()> {
                     ),
                 })
             }
-            (Some(p), Some(_)) if p.depth as usize != i => {
-                return Err(Error::WrongParent {
-                    path: d.path.clone(),
-                    reason: format!(
-                        "it is link {} of its chain, but comes at position {} here",
-                        p.depth + 1,
-                        i + 1
-                    ),
-                })
-            }
             (Some(_), Some(_)) => {}
         }
     }
@@ -159,7 +149,8 @@ fn rebuild_next_to(
 }
 
 /// Makes a delta of `finetuned` against the model the chain `parents` (on `base`) rebuilds,
-/// recording the link; `opts.base_id` defaults to the chain's.
+/// recording the link; `opts.base_id` defaults to the chain's, and the chunk size is the
+/// parent's.
 pub fn make_child(
     base: &Path,
     parents: &[PathBuf],
@@ -181,6 +172,9 @@ pub fn make_child(
     let mut opts = opts.clone();
     opts.parent = Some(chain.link());
     opts.self_contained = false;
+    // Fingerprints depend on the chunk size: a child records its sources' fingerprints as
+    // its parent recorded them only at the same size.
+    opts.chunk_bytes = chain.deltas.last().expect("a parent").index.chunk_bytes as usize;
     if opts.base_id.is_none() {
         opts.base_id = chain.deltas[0].index.base.id.clone();
     }

@@ -34,9 +34,11 @@ use crate::{dtype, hash, Error, Result};
 const MANIFEST: &str = "deltapack-store.json";
 const FORMAT: &str = "deltapack-store";
 const VERSION: u32 = 1;
-/// One chunk in this many is encoded when estimating the cost of a candidate parent.
+/// One piece in this many is encoded when estimating the cost of a candidate parent...
 const SAMPLE_EVERY: usize = 8;
-const SAMPLE_BYTES: usize = 1 << 20;
+/// ...unless the model is smaller than this, when all are.
+const SAMPLE_ALL_BELOW: u64 = 64 << 20;
+const SAMPLE_BYTES: usize = 64 << 10;
 
 /// The store's manifest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -525,7 +527,7 @@ impl Store {
     }
 
     /// The base or entry that gives `ft` the smallest delta, estimated by exact-coding one
-    /// chunk in [`SAMPLE_EVERY`] of every tensor against each candidate.
+    /// piece in [`SAMPLE_EVERY`] of the model against each candidate.
     fn choose_parent(&self, m: &Manifest, ft: &Path) -> Result<(String, Option<String>)> {
         let ft = Checkpoint::open(ft)?;
         let mut best: Option<(u64, String, Option<String>)> = None;
@@ -536,11 +538,12 @@ impl Store {
         };
         for b in &m.bases {
             let base = Checkpoint::open(&self.base_dir(&b.name))?;
-            let cost = estimate(&ft, |name, r| {
-                Ok(base
-                    .tensor(name)
-                    .map(|t| (t.dtype, t.shape.clone(), base.bytes(t)[r].to_vec())))
-            })?;
+            let meta = |name: &str| base.tensor(name).map(|t| (t.dtype, t.shape.clone()));
+            let read = |name: &str, r: std::ops::Range<usize>| {
+                let t = base.tensor(name).expect("meta found it");
+                Ok(base.bytes(t)[r].to_vec())
+            };
+            let cost = estimate(&ft, meta, read)?;
             consider(cost, &b.name, None);
         }
         for e in &m.entries {
@@ -557,12 +560,8 @@ impl Store {
                     )
                 })
                 .collect();
-            let cost = estimate(&ft, |name, r| {
-                let Some((dt, shape)) = tensors.get(name) else {
-                    return Ok(None);
-                };
-                Ok(Some((*dt, shape.clone(), reader.read(name, r)?.into_owned())))
-            })?;
+            let meta = |name: &str| tensors.get(name).cloned();
+            let cost = estimate(&ft, meta, |name, r| Ok(reader.read(name, r)?.into_owned()))?;
             consider(cost, &e.base, Some(&e.name));
         }
         let (_, base, parent) = best.ok_or_else(|| {
@@ -572,30 +571,33 @@ impl Store {
     }
 }
 
-/// Estimated exact-delta bytes of `ft` against a candidate whose tensor bytes `read` returns
-/// (dtype, shape, bytes of the range) or `None` for a tensor it lacks (counted whole).
+/// Estimated exact-delta bytes of `ft` against a candidate whose tensors' dtype and shape
+/// `meta` gives (`None`: it lacks the tensor, which then counts whole) and whose bytes
+/// `read` returns.
 fn estimate(
     ft: &Checkpoint,
-    read: impl Fn(&str, std::ops::Range<usize>) -> Result<Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>>,
+    meta: impl Fn(&str) -> Option<(safetensors::Dtype, Vec<usize>)>,
+    read: impl Fn(&str, std::ops::Range<usize>) -> Result<Vec<u8>>,
 ) -> Result<u64> {
     let mut scratch = exact::Scratch::default();
     let mut cost = 0u64;
+    let every = if ft.weight_bytes() < SAMPLE_ALL_BELOW { 1 } else { SAMPLE_EVERY };
     let mut k = 0usize;
     for t in &ft.tensors {
+        let same_kind = meta(&t.name).is_some_and(|(dt, shape)| dt == t.dtype && shape == t.shape);
         let bytes = ft.bytes(t);
         for (c, target) in bytes.chunks(SAMPLE_BYTES).enumerate() {
             k += 1;
-            if k % SAMPLE_EVERY != 0 {
+            if (k - 1) % every != 0 {
                 continue;
             }
-            let r = c * SAMPLE_BYTES..c * SAMPLE_BYTES + target.len();
-            match read(&t.name, r)? {
-                Some((dt, shape, pred)) if dt == t.dtype && shape == t.shape => {
-                    if pred != target {
-                        cost += exact::encode(dtype::layout(dt), &pred, target, &mut scratch).len() as u64;
-                    }
-                }
-                _ => cost += target.len() as u64,
+            if !same_kind {
+                cost += target.len() as u64;
+                continue;
+            }
+            let pred = read(&t.name, c * SAMPLE_BYTES..c * SAMPLE_BYTES + target.len())?;
+            if pred != target {
+                cost += exact::encode(dtype::layout(t.dtype), &pred, target, &mut scratch).len() as u64;
             }
         }
         ft.release(t, 0..t.len());

@@ -48,7 +48,9 @@ pub struct Index {
 pub struct ParentLink {
     /// [`Index::model_fingerprint`] of the parent delta.
     pub fingerprint: String,
-    /// Number of deltas from the base to the parent, inclusive (1: the parent is made against the base).
+    /// Number of deltas from the base to the parent, inclusive, when this one was made (1:
+    /// the parent is made against the base); informational, since re-coding an ancestor
+    /// against its own parent shortens a chain without changing any link.
     pub depth: u32,
     /// File name of the parent delta when this one was made, for people.
     pub file: Option<String>,
