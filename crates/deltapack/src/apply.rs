@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::chain::Chain;
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
-use crate::codec::{exact, lossy};
+use crate::codec::{changes, exact, lossy};
 use crate::container::index::{AuxEntry, Blob, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
@@ -542,9 +542,14 @@ impl<'a> Ctx<'a> {
                     return Err(self.corrupt(lvl, t, format!("chunk {chunk} does not decode: {}", e.0)));
                 }
             }
-            ChunkCodec::Exact => {
+            ChunkCodec::Exact | ChunkCodec::Changes => {
                 let payload = level.delta.chunk_payload(&t.name, c)?;
-                if let Err(e) = exact::decode(dtype::layout(tdt), pred, payload, &mut bytes) {
+                let layout = dtype::layout(tdt);
+                let decoded = match c.codec {
+                    ChunkCodec::Changes => changes::decode(layout, pred, payload, &mut bytes),
+                    _ => exact::decode(layout, pred, payload, &mut bytes),
+                };
+                if let Err(e) = decoded {
                     // A wrong base predicts wrong contexts and fails to decode just like a
                     // corrupt payload does; tell the two apart before blaming the delta.
                     self.check_source(lvl, i)?;

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
-use crate::codec::{exact, lossy};
+use crate::codec::{changes, exact, lossy};
 use crate::container::index::{
     self, AuxEntry, BaseInfo, Blob, Chunk, ChunkCodec, Index, Payload, RemovedTensor, SourceTensor, TensorEntry,
     WeightFile,
@@ -135,6 +135,8 @@ thread_local! {
 
 struct Encoded {
     payload: Option<Vec<u8>>,
+    /// How `payload` is coded.
+    codec: ChunkCodec,
     target_hash: Digest,
     source_hashes: Vec<Digest>,
     /// Error sums of the chunk, in lossy runs.
@@ -399,27 +401,38 @@ impl Ctx<'_> {
             let payload = lossy::encode(t.dtype, &cp, pred, target, &mut recon);
             return Encoded {
                 payload: Some(payload),
+                codec: ChunkCodec::Lossy,
                 target_hash: hash::chunk(&recon),
                 source_hashes,
                 quality: Some(QualitySums::chunk(t.dtype, pred, target, &recon)),
             };
         }
-        let (payload, quality) = SCRATCH.with(|s| {
+        let (payload, codec, quality) = SCRATCH.with(|s| {
             let (scratch, buf) = &mut *s.borrow_mut();
             let pred = pair::predict(p.relation, sdt, t.dtype, src, job.range.clone(), buf);
             let quality =
                 (self.measure && p.relation == Relation::Direct && crate::codec::float::lossy_capable(t.dtype))
                     .then(|| QualitySums::chunk(t.dtype, pred, target, target));
             if p.relation != Relation::New && pred == target {
-                return (None, quality);
+                return (None, ChunkCodec::Same, quality);
+            }
+            let layout = dtype::layout(t.dtype);
+            if changes::suits(layout, pred, target) {
+                return (
+                    Some(changes::encode(layout, pred, target)),
+                    ChunkCodec::Changes,
+                    quality,
+                );
             }
             (
-                Some(exact::encode(dtype::layout(t.dtype), pred, target, scratch)),
+                Some(exact::encode(layout, pred, target, scratch)),
+                ChunkCodec::Exact,
                 quality,
             )
         });
         Encoded {
             payload,
+            codec,
             // Lossy chunks return above with the fingerprint of their reconstruction.
             target_hash: hash::chunk(target),
             source_hashes,
@@ -564,7 +577,6 @@ struct Collector<'w> {
 impl Collector<'_> {
     fn consume(&mut self, ctx: &Ctx, job: &Job, enc: Encoded, progress: &dyn Progress) -> Result<()> {
         if !job.range.is_empty() {
-            let lossy = ctx.plans[job.tensor].codec.is_some();
             self.chunks.push(match enc.payload {
                 None => Chunk {
                     codec: ChunkCodec::Same,
@@ -573,7 +585,7 @@ impl Collector<'_> {
                     checksum: index::checksum(&[]),
                 },
                 Some(p) => Chunk {
-                    codec: if lossy { ChunkCodec::Lossy } else { ChunkCodec::Exact },
+                    codec: enc.codec,
                     offset: self.w.append(&p)?,
                     len: p.len() as u64,
                     checksum: index::checksum(&p),

@@ -38,7 +38,7 @@ const VERSION: u32 = 1;
 const SAMPLE_EVERY: usize = 8;
 /// ...unless the model is smaller than this, when all are.
 const SAMPLE_ALL_BELOW: u64 = 64 << 20;
-const SAMPLE_BYTES: usize = 64 << 10;
+const SAMPLE_BYTES: usize = 2 << 20;
 
 /// The store's manifest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -581,7 +581,11 @@ fn estimate(
 ) -> Result<u64> {
     let mut scratch = exact::Scratch::default();
     let mut cost = 0u64;
-    let every = if ft.weight_bytes() < SAMPLE_ALL_BELOW { 1 } else { SAMPLE_EVERY };
+    let every = if ft.weight_bytes() < SAMPLE_ALL_BELOW {
+        1
+    } else {
+        SAMPLE_EVERY
+    };
     let mut k = 0usize;
     for t in &ft.tensors {
         let same_kind = meta(&t.name).is_some_and(|(dt, shape)| dt == t.dtype && shape == t.shape);

@@ -20,7 +20,9 @@ fn history(root: &Path) -> (PathBuf, Vec<PathBuf>) {
     let mut w: Vec<u16> = (0..N)
         .map(|i| half::bf16::from_f32((r[i] as f32 - 127.5) / 127.5 * 0.04).to_bits())
         .collect();
-    let emb: Vec<u16> = (0..64 * 16).map(|i| half::bf16::from_f32(i as f32 * 1e-3).to_bits()).collect();
+    let emb: Vec<u16> = (0..64 * 16)
+        .map(|i| half::bf16::from_f32(i as f32 * 1e-3).to_bits())
+        .collect();
     let write = |dir: &Path, w: &[u16], rows: usize, tok: &str| {
         let bytes = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let mut e = emb.clone();
@@ -46,7 +48,11 @@ fn history(root: &Path) -> (PathBuf, Vec<PathBuf>) {
             }
         }
         let dir = root.join(format!("step-{step}"));
-        let (rows, tok) = if step >= 3 { (72, "{\"vocab\": 72}") } else { (64, "{\"vocab\": 64}") };
+        let (rows, tok) = if step >= 3 {
+            (72, "{\"vocab\": 72}")
+        } else {
+            (64, "{\"vocab\": 64}")
+        };
         write(&dir, &w, rows, tok);
         cks.push(dir);
     }
@@ -199,7 +205,10 @@ fn the_store_chains_checkpoints_dedups_aux_files_and_reparents() {
     assert!(err.to_string().contains("--reparent"), "{err}");
     assert_eq!(store.remove("s1", true, &NoProgress).unwrap(), vec!["s2".to_string()]);
     let m = store.manifest().unwrap();
-    assert_eq!(m.entries.iter().find(|e| e.name == "s2").unwrap().parent.as_deref(), Some("s0"));
+    assert_eq!(
+        m.entries.iter().find(|e| e.name == "s2").unwrap().parent.as_deref(),
+        Some("s0")
+    );
     for i in [0, 2, 3] {
         let out = dir.path().join(format!("again{i}"));
         store.get(&format!("s{i}"), &out, false, &NoProgress).unwrap();
@@ -224,7 +233,10 @@ fn a_store_refuses_bad_names_and_a_tampered_delta() {
     let root = dir.path().join("store");
     let store = Store::init(&root, &base, Some("base")).unwrap();
     for bad in ["../x", "a/b", ".hidden", ""] {
-        assert!(store.add(bad, &cks[0], None, &small_chunks(), &NoProgress).is_err(), "{bad:?}");
+        assert!(
+            store.add(bad, &cks[0], None, &small_chunks(), &NoProgress).is_err(),
+            "{bad:?}"
+        );
     }
     let (e, _) = store.add("s0", &cks[0], None, &small_chunks(), &NoProgress).unwrap();
     assert!(store.add("s0", &cks[1], None, &small_chunks(), &NoProgress).is_err());
@@ -233,5 +245,8 @@ fn a_store_refuses_bad_names_and_a_tampered_delta() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
     std::fs::write(&p, bytes).unwrap();
-    assert!(matches!(store.fsck(&NoProgress).unwrap_err(), Error::CorruptDelta { .. }));
+    assert!(matches!(
+        store.fsck(&NoProgress).unwrap_err(),
+        Error::CorruptDelta { .. }
+    ));
 }

@@ -1,6 +1,7 @@
 //! Codecs: how one chunk of a fine-tune tensor is coded against its prediction.
 
 mod bits;
+pub mod changes;
 pub mod exact;
 pub mod float;
 pub mod ints;

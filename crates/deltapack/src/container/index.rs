@@ -205,6 +205,8 @@ pub enum ChunkCodec {
     Same,
     /// The exact codec (`codec::exact`).
     Exact,
+    /// The exact codec for few changes (`codec::changes`): positions and differences.
+    Changes,
     /// The tensor's lossy codec (`codec::lossy`).
     Lossy,
 }
@@ -384,7 +386,9 @@ impl Index {
                     ChunkCodec::Same if t.relation == Relation::New => return Err(ctx("'same' chunk without a base")),
                     ChunkCodec::Same => {}
                     ChunkCodec::Lossy if t.codec.is_none() => return Err(ctx("'lossy' chunk without a codec")),
-                    ChunkCodec::Exact | ChunkCodec::Lossy => ranges.push((c.offset, c.len, t.name.clone())),
+                    ChunkCodec::Exact | ChunkCodec::Changes | ChunkCodec::Lossy => {
+                        ranges.push((c.offset, c.len, t.name.clone()))
+                    }
                 }
             }
         }
