@@ -254,3 +254,88 @@ fn lossy_flags_reports_and_the_sweep() {
     let svg = std::fs::read_to_string(format!("{out}/sweep.svg")).unwrap();
     assert!(svg.contains("Gaussian bound") && svg.trim_end().ends_with("</svg>"));
 }
+
+/// Relative paths of the files of a store, without its lock file.
+fn store_paths(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.retain(|p| p != "lock");
+    out.sort();
+    out
+}
+
+fn entries(store: &str) -> Vec<String> {
+    let v = json(&run(&["store", "list", store, "--json"]));
+    let names = v["manifest"]["entries"].as_array().unwrap().iter();
+    names.map(|e| e["name"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn concurrent_store_adds_both_land_in_a_consistent_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, _) = pair(dir.path());
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    assert_eq!(code(&run(&["store", "init", s, "--base", &base, "--quiet"])), 0);
+    let spawn = |name: &str| {
+        bin()
+            .args(["store", "add", s, name, &ft, "--quiet"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn("a"), spawn("b"));
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    let mut names = entries(s);
+    names.sort();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(code(&run(&["store", "fsck", s])), 0);
+    let out = dir.path().join("got");
+    assert_eq!(code(&run(&["store", "get", s, "b", "-o", out.to_str().unwrap()])), 0);
+    // The second add chose the first as its parent: the same model costs almost nothing.
+    let v = json(&run(&["store", "list", s, "--json"]));
+    let second = &v["manifest"]["entries"][1];
+    assert!(second["parent"].is_string(), "{v}");
+}
+
+#[test]
+fn a_killed_store_add_leaves_none_of_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, _) = pair(dir.path());
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    assert_eq!(code(&run(&["store", "init", s, "--base", &base, "--quiet"])), 0);
+    let mut before = store_paths(&store);
+    for (i, ms) in [0u64, 10, 40, 100, 250].into_iter().enumerate() {
+        let name = format!("x{i}");
+        let mut child = bin()
+            .args(["store", "add", s, &name, &ft, "--quiet"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Leftovers are removed by the next command that takes the lock.
+        assert_eq!(code(&run(&["store", "fsck", s])), 0, "after killing at {ms} ms");
+        let now = store_paths(&store);
+        if entries(s).contains(&name) {
+            // It finished before the kill: the entry is whole.
+            let out = dir.path().join(format!("got{i}"));
+            assert_eq!(code(&run(&["store", "get", s, &name, "-o", out.to_str().unwrap()])), 0);
+        } else {
+            assert_eq!(now, before, "killed at {ms} ms");
+        }
+        before = now;
+    }
+}

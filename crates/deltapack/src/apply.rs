@@ -293,6 +293,10 @@ struct Decoded<'a> {
     source_span: Range<usize>,
 }
 
+/// A decoded range: its bytes, the fingerprints of the source chunks it hashed, and the
+/// source bytes it read.
+type DecodedRange<'a> = (Cow<'a, [u8]>, Vec<Digest>, Range<usize>);
+
 /// Where a tensor's prediction comes from.
 #[derive(Clone, Copy)]
 enum Src<'a> {
@@ -498,7 +502,7 @@ impl<'a> Ctx<'a> {
         chunk: usize,
         range: Range<usize>,
         hashed: Range<usize>,
-    ) -> Result<(Cow<'a, [u8]>, Vec<Digest>, Range<usize>)> {
+    ) -> Result<DecodedRange<'a>> {
         let level = &self.levels[lvl];
         let t = level.tensors[i].0;
         let tdt = dtype::parse(&t.dtype).expect("validated dtype");

@@ -592,7 +592,7 @@ fn estimate(
         let bytes = ft.bytes(t);
         for (c, target) in bytes.chunks(SAMPLE_BYTES).enumerate() {
             k += 1;
-            if (k - 1) % every != 0 {
+            if !(k - 1).is_multiple_of(every) {
                 continue;
             }
             if !same_kind {

@@ -210,6 +210,6 @@ mod tests {
         round_trip(safetensors::Dtype::BF16, &pred, &pred);
         let mut wrong = encode(l, &pred, &t);
         wrong.push(0);
-        assert!(decode(l, &pred, &wrong, &mut vec![0u8; 200]).is_err());
+        assert!(decode(l, &pred, &wrong, &mut [0u8; 200]).is_err());
     }
 }

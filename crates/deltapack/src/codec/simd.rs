@@ -269,7 +269,7 @@ pub fn tokens16(
 ) {
     assert!(available(), "tokens16 needs AVX2");
     let n = pred.len() / 2;
-    assert!(pred.len() == target.len() && pred.len() % 16 == 0);
+    assert!(pred.len() == target.len() && pred.len().is_multiple_of(16));
     assert!(tok.len() >= n && ctx.len() >= n && raw.len() >= n && nbits.len() >= n);
     // SAFETY: AVX2 is available (checked above) and the lengths were checked: every raw
     // access below stays inside the slices.
@@ -375,7 +375,7 @@ pub fn encode_groups(
 ) {
     assert!(available(), "encode_groups needs AVX2");
     assert_eq!(STATES, 16, "the vector encoder runs four quads of four states");
-    assert!(symbols.len() == contexts.len() && symbols.len() % STATES == 0);
+    assert!(symbols.len() == contexts.len() && symbols.len().is_multiple_of(STATES));
     assert!(words.len() >= *len + symbols.len() + 8);
     assert!(!tables.entries.is_empty());
     // SAFETY: AVX2 is available; every table index is clamped below entries.len(), and every
