@@ -68,6 +68,16 @@ pub enum Error {
         /// Where the right base comes from, if the delta records it.
         base_id: Option<String>,
     },
+    /// The base does not hash to the `parent_hash` a deltatensors `.wdelta` records.
+    #[error("wrong base {path}: it does not hash to the parent_hash {expected} that {} records, in any of the forms deltatensors hashes a base; this is not the base the delta was made from (pass --no-base-check only if you are sure it is)", .wdelta.display())]
+    WrongParentHash {
+        /// The base checkpoint given.
+        path: PathBuf,
+        /// The `.wdelta` file.
+        wdelta: PathBuf,
+        /// The hash it records.
+        expected: String,
+    },
     /// A reconstructed file or tensor differs from the fine-tune it was compared with.
     #[error("mismatch in {path}{}: {reason}", tensor_suffix(.tensor))]
     Mismatch {
@@ -110,7 +120,7 @@ impl Error {
             Error::Io { .. } => ErrorKind::Io,
             Error::BadCheckpoint { .. } | Error::OutputExists { .. } | Error::InvalidArgument(_) => ErrorKind::BadInput,
             Error::CorruptDelta { .. } => ErrorKind::CorruptDelta,
-            Error::WrongBase { .. } => ErrorKind::WrongBase,
+            Error::WrongBase { .. } | Error::WrongParentHash { .. } => ErrorKind::WrongBase,
             Error::Mismatch { .. } => ErrorKind::Mismatch,
         }
     }

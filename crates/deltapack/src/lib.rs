@@ -16,6 +16,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod container;
 pub mod hash;
+pub mod import;
 pub mod make;
 pub mod pair;
 pub mod progress;
