@@ -115,6 +115,36 @@ enum Command {
         #[arg(long)]
         sync: bool,
     },
+    /// Import a deltatensors .wdelta file (format version 1, as deltatensors 0.2.0 writes)
+    /// as an exact delta against the same base.
+    ///
+    /// The fine-tune is rebuilt as deltatensors' loader rebuilds it (base as float32 plus the
+    /// float32 delta), stored in each base tensor's dtype (bf16/f16 rounded to nearest-even),
+    /// since a .wdelta does not record the fine-tune's; other base tensors and files are kept.
+    Import {
+        /// The .wdelta file.
+        wdelta: PathBuf,
+        /// Base checkpoint the .wdelta was made from: a model directory, a .safetensors file,
+        /// or ORG/NAME[@REVISION] in the local Hugging Face cache.
+        #[arg(long)]
+        base: PathBuf,
+        /// Output delta file (.dpk).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Where the base comes from, e.g. ORG/NAME@REVISION; shown by `inspect`.
+        #[arg(long)]
+        base_id: Option<String>,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+        /// fsync the output before it is renamed into place.
+        #[arg(long)]
+        sync: bool,
+        /// Do not check the base against the SHA-256 the .wdelta records (deltatensors hashes
+        /// the arrays it was given, in whatever form); only for a base known to be right.
+        #[arg(long)]
+        no_base_check: bool,
+    },
     /// Show what a delta holds (reads only its index).
     Inspect {
         /// The delta file.
@@ -391,6 +421,27 @@ fn run(cli: Cli) -> Result<()> {
             let r = deltapack::apply_chain(&base, &deltas, &output, &opts, &bars)
                 .with_context(|| format!("applying {}", names(&deltas)))?;
             report::rebuild(g.json, "applied", &r, t.elapsed())
+        }
+        Command::Import {
+            wdelta,
+            base,
+            output,
+            base_id,
+            force,
+            sync,
+            no_base_check,
+        } => {
+            let (base, hub_id) = hub::resolve(&base)?;
+            let opts = deltapack::import::ImportOptions {
+                base_id: base_id.or(hub_id),
+                force,
+                sync,
+                check_base_hash: !no_base_check,
+            };
+            let t = std::time::Instant::now();
+            let r = deltapack::import::import_wdelta(&wdelta, &base, &output, &opts, &bars)
+                .with_context(|| format!("importing {}", wdelta.display()))?;
+            report::make(g.json, &output, &r, t.elapsed())
         }
         Command::Inspect { delta, tensors } => {
             let (index, size) = deltapack::container::Delta::read_index(&delta)

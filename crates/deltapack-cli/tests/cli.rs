@@ -339,3 +339,53 @@ fn a_killed_store_add_leaves_none_of_its_files() {
         before = now;
     }
 }
+
+#[test]
+fn import_of_a_deltatensors_file_and_its_exit_codes() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deltapack/tests/data/wdelta");
+    let (base, wdelta) = (data.join("base"), data.join("sparse.wdelta"));
+    let (base, wdelta) = (base.to_str().unwrap(), wdelta.to_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let dpk = format!("{d}/s.dpk");
+    let made = json(&run(&["import", wdelta, "--base", base, "-o", &dpk, "--json"]));
+    assert_eq!(made["changed"], 5, "{made}");
+    let out = format!("{d}/out");
+    assert_eq!(
+        json(&run(&["apply", "--base", base, &dpk, "-o", &out, "--json"]))["ok"],
+        true
+    );
+    let text = run(&["import", wdelta, "--base", base, "-o", &dpk, "--force"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("ratio"));
+    assert_eq!(code(&run(&["import", wdelta, "--base", base, "-o", &dpk])), 2);
+    // The fine-tune is not the base: its hash differs (3), unless the check is off.
+    let ft = data.join("finetuned");
+    let o = run(&[
+        "import",
+        wdelta,
+        "--base",
+        ft.to_str().unwrap(),
+        "-o",
+        &format!("{d}/w.dpk"),
+    ]);
+    assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--no-base-check"));
+    let args = [
+        "import",
+        wdelta,
+        "--base",
+        ft.to_str().unwrap(),
+        "-o",
+        &format!("{d}/w.dpk"),
+        "--no-base-check",
+    ];
+    assert_eq!(code(&run(&args)), 0);
+    let mut bytes = std::fs::read(wdelta).unwrap();
+    bytes[100] ^= 1;
+    let bad = format!("{d}/bad.wdelta");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_eq!(
+        code(&run(&["import", &bad, "--base", base, "-o", &format!("{d}/b.dpk")])),
+        4
+    );
+}

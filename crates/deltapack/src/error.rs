@@ -77,6 +77,16 @@ pub enum Error {
         /// What does not match, and what to do.
         reason: String,
     },
+    /// The base does not hash to the `parent_hash` a deltatensors `.wdelta` records.
+    #[error("wrong base {path}: it does not hash to the parent_hash {expected} that {} records, in any of the forms deltatensors hashes a base; this is not the base the delta was made from (pass --no-base-check only if you are sure it is)", .wdelta.display())]
+    WrongParentHash {
+        /// The base checkpoint given.
+        path: PathBuf,
+        /// The `.wdelta` file.
+        wdelta: PathBuf,
+        /// The hash it records.
+        expected: String,
+    },
     /// A reconstructed file or tensor differs from the fine-tune it was compared with.
     #[error("mismatch in {path}{}: {reason}", tensor_suffix(.tensor))]
     Mismatch {
@@ -119,7 +129,7 @@ impl Error {
             Error::Io { .. } => ErrorKind::Io,
             Error::BadCheckpoint { .. } | Error::OutputExists { .. } | Error::InvalidArgument(_) => ErrorKind::BadInput,
             Error::CorruptDelta { .. } => ErrorKind::CorruptDelta,
-            Error::WrongBase { .. } | Error::WrongParent { .. } => ErrorKind::WrongBase,
+            Error::WrongBase { .. } | Error::WrongParent { .. } | Error::WrongParentHash { .. } => ErrorKind::WrongBase,
             Error::Mismatch { .. } => ErrorKind::Mismatch,
         }
     }

@@ -17,6 +17,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod container;
 pub mod hash;
+pub mod import;
 pub mod make;
 pub mod pair;
 pub mod progress;
