@@ -102,7 +102,12 @@ pub fn apply_chain(
 ) -> Result<RebuildReport> {
     let mut chain = Chain::open(base, deltas)?;
     chain.aux_store = opts.aux_store.clone();
-    let ctx = Ctx::new(&chain)?;
+    rebuild_chain(&chain, out, opts, progress)
+}
+
+/// [`apply_chain`] for an opened chain (its own `aux_store` is used, not `opts.aux_store`).
+pub fn rebuild_chain(chain: &Chain, out: &Path, opts: &ApplyOptions, progress: &dyn Progress) -> Result<RebuildReport> {
+    let ctx = Ctx::new(chain)?;
     let dir = OutputDir::create(out, opts.force)?;
     let mut sink = DirSink {
         dir,
@@ -881,21 +886,8 @@ impl Ctx<'_> {
                 })?;
             }
             Blob::SameAsBase { path } => emit(&self.parent_file(lvl, path)?)?,
-            Blob::Zstd {
-                offset,
-                len,
-                dict,
-                dict_hash,
-            } => {
-                let dict = self.load_dict(lvl, dict, dict_hash, |p| self.parent_file(lvl, p))?;
-                unzstd(
-                    delta,
-                    delta.range(*offset, *len),
-                    dict.as_deref(),
-                    a.size,
-                    &a.path,
-                    &mut emit,
-                )?;
+            Blob::Zstd { .. } => {
+                self.unzstd_blob(lvl, &a.blob, a.size, &a.path, |p| self.parent_file(lvl, p), &mut emit)?
             }
             Blob::External => {
                 let p = self.external_path(lvl, a)?;
@@ -961,29 +953,41 @@ impl Ctx<'_> {
         let delta = self.levels[lvl].delta;
         match blob {
             Blob::SameAsBase { path } => from_below(path),
-            Blob::Zstd {
-                offset,
-                len,
-                dict,
-                dict_hash,
-            } => {
-                let dict = self.load_dict(lvl, dict, dict_hash, &from_below)?;
+            Blob::Zstd { .. } => {
                 let mut out = Vec::new();
-                unzstd(
-                    delta,
-                    delta.range(*offset, *len),
-                    dict.as_deref(),
-                    size,
-                    what,
-                    &mut |b| {
-                        out.extend_from_slice(b);
-                        Ok(())
-                    },
-                )?;
+                self.unzstd_blob(lvl, blob, size, what, from_below, &mut |b| {
+                    out.extend_from_slice(b);
+                    Ok(())
+                })?;
                 Ok(out)
             }
             Blob::External => Err(Error::corrupt(&delta.path, format!("{what} kept outside the delta"))),
         }
+    }
+
+    /// Decompresses a `zstd` blob of level `lvl` to `emit`, with its dictionary (a file of the
+    /// model below, from `from_below`) checked first.
+    fn unzstd_blob(
+        &self,
+        lvl: usize,
+        blob: &Blob,
+        size: u64,
+        what: &str,
+        from_below: impl Fn(&str) -> Result<Vec<u8>>,
+        emit: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let Blob::Zstd {
+            offset,
+            len,
+            dict,
+            dict_hash,
+        } = blob
+        else {
+            unreachable!("called for zstd blobs only");
+        };
+        let delta = self.levels[lvl].delta;
+        let dict = self.load_dict(lvl, dict, dict_hash, from_below)?;
+        unzstd(delta, delta.range(*offset, *len), dict.as_deref(), size, what, emit)
     }
 }
 

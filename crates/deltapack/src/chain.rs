@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::apply::{apply_chain, ApplyOptions};
+use crate::apply::{rebuild_chain, ApplyOptions};
 use crate::checkpoint::Checkpoint;
 use crate::container::index::ParentLink;
 use crate::container::Delta;
@@ -104,48 +104,20 @@ pub fn check_links(deltas: &[Delta]) -> Result<()> {
     Ok(())
 }
 
-/// A directory removed when dropped: where a parent model is rebuilt for a while.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn next_to(out: &Path) -> Result<Scratch> {
-        let dir = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let t = tempfile::Builder::new()
-            .prefix(".deltapack-rebuilt-")
-            .tempdir_in(dir)
-            .map_err(|e| Error::io("creating a temporary directory in", dir, e))?;
-        Ok(Scratch(t.keep()))
-    }
-
-    fn model(&self) -> PathBuf {
-        self.0.join("model")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Rebuilds `chain`'s model into a temporary directory next to `out`.
-fn rebuild_next_to(
-    base: &Path,
-    deltas: &[PathBuf],
-    aux_store: Option<&Path>,
-    out: &Path,
-    progress: &dyn Progress,
-) -> Result<Scratch> {
-    let scratch = Scratch::next_to(out)?;
-    let opts = ApplyOptions {
-        aux_store: aux_store.map(Path::to_path_buf),
-        ..ApplyOptions::default()
-    };
-    apply_chain(base, deltas, &scratch.model(), &opts, progress)?;
-    Ok(scratch)
+/// A temporary directory next to `out` (so on its filesystem), removed when dropped, with
+/// `chain`'s model rebuilt in it as `model/`.
+fn rebuild_next_to(chain: &Chain, out: &Path, progress: &dyn Progress) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let scratch = tempfile::Builder::new()
+        .prefix(".deltapack-rebuilt-")
+        .tempdir_in(dir)
+        .map_err(|e| Error::io("creating a temporary directory in", dir, e))?;
+    let model = scratch.path().join("model");
+    rebuild_chain(chain, &model, &ApplyOptions::default(), progress)?;
+    Ok((scratch, model))
 }
 
 /// Makes a delta of `finetuned` against the model the chain `parents` (on `base`) rebuilds,
@@ -168,7 +140,8 @@ pub fn make_child(
             path: out.to_path_buf(),
         });
     }
-    let chain = Chain::open(base, parents)?;
+    let mut chain = Chain::open(base, parents)?;
+    chain.aux_store = aux_store.map(Path::to_path_buf);
     let mut opts = opts.clone();
     opts.parent = Some(chain.link());
     opts.self_contained = false;
@@ -178,9 +151,9 @@ pub fn make_child(
     if opts.base_id.is_none() {
         opts.base_id = chain.deltas[0].index.base.id.clone();
     }
+    let (_scratch, model) = rebuild_next_to(&chain, out, progress)?;
     drop(chain);
-    let scratch = rebuild_next_to(base, parents, aux_store, out, progress)?;
-    make(&scratch.model(), finetuned, out, &opts, progress)
+    make(&model, finetuned, out, &opts, progress)
 }
 
 /// Turns the chain `deltas` on `base` into one delta against `base` that rebuilds the same
@@ -215,7 +188,7 @@ pub fn rebase(
     if opts.base_id.is_none() && onto == base {
         opts.base_id = chain.deltas[0].index.base.id.clone();
     }
+    let (_scratch, model) = rebuild_next_to(&chain, out, progress)?;
     drop(chain);
-    let scratch = rebuild_next_to(base, deltas, None, out, progress)?;
-    make(onto, &scratch.model(), out, &opts, progress)
+    make(onto, &model, out, &opts, progress)
 }

@@ -13,30 +13,14 @@
 //! exponent context of the predicted value, as in [`super::exact`]). Nothing may follow.
 
 use super::exact::{
-    choose_context_range, from_ordered, mask, to_ordered, unzigzag, zigzag, ContextMap, DecodeError, Word, W16, W32,
-    W64, W8,
+    choose_context_range, dispatch, from_ordered, mask, to_ordered, unzigzag, zigzag, ContextMap, DecodeError, Word,
+    W16, W32, W64, W8,
 };
 use super::{ints, rans};
 use crate::dtype::ElementLayout;
 
 /// Chunks with at most this share of changed elements (in percent) use this codec.
 pub const MAX_CHANGED_PERCENT: usize = 30;
-
-/// Calls `$f::<Word, FLOAT>(args)` for the layout's width and float-ness.
-macro_rules! dispatch {
-    ($layout:expr, $f:ident($($arg:expr),*)) => {
-        match ($layout.width, $layout.float.is_some()) {
-            (1, false) => $f::<W8, false>($($arg),*),
-            (1, true) => $f::<W8, true>($($arg),*),
-            (2, false) => $f::<W16, false>($($arg),*),
-            (2, true) => $f::<W16, true>($($arg),*),
-            (4, false) => $f::<W32, false>($($arg),*),
-            (4, true) => $f::<W32, true>($($arg),*),
-            (8, false) => $f::<W64, false>($($arg),*),
-            _ => $f::<W64, true>($($arg),*),
-        }
-    };
-}
 
 /// True when few enough elements of `target` differ from `pred` for this codec.
 pub fn suits(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {

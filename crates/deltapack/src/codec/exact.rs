@@ -237,6 +237,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(super) use dispatch;
 
 /// Encodes `target` against the prediction `pred` (same length, whole elements).
 pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
