@@ -9,6 +9,8 @@
 #   exact_decode  codec::exact::decode on (dtype selector, prediction, payload) split from the input
 #   header        checkpoint::header::parse with and without a file length
 #   lossy_decode  codec::lossy::decode of every lossy codec on (base, payload, chunk offset) from the input
+#   wdelta        import::wdelta::{verify_checksum, parse, decode} on arbitrary .wdelta files,
+#                 seeded with the deltatensors fixtures of crates/deltapack/tests/data/wdelta
 #
 # - Installs cargo-fuzz if missing (`cargo install --locked cargo-fuzz`).
 # - The toolchain is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz use its nightly-only flags.
@@ -31,7 +33,7 @@ fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 fuzz_dir="$root/fuzz"
-targets=(container exact_decode header lossy_decode)
+targets=(container exact_decode header lossy_decode wdelta)
 cd "$root"
 
 export RUSTC_BOOTSTRAP=1
@@ -50,6 +52,11 @@ trap 'rm -rf "$work"' EXIT
 if [[ ! -e "$fuzz_dir/corpus/container/seed-tiny.dpk" ]]; then
     echo "== making seed inputs (fuzz/examples/make_seeds.rs)"
     (cd "$fuzz_dir" && cargo run --release --quiet --example make_seeds -- "$fuzz_dir/corpus")
+fi
+
+if [[ ! -d "$fuzz_dir/corpus/wdelta" ]]; then
+    mkdir -p "$fuzz_dir/corpus/wdelta"
+    cp "$root"/crates/deltapack/tests/data/wdelta/*.wdelta "$fuzz_dir/corpus/wdelta/"
 fi
 
 failed=()

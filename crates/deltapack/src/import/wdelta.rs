@@ -548,7 +548,9 @@ fn positions(bytes: &[u8], t: &Tensor, i: usize) -> Result<(Vec<usize>, Vec<bool
 /// Decodes the float32 delta of `t` into `delta` (resized to `t.numel`), computing each value
 /// with the float32 operations, in the order, of deltatensors 0.2.0's `decompress`.
 ///
-/// `bytes` must be the file `t` was parsed from. Indices out of range or repeated are
+/// `bytes` must be the file `t` was parsed from. It allocates `t.numel` floats, which the
+/// header alone does not bound (a sparse delta may be tiny and its tensor huge): check the
+/// shape against the base tensor first, as the importer does. Indices out of range or repeated are
 /// errors: deltatensors' writer never produces them and numpy would wrap or overwrite them.
 /// NaN values keep their NaN-ness but not necessarily numpy's exact NaN bits.
 pub fn decode(bytes: &[u8], t: &Tensor, delta: &mut Vec<f32>) -> Result<(), String> {
