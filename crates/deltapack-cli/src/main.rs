@@ -16,6 +16,7 @@ macro_rules! out {
     }};
 }
 
+mod additive;
 mod demo;
 mod progress;
 mod report;
@@ -95,7 +96,8 @@ enum Command {
         /// Base checkpoint the delta was made from.
         #[arg(long)]
         base: PathBuf,
-        /// The delta file.
+        /// The delta file, or a FastChat-style additive delta (a model directory of fine-tune
+        /// minus base tensors), which is added to the base in fp16 as FastChat does.
         delta: PathBuf,
         /// Output directory.
         #[arg(short, long)]
@@ -106,6 +108,9 @@ enum Command {
         /// fsync every file before the directory is renamed into place.
         #[arg(long)]
         sync: bool,
+        /// Additive deltas only: dtype of the float tensors written (default f16, as FastChat).
+        #[arg(long, value_enum)]
+        dtype: Option<additive::OutDtype>,
     },
     /// Show what a delta holds (reads only its index).
     Inspect {
@@ -141,6 +146,27 @@ enum Command {
         /// Also keep each delta as DIR/<codec>-<setting>.dpk.
         #[arg(long)]
         keep_deltas: bool,
+    },
+    /// Write the fine-tune a delta rebuilds as another kind of delta: `--format additive` is
+    /// FastChat's, a model directory of fine-tune minus base tensors in fp16.
+    Export {
+        /// Output format.
+        #[arg(long, value_enum)]
+        format: additive::Format,
+        /// Base checkpoint the delta was made from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The delta file.
+        delta: PathBuf,
+        /// Output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// fsync every file before the directory is renamed into place.
+        #[arg(long)]
+        sync: bool,
     },
     /// Make a small realistic base and fine-tune, then run make, inspect, apply and verify on them.
     Demo {
@@ -329,8 +355,16 @@ fn run(cli: Cli) -> Result<()> {
             output,
             force,
             sync,
+            dtype,
         } => {
             let (base, _) = hub::resolve(&base)?;
+            if additive::is_additive(&delta) {
+                let opts = additive::options(force, sync, dtype);
+                return additive::apply(&base, &delta, &output, &opts, g.json, &bars);
+            }
+            if dtype.is_some() {
+                return Err(usage("--dtype applies only to an additive delta (a model directory)"));
+            }
             let opts = deltapack::ApplyOptions { force, sync };
             let t = std::time::Instant::now();
             let r = deltapack::apply(&base, &delta, &output, &opts, &bars)
@@ -359,6 +393,18 @@ fn run(cli: Cli) -> Result<()> {
             let (base, _) = hub::resolve(&base)?;
             let (finetuned, _) = hub::resolve(&finetuned)?;
             sweep::run(&base, &finetuned, &output, keep_deltas, g.json, &bars)
+        }
+        Command::Export {
+            format: additive::Format::Additive,
+            base,
+            delta,
+            output,
+            force,
+            sync,
+        } => {
+            let (base, _) = hub::resolve(&base)?;
+            let opts = deltapack::ExportOptions { force, sync };
+            additive::export(&base, &delta, &output, &opts, g.json, &bars)
         }
         Command::Demo { dir } => demo::run(dir, g.json, &bars),
         Command::Dev(d) => dev(d),

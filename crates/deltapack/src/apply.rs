@@ -199,7 +199,7 @@ impl Assembler<'_> {
 }
 
 /// Where rebuilt bytes go.
-trait Sink: Send {
+pub(crate) trait Sink: Send {
     fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()>;
     fn data(&mut self, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()>;
     fn begin_aux(&mut self, a: &AuxEntry) -> Result<()>;
@@ -393,7 +393,12 @@ impl<'a> Ctx<'a> {
     }
 }
 
-fn rebuild(delta: &Delta, base: &Checkpoint, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
+pub(crate) fn rebuild(
+    delta: &Delta,
+    base: &Checkpoint,
+    sink: &mut dyn Sink,
+    progress: &dyn Progress,
+) -> Result<RebuildReport> {
     let ctx = Ctx::new(delta, base)?;
     let files = &delta.index.files;
     let headers = files

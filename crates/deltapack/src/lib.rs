@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 
 pub use error::{Error, ErrorKind, Result};
+pub mod additive;
 pub mod apply;
 pub mod checkpoint;
 pub mod container;
@@ -21,6 +22,7 @@ pub mod pair;
 pub mod progress;
 mod schedule;
 
+pub use additive::{apply_additive, export_additive, AdditiveOptions, AdditiveReport, ExportOptions};
 pub use apply::{apply, verify, ApplyOptions, MeasuredTensor, RebuildReport};
 pub use make::{make, MakeOptions, MakeReport, TensorReport};
 pub mod stats;
