@@ -16,6 +16,7 @@ macro_rules! out {
     }};
 }
 
+mod additive;
 mod demo;
 mod progress;
 mod report;
@@ -102,7 +103,9 @@ enum Command {
         /// Base checkpoint the (first) delta was made from.
         #[arg(long)]
         base: PathBuf,
-        /// The delta file, or the chain of delta files from the base.
+        /// The delta file, or the chain of delta files from the base; or a FastChat-style
+        /// additive delta (a model directory of fine-tune minus base tensors), which is added
+        /// to the base in fp16 as FastChat does.
         #[arg(required = true, value_name = "DELTA")]
         deltas: Vec<PathBuf>,
         /// Output directory.
@@ -114,6 +117,9 @@ enum Command {
         /// fsync every file before the directory is renamed into place.
         #[arg(long)]
         sync: bool,
+        /// Additive deltas only: dtype of the float tensors written (default f16, as FastChat).
+        #[arg(long, value_enum)]
+        dtype: Option<additive::OutDtype>,
     },
     /// Import a deltatensors .wdelta file (format version 1, as deltatensors 0.2.0 writes)
     /// as an exact delta against the same base.
@@ -220,6 +226,28 @@ enum Command {
         /// Also keep each delta as DIR/<codec>-<setting>.dpk.
         #[arg(long)]
         keep_deltas: bool,
+    },
+    /// Write the fine-tune a delta rebuilds as another kind of delta: `--format additive` is
+    /// FastChat's, a model directory of fine-tune minus base tensors in fp16.
+    Export {
+        /// Output format.
+        #[arg(long, value_enum)]
+        format: additive::Format,
+        /// Base checkpoint the (first) delta was made from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The delta file, or the chain of delta files from the base.
+        #[arg(required = true, value_name = "DELTA")]
+        deltas: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// fsync every file before the directory is renamed into place.
+        #[arg(long)]
+        sync: bool,
     },
     /// Make a small realistic base and fine-tune, then run make, inspect, apply and verify on them.
     Demo {
@@ -410,8 +438,18 @@ fn run(cli: Cli) -> Result<()> {
             output,
             force,
             sync,
+            dtype,
         } => {
             let (base, _) = hub::resolve(&base)?;
+            if let [dir] = deltas.as_slice() {
+                if additive::is_additive(dir) {
+                    let opts = additive::options(force, sync, dtype);
+                    return additive::apply(&base, dir, &output, &opts, g.json, &bars);
+                }
+            }
+            if dtype.is_some() {
+                return Err(usage("--dtype applies only to an additive delta (a model directory)"));
+            }
             let opts = deltapack::ApplyOptions {
                 force,
                 sync,
@@ -507,6 +545,18 @@ fn run(cli: Cli) -> Result<()> {
             let (base, _) = hub::resolve(&base)?;
             let (finetuned, _) = hub::resolve(&finetuned)?;
             sweep::run(&base, &finetuned, &output, keep_deltas, g.json, &bars)
+        }
+        Command::Export {
+            format: additive::Format::Additive,
+            base,
+            deltas,
+            output,
+            force,
+            sync,
+        } => {
+            let (base, _) = hub::resolve(&base)?;
+            let opts = deltapack::ExportOptions { force, sync };
+            additive::export(&base, &deltas, &output, &opts, g.json, &bars)
         }
         Command::Demo { dir } => demo::run(dir, g.json, &bars),
         Command::Dev(d) => dev(d),

@@ -281,7 +281,7 @@ impl Assembler<'_> {
 }
 
 /// Where rebuilt bytes go.
-trait Sink: Send {
+pub(crate) trait Sink: Send {
     fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()>;
     /// Bytes from `offset` of tensor `i` (position in the delta's tensor list) `t`.
     fn data(&mut self, i: usize, t: &TensorEntry, offset: usize, bytes: &[u8]) -> Result<()>;
@@ -724,6 +724,16 @@ fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
             axis: None,
         }),
     }
+}
+
+/// Checks that every tensor `chain` predicts from its base is there, as recorded.
+pub(crate) fn check_base(chain: &Chain) -> Result<()> {
+    Ctx::new(chain).map(drop)
+}
+
+/// Rebuilds the model of `chain` into `sink`, checking every fingerprint on the way.
+pub(crate) fn rebuild_into(chain: &Chain, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
+    rebuild(&Ctx::new(chain)?, sink, progress)
 }
 
 fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {

@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 
 pub use error::{Error, ErrorKind, Result};
+pub mod additive;
 pub mod apply;
 pub mod chain;
 pub mod checkpoint;
@@ -23,6 +24,7 @@ pub mod pair;
 pub mod progress;
 mod schedule;
 
+pub use additive::{apply_additive, export_additive, AdditiveOptions, AdditiveReport, ExportOptions};
 pub use apply::{apply, apply_chain, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor, RebuildReport};
 pub use chain::Chain;
 pub use make::{make, MakeOptions, MakeReport, TensorReport};

@@ -128,11 +128,21 @@ fn squash_and_rebase_rebuild_the_same_bytes() {
     let d = chain_of(&base, &cks, dir.path(), &small_chunks());
     let squashed = dir.path().join("squashed.dpk");
     squash(&base, &d, &squashed, &MakeOptions::default(), &NoProgress).unwrap();
-    assert_eq!(rebuilt(&base, &[squashed], &dir.path().join("o1")), files(&cks[3]));
+    assert_eq!(
+        rebuilt(&base, std::slice::from_ref(&squashed), &dir.path().join("o1")),
+        files(&cks[3])
+    );
     // Rebased onto checkpoint 1 as a new base.
     let rebased = dir.path().join("rebased.dpk");
     rebase(&base, &d, &cks[0], &rebased, &MakeOptions::default(), &NoProgress).unwrap();
     assert_eq!(rebuilt(&cks[0], &[rebased], &dir.path().join("o2")), files(&cks[3]));
+    // FastChat-style export of the chain equals that of the squashed delta.
+    let export = |deltas: &[PathBuf], out: &str| {
+        let out = dir.path().join(out);
+        deltapack::export_additive(&base, deltas, &out, &Default::default(), &NoProgress).unwrap();
+        files(&out)
+    };
+    assert_eq!(export(&d, "x1"), export(&[squashed], "x2"));
 }
 
 #[test]
