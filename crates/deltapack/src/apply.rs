@@ -153,6 +153,30 @@ pub fn rebuild_tensor(delta: &Delta, base: &Checkpoint, name: &str) -> Result<Ve
     Ok(out)
 }
 
+/// A tensor's lossy codec and `sign-axis` scales, its parameter blob checked against its checksum.
+pub(crate) fn tensor_plan(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
+    match (&t.codec, &t.params) {
+        (Some(c), Some(p)) => {
+            let bytes = delta.range(p.offset, p.len);
+            if crate::container::index::checksum(bytes) != p.checksum {
+                return Err(Error::CorruptDelta {
+                    path: delta.path.clone(),
+                    tensor: Some(t.name.clone()),
+                    reason: "codec parameters do not match their checksum".into(),
+                });
+            }
+            Ok(TensorPlan {
+                codec: Some(c.clone()),
+                axis: crate::tune::axis_scales(c, bytes),
+            })
+        }
+        (codec, _) => Ok(TensorPlan {
+            codec: codec.clone(),
+            axis: None,
+        }),
+    }
+}
+
 /// Hands decoded chunks to the sink in job order and checks each finished tensor.
 struct Assembler<'a> {
     sink: &'a mut dyn Sink,
@@ -255,26 +279,7 @@ impl<'a> Ctx<'a> {
         }
         let plans = tensors
             .iter()
-            .map(|(t, _)| match (&t.codec, &t.params) {
-                (Some(c), Some(p)) => {
-                    let bytes = delta.range(p.offset, p.len);
-                    if crate::container::index::checksum(bytes) != p.checksum {
-                        return Err(Error::CorruptDelta {
-                            path: delta.path.clone(),
-                            tensor: Some(t.name.clone()),
-                            reason: "codec parameters do not match their checksum".into(),
-                        });
-                    }
-                    Ok(TensorPlan {
-                        codec: Some(c.clone()),
-                        axis: crate::tune::axis_scales(c, bytes),
-                    })
-                }
-                (codec, _) => Ok(TensorPlan {
-                    codec: codec.clone(),
-                    axis: None,
-                }),
-            })
+            .map(|(t, _)| tensor_plan(delta, t))
             .collect::<Result<Vec<_>>>()?;
         Ok(Ctx {
             delta,
