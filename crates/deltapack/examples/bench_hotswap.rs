@@ -5,7 +5,8 @@
 //!     For each of REPEATS rounds: apply DELTA_A to OUT_DIR (removed first, untimed), then on
 //!     a model loaded once: switch base -> A, A -> base, and with DELTA_B, base -> A -> B -> base.
 //!     Prints medians, and each operation's peak resident memory above what was resident
-//!     before it (VmHWM after resetting it, minus VmRSS before).
+//!     before it (VmHWM after resetting it, minus VmRSS before). The first switch to A is
+//!     checked against apply's output, tensor by tensor.
 //! bench_hotswap perturb BASE OUT SEED STD
 //!     Writes a second fine-tune of BASE: every BF16/F16/F32 value plus N(0, STD), drawn from SEED.
 //! ```
@@ -102,28 +103,32 @@ fn run(base: &Path, out: &Path, repeats: usize, a: &Path, b: Option<&Path>) -> R
         mb(model),
         mb(load_peak)
     );
-    let (mut apply_s, mut up, mut down, mut a_to_b, mut b_to_base) = Default::default();
+    let (mut apply_s, mut up, mut down, mut a_to_b, mut b_to_base): (Series, Series, Series, Series, Series) =
+        Default::default();
     let mut undo = 0;
     for _ in 0..repeats {
         let _ = std::fs::remove_dir_all(out);
         let (res, s, p) = measure(|| deltapack::apply(base, a, out, &Default::default(), &NoProgress));
         res?;
-        Series::add(&mut apply_s, s, p);
+        apply_s.add(s, p);
         let (res, s, p) = measure(|| r.switch_to(Some(a)));
         undo = res?.undo_bytes;
-        Series::add(&mut up, s, p);
+        up.add(s, p);
+        if up.secs.len() == 1 {
+            same_as_applied(r, out)?;
+        }
         if let Some(b) = b {
             let (res, s, p) = measure(|| r.switch_to(Some(b)));
             res?;
-            Series::add(&mut a_to_b, s, p);
+            a_to_b.add(s, p);
             let (res, s, p) = measure(|| r.switch_to(None));
             res?;
-            Series::add(&mut b_to_base, s, p);
+            b_to_base.add(s, p);
             r.switch_to(Some(a))?;
         }
         let (res, s, p) = measure(|| r.switch_to(None));
         res?;
-        Series::add(&mut down, s, p);
+        down.add(s, p);
     }
     let _ = std::fs::remove_dir_all(out);
     let reference = apply_s.median();
@@ -142,6 +147,25 @@ fn run(base: &Path, out: &Path, repeats: usize, a: &Path, b: Option<&Path>) -> R
         undo as f64 / delta as f64,
         100.0 * undo as f64 / model as f64
     );
+    Ok(())
+}
+
+/// Every tensor of the model must be byte-identical to the checkpoint `apply` wrote.
+fn same_as_applied(r: &Resident, out: &Path) -> Res<()> {
+    let ck = Checkpoint::open(out)?;
+    let mut n = 0;
+    for t in r.tensors() {
+        let theirs = ck
+            .tensor(t.name)
+            .ok_or(format!("{} is not in apply's output", t.name))?;
+        if ck.bytes(theirs) != t.bytes || theirs.dtype != t.dtype || theirs.shape != t.shape {
+            return Err(format!("{} differs from apply's output", t.name).into());
+        }
+        n += 1;
+    }
+    if n != ck.tensors.len() {
+        return Err("apply's output has other tensors".into());
+    }
     Ok(())
 }
 

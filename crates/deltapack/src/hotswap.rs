@@ -611,28 +611,28 @@ impl Resident {
                     known.push(Some(prints[i][k]));
                 } else {
                     known.push(None);
-                    jobs.push((u, digests.len(), k, p, cur));
+                    // Rows beyond the base's go with the truncation: nothing to restore there.
+                    let keep = k * cb < base_len;
+                    jobs.push((u, digests.len(), k, p, cur, keep));
                 }
             }
             digests.push((p, known));
         }
         let results: Vec<_> = jobs
             .into_par_iter()
-            .map(|(u, t, k, p, cur)| (u, t, k, in_place_chunk(d, p, k, cb, cur)))
+            .map(|(u, t, k, p, cur, keep)| (u, t, k, in_place_chunk(d, p, k, cb, cur, keep)))
             .collect();
         let mut first_error = None;
         for (u, t, k, r) in results {
             match r {
                 Ok((digest, undo)) => {
+                    let p = digests[t].0;
                     digests[t].1[k] = Some(digest);
-                    if let Some(c) = undo {
+                    if p.t.chunks[k].codec != ChunkCodec::Same {
                         report.chunks += 1;
-                        report.bytes += c.range().len() as u64;
-                        // Rows beyond the base's go with the truncation: nothing to restore there.
-                        if c.range().start < self.slots[active.undo[u].slot].len {
-                            active.undo[u].chunks.push(c);
-                        }
+                        report.bytes += (p.len - k * cb).min(cb) as u64;
                     }
+                    active.undo[u].chunks.extend(undo);
                 }
                 Err(e) => first_error = first_error.or(Some(e)),
             }
@@ -769,45 +769,60 @@ fn decode_chunk<'d>(d: &'d Delta, p: &Planned, k: usize, cb: usize, pred: &[u8],
 }
 
 /// Rewrites chunk `k` of a base tensor in place (`cur` holds the prediction: the base's bytes,
-/// or zeros where the tensor grew); returns its fingerprint and, if it changed, its undo record.
-fn in_place_chunk(d: &Delta, p: &Planned, k: usize, cb: usize, cur: &mut [u8]) -> Result<(Digest, Option<ChunkUndo>)> {
+/// or zeros where the tensor grew); returns its fingerprint and, if it changed and `keep`, its
+/// undo record.
+fn in_place_chunk(
+    d: &Delta,
+    p: &Planned,
+    k: usize,
+    cb: usize,
+    cur: &mut [u8],
+    keep: bool,
+) -> Result<(Digest, Option<ChunkUndo>)> {
     let c = &p.t.chunks[k];
     if c.codec == ChunkCodec::Same {
         return Ok((hash::chunk(cur), None));
     }
-    let layout = dtype::layout(p.dtype);
-    let start = k * cb;
     let done = with_scratch(|s| {
         s.out.resize(cur.len(), 0);
         let payload = decode_chunk(d, p, k, cb, cur, &mut s.out)?;
-        let undo = match c.codec {
-            ChunkCodec::Lossy => {
-                let mut payload = exact::encode(layout, &s.out, cur, &mut s.exact);
-                payload.shrink_to_fit();
-                let range = start..start + cur.len();
-                ChunkUndo::Reverse {
-                    new: range.clone(),
-                    old: range,
-                    payload,
-                }
-            }
-            _ => {
-                s.fixes.clear();
-                exponent_fixes(layout, cur, &s.out, &mut s.fixes);
-                ChunkUndo::Replay {
-                    start,
-                    len: cur.len(),
-                    payload: payload.to_vec(),
-                    fixes: s.fixes.clone(),
-                }
-            }
-        };
+        let undo = keep.then(|| undo_record(c.codec, dtype::layout(p.dtype), k * cb, cur, payload, s));
         let digest = hash::chunk(&s.out);
         cur.copy_from_slice(&s.out);
-        Ok((digest, Some(undo)))
+        Ok((digest, undo))
     });
     d.release(c.offset, c.len);
     done
+}
+
+/// What reverting a chunk at `start` needs, from its base bytes `old`, the fine-tune's bytes in
+/// `s.out` and the payload they were decoded from.
+fn undo_record(
+    codec: ChunkCodec,
+    layout: ElementLayout,
+    start: usize,
+    old: &[u8],
+    payload: &[u8],
+    s: &mut Scratch,
+) -> ChunkUndo {
+    if codec == ChunkCodec::Lossy {
+        let mut payload = exact::encode(layout, &s.out, old, &mut s.exact);
+        payload.shrink_to_fit();
+        let range = start..start + old.len();
+        return ChunkUndo::Reverse {
+            new: range.clone(),
+            old: range,
+            payload,
+        };
+    }
+    s.fixes.clear();
+    exponent_fixes(layout, old, &s.out, &mut s.fixes);
+    ChunkUndo::Replay {
+        start,
+        len: old.len(),
+        payload: payload.to_vec(),
+        fixes: s.fixes.clone(),
+    }
 }
 
 /// Rebuilds chunk `k` of a tensor whose dtype changed into `out`, from the base tensor in
