@@ -703,7 +703,7 @@ fn resolve_in_parent(parent: &Level<'_>, delta: &Delta, s: &crate::container::in
 }
 
 /// A tensor's lossy codec with its parameters, checked against their checksum.
-fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
+pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
     match (&t.codec, &t.params) {
         (Some(c), Some(p)) => {
             let bytes = delta.range(p.offset, p.len);

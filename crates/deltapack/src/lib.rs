@@ -4,6 +4,7 @@
 //! checkpoints, [`pair`] matches fine-tune tensors with their base counterparts, [`codec`]
 //! codes chunks of tensors, [`container`] is the delta file, [`make`](mod@make) and [`apply`](mod@apply) drive the
 //! whole pipeline in bounded memory.
+//! [`hotswap`] holds a base in memory and switches it between fine-tunes in place.
 
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod container;
 pub mod hash;
+pub mod hotswap;
 pub mod import;
 pub mod make;
 pub mod pair;
