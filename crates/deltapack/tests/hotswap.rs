@@ -265,3 +265,36 @@ fn a_corrupt_chunk_mid_switch_leaves_the_model_where_it_was() {
     r.switch_to(Some(&db)).unwrap();
     assert_eq!(state(&r), applied(&base, &db));
 }
+
+#[test]
+fn a_delta_rewritten_in_place_while_active_is_refused_at_revert() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, _) = models(dir.path());
+    let da = dir.path().join("a.dpk");
+    make_delta(&base, &a, &da, 1 << 12, "exact");
+    let d = Delta::open(&da).unwrap();
+    let c = d.index.tensors().find(|t| t.name == "layers.0.w").unwrap().chunks[0].clone();
+    drop(d);
+    let mut r = Resident::load(&base).unwrap();
+    r.switch_to(Some(&da)).unwrap();
+    let at_a = state(&r);
+    // Reverting reads the payloads of exact chunks again from the file the model keeps open.
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&da).unwrap();
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut byte = [0u8];
+    f.seek(SeekFrom::Start(c.offset + c.len / 2)).unwrap();
+    f.read_exact(&mut byte).unwrap();
+    f.seek(SeekFrom::Start(c.offset + c.len / 2)).unwrap();
+    f.write_all(&[byte[0] ^ 0x10]).unwrap();
+    f.sync_all().unwrap();
+    let e = r.switch_to(None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CorruptDelta, "{e}");
+    assert_eq!(state(&r), at_a, "nothing was reverted");
+    assert_eq!(r.active(), Some(da.as_path()));
+    // Put back, it reverts bit for bit.
+    f.seek(SeekFrom::Start(c.offset + c.len / 2)).unwrap();
+    f.write_all(&byte).unwrap();
+    f.sync_all().unwrap();
+    r.switch_to(None).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&base));
+}
