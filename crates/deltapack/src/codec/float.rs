@@ -74,8 +74,8 @@ pub(crate) fn f32_to_bf16(x: f32) -> u16 {
     let x = x.to_bits();
     // Adding 0x7FFF plus the kept part's lowest bit carries into it exactly when the dropped
     // half is above one half, or equal to it with an odd kept part. Finite and infinite
-    // values leave no room for the carry to overflow (at most 0xFF80_0000 + 0x8000).
-    let rounded = (x + 0x7FFF + ((x >> 16) & 1)) >> 16;
+    // values cannot overflow (at most 0xFF80_0000 + 0x8000); NaNs can, and are replaced.
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
     let nan = (x >> 16) | 0x0040;
     (if x & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded }) as u16
 }
