@@ -424,7 +424,7 @@ pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Res
         .and_then(|c| c.weights(t.name, t.rows_cols().1));
     let stats = with_elem!(
         t.dtype,
-        stats(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
+        stats_wide(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
     );
     if stats.delta_sq == 0.0 {
         return Ok(TensorPlan::EXACT);
@@ -494,6 +494,10 @@ fn fold_blocks<R: Send, A>(
     acc
 }
 
+// Closures inherit the AVX2 build, so the per-block work that rayon runs gets it too.
+float::avx2_dispatch!(fn stats_wide => stats(t: &TensorView, hist: bool) -> Stats);
+
+#[inline(always)]
 fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
     let init = Stats {
         delta_sq: 0.0,
@@ -576,11 +580,14 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
 /// non-negative and its top singular pair dominates.
 const FIT_ROUNDS: usize = 1;
 
+float::avx2_dispatch!(fn fit_axis_wide => fit_axis(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors);
+
 /// The best row and column scales for `sign-axis`: `r, c` minimising
 /// `sum_ij a_j m_ij (|D_ij| - r_i c_j)^2`, where `a` are the calibration weights (or 1) and
 /// `m_ij` is 0 for unchanged values when `zeros` keeps them (they are rebuilt exactly), else 1.
 /// Without weights or mask this is the top singular pair of |D|.
-fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (Vec<f32>, Vec<f32>) {
+#[inline(always)]
+fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors {
     let (rows, cols) = t.rows_cols();
     let cols = cols as usize;
     let a: Vec<f64> = match weights {
@@ -595,9 +602,12 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (V
         let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
         d.resize(cols, 0.0);
         wt.resize(cols, 0.0);
-        let elems = b.chunks_exact(w).zip(tg.chunks_exact(w)).zip(&a);
-        for (((b, t), &aj), (dj, wj)) in elems.zip(d.iter_mut().zip(wt.iter_mut())) {
-            let x = E::load(t) - E::load(b);
+        // The base values into `d` and the fine-tune's into `wt`, then both replaced in
+        // place: plain loops over f64 slices, which vectorise.
+        E::load_block(&b[..cols * w], d);
+        E::load_block(&tg[..cols * w], wt);
+        for ((dj, wj), &aj) in d.iter_mut().zip(wt.iter_mut()).zip(&a) {
+            let x = *wj - *dj;
             // Not finite, or unchanged and kept apart: no weight in the fit.
             let used = x.is_finite() && !(zeros && x == 0.0);
             *dj = if used { x.abs() } else { 0.0 };
@@ -752,7 +762,7 @@ fn sign_axis(t: &TensorView, stats: &Stats, calib: Option<&[f32]>, zeros: bool) 
     if rows < 2 || cols > 1 << 22 {
         return fixed(&CodecSpec::Sign { zeros: Some(zeros) }, t, stats, None, "");
     }
-    let (r, c) = with_elem!(t.dtype, fit_axis(t, calib, zeros));
+    let (r, c) = with_elem!(t.dtype, fit_axis_wide(t, calib, zeros));
     TensorPlan {
         codec: Some(TensorCodec::SignAxis {
             rows,

@@ -502,13 +502,15 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
                 Some(b) if step.is_none() => {
                     let levels = ((1u32 << (b - 1)) - 1) as f64;
                     let mut gmax = vec![0f64; n.div_ceil(group)];
-                    for (i, (b, t)) in base.chunks_exact(w).zip(target.chunks_exact(w)).enumerate() {
-                        let a = (E::load(t) - E::load(b)).abs();
-                        let g = &mut gmax[i >> gshift];
-                        if !is_exc[i] && a > *g {
-                            *g = a;
+                    super::float::blocks::<E, 2>([base, target], |first, [b, t]| {
+                        for (k, (b, t)) in b.iter().zip(t).enumerate() {
+                            let (i, a) = (first + k, (t - b).abs());
+                            let g = &mut gmax[i >> gshift];
+                            if !is_exc[i] && a > *g {
+                                *g = a;
+                            }
                         }
-                    }
+                    });
                     gmax.iter()
                         .map(|&m| half::bf16::from_f64(m / levels).to_bits())
                         .collect()
@@ -517,19 +519,21 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             };
             let mut steps = StepTable::new::<E>(step, &group_steps, gshift, domain);
             let mut codes = vec![0u64; n];
-            let elems = base.chunks_exact(w).zip(target.chunks_exact(w));
-            for (i, ((b, t), code)) in elems.zip(codes.iter_mut()).enumerate() {
-                let s = steps.get(i, E::exponent(b) as usize);
-                if is_exc[i] || s == 0.0 {
-                    continue;
+            super::float::blocks::<E, 2>([base, target], |first, [b, t]| {
+                for (k, (b, t)) in b.iter().zip(t).enumerate() {
+                    let i = first + k;
+                    let s = steps.get(i, E::exponent(&base[i * w..(i + 1) * w]) as usize);
+                    if is_exc[i] || s == 0.0 {
+                        continue;
+                    }
+                    let c = round((t - b) / s);
+                    if c.abs() >= MAX_CODE {
+                        exceptions.push(i as u32);
+                        continue;
+                    }
+                    codes[i] = zigzag(c as i64);
                 }
-                let c = round((E::load(t) - E::load(b)) / s);
-                if c.abs() >= MAX_CODE {
-                    exceptions.push(i as u32);
-                    continue;
-                }
-                *code = zigzag(c as i64);
-            }
+            });
             exceptions.sort_unstable();
             for &i in &exceptions {
                 codes[i as usize] = 0;
@@ -899,18 +903,17 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
 fn largest<E: Elem>(base: &[u8], target: &[u8], fraction: f32) -> Vec<u32> {
     let w = E::WIDTH;
     // Non-finite changes are exceptions already: never outliers (-1 marks them).
-    let mags: Vec<f64> = base
-        .chunks_exact(w)
-        .zip(target.chunks_exact(w))
-        .map(|(b, t)| {
-            let d = (E::load(t) - E::load(b)).abs();
+    let mut mags: Vec<f64> = Vec::with_capacity(base.len() / w);
+    super::float::blocks::<E, 2>([base, target], |_, [b, t]| {
+        mags.extend(b.iter().zip(t).map(|(b, t)| {
+            let d = (t - b).abs();
             if d.is_finite() {
                 d
             } else {
                 -1.0
             }
-        })
-        .collect();
+        }))
+    });
     let bin = super::float::magnitude_bin;
     let mut hist = vec![0u32; super::float::MAGNITUDE_BINS];
     let mut finite = 0usize;
