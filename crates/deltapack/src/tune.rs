@@ -424,7 +424,7 @@ pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Res
         .and_then(|c| c.weights(t.name, t.rows_cols().1));
     let stats = with_elem!(
         t.dtype,
-        stats(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
+        stats_wide(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
     );
     if stats.delta_sq == 0.0 {
         return Ok(TensorPlan::EXACT);
@@ -494,6 +494,10 @@ fn fold_blocks<R: Send, A>(
     acc
 }
 
+// Closures inherit the AVX2 build, so the per-block work that rayon runs gets it too.
+float::avx2_dispatch!(fn stats_wide => stats(t: &TensorView, hist: bool) -> Stats);
+
+#[inline(always)]
 fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
     let init = Stats {
         delta_sq: 0.0,
@@ -515,21 +519,41 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
             };
             let w = E::WIDTH;
             let (b, tg) = (&t.base[r.start * w..r.end * w], &t.target[r.start * w..r.end * w]);
-            // Four lanes of sums: the adds of one lane do not wait on the others.
+            // Four lanes of sums, lane `k & 3` for element `k`: the adds of one lane do not
+            // wait on the others, and four elements are one vector operation.
             let (mut sq, mut ab) = ([0f64; 4], [0f64; 4]);
-            for (k, (b, tg)) in b.chunks_exact(w).zip(tg.chunks_exact(w)).enumerate() {
-                let d = E::load(tg) - E::load(b);
-                if !d.is_finite() {
-                    continue;
+            let (mut finite, mut zeros) = ([0u64; 4], [0u64; 4]);
+            let mut lane = |k: usize, b: f64, tg: f64| {
+                let d = tg - b;
+                // Non-finite changes add +0.0 to these non-negative sums: the same as
+                // skipping them, without a branch.
+                let f = d.is_finite();
+                sq[k] += if f { d * d } else { 0.0 };
+                ab[k] += if f { d.abs() } else { 0.0 };
+                finite[k] += f as u64;
+                zeros[k] += (d == 0.0) as u64;
+            };
+            float::blocks::<E, 2>([b, tg], |_, [b, tg]| {
+                for (b4, t4) in b.chunks_exact(4).zip(tg.chunks_exact(4)) {
+                    for k in 0..4 {
+                        lane(k, b4[k], t4[k]);
+                    }
                 }
-                sq[k & 3] += d * d;
-                ab[k & 3] += d.abs();
-                s.finite += 1;
-                s.zeros += (d == 0.0) as u64;
-                if let Some((c, q)) = s.hist.as_mut() {
-                    let bin = mag_bin(d);
-                    c[bin] += 1;
-                    q[bin] += d * d;
+                let tail = b.len() / 4 * 4;
+                for k in 0..b.len() - tail {
+                    lane(k, b[tail + k], tg[tail + k]);
+                }
+            });
+            s.finite = finite.iter().sum();
+            s.zeros = zeros.iter().sum();
+            if let Some((c, q)) = s.hist.as_mut() {
+                for (b, tg) in b.chunks_exact(w).zip(tg.chunks_exact(w)) {
+                    let d = E::load(tg) - E::load(b);
+                    if d.is_finite() {
+                        let bin = mag_bin(d);
+                        c[bin] += 1;
+                        q[bin] += d * d;
+                    }
                 }
             }
             s.delta_sq = (sq[0] + sq[1]) + (sq[2] + sq[3]);
@@ -556,11 +580,14 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
 /// non-negative and its top singular pair dominates.
 const FIT_ROUNDS: usize = 1;
 
+float::avx2_dispatch!(fn fit_axis_wide => fit_axis(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors);
+
 /// The best row and column scales for `sign-axis`: `r, c` minimising
 /// `sum_ij a_j m_ij (|D_ij| - r_i c_j)^2`, where `a` are the calibration weights (or 1) and
 /// `m_ij` is 0 for unchanged values when `zeros` keeps them (they are rebuilt exactly), else 1.
 /// Without weights or mask this is the top singular pair of |D|.
-fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (Vec<f32>, Vec<f32>) {
+#[inline(always)]
+fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors {
     let (rows, cols) = t.rows_cols();
     let cols = cols as usize;
     let a: Vec<f64> = match weights {
@@ -575,9 +602,12 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> (V
         let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
         d.resize(cols, 0.0);
         wt.resize(cols, 0.0);
-        let elems = b.chunks_exact(w).zip(tg.chunks_exact(w)).zip(&a);
-        for (((b, t), &aj), (dj, wj)) in elems.zip(d.iter_mut().zip(wt.iter_mut())) {
-            let x = E::load(t) - E::load(b);
+        // The base values into `d` and the fine-tune's into `wt`, then both replaced in
+        // place: plain loops over f64 slices, which vectorise.
+        E::load_block(&b[..cols * w], d);
+        E::load_block(&tg[..cols * w], wt);
+        for ((dj, wj), &aj) in d.iter_mut().zip(wt.iter_mut()).zip(&a) {
+            let x = *wj - *dj;
             // Not finite, or unchanged and kept apart: no weight in the fit.
             let used = x.is_finite() && !(zeros && x == 0.0);
             *dj = if used { x.abs() } else { 0.0 };
@@ -732,7 +762,7 @@ fn sign_axis(t: &TensorView, stats: &Stats, calib: Option<&[f32]>, zeros: bool) 
     if rows < 2 || cols > 1 << 22 {
         return fixed(&CodecSpec::Sign { zeros: Some(zeros) }, t, stats, None, "");
     }
-    let (r, c) = with_elem!(t.dtype, fit_axis(t, calib, zeros));
+    let (r, c) = with_elem!(t.dtype, fit_axis_wide(t, calib, zeros));
     TensorPlan {
         codec: Some(TensorCodec::SignAxis {
             rows,
@@ -998,7 +1028,7 @@ pub(crate) struct QualitySums {
 impl QualitySums {
     /// Adds one chunk: `recon` against `target`, changes measured from `base`.
     pub fn chunk(dtype: Dtype, base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums {
-        with_elem!(dtype, chunk_sums(base, target, recon))
+        with_elem!(dtype, chunk_sums_wide(base, target, recon))
     }
 
     pub fn add(&mut self, o: &QualitySums) {
@@ -1021,28 +1051,38 @@ impl QualitySums {
     }
 }
 
+float::avx2_dispatch!(fn chunk_sums_wide => chunk_sums(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums);
+
+#[inline(always)]
 fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums {
-    let w = E::WIDTH;
-    // Four lanes per sum, so that consecutive adds do not wait on each other.
-    let (mut err, mut dsq, mut max) = ([0f64; 4], [0f64; 4], 0f64);
-    let elems = base
-        .chunks_exact(w)
-        .zip(target.chunks_exact(w))
-        .zip(recon.chunks_exact(w));
-    for (k, ((b, t), r)) in elems.enumerate() {
-        let (b, t, r) = (E::load(b), E::load(t), E::load(r));
+    // Four lanes per sum, lane `k & 3` for element `k`, so that consecutive adds do not wait
+    // on each other and a group of four elements is one vector operation.
+    let (mut err, mut dsq, mut max) = ([0f64; 4], [0f64; 4], [0f64; 4]);
+    let mut lane = |k: usize, b: f64, t: f64, r: f64| {
         let d = t - b;
-        if !d.is_finite() {
-            continue;
-        }
+        // Non-finite changes add nothing: adding +0.0 to these non-negative sums is the
+        // same as skipping, and selecting beats branching.
+        let finite = d.is_finite();
         let e = (r - t).abs();
-        err[k & 3] += e * e;
-        dsq[k & 3] += d * d;
+        err[k] += if finite { e * e } else { 0.0 };
+        dsq[k] += if finite { d * d } else { 0.0 };
         // A plain compare: `f64::max`'s NaN handling costs more, and `e` is never NaN here.
-        if e > max {
-            max = e;
+        max[k] = if finite && e > max[k] { e } else { max[k] };
+    };
+    float::blocks::<E, 3>([base, target, recon], |_, [b, t, r]| {
+        let quads = b.chunks_exact(4).zip(t.chunks_exact(4)).zip(r.chunks_exact(4));
+        for ((b, t), r) in quads {
+            for k in 0..4 {
+                lane(k, b[k], t[k], r[k]);
+            }
         }
-    }
+        let tail = b.len() / 4 * 4;
+        for k in 0..b.len() - tail {
+            lane(k, b[tail + k], t[tail + k], r[tail + k]);
+        }
+    });
+    // The largest of the lanes' maxima is the largest of all: order does not matter to it.
+    let max = max.iter().fold(0f64, |m, &x| if x > m { x } else { m });
     QualitySums {
         err_sq: (err[0] + err[1]) + (err[2] + err[3]),
         delta_sq: (dsq[0] + dsq[1]) + (dsq[2] + dsq[3]),

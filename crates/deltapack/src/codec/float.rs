@@ -21,6 +21,15 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// Writes `v` rounded to nearest (ties to even).
     fn store(v: f64, out: &mut [u8]);
 
+    /// The values of the first `out.len()` elements of `bytes`: a plain loop over a block,
+    /// which vectorises where element-by-element loads inside bigger loops do not.
+    #[inline(always)]
+    fn load_block(bytes: &[u8], out: &mut [f64]) {
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(Self::WIDTH)) {
+            *o = Self::load(b);
+        }
+    }
+
     /// The biased exponent field of an element.
     #[inline(always)]
     fn exponent(b: &[u8]) -> u32 {
@@ -53,8 +62,22 @@ impl Elem for Bf16 {
     fn store(v: f64, out: &mut [u8]) {
         // Through f32: bf16 keeps 8 of its 24 bits, so rounding twice changes only exact
         // ties of the f64, and it is deterministic either way.
-        out.copy_from_slice(&half::bf16::from_f32(v as f32).to_bits().to_le_bytes());
+        out.copy_from_slice(&f32_to_bf16(v as f32).to_le_bytes());
     }
+}
+
+/// `half::bf16::from_f32` without branches: the same bits (round to nearest even, NaNs
+/// quieted), but its rounding branch is taken at random on real data and mispredicted half
+/// the time, and a select lets loops over many values vectorise.
+#[inline(always)]
+pub(crate) fn f32_to_bf16(x: f32) -> u16 {
+    let x = x.to_bits();
+    // Adding 0x7FFF plus the kept part's lowest bit carries into it exactly when the dropped
+    // half is above one half, or equal to it with an odd kept part. Finite and infinite
+    // values cannot overflow (at most 0xFF80_0000 + 0x8000); NaNs can, and are replaced.
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+    let nan = (x >> 16) | 0x0040;
+    (if x & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded }) as u16
 }
 
 #[derive(Clone, Copy)]
@@ -117,6 +140,27 @@ impl Elem for F64 {
     }
 }
 
+/// Elements per block of [`blocks`].
+pub(crate) const BLOCK: usize = 256;
+
+/// Calls `f(first, values)` for consecutive blocks of up to [`BLOCK`] elements of `K`
+/// arrays of the same length, `values[a]` holding array `a`'s values in f64. `BLOCK` is a
+/// multiple of four, so an element's position in its block has the same remainder mod 4
+/// as its index: sums in four lanes by index can run over blocks.
+#[inline(always)]
+pub(crate) fn blocks<E: Elem, const K: usize>(arrays: [&[u8]; K], mut f: impl FnMut(usize, [&[f64]; K])) {
+    let w = E::WIDTH;
+    let n = arrays[0].len() / w;
+    let mut buf = [[0f64; BLOCK]; K];
+    for first in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - first);
+        for (a, b) in arrays.iter().zip(buf.iter_mut()) {
+            E::load_block(&a[first * w..(first + len) * w], &mut b[..len]);
+        }
+        f(first, std::array::from_fn(|a| &buf[a][..len]));
+    }
+}
+
 /// `2^k` exactly, subnormals included (`powi` would round `2^-1074` to zero).
 fn pow2(k: i32) -> f64 {
     if k >= -1022 {
@@ -141,6 +185,32 @@ pub(crate) fn magnitude_bin(d: f64) -> usize {
 pub fn lossy_capable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
 }
+
+/// Defines `$name::<E>(args)`, which runs `$body::<E>(args)` compiled for AVX2 when the CPU
+/// has it, else as is. The builds target baseline x86-64 (SSE2), where the f64 loops of the
+/// lossy codecs vectorise two values wide at best; `$body` and what it inlines get AVX2's
+/// four-wide registers and wider conversions. The arithmetic is the same IEEE operations in
+/// both (no fused multiply-add), so results are identical bit for bit.
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* fn $name:ident => $body:ident($($arg:ident: $t:ty),*) -> $ret:ty) => {
+        $(#[$m])*
+        fn $name<E: $crate::codec::float::Elem>($($arg: $t),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn wide<E: $crate::codec::float::Elem>($($arg: $t),*) -> $ret {
+                    $body::<E>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2, checked just above.
+                    return unsafe { wide::<E>($($arg),*) };
+                }
+            }
+            $body::<E>($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
 
 /// Calls `$f::<Elem>(args)` for a lossy-capable dtype; other dtypes are a caller bug.
 macro_rules! with_elem {
@@ -170,6 +240,22 @@ mod tests {
         assert_eq!(F64::ulp(2046), 2f64.powi(1023 - 52));
         let one = half::bf16::from_f32(1.0).to_bits().to_le_bytes();
         assert_eq!(Bf16::exponent(&one), 127);
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        // Every f32 whose low bits sit at or around the rounding point, for many exponents and
+        // both signs, NaNs and infinities included.
+        let lows = [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF];
+        for hi in (0..=0xFFFFu32)
+            .step_by(3)
+            .chain([0x7F7F, 0x7F80, 0x7FC0, 0xFF7F, 0xFF80, 0xFFFF])
+        {
+            for lo in lows {
+                let x = f32::from_bits(hi << 16 | lo);
+                assert_eq!(f32_to_bf16(x), half::bf16::from_f32(x).to_bits(), "{:#x}", x.to_bits());
+            }
+        }
     }
 
     #[test]

@@ -45,11 +45,22 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
     let mut counts = vec![[0u32; 256]; n_ctx];
     let mut symbols = Vec::with_capacity(values.len());
     let mut bits = BitWriter::default();
-    for (&v, &c) in values.iter().zip(ctxs) {
-        let (tok, nb, raw) = tokenize(v);
-        counts[c as usize][tok as usize] += 1;
-        symbols.push(tok);
-        bits.put(raw, nb);
+    // Runs of values below 16 (most quantization codes, even when a few are not) are their
+    // own tokens with no raw bits: writing no bits is the same as writing zero of them.
+    for (v16, c16) in values.chunks(16).zip(ctxs.chunks(16)) {
+        if v16.iter().fold(0, |a, &v| a | v) < 16 {
+            for (&v, &c) in v16.iter().zip(c16) {
+                counts[c as usize][v as usize] += 1;
+                symbols.push(v as u8);
+            }
+            continue;
+        }
+        for (&v, &c) in v16.iter().zip(c16) {
+            let (tok, nb, raw) = tokenize(v);
+            counts[c as usize][tok as usize] += 1;
+            symbols.push(tok);
+            bits.put(raw, nb);
+        }
     }
     finish(&symbols, ctxs, &counts, &bits.finish(), out);
 }

@@ -27,7 +27,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::exact::{from_ordered, mask, to_ordered, DecodeError};
-use super::float::{with_elem, Elem};
+use super::float::{avx2_dispatch, with_elem, Elem};
 use super::ints::{self, unzigzag, zigzag};
 use super::rans;
 
@@ -211,7 +211,7 @@ pub struct ChunkParams<'a> {
 pub fn encode(dtype: safetensors::Dtype, p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8> {
     assert_eq!(base.len(), target.len(), "base and target lengths differ");
     assert_eq!(base.len(), recon.len(), "base and output lengths differ");
-    with_elem!(dtype, encode_impl(p, base, target, recon))
+    with_elem!(dtype, encode_wide(p, base, target, recon))
 }
 
 /// Decodes a payload made by [`encode`] into `out`, given the same base bytes and params.
@@ -292,6 +292,7 @@ fn get_set(input: &mut &[u8], n: usize, max_bits: u32) -> Result<(Vec<u32>, Vec<
 }
 
 /// Exponent contexts of a quantized chunk: the top 16 exponents present in the base.
+#[inline(always)]
 fn context_range<E: Elem>(base: &[u8]) -> (u16, u16) {
     let mut seen = [false; 2048];
     for b in base.chunks_exact(E::WIDTH) {
@@ -303,6 +304,7 @@ fn context_range<E: Elem>(base: &[u8]) -> (u16, u16) {
 }
 
 /// Exponent context of each element of a chunk under the range `lo..=hi`.
+#[inline(always)]
 fn contexts<E: Elem>(base: &[u8], (lo, hi): (u16, u16)) -> Vec<u8> {
     base.chunks_exact(E::WIDTH)
         .map(|b| (E::exponent(b).clamp(lo as u32, hi as u32) - lo as u32) as u8)
@@ -320,13 +322,43 @@ fn read_context_range<E: Elem>(input: &mut &[u8]) -> Result<(u16, u16), DecodeEr
 
 /// Keep-mask of DARE: element `i` of a tensor is kept when a hash of `(seed, i)` falls below `keep`.
 pub fn dare_kept(seed: u64, index: u64, keep: f32) -> bool {
-    // SplitMix64's finaliser: a stateless, well-mixed hash, so any element's fate is
-    // computable alone and identical on every machine.
+    dare_draw(seed, index) < dare_cut(keep)
+}
+
+/// The 53-bit draw of element `index`: SplitMix64's finaliser, a stateless, well-mixed
+/// hash, so any element's fate is computable alone and identical on every machine.
+#[inline(always)]
+fn dare_draw(seed: u64, index: u64) -> u64 {
     let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    ((z >> 11) as f64) < keep as f64 * (1u64 << 53) as f64
+    z >> 11
+}
+
+/// The draws below which DARE keeps an element. The rule is `draw as f64 < keep * 2^53`;
+/// both sides are exact (the draw has 53 bits, `keep` is an f32 times a power of two), so
+/// for an integer draw it is `draw < ceil(keep * 2^53)`: an integer compare.
+fn dare_cut(keep: f32) -> u64 {
+    (keep as f64 * (1u64 << 53) as f64).ceil() as u64
+}
+
+/// The positions of a chunk of `n` elements starting at tensor element `first` that the
+/// mask keeps, less the (sorted) exceptions, in order. Encoder and decoder both call it
+/// once per chunk, and rebuilding uses the positions instead of drawing again.
+fn dare_positions(seed: u64, keep: f32, first: u64, n: usize, exceptions: &[u32]) -> Vec<u32> {
+    let cut = dare_cut(keep);
+    let mut kept = Vec::with_capacity((n as f64 * keep as f64) as usize + n / 64 + 16);
+    let mut exc = exceptions.iter().copied().peekable();
+    for i in 0..n as u32 {
+        if dare_draw(seed, first + i as u64) < cut {
+            while exc.next_if(|&e| e < i).is_some() {}
+            if exc.peek() != Some(&i) {
+                kept.push(i);
+            }
+        }
+    }
+    kept
 }
 
 /// Rounds half away from zero, for |x| < 2^62 (larger magnitudes saturate; NaN gives 0).
@@ -366,6 +398,19 @@ impl Ulp {
     }
 }
 
+/// The change a sign symbol stands for: 0 = `+m`, 1 = `-m`, anything else unchanged
+/// (adding -0.0 leaves every value as it is, -0.0 included). Selects, not a lookup, so
+/// that loops over many symbols vectorise.
+#[inline(always)]
+fn signed(m: f64, s: u8) -> f64 {
+    let d = if s == 1 { -m } else { m };
+    if s >= 2 {
+        -0.0
+    } else {
+        d
+    }
+}
+
 /// A sign codec's magnitude. When unchanged values are coded apart (`zeros`), a coded sign
 /// says the value moved: the magnitude becomes a whole number of the base value's ULPs, at
 /// least one, so that magnitudes under half a ULP (common in bf16) do not round back to the
@@ -400,12 +445,16 @@ enum Body {
     },
     /// Kept positions, with exact differences or zigzagged codes.
     Sparse { kept: Vec<u32>, values: Vec<u64> },
-    /// Exact differences of the elements the mask keeps.
-    Dare { values: Vec<u64> },
+    /// The positions the mask keeps (not stored: they follow from the seed), and their
+    /// exact differences.
+    Dare { kept: Vec<u32>, values: Vec<u64> },
     /// 0 = +, 1 = -, 2 = unchanged; with unchanged values coded apart, the context range.
     Sign { range: Option<(u16, u16)>, signs: Vec<u8> },
 }
 
+avx2_dispatch!(fn encode_wide => encode_impl(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8>);
+
+#[inline(always)]
 fn encode_impl<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8> {
     let sym = analyse::<E>(p, base, target);
     let mut out = Vec::new();
@@ -424,6 +473,7 @@ fn decode_impl<E: Elem>(p: &ChunkParams, base: &[u8], payload: &[u8], out: &mut 
 }
 
 /// Computes a chunk's symbols from the data.
+#[inline(always)]
 fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
     let w = E::WIDTH;
     let n = base.len() / w;
@@ -432,14 +482,7 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
         let (b, t) = el(i);
         E::load(t) - E::load(b)
     };
-    // Non-finite means an all-ones exponent field: an integer test, no conversion.
-    let top = (1u32 << E::EXP) - 1;
-    let mut exceptions: Vec<u32> = Vec::new();
-    for (i, (b, t)) in base.chunks_exact(w).zip(target.chunks_exact(w)).enumerate() {
-        if E::exponent(b) == top || E::exponent(t) == top {
-            exceptions.push(i as u32);
-        }
-    }
+    let mut exceptions = positions_where::<E>(base, target, |b, t| !finite_pair::<E>(b, t));
     let body = match *p.codec {
         TensorCodec::Quant {
             step,
@@ -459,13 +502,15 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
                 Some(b) if step.is_none() => {
                     let levels = ((1u32 << (b - 1)) - 1) as f64;
                     let mut gmax = vec![0f64; n.div_ceil(group)];
-                    for (i, (b, t)) in base.chunks_exact(w).zip(target.chunks_exact(w)).enumerate() {
-                        let a = (E::load(t) - E::load(b)).abs();
-                        let g = &mut gmax[i >> gshift];
-                        if !is_exc[i] && a > *g {
-                            *g = a;
+                    super::float::blocks::<E, 2>([base, target], |first, [b, t]| {
+                        for (k, (b, t)) in b.iter().zip(t).enumerate() {
+                            let (i, a) = (first + k, (t - b).abs());
+                            let g = &mut gmax[i >> gshift];
+                            if !is_exc[i] && a > *g {
+                                *g = a;
+                            }
                         }
-                    }
+                    });
                     gmax.iter()
                         .map(|&m| half::bf16::from_f64(m / levels).to_bits())
                         .collect()
@@ -474,19 +519,21 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             };
             let mut steps = StepTable::new::<E>(step, &group_steps, gshift, domain);
             let mut codes = vec![0u64; n];
-            let elems = base.chunks_exact(w).zip(target.chunks_exact(w));
-            for (i, ((b, t), code)) in elems.zip(codes.iter_mut()).enumerate() {
-                let s = steps.get(i, E::exponent(b) as usize);
-                if is_exc[i] || s == 0.0 {
-                    continue;
+            super::float::blocks::<E, 2>([base, target], |first, [b, t]| {
+                for (k, (b, t)) in b.iter().zip(t).enumerate() {
+                    let i = first + k;
+                    let s = steps.get(i, E::exponent(&base[i * w..(i + 1) * w]) as usize);
+                    if is_exc[i] || s == 0.0 {
+                        continue;
+                    }
+                    let c = round((t - b) / s);
+                    if c.abs() >= MAX_CODE {
+                        exceptions.push(i as u32);
+                        continue;
+                    }
+                    codes[i] = zigzag(c as i64);
                 }
-                let c = round((E::load(t) - E::load(b)) / s);
-                if c.abs() >= MAX_CODE {
-                    exceptions.push(i as u32);
-                    continue;
-                }
-                *code = zigzag(c as i64);
-            }
+            });
             exceptions.sort_unstable();
             for &i in &exceptions {
                 codes[i as usize] = 0;
@@ -498,11 +545,9 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             }
         }
         TensorCodec::Sparse { threshold, step } => {
-            let is_exc = membership(&exceptions, n);
-            let kept: Vec<u32> = (0..n)
-                .filter(|&i| !is_exc[i] && (delta(i).abs() as f32) >= threshold)
-                .map(|i| i as u32)
-                .collect();
+            let kept = positions_where::<E>(base, target, |b, t| {
+                finite_pair::<E>(b, t) && ((E::load(t) - E::load(b)).abs() as f32) >= threshold
+            });
             let ulps = ulp_table::<E>();
             let values = kept
                 .iter()
@@ -520,29 +565,24 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             Body::Sparse { kept, values }
         }
         TensorCodec::Dare { keep, seed } => {
-            let is_exc = membership(&exceptions, n);
-            let values = (0..n)
-                .filter(|&i| !is_exc[i] && dare_kept(seed, p.first + i as u64, keep))
-                .map(|i| {
-                    let (b, t) = el(i);
+            let kept = dare_positions(seed, keep, p.first, n, &exceptions);
+            let values = kept
+                .iter()
+                .map(|&i| {
+                    let (b, t) = el(i as usize);
                     exact_diff::<E>(b, t)
                 })
                 .collect();
-            Body::Dare { values }
+            Body::Dare { kept, values }
         }
         TensorCodec::Sign { zeros, .. } | TensorCodec::SignAxis { zeros, .. } => {
-            let signs = base
-                .chunks_exact(w)
-                .zip(target.chunks_exact(w))
-                .map(|(b, t)| {
-                    let d = E::load(t) - E::load(b);
-                    if zeros && d == 0.0 {
-                        2
-                    } else {
-                        (d < 0.0) as u8
-                    }
-                })
-                .collect();
+            // A plain loop into a buffer (not a collect through chunk iterators) vectorises.
+            let mut signs = vec![0u8; n];
+            for (s, (b, t)) in signs.iter_mut().zip(base.chunks_exact(w).zip(target.chunks_exact(w))) {
+                let d = E::load(t) - E::load(b);
+                let neg = (d < 0.0) as u8;
+                *s = if zeros && d == 0.0 { 2 } else { neg };
+            }
             Body::Sign {
                 range: zeros.then(|| context_range::<E>(base)),
                 signs,
@@ -561,6 +601,45 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
         exc_values,
         body,
     }
+}
+
+/// True when both values are finite (their exponent fields are not all ones): an integer
+/// test, no conversion.
+#[inline(always)]
+fn finite_pair<E: Elem>(b: &[u8], t: &[u8]) -> bool {
+    let top = (1u32 << E::EXP) - 1;
+    (E::exponent(b) != top) & (E::exponent(t) != top)
+}
+
+/// The positions of the elements for which `flag(base, target)` holds, in order.
+///
+/// Blocks of 64: the flags of a block are computed apart (a loop that vectorises), a block
+/// without any is skipped, and the others are compacted without branches, since flags that
+/// hold for a tenth of the elements at random would defeat branch prediction.
+#[inline(always)]
+fn positions_where<E: Elem>(base: &[u8], target: &[u8], flag: impl Fn(&[u8], &[u8]) -> bool) -> Vec<u32> {
+    const BLOCK: usize = 64;
+    let w = E::WIDTH;
+    let mut out = Vec::new();
+    let (mut flags, mut found) = ([false; BLOCK], [0u32; BLOCK]);
+    let blocks = base.chunks(BLOCK * w).zip(target.chunks(BLOCK * w));
+    for (k, (b, t)) in blocks.enumerate() {
+        let pairs = b.chunks_exact(w).zip(t.chunks_exact(w));
+        for (f, (b, t)) in flags.iter_mut().zip(pairs) {
+            *f = flag(b, t);
+        }
+        let len = b.len() / w;
+        if !flags[..len].iter().fold(false, |a, &f| a | f) {
+            continue;
+        }
+        let mut m = 0;
+        for (j, &f) in flags[..len].iter().enumerate() {
+            found[m & (BLOCK - 1)] = (k * BLOCK + j) as u32;
+            m += f as usize;
+        }
+        out.extend_from_slice(&found[..m]);
+    }
+    out
 }
 
 /// Each element's quantization step. With one step per tensor it depends only on the
@@ -608,6 +687,7 @@ impl StepTable {
     }
 }
 
+#[inline(always)]
 fn write_symbols<E: Elem>(sym: &Symbols, base: &[u8], out: &mut Vec<u8>) {
     put_set(&sym.exceptions, &sym.exc_values, out);
     match &sym.body {
@@ -622,7 +702,7 @@ fn write_symbols<E: Elem>(sym: &Symbols, base: &[u8], out: &mut Vec<u8>) {
             ints::encode(codes, &contexts::<E>(base, *range), 16, out);
         }
         Body::Sparse { kept, values } => put_set(kept, values, out),
-        Body::Dare { values } => ints::encode(values, &[], 1, out),
+        Body::Dare { values, .. } => ints::encode(values, &[], 1, out),
         Body::Sign { range: None, signs } => ints::encode_small(signs, &[], 1, out),
         Body::Sign {
             range: Some(range),
@@ -667,13 +747,10 @@ fn read_symbols<E: Elem>(p: &ChunkParams, base: &[u8], input: &mut &[u8]) -> Res
             Body::Sparse { kept, values }
         }
         TensorCodec::Dare { keep, seed } => {
-            let is_exc = membership(&exceptions, n);
-            let count = (0..n)
-                .filter(|&i| !is_exc[i] && dare_kept(seed, p.first + i as u64, keep))
-                .count();
-            let mut values = vec![0u64; count];
+            let kept = dare_positions(seed, keep, p.first, n, &exceptions);
+            let mut values = vec![0u64; kept.len()];
             ints::decode(input, 1, 8 * w as u32 + 1, |_| 0, &mut values)?;
-            Body::Dare { values }
+            Body::Dare { kept, values }
         }
         TensorCodec::Sign { zeros, .. } | TensorCodec::SignAxis { zeros, .. } => {
             let mut raw = vec![0u64; n];
@@ -705,6 +782,7 @@ fn read_symbols<E: Elem>(p: &ChunkParams, base: &[u8], input: &mut &[u8]) -> Res
 
 /// Rebuilds a chunk from its symbols. Symbols read from a payload are untrusted: any
 /// inconsistency is an error, never a panic.
+#[inline(always)]
 fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8]) -> Result<(), DecodeError> {
     let w = E::WIDTH;
     let n = base.len() / w;
@@ -745,16 +823,22 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
                 }
             }
         }
-        (Body::Dare { values }, &TensorCodec::Dare { keep, seed }) => {
+        (Body::Dare { kept, values }, &TensorCodec::Dare { keep, .. }) => {
             out.copy_from_slice(base);
-            let is_exc = membership(&sym.exceptions, n);
-            let kept = (0..n).filter(|&i| !is_exc[i] && dare_kept(seed, p.first + i as u64, keep));
             let mut t = [0u8; 8];
-            for (i, &v) in kept.zip(values) {
+            for (&i, &v) in kept.iter().zip(values) {
+                let i = i as usize;
                 let b = b_at(i);
                 apply_exact::<E>(b, v, &mut t[..w]);
                 let d = E::load(&t[..w]) - E::load(b);
                 E::store(E::load(b) + d / keep as f64, &mut out[i * w..(i + 1) * w]);
+            }
+        }
+        (Body::Sign { signs, .. }, &TensorCodec::Sign { scale, zeros }) if !(zeros && scale > 0.0) => {
+            // One magnitude for every value: a select per value, which vectorises.
+            let m = scale as f64;
+            for ((&s, b), o) in signs.iter().zip(base.chunks_exact(w)).zip(out.chunks_exact_mut(w)) {
+                E::store(E::load(b) + signed(m, s), o);
             }
         }
         (Body::Sign { signs, .. }, &TensorCodec::Sign { scale, zeros }) => {
@@ -785,16 +869,21 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
                 .and_then(|r0| a.rows.get(r0 as usize..(last - a.first_row) as usize))
                 .filter(|_| a.cols.len() as u64 == cols)
                 .ok_or(DecodeError("sign-axis scales do not cover the chunk"))?;
-            let (mut r, mut c) = (0usize, (p.first % cols) as usize);
-            for (i, (&s, o)) in signs.iter().zip(out.chunks_exact_mut(w)).enumerate() {
-                let b = b_at(i);
-                let m = rows[r] as f64 * a.cols[c] as f64;
-                let m = snap::<E>(zeros, m, b, &ulps);
-                E::store(E::load(b) + [m, -m, -0.0][s.min(2) as usize], o);
-                c += 1;
-                if c as u64 == cols {
-                    (r, c) = (r + 1, 0);
+            // Row by row: within a row the column scales are a plain slice, and without
+            // `zeros` nothing depends on the exponent, so the inner loop vectorises.
+            let (mut i, mut c0) = (0usize, (p.first % cols) as usize);
+            for &rs in rows {
+                let len = (cols as usize - c0).min(n - i);
+                let elems = signs[i..i + len]
+                    .iter()
+                    .zip(&a.cols[c0..c0 + len])
+                    .zip(base[i * w..(i + len) * w].chunks_exact(w))
+                    .zip(out[i * w..(i + len) * w].chunks_exact_mut(w));
+                for (((&s, &cs), b), o) in elems {
+                    let m = snap::<E>(zeros, rs as f64 * cs as f64, b, &ulps);
+                    E::store(E::load(b) + signed(m, s), o);
                 }
+                (i, c0) = (i + len, 0);
             }
         }
         _ => return Err(DecodeError("symbols of another codec")),
@@ -810,21 +899,21 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
 ///
 /// A histogram of magnitudes (the top 16 bits of `|d|` as f32) finds the bin holding the
 /// cut, so that only the few changes at or above it are sorted.
+#[inline(always)]
 fn largest<E: Elem>(base: &[u8], target: &[u8], fraction: f32) -> Vec<u32> {
     let w = E::WIDTH;
     // Non-finite changes are exceptions already: never outliers (-1 marks them).
-    let mags: Vec<f64> = base
-        .chunks_exact(w)
-        .zip(target.chunks_exact(w))
-        .map(|(b, t)| {
-            let d = (E::load(t) - E::load(b)).abs();
+    let mut mags: Vec<f64> = Vec::with_capacity(base.len() / w);
+    super::float::blocks::<E, 2>([base, target], |_, [b, t]| {
+        mags.extend(b.iter().zip(t).map(|(b, t)| {
+            let d = (t - b).abs();
             if d.is_finite() {
                 d
             } else {
                 -1.0
             }
-        })
-        .collect();
+        }))
+    });
     let bin = super::float::magnitude_bin;
     let mut hist = vec![0u32; super::float::MAGNITUDE_BINS];
     let mut finite = 0usize;
