@@ -118,13 +118,23 @@ impl<'a> BitReader<'a> {
     #[inline(always)]
     pub fn get(&mut self, n: u32) -> u64 {
         if n > 32 {
-            let lo = self.get(32);
-            return lo | (self.get(n - 32) << 32);
+            return self.get_wide(n);
         }
         if self.n < n {
             self.refill();
         }
         self.take(n)
+    }
+
+    /// [`BitReader::get`] of more than 32 bits, in two parts; out of line (and not recursive)
+    /// so that the common case inlines into decoding loops.
+    #[cold]
+    #[inline(never)]
+    fn get_wide(&mut self, n: u32) -> u64 {
+        self.refill();
+        let lo = self.take(32);
+        self.refill();
+        lo | (self.take(n - 32) << 32)
     }
 
     /// True if exactly the written bits were consumed (up to the final partial byte).
