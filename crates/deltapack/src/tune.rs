@@ -424,7 +424,7 @@ pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Res
         .and_then(|c| c.weights(t.name, t.rows_cols().1));
     let stats = with_elem!(
         t.dtype,
-        stats_wide(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
+        stats(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
     );
     if stats.delta_sq == 0.0 {
         return Ok(TensorPlan::EXACT);
@@ -494,10 +494,6 @@ fn fold_blocks<R: Send, A>(
     acc
 }
 
-// Closures inherit the AVX2 build, so the per-block work that rayon runs gets it too.
-float::avx2_dispatch!(fn stats_wide => stats(t: &TensorView, hist: bool) -> Stats);
-
-#[inline(always)]
 fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
     let init = Stats {
         delta_sq: 0.0,
@@ -506,60 +502,13 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
         zeros: 0,
         hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
     };
+    let w = E::WIDTH;
     fold_blocks(
         t,
         &blocks(t),
-        |r| {
-            let mut s = Stats {
-                delta_sq: 0.0,
-                abs_sum: 0.0,
-                finite: 0,
-                zeros: 0,
-                hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
-            };
-            let w = E::WIDTH;
-            let (b, tg) = (&t.base[r.start * w..r.end * w], &t.target[r.start * w..r.end * w]);
-            // Four lanes of sums, lane `k & 3` for element `k`: the adds of one lane do not
-            // wait on the others, and four elements are one vector operation.
-            let (mut sq, mut ab) = ([0f64; 4], [0f64; 4]);
-            let (mut finite, mut zeros) = ([0u64; 4], [0u64; 4]);
-            let mut lane = |k: usize, b: f64, tg: f64| {
-                let d = tg - b;
-                // Non-finite changes add +0.0 to these non-negative sums: the same as
-                // skipping them, without a branch.
-                let f = d.is_finite();
-                sq[k] += if f { d * d } else { 0.0 };
-                ab[k] += if f { d.abs() } else { 0.0 };
-                finite[k] += f as u64;
-                zeros[k] += (d == 0.0) as u64;
-            };
-            float::blocks::<E, 2>([b, tg], |_, [b, tg]| {
-                for (b4, t4) in b.chunks_exact(4).zip(tg.chunks_exact(4)) {
-                    for k in 0..4 {
-                        lane(k, b4[k], t4[k]);
-                    }
-                }
-                let tail = b.len() / 4 * 4;
-                for k in 0..b.len() - tail {
-                    lane(k, b[tail + k], tg[tail + k]);
-                }
-            });
-            s.finite = finite.iter().sum();
-            s.zeros = zeros.iter().sum();
-            if let Some((c, q)) = s.hist.as_mut() {
-                for (b, tg) in b.chunks_exact(w).zip(tg.chunks_exact(w)) {
-                    let d = E::load(tg) - E::load(b);
-                    if d.is_finite() {
-                        let bin = mag_bin(d);
-                        c[bin] += 1;
-                        q[bin] += d * d;
-                    }
-                }
-            }
-            s.delta_sq = (sq[0] + sq[1]) + (sq[2] + sq[3]);
-            s.abs_sum = (ab[0] + ab[1]) + (ab[2] + ab[3]);
-            s
-        },
+        // Rayon calls this closure from its own code, built for the baseline: the block's
+        // work is a dispatched function of its own, to run with AVX2.
+        |r| block_stats_wide::<E>(&t.base[r.start * w..r.end * w], &t.target[r.start * w..r.end * w], hist),
         init,
         |mut a, s| {
             a.delta_sq += s.delta_sq;
@@ -573,6 +522,66 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
             a
         },
     )
+}
+
+float::avx2_dispatch!(fn block_stats_wide => block_stats(b: &[u8], tg: &[u8], hist: bool) -> Stats);
+
+/// [`Stats`] of one block of a tensor.
+#[inline(always)]
+fn block_stats<E: Elem>(b: &[u8], tg: &[u8], hist: bool) -> Stats {
+    let mut s = Stats {
+        delta_sq: 0.0,
+        abs_sum: 0.0,
+        finite: 0,
+        zeros: 0,
+        hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
+    };
+    let w = E::WIDTH;
+    // Four lanes of sums, lane `k & 3` for element `k`: the adds of one lane do not
+    // wait on the others, and four elements are one vector operation.
+    let (mut sq, mut ab) = ([0f64; 4], [0f64; 4]);
+    let (mut finite, mut zeros) = ([0u64; 4], [0u64; 4]);
+    let mut lane = |k: usize, b: f64, tg: f64| {
+        let d = tg - b;
+        // Non-finite changes add +0.0 to these non-negative sums: the same as
+        // skipping them, without a branch.
+        let f = d.is_finite();
+        sq[k] += if f { d * d } else { 0.0 };
+        ab[k] += if f { d.abs() } else { 0.0 };
+        finite[k] += f as u64;
+        zeros[k] += (d == 0.0) as u64;
+    };
+    // Inlined, so that it is built for AVX2 with its caller (a closure apart would not be).
+    float::blocks::<E, 2>(
+        [b, tg],
+        #[inline(always)]
+        |_, [b, tg]| {
+            for (b4, t4) in b.chunks_exact(4).zip(tg.chunks_exact(4)) {
+                for k in 0..4 {
+                    lane(k, b4[k], t4[k]);
+                }
+            }
+            let tail = b.len() / 4 * 4;
+            for k in 0..b.len() - tail {
+                lane(k, b[tail + k], tg[tail + k]);
+            }
+        },
+    );
+    s.finite = finite.iter().sum();
+    s.zeros = zeros.iter().sum();
+    if let Some((c, q)) = s.hist.as_mut() {
+        for (b, tg) in b.chunks_exact(w).zip(tg.chunks_exact(w)) {
+            let d = E::load(tg) - E::load(b);
+            if d.is_finite() {
+                let bin = mag_bin(d);
+                c[bin] += 1;
+                q[bin] += d * d;
+            }
+        }
+    }
+    s.delta_sq = (sq[0] + sq[1]) + (sq[2] + sq[3]);
+    s.abs_sum = (ab[0] + ab[1]) + (ab[2] + ab[3]);
+    s
 }
 
 /// Alternating least-squares rounds of the rank-1 fit. Without weights or a mask each
@@ -1069,18 +1078,23 @@ fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums 
         // A plain compare: `f64::max`'s NaN handling costs more, and `e` is never NaN here.
         max[k] = if finite && e > max[k] { e } else { max[k] };
     };
-    float::blocks::<E, 3>([base, target, recon], |_, [b, t, r]| {
-        let quads = b.chunks_exact(4).zip(t.chunks_exact(4)).zip(r.chunks_exact(4));
-        for ((b, t), r) in quads {
-            for k in 0..4 {
-                lane(k, b[k], t[k], r[k]);
+    // Inlined, so that it is built for AVX2 with its caller (a closure apart would not be).
+    float::blocks::<E, 3>(
+        [base, target, recon],
+        #[inline(always)]
+        |_, [b, t, r]| {
+            let quads = b.chunks_exact(4).zip(t.chunks_exact(4)).zip(r.chunks_exact(4));
+            for ((b, t), r) in quads {
+                for k in 0..4 {
+                    lane(k, b[k], t[k], r[k]);
+                }
             }
-        }
-        let tail = b.len() / 4 * 4;
-        for k in 0..b.len() - tail {
-            lane(k, b[tail + k], t[tail + k], r[tail + k]);
-        }
-    });
+            let tail = b.len() / 4 * 4;
+            for k in 0..b.len() - tail {
+                lane(k, b[tail + k], t[tail + k], r[tail + k]);
+            }
+        },
+    );
     // The largest of the lanes' maxima is the largest of all: order does not matter to it.
     let max = max.iter().fold(0f64, |m, &x| if x > m { x } else { m });
     QualitySums {

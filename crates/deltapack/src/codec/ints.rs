@@ -55,12 +55,21 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
             }
             continue;
         }
+        // The run's raw bits are gathered in a word and written together: a handful of
+        // small values' bits fit in one write, instead of a write per value.
+        let (mut acc, mut used) = (0u64, 0u32);
         for (&v, &c) in v16.iter().zip(c16) {
             let (tok, nb, raw) = tokenize(v);
             counts[c as usize][tok as usize] += 1;
             symbols.push(tok);
-            bits.put(raw, nb);
+            if used + nb > 56 {
+                bits.put(acc, used);
+                (acc, used) = (0, 0);
+            }
+            acc |= raw << used;
+            used += nb;
         }
+        bits.put(acc, used);
     }
     finish(&symbols, ctxs, &counts, &bits.finish(), out);
 }
