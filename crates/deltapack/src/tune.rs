@@ -556,7 +556,7 @@ fn block_stats<E: Elem>(b: &[u8], tg: &[u8], hist: bool) -> Stats {
         [b, tg],
         #[inline(always)]
         |_, [b, tg]| {
-            for (b4, t4) in b.chunks_exact(4).zip(tg.chunks_exact(4)) {
+            for (b4, t4) in b.as_chunks::<4>().0.iter().zip(tg.as_chunks::<4>().0) {
                 for k in 0..4 {
                     lane(k, b4[k], t4[k]);
                 }
@@ -1065,36 +1065,36 @@ float::avx2_dispatch!(fn chunk_sums_wide => chunk_sums(base: &[u8], target: &[u8
 #[inline(always)]
 fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums {
     // Four lanes per sum, lane `k & 3` for element `k`, so that consecutive adds do not wait
-    // on each other and a group of four elements is one vector operation.
+    // on each other and a group of four elements is one vector operation. Locals in a plain
+    // loop, not a closure's captures, so that they live in registers.
     let (mut err, mut dsq, mut max) = ([0f64; 4], [0f64; 4], [0f64; 4]);
-    let mut lane = |k: usize, b: f64, t: f64, r: f64| {
-        let d = t - b;
-        // Non-finite changes add nothing: adding +0.0 to these non-negative sums is the
-        // same as skipping, and selecting beats branching.
-        let finite = d.is_finite();
-        let e = (r - t).abs();
-        err[k] += if finite { e * e } else { 0.0 };
-        dsq[k] += if finite { d * d } else { 0.0 };
-        // A plain compare: `f64::max`'s NaN handling costs more, and `e` is never NaN here.
-        max[k] = if finite && e > max[k] { e } else { max[k] };
-    };
-    // Inlined, so that it is built for AVX2 with its caller (a closure apart would not be).
-    float::blocks::<E, 3>(
-        [base, target, recon],
-        #[inline(always)]
-        |_, [b, t, r]| {
-            let quads = b.chunks_exact(4).zip(t.chunks_exact(4)).zip(r.chunks_exact(4));
-            for ((b, t), r) in quads {
-                for k in 0..4 {
-                    lane(k, b[k], t[k], r[k]);
-                }
+    let w = E::WIDTH;
+    let mut buf = [[0f64; float::BLOCK]; 3];
+    for first in (0..base.len() / w).step_by(float::BLOCK) {
+        let len = float::BLOCK.min(base.len() / w - first);
+        for (a, b) in [base, target, recon].iter().zip(buf.iter_mut()) {
+            E::load_block(&a[first * w..(first + len) * w], &mut b[..len]);
+        }
+        // The last block's odd elements, padded with zeros in all three: no change and no
+        // error, which add +0.0 to the sums, the same as nothing.
+        let len4 = len.div_ceil(4) * 4;
+        buf.iter_mut().for_each(|b| b[len..len4].fill(0.0));
+        let [b, t, r] = &buf;
+        let quads = b[..len4].as_chunks::<4>().0.iter().zip(t[..len4].as_chunks::<4>().0);
+        for ((b, t), r) in quads.zip(r[..len4].as_chunks::<4>().0) {
+            for k in 0..4 {
+                let d = t[k] - b[k];
+                // Non-finite changes add nothing: adding +0.0 to these non-negative sums is the
+                // same as skipping, and selecting beats branching.
+                let finite = d.is_finite();
+                let e = (r[k] - t[k]).abs();
+                err[k] += if finite { e * e } else { 0.0 };
+                dsq[k] += if finite { d * d } else { 0.0 };
+                // A plain compare: `f64::max`'s NaN handling costs more, and `e` is never NaN here.
+                max[k] = if finite & (e > max[k]) { e } else { max[k] };
             }
-            let tail = b.len() / 4 * 4;
-            for k in 0..b.len() - tail {
-                lane(k, b[tail + k], t[tail + k], r[tail + k]);
-            }
-        },
-    );
+        }
+    }
     // The largest of the lanes' maxima is the largest of all: order does not matter to it.
     let max = max.iter().fold(0f64, |m, &x| if x > m { x } else { m });
     QualitySums {

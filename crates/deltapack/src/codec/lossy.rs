@@ -368,6 +368,8 @@ fn dare_positions(seed: u64, keep: f32, first: u64, n: usize, exceptions: &[u32]
 
 /// `2^52`: from it up, every f64 is an integer.
 const TWO52: f64 = (1u64 << 52) as f64;
+/// `2^63`, where a conversion to i64 saturates.
+const TWO63: f64 = (1u64 << 63) as f64;
 
 /// Rounds half away from zero: `trunc(|x| + 0.5)` with the sign of `x`, saturating at
 /// `2^63` (what a conversion to i64 and back gives); NaN gives 0.
@@ -377,22 +379,28 @@ const TWO52: f64 = (1u64 << 52) as f64;
 /// that loops over many values vectorise, with the same result as `as i64 as f64`.
 #[inline(always)]
 fn round(x: f64) -> f64 {
-    const TWO63: f64 = (1u64 << 63) as f64;
     let v = x.abs() + 0.5;
-    // Below 2^52, adding 2^52 rounds `v` to a neighbouring integer; one less when that
-    // rounded up is the floor. From 2^52 up `v` is its own floor.
-    let r = (v + TWO52) - TWO52;
-    let floor = if r > v { r - 1.0 } else { r };
-    let m = if v < TWO52 {
-        floor
-    } else if v < TWO63 {
-        v
+    let m = if v < TWO63 {
+        floor_large(v)
     } else if v >= TWO63 {
         TWO63
     } else {
         0.0
     };
     m.copysign(x)
+}
+
+/// `floor(v)` for `v >= 0` (NaN stays NaN): from 2^52 up `v` is its own floor; below it,
+/// adding 2^52 rounds `v` to a neighbouring integer, one too many when it rounded up.
+#[inline(always)]
+fn floor_large(v: f64) -> f64 {
+    let r = (v + TWO52) - TWO52;
+    let floor = if r > v { r - 1.0 } else { r };
+    if v < TWO52 {
+        floor
+    } else {
+        v
+    }
 }
 
 /// The step an element gets in `domain`: `step`, or `step` in whole ULPs of the base value.
@@ -661,13 +669,13 @@ fn outlier_threshold<E: Elem>(base: &[u8], target: &[u8], m: usize) -> f64 {
     *sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a)).1
 }
 
-/// Marks in `mask[..len]` the exceptions (sorted) among elements `start..start + len`,
+/// Marks with 1 in `mask[..len]` the exceptions (sorted) among elements `start..start + len`,
 /// from `exceptions[*next..]` on; leaves `*next` at the first one past them.
 #[inline(always)]
-fn mark(exceptions: &[u32], next: &mut usize, start: usize, mask: &mut [bool]) {
-    mask.fill(false);
+fn mark(exceptions: &[u32], next: &mut usize, start: usize, mask: &mut [u64]) {
+    mask.fill(0);
     while let Some(&e) = exceptions.get(*next).filter(|&&e| (e as usize) < start + mask.len()) {
-        mask[e as usize - start] = true;
+        mask[e as usize - start] = 1;
         *next += 1;
     }
 }
@@ -726,7 +734,8 @@ fn quantize<E: Elem>(
     let mut codes = vec![0u64; n];
     let mut new_exceptions = Vec::new();
     let (mut b, mut t) = ([0f64; QBLOCK], [0f64; QBLOCK]);
-    let (mut exc, mut big) = ([false; QBLOCK], [false; QBLOCK]);
+    // Flags as 0 or 1 in 64 bits, the width of the values they select: no conversions.
+    let (mut exc, mut big) = ([0u64; QBLOCK], [0u64; QBLOCK]);
     // The block in `b`, `t` and `exc`: a group of at most a block is loaded once.
     let mut loaded = usize::MAX;
     let (mut next, mut next_max) = (0, 0);
@@ -748,7 +757,7 @@ fn quantize<E: Elem>(
                     for ((b4, t4), e4) in quads {
                         for k in 0..b4.len() {
                             let a = (t4[k] - b4[k]).abs();
-                            lanes[k] = if !e4[k] && a > lanes[k] { a } else { lanes[k] };
+                            lanes[k] = if (e4[k] == 0) & (a > lanes[k]) { a } else { lanes[k] };
                         }
                     }
                 }
@@ -779,23 +788,28 @@ fn quantize<E: Elem>(
                 } else {
                     gstep / ulp
                 };
-                let s = if ulp_domain { round(x).max(1.0) * ulp } else { gstep };
+                // `round(x).max(1.0)` for `x >= 0` (as it is for all but the non-finite).
+                let v = x + 0.5;
+                let k = if v < TWO63 { floor_large(v) } else { TWO63 };
+                let k = if k > 1.0 { k } else { 1.0 };
+                let s = if ulp_domain { k * ulp } else { gstep };
                 let q = (t - b) / s;
-                let c = round(q).abs();
+                // `round(q).abs()`, except NaN and from 2^63 up, which `MAX_CODE` excludes.
+                let c = floor_large(q.abs() + 0.5);
                 // Elements kept exactly get code 0: the non-finite ones, the outliers, and
                 // (found here) those whose code is out of range.
-                let coded = !exc & (s != 0.0);
-                *big = coded & (c >= MAX_CODE);
+                let coded = (exc == 0) & (s != 0.0);
+                *big = (coded & (c >= MAX_CODE)) as u64;
                 let c = if coded & (c < MAX_CODE) { c } else { 0.0 };
                 let neg = (q < 0.0) & (c > 0.0);
                 // zigzag(±c): below 2^52, an integer's bits in `2^52 + z` are `z` itself.
-                let z = 2.0 * c - neg as u8 as f64;
+                let z = 2.0 * c - if neg { 1.0 } else { 0.0 };
                 *code = (z + TWO52).to_bits() - TWO52.to_bits();
                 let d = if s == 0.0 { 0.0 } else { (if neg { -c } else { c }) * s };
                 E::store(b + d, o);
             }
-            if big[..len].iter().fold(false, |x, &f| x | f) {
-                let found = big[..len].iter().enumerate().filter(|&(_, &f)| f);
+            if big[..len].iter().fold(0, |x, &f| x | f) != 0 {
+                let found = big[..len].iter().enumerate().filter(|&(_, &f)| f != 0);
                 new_exceptions.extend(found.map(|(j, _)| (s0 + j) as u32));
             }
         }
