@@ -589,13 +589,10 @@ fn block_stats<E: Elem>(b: &[u8], tg: &[u8], hist: bool) -> Stats {
 /// non-negative and its top singular pair dominates.
 const FIT_ROUNDS: usize = 1;
 
-float::avx2_dispatch!(fn fit_axis_wide => fit_axis(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors);
-
 /// The best row and column scales for `sign-axis`: `r, c` minimising
 /// `sum_ij a_j m_ij (|D_ij| - r_i c_j)^2`, where `a` are the calibration weights (or 1) and
 /// `m_ij` is 0 for unchanged values when `zeros` keeps them (they are rebuilt exactly), else 1.
 /// Without weights or mask this is the top singular pair of |D|.
-#[inline(always)]
 fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors {
     let (rows, cols) = t.rows_cols();
     let cols = cols as usize;
@@ -604,78 +601,23 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
         None => vec![1.0; cols],
     };
     let blocks = blocks(t);
-    let w = E::WIDTH;
-    // Row `row` of |D| and of the weights a_j m_ij: each pass converts a row once, then
-    // runs plain loops over it.
-    let fill = |row: usize, d: &mut Vec<f64>, wt: &mut Vec<f64>| {
-        let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
-        d.resize(cols, 0.0);
-        wt.resize(cols, 0.0);
-        // The base values into `d` and the fine-tune's into `wt`, then both replaced in
-        // place: plain loops over f64 slices, which vectorise.
-        E::load_block(&b[..cols * w], d);
-        E::load_block(&tg[..cols * w], wt);
-        for ((dj, wj), &aj) in d.iter_mut().zip(wt.iter_mut()).zip(&a) {
-            let x = *wj - *dj;
-            // Not finite, or unchanged and kept apart: no weight in the fit.
-            let used = x.is_finite() && !(zeros && x == 0.0);
-            *dj = if used { x.abs() } else { 0.0 };
-            *wj = if used { aj } else { 0.0 };
-        }
-    };
     let rows_of = |r: &std::ops::Range<usize>| r.start / cols..r.end / cols;
-    // The least-squares row scale given the columns, summed in four fixed lanes: fast, and
-    // the same sum on every machine.
-    let row_scale = |d: &[f64], wt: &[f64], c: &[f64]| {
-        let (mut num, mut den) = ([0f64; 4], [0f64; 4]);
-        let quads = d.chunks_exact(4).zip(wt.chunks_exact(4)).zip(c.chunks_exact(4));
-        for ((d4, w4), c4) in quads {
-            for k in 0..4 {
-                num[k] += w4[k] * d4[k] * c4[k];
-                den[k] += w4[k] * c4[k] * c4[k];
-            }
-        }
-        for j in cols / 4 * 4..cols {
-            num[0] += wt[j] * d[j] * c[j];
-            den[0] += wt[j] * c[j] * c[j];
-        }
-        let (num, den) = (
-            (num[0] + num[1]) + (num[2] + num[3]),
-            (den[0] + den[1]) + (den[2] + den[3]),
-        );
-        if den > 0.0 {
-            num / den
-        } else {
-            0.0
-        }
-    };
     let add = |mut acc: (Vec<f64>, Vec<f64>), p: (Vec<f64>, Vec<f64>)| {
         acc.0.iter_mut().zip(p.0).for_each(|(x, y)| *x += y);
         acc.1.iter_mut().zip(p.1).for_each(|(x, y)| *x += y);
         acc
     };
-    let zero = || (vec![0f64; cols], vec![0f64; cols]);
     // First guess: equal columns, so the first rows are weighted row means.
     let mut c = vec![1f64; cols];
     // Each round: rows given columns, and in the same pass the columns' normal equations
-    // given those rows.
+    // given those rows. Rayon calls the closures from its own code, built for the baseline:
+    // the blocks' work are dispatched functions of their own, to run with AVX2.
     for _ in 0..FIT_ROUNDS {
         let (num, den) = fold_blocks(
             t,
             &blocks,
-            |r| {
-                let (mut acc, mut d, mut wt) = (zero(), Vec::with_capacity(cols), Vec::with_capacity(cols));
-                for row in rows_of(&r) {
-                    fill(row, &mut d, &mut wt);
-                    let ri = row_scale(&d, &wt, &c);
-                    for j in 0..cols {
-                        acc.0[j] += wt[j] * d[j] * ri;
-                        acc.1[j] += wt[j] * ri * ri;
-                    }
-                }
-                acc
-            },
-            zero(),
+            |r| axis_columns_wide::<E>(t, rows_of(&r), &a, zeros, &c),
+            (vec![0f64; cols], vec![0f64; cols]),
             add,
         );
         c = num
@@ -687,15 +629,7 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
     let row_scales = fold_blocks(
         t,
         &blocks,
-        |r| {
-            let (mut d, mut wt) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
-            rows_of(&r)
-                .map(|row| {
-                    fill(row, &mut d, &mut wt);
-                    row_scale(&d, &wt, &c) as f32
-                })
-                .collect::<Vec<f32>>()
-        },
+        |r| axis_rows_wide::<E>(t, rows_of(&r), &a, zeros, &c),
         Vec::with_capacity(rows as usize),
         |mut acc, p| {
             acc.extend(p);
@@ -703,6 +637,99 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
         },
     );
     (row_scales, c.iter().map(|&x| x as f32).collect())
+}
+
+/// Row `row` of |D| into `d` and of the weights `a_j m_ij` into `wt` (see [`fit_axis`]).
+#[inline(always)]
+fn axis_fill<E: Elem>(t: &TensorView, row: usize, a: &[f64], zeros: bool, d: &mut Vec<f64>, wt: &mut Vec<f64>) {
+    let (cols, w) = (a.len(), E::WIDTH);
+    let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
+    d.resize(cols, 0.0);
+    wt.resize(cols, 0.0);
+    // The base values into `d` and the fine-tune's into `wt`, then both replaced in
+    // place: plain loops over f64 slices, which vectorise.
+    E::load_block(&b[..cols * w], d);
+    E::load_block(&tg[..cols * w], wt);
+    for ((dj, wj), &aj) in d.iter_mut().zip(wt.iter_mut()).zip(a) {
+        let x = *wj - *dj;
+        // Not finite, or unchanged and kept apart: no weight in the fit.
+        let used = x.is_finite() && !(zeros && x == 0.0);
+        *dj = if used { x.abs() } else { 0.0 };
+        *wj = if used { aj } else { 0.0 };
+    }
+}
+
+/// The least-squares row scale given the columns, summed in four fixed lanes (arrays of
+/// four, which vectorise): fast, and the same sum on every machine.
+#[inline(always)]
+fn row_scale(d: &[f64], wt: &[f64], c: &[f64]) -> f64 {
+    let cols = d.len();
+    let (mut num, mut den) = ([0f64; 4], [0f64; 4]);
+    let quads = d
+        .as_chunks::<4>()
+        .0
+        .iter()
+        .zip(wt.as_chunks::<4>().0)
+        .zip(c.as_chunks::<4>().0);
+    for ((d4, w4), c4) in quads {
+        for k in 0..4 {
+            num[k] += w4[k] * d4[k] * c4[k];
+            den[k] += w4[k] * c4[k] * c4[k];
+        }
+    }
+    for j in cols / 4 * 4..cols {
+        num[0] += wt[j] * d[j] * c[j];
+        den[0] += wt[j] * c[j] * c[j];
+    }
+    let (num, den) = (
+        (num[0] + num[1]) + (num[2] + num[3]),
+        (den[0] + den[1]) + (den[2] + den[3]),
+    );
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
+float::avx2_dispatch!(fn axis_columns_wide => axis_columns(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> (Vec<f64>, Vec<f64>));
+
+/// One fit round over some rows: each row's scale given the columns `c`, and the sums of
+/// the columns' normal equations given those rows.
+#[inline(always)]
+fn axis_columns<E: Elem>(
+    t: &TensorView,
+    rows: std::ops::Range<usize>,
+    a: &[f64],
+    zeros: bool,
+    c: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let cols = a.len();
+    let (mut num, mut den) = (vec![0f64; cols], vec![0f64; cols]);
+    let (mut d, mut wt) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
+    for row in rows {
+        axis_fill::<E>(t, row, a, zeros, &mut d, &mut wt);
+        let ri = row_scale(&d, &wt, c);
+        for (((n, m), &dj), &wj) in num.iter_mut().zip(den.iter_mut()).zip(&d).zip(&wt) {
+            *n += wj * dj * ri;
+            *m += wj * ri * ri;
+        }
+    }
+    (num, den)
+}
+
+float::avx2_dispatch!(fn axis_rows_wide => axis_rows(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> Vec<f32>);
+
+/// The final row scales of some rows, given the columns `c`.
+#[inline(always)]
+fn axis_rows<E: Elem>(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> Vec<f32> {
+    let (mut d, mut wt) = (Vec::with_capacity(a.len()), Vec::with_capacity(a.len()));
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        axis_fill::<E>(t, row, a, zeros, &mut d, &mut wt);
+        out.push(row_scale(&d, &wt, c) as f32);
+    }
+    out
 }
 
 /// A candidate setting with what a trial measured.
@@ -771,7 +798,7 @@ fn sign_axis(t: &TensorView, stats: &Stats, calib: Option<&[f32]>, zeros: bool) 
     if rows < 2 || cols > 1 << 22 {
         return fixed(&CodecSpec::Sign { zeros: Some(zeros) }, t, stats, None, "");
     }
-    let (r, c) = with_elem!(t.dtype, fit_axis_wide(t, calib, zeros));
+    let (r, c) = with_elem!(t.dtype, fit_axis(t, calib, zeros));
     TensorPlan {
         codec: Some(TensorCodec::SignAxis {
             rows,
