@@ -731,7 +731,9 @@ fn quantize<E: Elem>(
     };
     let ulp_domain = domain == Domain::Ulp;
     let mut group_steps = Vec::new();
-    let mut codes = vec![0u64; n];
+    // Filled block by block, in order: no zeroing of a chunk-sized buffer first.
+    let mut codes = Vec::with_capacity(n);
+    let mut block_codes = [0u64; QBLOCK];
     let mut new_exceptions = Vec::new();
     let (mut b, mut t) = ([0f64; QBLOCK], [0f64; QBLOCK]);
     // Flags as 0 or 1 in 64 bits, the width of the values they select: no conversions.
@@ -777,7 +779,7 @@ fn quantize<E: Elem>(
                 next = next_max;
             }
             let values = b[..len].iter().zip(&t[..len]).zip(&exc[..len]).zip(&mut big[..len]);
-            let out = codes[s0..s0 + len]
+            let out = block_codes[..len]
                 .iter_mut()
                 .zip(recon[s0 * w..(s0 + len) * w].chunks_exact_mut(w));
             for ((((&b, &t), &exc), big), (code, o)) in values.zip(out) {
@@ -808,6 +810,7 @@ fn quantize<E: Elem>(
                 let d = if s == 0.0 { 0.0 } else { (if neg { -c } else { c }) * s };
                 E::store(b + d, o);
             }
+            codes.extend_from_slice(&block_codes[..len]);
             if big[..len].iter().fold(0, |x, &f| x | f) != 0 {
                 let found = big[..len].iter().enumerate().filter(|&(_, &f)| f != 0);
                 new_exceptions.extend(found.map(|(j, _)| (s0 + j) as u32));
