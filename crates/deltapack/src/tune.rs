@@ -538,53 +538,35 @@ fn block_stats<E: Elem>(b: &[u8], tg: &[u8], hist: bool) -> Stats {
     };
     let w = E::WIDTH;
     // Four lanes of sums, lane `k & 3` for element `k`: the adds of one lane do not
-    // wait on the others, and four elements are one vector operation. Per element first, in
-    // a loop that vectorises, then the lanes over arrays of four (padded with zeros, which
-    // add nothing); locals and plain loops, not closures, so that it all builds for AVX2.
+    // wait on the others, and four elements are one vector operation.
     let (mut sq, mut ab) = ([0f64; 4], [0f64; 4]);
     let (mut finite, mut zeros) = ([0u64; 4], [0u64; 4]);
-    let (mut bv, mut tv) = ([0f64; float::BLOCK], [0f64; float::BLOCK]);
-    let (mut sq1, mut ab1) = ([0f64; float::BLOCK], [0f64; float::BLOCK]);
-    let (mut fin1, mut zer1) = ([0u64; float::BLOCK], [0u64; float::BLOCK]);
-    for first in (0..b.len() / w).step_by(float::BLOCK) {
-        let len = float::BLOCK.min(b.len() / w - first);
-        let len4 = len.div_ceil(4) * 4;
-        E::load_block(&b[first * w..(first + len) * w], &mut bv[..len]);
-        E::load_block(&tg[first * w..(first + len) * w], &mut tv[..len]);
-        let per = sq1.iter_mut().zip(&mut ab1).zip(fin1.iter_mut().zip(&mut zer1));
-        for (((sq1, ab1), (fin1, zer1)), (&b, &t)) in per.zip(bv[..len].iter().zip(&tv[..len])) {
-            let d = t - b;
-            // Non-finite changes add +0.0 to these non-negative sums: the same as
-            // skipping them, without a branch.
-            let f = d.is_finite();
-            *sq1 = if f { d * d } else { 0.0 };
-            *ab1 = if f { d.abs() } else { 0.0 };
-            *fin1 = f as u64;
-            *zer1 = (d == 0.0) as u64;
-        }
-        sq1[len..len4].fill(0.0);
-        ab1[len..len4].fill(0.0);
-        fin1[len..len4].fill(0);
-        zer1[len..len4].fill(0);
-        let quads = sq1[..len4]
-            .as_chunks::<4>()
-            .0
-            .iter()
-            .zip(ab1[..len4].as_chunks::<4>().0);
-        let counts = fin1[..len4]
-            .as_chunks::<4>()
-            .0
-            .iter()
-            .zip(zer1[..len4].as_chunks::<4>().0);
-        for ((sq1, ab1), (fin1, zer1)) in quads.zip(counts) {
-            for k in 0..4 {
-                sq[k] += sq1[k];
-                ab[k] += ab1[k];
-                finite[k] += fin1[k];
-                zeros[k] += zer1[k];
+    let mut lane = |k: usize, b: f64, tg: f64| {
+        let d = tg - b;
+        // Non-finite changes add +0.0 to these non-negative sums: the same as
+        // skipping them, without a branch.
+        let f = d.is_finite();
+        sq[k] += if f { d * d } else { 0.0 };
+        ab[k] += if f { d.abs() } else { 0.0 };
+        finite[k] += f as u64;
+        zeros[k] += (d == 0.0) as u64;
+    };
+    // Inlined, so that it is built for AVX2 with its caller (a closure apart would not be).
+    float::blocks::<E, 2>(
+        [b, tg],
+        #[inline(always)]
+        |_, [b, tg]| {
+            for (b4, t4) in b.as_chunks::<4>().0.iter().zip(tg.as_chunks::<4>().0) {
+                for k in 0..4 {
+                    lane(k, b4[k], t4[k]);
+                }
             }
-        }
-    }
+            let tail = b.len() / 4 * 4;
+            for k in 0..b.len() - tail {
+                lane(k, b[tail + k], tg[tail + k]);
+            }
+        },
+    );
     s.finite = finite.iter().sum();
     s.zeros = zeros.iter().sum();
     if let Some((c, q)) = s.hist.as_mut() {

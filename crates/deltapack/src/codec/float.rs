@@ -162,10 +162,26 @@ impl Elem for F64 {
     }
 }
 
-/// Elements per block of the loops that load values with [`Elem::load_block`] and sum them
-/// in four lanes by index: a multiple of four, so that an element's position in its block
-/// has the same remainder mod 4 as its index, and lanes can run over blocks.
+/// Elements per block of [`blocks`].
 pub(crate) const BLOCK: usize = 256;
+
+/// Calls `f(first, values)` for consecutive blocks of up to [`BLOCK`] elements of `K`
+/// arrays of the same length, `values[a]` holding array `a`'s values in f64. `BLOCK` is a
+/// multiple of four, so an element's position in its block has the same remainder mod 4
+/// as its index: sums in four lanes by index can run over blocks.
+#[inline(always)]
+pub(crate) fn blocks<E: Elem, const K: usize>(arrays: [&[u8]; K], mut f: impl FnMut(usize, [&[f64]; K])) {
+    let w = E::WIDTH;
+    let n = arrays[0].len() / w;
+    let mut buf = [[0f64; BLOCK]; K];
+    for first in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - first);
+        for (a, b) in arrays.iter().zip(buf.iter_mut()) {
+            E::load_block(&a[first * w..(first + len) * w], &mut b[..len]);
+        }
+        f(first, std::array::from_fn(|a| &buf[a][..len]));
+    }
+}
 
 /// `2^k` exactly, subnormals included (`powi` would round `2^-1074` to zero).
 fn pow2(k: i32) -> f64 {

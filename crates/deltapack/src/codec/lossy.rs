@@ -755,9 +755,13 @@ fn quantize<E: Elem>(
                     E::load_block(&target[s0 * w..(s0 + len) * w], &mut t[..len]);
                     mark(&exceptions, &mut next_max, s0, &mut exc[..len]);
                     loaded = s0;
-                    let quads = b[..len].chunks(4).zip(t[..len].chunks(4)).zip(exc[..len].chunks(4));
-                    for ((b4, t4), e4) in quads {
-                        for k in 0..b4.len() {
+                    // Arrays of four (the last padded with no change) vectorise.
+                    let len4 = len.div_ceil(4) * 4;
+                    b[len..len4].fill(0.0);
+                    t[len..len4].fill(0.0);
+                    let quads = b[..len4].as_chunks::<4>().0.iter().zip(t[..len4].as_chunks::<4>().0);
+                    for ((b4, t4), e4) in quads.zip(exc[..len4].as_chunks::<4>().0) {
+                        for k in 0..4 {
                             let a = (t4[k] - b4[k]).abs();
                             lanes[k] = if (e4[k] == 0) & (a > lanes[k]) { a } else { lanes[k] };
                         }
@@ -804,9 +808,11 @@ fn quantize<E: Elem>(
                 *big = (coded & (c >= MAX_CODE)) as u64;
                 let c = if coded & (c < MAX_CODE) { c } else { 0.0 };
                 let neg = (q < 0.0) & (c > 0.0);
-                // zigzag(±c): below 2^52, an integer's bits in `2^52 + z` are `z` itself.
-                let z = 2.0 * c - if neg { 1.0 } else { 0.0 };
-                *code = (z + TWO52).to_bits() - TWO52.to_bits();
+                // zigzag(±c) = 2c - neg, in integers: below 2^52 an integer's bits in
+                // `2^52 + c` are `c` itself. (A select between two f64 values here became two
+                // masked stores, which are slow.)
+                let ci = (c + TWO52).to_bits() - TWO52.to_bits();
+                *code = (ci << 1) - neg as u64;
                 let d = if s == 0.0 { 0.0 } else { (if neg { -c } else { c }) * s };
                 E::store(b + d, o);
             }
