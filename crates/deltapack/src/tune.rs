@@ -639,47 +639,53 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
     (row_scales, c.iter().map(|&x| x as f32).collect())
 }
 
-/// Row `row` of |D| into `d` and of the weights `a_j m_ij` into `wt` (see [`fit_axis`]).
+/// Row `row` of |D| into `d` and of the weights `a_j m_ij` into `wt` (see [`fit_axis`]),
+/// and the row's least-squares scale given the columns `c`, in one loop over them.
+///
+/// The sums run in four fixed lanes (lane `j & 3` for column `j`, the columns past the last
+/// four in lane 0): fast, and the same sums on every machine.
 #[inline(always)]
-fn axis_fill<E: Elem>(t: &TensorView, row: usize, a: &[f64], zeros: bool, d: &mut Vec<f64>, wt: &mut Vec<f64>) {
+fn axis_row<E: Elem>(
+    t: &TensorView,
+    row: usize,
+    a: &[f64],
+    zeros: bool,
+    c: &[f64],
+    d: &mut Vec<f64>,
+    wt: &mut Vec<f64>,
+) -> f64 {
     let (cols, w) = (a.len(), E::WIDTH);
     let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
     d.resize(cols, 0.0);
     wt.resize(cols, 0.0);
-    // The base values into `d` and the fine-tune's into `wt`, then both replaced in
-    // place: plain loops over f64 slices, which vectorise.
+    // The base values into `d` and the fine-tune's into `wt`, then both replaced in place.
     E::load_block(&b[..cols * w], d);
     E::load_block(&tg[..cols * w], wt);
-    for ((dj, wj), &aj) in d.iter_mut().zip(wt.iter_mut()).zip(a) {
+    #[inline(always)]
+    fn weigh(dj: &mut f64, wj: &mut f64, aj: f64, zeros: bool) {
         let x = *wj - *dj;
         // Not finite, or unchanged and kept apart: no weight in the fit.
         let used = x.is_finite() && !(zeros && x == 0.0);
         *dj = if used { x.abs() } else { 0.0 };
         *wj = if used { aj } else { 0.0 };
     }
-}
-
-/// The least-squares row scale given the columns, summed in four fixed lanes (arrays of
-/// four, which vectorise): fast, and the same sum on every machine.
-#[inline(always)]
-fn row_scale(d: &[f64], wt: &[f64], c: &[f64]) -> f64 {
-    let cols = d.len();
     let (mut num, mut den) = ([0f64; 4], [0f64; 4]);
-    let quads = d
-        .as_chunks::<4>()
-        .0
-        .iter()
-        .zip(wt.as_chunks::<4>().0)
-        .zip(c.as_chunks::<4>().0);
-    for ((d4, w4), c4) in quads {
+    let (d4, d_tail) = d.as_chunks_mut::<4>();
+    let (w4, w_tail) = wt.as_chunks_mut::<4>();
+    let (a4, a_tail) = a.as_chunks::<4>();
+    let (c4, c_tail) = c.as_chunks::<4>();
+    for (((d4, w4), a4), c4) in d4.iter_mut().zip(w4).zip(a4).zip(c4) {
         for k in 0..4 {
+            weigh(&mut d4[k], &mut w4[k], a4[k], zeros);
             num[k] += w4[k] * d4[k] * c4[k];
             den[k] += w4[k] * c4[k] * c4[k];
         }
     }
-    for j in cols / 4 * 4..cols {
-        num[0] += wt[j] * d[j] * c[j];
-        den[0] += wt[j] * c[j] * c[j];
+    let tail = d_tail.iter_mut().zip(w_tail).zip(a_tail).zip(c_tail);
+    for (((dj, wj), &aj), &cj) in tail {
+        weigh(dj, wj, aj, zeros);
+        num[0] += *wj * *dj * cj;
+        den[0] += *wj * cj * cj;
     }
     let (num, den) = (
         (num[0] + num[1]) + (num[2] + num[3]),
@@ -708,8 +714,7 @@ fn axis_columns<E: Elem>(
     let (mut num, mut den) = (vec![0f64; cols], vec![0f64; cols]);
     let (mut d, mut wt) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
     for row in rows {
-        axis_fill::<E>(t, row, a, zeros, &mut d, &mut wt);
-        let ri = row_scale(&d, &wt, c);
+        let ri = axis_row::<E>(t, row, a, zeros, c, &mut d, &mut wt);
         for (((n, m), &dj), &wj) in num.iter_mut().zip(den.iter_mut()).zip(&d).zip(&wt) {
             *n += wj * dj * ri;
             *m += wj * ri * ri;
@@ -726,8 +731,7 @@ fn axis_rows<E: Elem>(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], z
     let (mut d, mut wt) = (Vec::with_capacity(a.len()), Vec::with_capacity(a.len()));
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        axis_fill::<E>(t, row, a, zeros, &mut d, &mut wt);
-        out.push(row_scale(&d, &wt, c) as f32);
+        out.push(axis_row::<E>(t, row, a, zeros, c, &mut d, &mut wt) as f32);
     }
     out
 }
