@@ -50,20 +50,24 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
     // Runs of values below 16 (most quantization codes, even when a few are not) are their
     // own tokens with no raw bits: writing no bits is the same as writing zero of them.
     for (v16, c16) in values.chunks(16).zip(ctxs.chunks(16)) {
+        // A run's symbols are gathered apart and appended at once: a push per value keeps
+        // the vector's length in memory, a store and a load every value.
+        let mut run = [0u8; 16];
         if v16.iter().fold(0, |a, &v| a | v) < 16 {
-            for (j, (&v, &c)) in v16.iter().zip(c16).enumerate() {
+            for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {
                 counts4[4 * c as usize + (j & 3)][v as usize] += 1;
-                symbols.push(v as u8);
+                *r = v as u8;
             }
+            symbols.extend_from_slice(&run[..v16.len()]);
             continue;
         }
         // The run's raw bits are gathered in a word and written together: a handful of
         // small values' bits fit in one write, instead of a write per value.
         let (mut acc, mut used) = (0u64, 0u32);
-        for (j, (&v, &c)) in v16.iter().zip(c16).enumerate() {
+        for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {
             let (tok, nb, raw) = tokenize(v);
             counts4[4 * c as usize + (j & 3)][tok as usize] += 1;
-            symbols.push(tok);
+            *r = tok;
             if used + nb > 56 {
                 bits.put(acc, used);
                 (acc, used) = (0, 0);
@@ -72,6 +76,7 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
             used += nb;
         }
         bits.put(acc, used);
+        symbols.extend_from_slice(&run[..v16.len()]);
     }
     finish(&symbols, ctxs, &merge_counts(&counts4), &bits.finish(), out);
 }
