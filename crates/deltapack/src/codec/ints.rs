@@ -47,13 +47,33 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
     let mut counts4 = vec![[0u32; 256]; 4 * n_ctx];
     let mut symbols = Vec::with_capacity(values.len());
     let mut bits = BitWriter::default();
+    // Tokens and raw-bit counts of the values below 64, looked up: a few raw bits at most.
+    let below64: [(u8, u32); 64] = std::array::from_fn(|v| {
+        let (tok, nb, _) = tokenize(v as u64);
+        (tok, nb)
+    });
     // Runs of values below 16 (most quantization codes, even when a few are not) are their
     // own tokens with no raw bits: writing no bits is the same as writing zero of them.
     for (v16, c16) in values.chunks(16).zip(ctxs.chunks(16)) {
         // A run's symbols are gathered apart and appended at once: a push per value keeps
         // the vector's length in memory, a store and a load every value.
         let mut run = [0u8; 16];
-        if v16.iter().fold(0, |a, &v| a | v) < 16 {
+        let max = v16.iter().fold(0, |a, &v| a | v);
+        if max < 64 && max >= 16 {
+            // At most 3 raw bits a value: the run's 48 fit one write.
+            let (mut acc, mut used) = (0u64, 0u32);
+            for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {
+                let (tok, nb) = below64[v as usize & 63];
+                counts4[4 * c as usize + (j & 3)][tok as usize] += 1;
+                *r = tok;
+                acc |= (v & ((1 << nb) - 1)) << used;
+                used += nb;
+            }
+            bits.put(acc, used);
+            symbols.extend_from_slice(&run[..v16.len()]);
+            continue;
+        }
+        if max < 16 {
             for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {
                 counts4[4 * c as usize + (j & 3)][v as usize] += 1;
                 *r = v as u8;
