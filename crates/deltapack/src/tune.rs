@@ -1148,6 +1148,7 @@ fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums 
 mod tests {
     use super::*;
 
+    use crate::codec::float::Bf16;
     use crate::testdata::bf16_pair as tensor;
 
     fn view<'a>(shape: &'a [usize], b: &'a [u8], t: &'a [u8]) -> TensorView<'a> {
@@ -1300,6 +1301,41 @@ mod tests {
             "1-D stays exact"
         );
         assert_eq!(p.spec_for("x.dense.weight", 2), &CodecSpec::Sign { zeros: None });
+    }
+
+    #[test]
+    fn avx2_and_baseline_builds_measure_alike() {
+        let (b, t) = tensor(48, 67, 3, |_, _| 1e-3);
+        let recon: Vec<u8> = t.iter().zip(&b).map(|(&t, &b)| t ^ (b & 1)).collect();
+        let (x, y) = (
+            chunk_sums_wide::<Bf16>(&b, &t, &recon),
+            chunk_sums::<Bf16>(&b, &t, &recon),
+        );
+        assert_eq!((x.err_sq, x.delta_sq, x.max_abs), (y.err_sq, y.delta_sq, y.max_abs));
+        let (x, y) = (
+            block_stats_wide::<Bf16>(&b, &t, true),
+            block_stats::<Bf16>(&b, &t, true),
+        );
+        assert_eq!(
+            (x.delta_sq, x.abs_sum, x.finite, x.zeros, x.hist),
+            (y.delta_sq, y.abs_sum, y.finite, y.zeros, y.hist)
+        );
+        let shape = [48, 67];
+        let v = view(&shape, &b, &t);
+        let (a, c) = (
+            vec![1.0; 67],
+            (0..67).map(|j| 1.0 + j as f64 / 67.0).collect::<Vec<_>>(),
+        );
+        for zeros in [false, true] {
+            assert_eq!(
+                axis_columns_wide::<Bf16>(&v, 3..40, &a, zeros, &c),
+                axis_columns::<Bf16>(&v, 3..40, &a, zeros, &c)
+            );
+            assert_eq!(
+                axis_rows_wide::<Bf16>(&v, 3..40, &a, zeros, &c),
+                axis_rows::<Bf16>(&v, 3..40, &a, zeros, &c)
+            );
+        }
     }
 
     #[test]

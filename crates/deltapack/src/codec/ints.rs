@@ -59,7 +59,7 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
         // the vector's length in memory, a store and a load every value.
         let mut run = [0u8; 16];
         let max = v16.iter().fold(0, |a, &v| a | v);
-        if max < 64 && max >= 16 {
+        if (16..64).contains(&max) {
             // At most 3 raw bits a value: the run's 48 fit one write.
             let (mut acc, mut used) = (0u64, 0u32);
             for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {

@@ -1241,6 +1241,91 @@ mod tests {
         assert_eq!(round(f64::NAN), 0.0);
     }
 
+    /// A pair with the values that take the quantizer's rare paths: zeros and subnormals in
+    /// the base (huge codes: kept exactly), huge changes, non-finite values, unchanged ones.
+    fn tricky_pair(seed: u64, n: usize) -> (Vec<u8>, Vec<u8>) {
+        let (mut b, mut t) = pair(seed, n, 1e-3);
+        let put = |x: &mut Vec<u8>, i: usize, v: half::bf16| x[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
+        for i in (0..n).step_by(37) {
+            put(&mut b, i, half::bf16::ZERO);
+        }
+        for i in (5..n).step_by(101) {
+            put(&mut b, i, half::bf16::from_bits(0x0003));
+            put(&mut t, i + 1, half::bf16::from_f32(3e3));
+        }
+        for i in (11..n).step_by(211) {
+            put(&mut t, i, half::bf16::NAN);
+            put(&mut b, i + 2, half::bf16::NEG_INFINITY);
+            let v = half::bf16::from_le_bytes([b[2 * i + 6], b[2 * i + 7]]);
+            put(&mut t, i + 3, v);
+        }
+        (b, t)
+    }
+
+    #[test]
+    fn rounding_matches_a_conversion_to_integer() {
+        let reference = |x: f64| ((x.abs() + 0.5) as i64 as f64).copysign(x);
+        let edges = [
+            0.0,
+            -0.0,
+            0.49999999999999994,
+            2.5,
+            TWO52 - 0.5,
+            TWO52,
+            TWO52 + 1.0,
+            TWO63 - 1024.0,
+            TWO63,
+            1e300,
+            f64::INFINITY,
+            f64::NAN,
+            f64::MIN_POSITIVE,
+        ];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let random = (0..200_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            f64::from_bits(x)
+        });
+        for v in edges.into_iter().flat_map(|v| [v, -v]).chain(random) {
+            assert_eq!(round(v).to_bits(), reference(v).to_bits(), "{v:e}");
+        }
+    }
+
+    #[test]
+    fn quantizer_rare_paths_round_trip() {
+        let (b, t) = tricky_pair(11, 20_000);
+        let mut quants: Vec<TensorCodec> = codecs().into_iter().filter(|c| c.name() == "quant").collect();
+        quants.push(TensorCodec::Quant {
+            step: None,
+            bits: Some(5),
+            group: 16,
+            outliers: 0.5,
+            domain: Domain::Value,
+        });
+        for c in &quants {
+            round_trip(Dtype::BF16, &params(c), &b, &t);
+        }
+    }
+
+    #[test]
+    fn avx2_and_baseline_builds_code_alike() {
+        let (b, t) = tricky_pair(12, 30_000);
+        for c in codecs() {
+            let p = params(&c);
+            let (mut wide, mut base) = (vec![0u8; t.len()], vec![0u8; t.len()]);
+            let payload = encode(Dtype::BF16, &p, &b, &t, &mut wide);
+            // `encode_impl` itself is the baseline build; `encode` dispatches to AVX2 where
+            // the CPU has it.
+            assert_eq!(
+                payload,
+                encode_impl::<crate::codec::float::Bf16>(&p, &b, &t, &mut base),
+                "{c:?}"
+            );
+            assert_eq!(wide, base, "{c:?}");
+        }
+    }
+
     #[test]
     fn every_codec_round_trips_and_rebuilds_what_it_promised() {
         let (b, t) = pair(1, 5000, 1e-3);
