@@ -422,6 +422,16 @@ pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Res
         .calibration
         .as_ref()
         .and_then(|c| c.weights(t.name, t.rows_cols().1));
+    // Fixed `quant` and `dare` settings need to know only whether anything changed.
+    if let (Some(codec), None) = (plain_codec(spec, seed_salt), budget) {
+        return Ok(match with_elem!(t.dtype, changed(t)) {
+            true => TensorPlan {
+                codec: Some(codec),
+                axis: None,
+            },
+            false => TensorPlan::EXACT,
+        });
+    }
     let stats = with_elem!(
         t.dtype,
         stats(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
@@ -747,27 +757,16 @@ struct Candidate {
 
 /// The codec settings for a spec without budget.
 fn fixed(spec: &CodecSpec, t: &TensorView, stats: &Stats, calib: Option<&[f32]>, salt: &str) -> TensorPlan {
+    if let Some(codec) = plain_codec(spec, salt) {
+        return TensorPlan {
+            codec: Some(codec),
+            axis: None,
+        };
+    }
     let codec = match *spec {
-        CodecSpec::Quant {
-            bits,
-            step,
-            group,
-            outliers,
-            domain,
-        } => TensorCodec::Quant {
-            step: step.map(|s| s as f32),
-            bits: if step.is_some() { None } else { Some(bits.unwrap_or(4)) },
-            group,
-            outliers,
-            domain,
-        },
         CodecSpec::Sparse { keep, threshold, step } => TensorCodec::Sparse {
             threshold: threshold.map_or_else(|| keep_threshold(stats, keep.unwrap_or(0.1)), |x| x as f32),
             step: step.map(|s| s as f32),
-        },
-        CodecSpec::Dare { keep, seed } => TensorCodec::Dare {
-            keep: keep as f32,
-            seed: mask_seed(seed, salt),
         },
         CodecSpec::Sign { zeros } => {
             let zeros = keep_zeros(zeros, stats);
@@ -782,12 +781,60 @@ fn fixed(spec: &CodecSpec, t: &TensorView, stats: &Stats, calib: Option<&[f32]>,
             }
         }
         CodecSpec::SignAxis { zeros } => return sign_axis(t, stats, calib, keep_zeros(zeros, stats)),
-        CodecSpec::Exact | CodecSpec::Auto => return TensorPlan::EXACT,
+        // `quant` and `dare` returned above.
+        CodecSpec::Exact | CodecSpec::Auto | CodecSpec::Quant { .. } | CodecSpec::Dare { .. } => {
+            return TensorPlan::EXACT
+        }
     };
     TensorPlan {
         codec: Some(codec),
         axis: None,
     }
+}
+
+/// The settings of `quant` and `dare` without budget, which need no statistics.
+fn plain_codec(spec: &CodecSpec, salt: &str) -> Option<TensorCodec> {
+    match *spec {
+        CodecSpec::Quant {
+            bits,
+            step,
+            group,
+            outliers,
+            domain,
+        } => Some(TensorCodec::Quant {
+            step: step.map(|s| s as f32),
+            bits: if step.is_some() { None } else { Some(bits.unwrap_or(4)) },
+            group,
+            outliers,
+            domain,
+        }),
+        CodecSpec::Dare { keep, seed } => Some(TensorCodec::Dare {
+            keep: keep as f32,
+            seed: mask_seed(seed, salt),
+        }),
+        _ => None,
+    }
+}
+
+/// Whether some finite change has a non-zero square: exactly when [`Stats::delta_sq`] is
+/// not zero (a sum of non-negative terms is zero only if all are), known at the first one
+/// instead of after a pass over the whole tensor. Blocks without one are released.
+fn changed<E: Elem>(t: &TensorView) -> bool {
+    let w = E::WIDTH;
+    blocks(t).into_iter().any(|r| {
+        let bytes = r.start * w..r.end * w;
+        let pairs = t.base[bytes.clone()]
+            .chunks_exact(w)
+            .zip(t.target[bytes.clone()].chunks_exact(w));
+        let found = pairs.into_iter().any(|(b, tg)| {
+            let d = E::load(tg) - E::load(b);
+            d.is_finite() && d * d != 0.0
+        });
+        if !found {
+            (t.release)(bytes);
+        }
+        found
+    })
 }
 
 /// Whether sign codecs keep unchanged values: as asked, else when at least a fifth of the
@@ -1301,6 +1348,28 @@ mod tests {
             "1-D stays exact"
         );
         assert_eq!(p.spec_for("x.dense.weight", 2), &CodecSpec::Sign { zeros: None });
+    }
+
+    #[test]
+    fn unchanged_tensors_stay_exact_without_statistics() {
+        let (b, t) = tensor(8, 16, 4, |_, _| 1e-3);
+        let shape = [8, 16];
+        for spec in ["quant:bits=4", "dare:keep=0.5"] {
+            let codec_for = |t: &[u8]| plan(&policy(spec, None), &view(&shape, &b, t), "w").unwrap().codec;
+            assert!(codec_for(&t).is_some(), "{spec}");
+            assert!(codec_for(&b).is_none(), "{spec}: no change");
+            // -0.0 against +0.0 and a NaN: no finite change with a square.
+            let mut same = b.clone();
+            same[..2].copy_from_slice(&half::bf16::NEG_ZERO.to_le_bytes());
+            same[2..4].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+            let mut base0 = b.clone();
+            base0[..2].copy_from_slice(&half::bf16::ZERO.to_le_bytes());
+            let v = view(&shape, &base0, &same);
+            assert!(
+                plan(&policy(spec, None), &v, "w").unwrap().codec.is_none(),
+                "{spec}: signed zero"
+            );
+        }
     }
 
     #[test]
