@@ -422,9 +422,19 @@ pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Res
         .calibration
         .as_ref()
         .and_then(|c| c.weights(t.name, t.rows_cols().1));
+    // Fixed `quant` and `dare` settings need to know only whether anything changed.
+    if let (Some(codec), None) = (plain_codec(spec, seed_salt), budget) {
+        return Ok(match with_elem!(t.dtype, changed(t)) {
+            true => TensorPlan {
+                codec: Some(codec),
+                axis: None,
+            },
+            false => TensorPlan::EXACT,
+        });
+    }
     let stats = with_elem!(
         t.dtype,
-        stats_wide(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
+        stats(t, matches!(spec, CodecSpec::Sparse { .. } | CodecSpec::Auto))
     );
     if stats.delta_sq == 0.0 {
         return Ok(TensorPlan::EXACT);
@@ -494,10 +504,6 @@ fn fold_blocks<R: Send, A>(
     acc
 }
 
-// Closures inherit the AVX2 build, so the per-block work that rayon runs gets it too.
-float::avx2_dispatch!(fn stats_wide => stats(t: &TensorView, hist: bool) -> Stats);
-
-#[inline(always)]
 fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
     let init = Stats {
         delta_sq: 0.0,
@@ -506,60 +512,13 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
         zeros: 0,
         hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
     };
+    let w = E::WIDTH;
     fold_blocks(
         t,
         &blocks(t),
-        |r| {
-            let mut s = Stats {
-                delta_sq: 0.0,
-                abs_sum: 0.0,
-                finite: 0,
-                zeros: 0,
-                hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
-            };
-            let w = E::WIDTH;
-            let (b, tg) = (&t.base[r.start * w..r.end * w], &t.target[r.start * w..r.end * w]);
-            // Four lanes of sums, lane `k & 3` for element `k`: the adds of one lane do not
-            // wait on the others, and four elements are one vector operation.
-            let (mut sq, mut ab) = ([0f64; 4], [0f64; 4]);
-            let (mut finite, mut zeros) = ([0u64; 4], [0u64; 4]);
-            let mut lane = |k: usize, b: f64, tg: f64| {
-                let d = tg - b;
-                // Non-finite changes add +0.0 to these non-negative sums: the same as
-                // skipping them, without a branch.
-                let f = d.is_finite();
-                sq[k] += if f { d * d } else { 0.0 };
-                ab[k] += if f { d.abs() } else { 0.0 };
-                finite[k] += f as u64;
-                zeros[k] += (d == 0.0) as u64;
-            };
-            float::blocks::<E, 2>([b, tg], |_, [b, tg]| {
-                for (b4, t4) in b.chunks_exact(4).zip(tg.chunks_exact(4)) {
-                    for k in 0..4 {
-                        lane(k, b4[k], t4[k]);
-                    }
-                }
-                let tail = b.len() / 4 * 4;
-                for k in 0..b.len() - tail {
-                    lane(k, b[tail + k], tg[tail + k]);
-                }
-            });
-            s.finite = finite.iter().sum();
-            s.zeros = zeros.iter().sum();
-            if let Some((c, q)) = s.hist.as_mut() {
-                for (b, tg) in b.chunks_exact(w).zip(tg.chunks_exact(w)) {
-                    let d = E::load(tg) - E::load(b);
-                    if d.is_finite() {
-                        let bin = mag_bin(d);
-                        c[bin] += 1;
-                        q[bin] += d * d;
-                    }
-                }
-            }
-            s.delta_sq = (sq[0] + sq[1]) + (sq[2] + sq[3]);
-            s.abs_sum = (ab[0] + ab[1]) + (ab[2] + ab[3]);
-            s
-        },
+        // Rayon calls this closure from its own code, built for the baseline: the block's
+        // work is a dispatched function of its own, to run with AVX2.
+        |r| block_stats_wide::<E>(&t.base[r.start * w..r.end * w], &t.target[r.start * w..r.end * w], hist),
         init,
         |mut a, s| {
             a.delta_sq += s.delta_sq;
@@ -575,18 +534,75 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
     )
 }
 
+float::avx2_dispatch!(fn block_stats_wide => block_stats(b: &[u8], tg: &[u8], hist: bool) -> Stats);
+
+/// [`Stats`] of one block of a tensor.
+#[inline(always)]
+fn block_stats<E: Elem>(b: &[u8], tg: &[u8], hist: bool) -> Stats {
+    let mut s = Stats {
+        delta_sq: 0.0,
+        abs_sum: 0.0,
+        finite: 0,
+        zeros: 0,
+        hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
+    };
+    let w = E::WIDTH;
+    // Four lanes of sums, lane `k & 3` for element `k`: the adds of one lane do not
+    // wait on the others, and four elements are one vector operation.
+    let (mut sq, mut ab) = ([0f64; 4], [0f64; 4]);
+    let (mut finite, mut zeros) = ([0u64; 4], [0u64; 4]);
+    let mut lane = |k: usize, b: f64, tg: f64| {
+        let d = tg - b;
+        // Non-finite changes add +0.0 to these non-negative sums: the same as
+        // skipping them, without a branch.
+        let f = d.is_finite();
+        sq[k] += if f { d * d } else { 0.0 };
+        ab[k] += if f { d.abs() } else { 0.0 };
+        finite[k] += f as u64;
+        zeros[k] += (d == 0.0) as u64;
+    };
+    // Inlined, so that it is built for AVX2 with its caller (a closure apart would not be).
+    float::blocks::<E, 2>(
+        [b, tg],
+        #[inline(always)]
+        |_, [b, tg]| {
+            for (b4, t4) in b.as_chunks::<4>().0.iter().zip(tg.as_chunks::<4>().0) {
+                for k in 0..4 {
+                    lane(k, b4[k], t4[k]);
+                }
+            }
+            let tail = b.len() / 4 * 4;
+            for k in 0..b.len() - tail {
+                lane(k, b[tail + k], tg[tail + k]);
+            }
+        },
+    );
+    s.finite = finite.iter().sum();
+    s.zeros = zeros.iter().sum();
+    if let Some((c, q)) = s.hist.as_mut() {
+        for (b, tg) in b.chunks_exact(w).zip(tg.chunks_exact(w)) {
+            let d = E::load(tg) - E::load(b);
+            if d.is_finite() {
+                let bin = mag_bin(d);
+                c[bin] += 1;
+                q[bin] += d * d;
+            }
+        }
+    }
+    s.delta_sq = (sq[0] + sq[1]) + (sq[2] + sq[3]);
+    s.abs_sum = (ab[0] + ab[1]) + (ab[2] + ab[3]);
+    s
+}
+
 /// Alternating least-squares rounds of the rank-1 fit. Without weights or a mask each
 /// round is a power iteration; the first round (row means) is already close, since |D| is
 /// non-negative and its top singular pair dominates.
 const FIT_ROUNDS: usize = 1;
 
-float::avx2_dispatch!(fn fit_axis_wide => fit_axis(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors);
-
 /// The best row and column scales for `sign-axis`: `r, c` minimising
 /// `sum_ij a_j m_ij (|D_ij| - r_i c_j)^2`, where `a` are the calibration weights (or 1) and
 /// `m_ij` is 0 for unchanged values when `zeros` keeps them (they are rebuilt exactly), else 1.
 /// Without weights or mask this is the top singular pair of |D|.
-#[inline(always)]
 fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> AxisVectors {
     let (rows, cols) = t.rows_cols();
     let cols = cols as usize;
@@ -595,78 +611,23 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
         None => vec![1.0; cols],
     };
     let blocks = blocks(t);
-    let w = E::WIDTH;
-    // Row `row` of |D| and of the weights a_j m_ij: each pass converts a row once, then
-    // runs plain loops over it.
-    let fill = |row: usize, d: &mut Vec<f64>, wt: &mut Vec<f64>| {
-        let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
-        d.resize(cols, 0.0);
-        wt.resize(cols, 0.0);
-        // The base values into `d` and the fine-tune's into `wt`, then both replaced in
-        // place: plain loops over f64 slices, which vectorise.
-        E::load_block(&b[..cols * w], d);
-        E::load_block(&tg[..cols * w], wt);
-        for ((dj, wj), &aj) in d.iter_mut().zip(wt.iter_mut()).zip(&a) {
-            let x = *wj - *dj;
-            // Not finite, or unchanged and kept apart: no weight in the fit.
-            let used = x.is_finite() && !(zeros && x == 0.0);
-            *dj = if used { x.abs() } else { 0.0 };
-            *wj = if used { aj } else { 0.0 };
-        }
-    };
     let rows_of = |r: &std::ops::Range<usize>| r.start / cols..r.end / cols;
-    // The least-squares row scale given the columns, summed in four fixed lanes: fast, and
-    // the same sum on every machine.
-    let row_scale = |d: &[f64], wt: &[f64], c: &[f64]| {
-        let (mut num, mut den) = ([0f64; 4], [0f64; 4]);
-        let quads = d.chunks_exact(4).zip(wt.chunks_exact(4)).zip(c.chunks_exact(4));
-        for ((d4, w4), c4) in quads {
-            for k in 0..4 {
-                num[k] += w4[k] * d4[k] * c4[k];
-                den[k] += w4[k] * c4[k] * c4[k];
-            }
-        }
-        for j in cols / 4 * 4..cols {
-            num[0] += wt[j] * d[j] * c[j];
-            den[0] += wt[j] * c[j] * c[j];
-        }
-        let (num, den) = (
-            (num[0] + num[1]) + (num[2] + num[3]),
-            (den[0] + den[1]) + (den[2] + den[3]),
-        );
-        if den > 0.0 {
-            num / den
-        } else {
-            0.0
-        }
-    };
     let add = |mut acc: (Vec<f64>, Vec<f64>), p: (Vec<f64>, Vec<f64>)| {
         acc.0.iter_mut().zip(p.0).for_each(|(x, y)| *x += y);
         acc.1.iter_mut().zip(p.1).for_each(|(x, y)| *x += y);
         acc
     };
-    let zero = || (vec![0f64; cols], vec![0f64; cols]);
     // First guess: equal columns, so the first rows are weighted row means.
     let mut c = vec![1f64; cols];
     // Each round: rows given columns, and in the same pass the columns' normal equations
-    // given those rows.
+    // given those rows. Rayon calls the closures from its own code, built for the baseline:
+    // the blocks' work are dispatched functions of their own, to run with AVX2.
     for _ in 0..FIT_ROUNDS {
         let (num, den) = fold_blocks(
             t,
             &blocks,
-            |r| {
-                let (mut acc, mut d, mut wt) = (zero(), Vec::with_capacity(cols), Vec::with_capacity(cols));
-                for row in rows_of(&r) {
-                    fill(row, &mut d, &mut wt);
-                    let ri = row_scale(&d, &wt, &c);
-                    for j in 0..cols {
-                        acc.0[j] += wt[j] * d[j] * ri;
-                        acc.1[j] += wt[j] * ri * ri;
-                    }
-                }
-                acc
-            },
-            zero(),
+            |r| axis_columns_wide::<E>(t, rows_of(&r), &a, zeros, &c),
+            (vec![0f64; cols], vec![0f64; cols]),
             add,
         );
         c = num
@@ -678,15 +639,7 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
     let row_scales = fold_blocks(
         t,
         &blocks,
-        |r| {
-            let (mut d, mut wt) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
-            rows_of(&r)
-                .map(|row| {
-                    fill(row, &mut d, &mut wt);
-                    row_scale(&d, &wt, &c) as f32
-                })
-                .collect::<Vec<f32>>()
-        },
+        |r| axis_rows_wide::<E>(t, rows_of(&r), &a, zeros, &c),
         Vec::with_capacity(rows as usize),
         |mut acc, p| {
             acc.extend(p);
@@ -694,6 +647,103 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
         },
     );
     (row_scales, c.iter().map(|&x| x as f32).collect())
+}
+
+/// Row `row` of |D| into `d` and of the weights `a_j m_ij` into `wt` (see [`fit_axis`]),
+/// and the row's least-squares scale given the columns `c`, in one loop over them.
+///
+/// The sums run in four fixed lanes (lane `j & 3` for column `j`, the columns past the last
+/// four in lane 0): fast, and the same sums on every machine.
+#[inline(always)]
+fn axis_row<E: Elem>(
+    t: &TensorView,
+    row: usize,
+    a: &[f64],
+    zeros: bool,
+    c: &[f64],
+    d: &mut Vec<f64>,
+    wt: &mut Vec<f64>,
+) -> f64 {
+    let (cols, w) = (a.len(), E::WIDTH);
+    let (b, tg) = (&t.base[row * cols * w..], &t.target[row * cols * w..]);
+    d.resize(cols, 0.0);
+    wt.resize(cols, 0.0);
+    // The base values into `d` and the fine-tune's into `wt`, then both replaced in place.
+    E::load_block(&b[..cols * w], d);
+    E::load_block(&tg[..cols * w], wt);
+    #[inline(always)]
+    fn weigh(dj: &mut f64, wj: &mut f64, aj: f64, zeros: bool) {
+        let x = *wj - *dj;
+        // Not finite, or unchanged and kept apart: no weight in the fit.
+        let used = x.is_finite() && !(zeros && x == 0.0);
+        *dj = if used { x.abs() } else { 0.0 };
+        *wj = if used { aj } else { 0.0 };
+    }
+    let (mut num, mut den) = ([0f64; 4], [0f64; 4]);
+    let (d4, d_tail) = d.as_chunks_mut::<4>();
+    let (w4, w_tail) = wt.as_chunks_mut::<4>();
+    let (a4, a_tail) = a.as_chunks::<4>();
+    let (c4, c_tail) = c.as_chunks::<4>();
+    for (((d4, w4), a4), c4) in d4.iter_mut().zip(w4).zip(a4).zip(c4) {
+        for k in 0..4 {
+            weigh(&mut d4[k], &mut w4[k], a4[k], zeros);
+            num[k] += w4[k] * d4[k] * c4[k];
+            den[k] += w4[k] * c4[k] * c4[k];
+        }
+    }
+    let tail = d_tail.iter_mut().zip(w_tail).zip(a_tail).zip(c_tail);
+    for (((dj, wj), &aj), &cj) in tail {
+        weigh(dj, wj, aj, zeros);
+        num[0] += *wj * *dj * cj;
+        den[0] += *wj * cj * cj;
+    }
+    let (num, den) = (
+        (num[0] + num[1]) + (num[2] + num[3]),
+        (den[0] + den[1]) + (den[2] + den[3]),
+    );
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
+float::avx2_dispatch!(fn axis_columns_wide => axis_columns(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> (Vec<f64>, Vec<f64>));
+
+/// One fit round over some rows: each row's scale given the columns `c`, and the sums of
+/// the columns' normal equations given those rows.
+#[inline(always)]
+fn axis_columns<E: Elem>(
+    t: &TensorView,
+    rows: std::ops::Range<usize>,
+    a: &[f64],
+    zeros: bool,
+    c: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let cols = a.len();
+    let (mut num, mut den) = (vec![0f64; cols], vec![0f64; cols]);
+    let (mut d, mut wt) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
+    for row in rows {
+        let ri = axis_row::<E>(t, row, a, zeros, c, &mut d, &mut wt);
+        for (((n, m), &dj), &wj) in num.iter_mut().zip(den.iter_mut()).zip(&d).zip(&wt) {
+            *n += wj * dj * ri;
+            *m += wj * ri * ri;
+        }
+    }
+    (num, den)
+}
+
+float::avx2_dispatch!(fn axis_rows_wide => axis_rows(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> Vec<f32>);
+
+/// The final row scales of some rows, given the columns `c`.
+#[inline(always)]
+fn axis_rows<E: Elem>(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> Vec<f32> {
+    let (mut d, mut wt) = (Vec::with_capacity(a.len()), Vec::with_capacity(a.len()));
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(axis_row::<E>(t, row, a, zeros, c, &mut d, &mut wt) as f32);
+    }
+    out
 }
 
 /// A candidate setting with what a trial measured.
@@ -707,27 +757,16 @@ struct Candidate {
 
 /// The codec settings for a spec without budget.
 fn fixed(spec: &CodecSpec, t: &TensorView, stats: &Stats, calib: Option<&[f32]>, salt: &str) -> TensorPlan {
+    if let Some(codec) = plain_codec(spec, salt) {
+        return TensorPlan {
+            codec: Some(codec),
+            axis: None,
+        };
+    }
     let codec = match *spec {
-        CodecSpec::Quant {
-            bits,
-            step,
-            group,
-            outliers,
-            domain,
-        } => TensorCodec::Quant {
-            step: step.map(|s| s as f32),
-            bits: if step.is_some() { None } else { Some(bits.unwrap_or(4)) },
-            group,
-            outliers,
-            domain,
-        },
         CodecSpec::Sparse { keep, threshold, step } => TensorCodec::Sparse {
             threshold: threshold.map_or_else(|| keep_threshold(stats, keep.unwrap_or(0.1)), |x| x as f32),
             step: step.map(|s| s as f32),
-        },
-        CodecSpec::Dare { keep, seed } => TensorCodec::Dare {
-            keep: keep as f32,
-            seed: mask_seed(seed, salt),
         },
         CodecSpec::Sign { zeros } => {
             let zeros = keep_zeros(zeros, stats);
@@ -742,12 +781,60 @@ fn fixed(spec: &CodecSpec, t: &TensorView, stats: &Stats, calib: Option<&[f32]>,
             }
         }
         CodecSpec::SignAxis { zeros } => return sign_axis(t, stats, calib, keep_zeros(zeros, stats)),
-        CodecSpec::Exact | CodecSpec::Auto => return TensorPlan::EXACT,
+        // `quant` and `dare` returned above.
+        CodecSpec::Exact | CodecSpec::Auto | CodecSpec::Quant { .. } | CodecSpec::Dare { .. } => {
+            return TensorPlan::EXACT
+        }
     };
     TensorPlan {
         codec: Some(codec),
         axis: None,
     }
+}
+
+/// The settings of `quant` and `dare` without budget, which need no statistics.
+fn plain_codec(spec: &CodecSpec, salt: &str) -> Option<TensorCodec> {
+    match *spec {
+        CodecSpec::Quant {
+            bits,
+            step,
+            group,
+            outliers,
+            domain,
+        } => Some(TensorCodec::Quant {
+            step: step.map(|s| s as f32),
+            bits: if step.is_some() { None } else { Some(bits.unwrap_or(4)) },
+            group,
+            outliers,
+            domain,
+        }),
+        CodecSpec::Dare { keep, seed } => Some(TensorCodec::Dare {
+            keep: keep as f32,
+            seed: mask_seed(seed, salt),
+        }),
+        _ => None,
+    }
+}
+
+/// Whether some finite change has a non-zero square: exactly when [`Stats::delta_sq`] is
+/// not zero (a sum of non-negative terms is zero only if all are), known at the first one
+/// instead of after a pass over the whole tensor. Blocks without one are released.
+fn changed<E: Elem>(t: &TensorView) -> bool {
+    let w = E::WIDTH;
+    blocks(t).into_iter().any(|r| {
+        let bytes = r.start * w..r.end * w;
+        let pairs = t.base[bytes.clone()]
+            .chunks_exact(w)
+            .zip(t.target[bytes.clone()].chunks_exact(w));
+        let found = pairs.into_iter().any(|(b, tg)| {
+            let d = E::load(tg) - E::load(b);
+            d.is_finite() && d * d != 0.0
+        });
+        if !found {
+            (t.release)(bytes);
+        }
+        found
+    })
 }
 
 /// Whether sign codecs keep unchanged values: as asked, else when at least a fifth of the
@@ -762,7 +849,7 @@ fn sign_axis(t: &TensorView, stats: &Stats, calib: Option<&[f32]>, zeros: bool) 
     if rows < 2 || cols > 1 << 22 {
         return fixed(&CodecSpec::Sign { zeros: Some(zeros) }, t, stats, None, "");
     }
-    let (r, c) = with_elem!(t.dtype, fit_axis_wide(t, calib, zeros));
+    let (r, c) = with_elem!(t.dtype, fit_axis(t, calib, zeros));
     TensorPlan {
         codec: Some(TensorCodec::SignAxis {
             rows,
@@ -1056,31 +1143,45 @@ float::avx2_dispatch!(fn chunk_sums_wide => chunk_sums(base: &[u8], target: &[u8
 #[inline(always)]
 fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums {
     // Four lanes per sum, lane `k & 3` for element `k`, so that consecutive adds do not wait
-    // on each other and a group of four elements is one vector operation.
+    // on each other and a group of four elements is one vector operation. Locals in a plain
+    // loop, not a closure's captures, so that they live in registers.
     let (mut err, mut dsq, mut max) = ([0f64; 4], [0f64; 4], [0f64; 4]);
-    let mut lane = |k: usize, b: f64, t: f64, r: f64| {
-        let d = t - b;
-        // Non-finite changes add nothing: adding +0.0 to these non-negative sums is the
-        // same as skipping, and selecting beats branching.
-        let finite = d.is_finite();
-        let e = (r - t).abs();
-        err[k] += if finite { e * e } else { 0.0 };
-        dsq[k] += if finite { d * d } else { 0.0 };
-        // A plain compare: `f64::max`'s NaN handling costs more, and `e` is never NaN here.
-        max[k] = if finite && e > max[k] { e } else { max[k] };
-    };
-    float::blocks::<E, 3>([base, target, recon], |_, [b, t, r]| {
-        let quads = b.chunks_exact(4).zip(t.chunks_exact(4)).zip(r.chunks_exact(4));
-        for ((b, t), r) in quads {
+    let w = E::WIDTH;
+    let mut buf = [[0f64; float::BLOCK]; 3];
+    for first in (0..base.len() / w).step_by(float::BLOCK) {
+        let len = float::BLOCK.min(base.len() / w - first);
+        for (a, b) in [base, target, recon].iter().zip(buf.iter_mut()) {
+            E::load_block(&a[first * w..(first + len) * w], &mut b[..len]);
+        }
+        // The last block's odd elements, padded with zeros in all three: no change and no
+        // error, which add +0.0 to the sums, the same as nothing.
+        let len4 = len.div_ceil(4) * 4;
+        buf.iter_mut().for_each(|b| b[len..len4].fill(0.0));
+        let [b, t, r] = &buf;
+        // Per element first, in a loop that vectorises; then the four lanes, over arrays of
+        // four. Non-finite changes add nothing: adding +0.0 to these non-negative sums is
+        // the same as skipping, and selecting beats branching.
+        let (mut e2, mut d2, mut e1) = ([0f64; float::BLOCK], [0f64; float::BLOCK], [0f64; float::BLOCK]);
+        let per = e2[..len4].iter_mut().zip(&mut d2[..len4]).zip(&mut e1[..len4]);
+        for (((e2, d2), e1), ((b, t), r)) in per.zip(b[..len4].iter().zip(&t[..len4]).zip(&r[..len4])) {
+            let d = t - b;
+            let finite = d.is_finite();
+            let e = (r - t).abs();
+            *e2 = if finite { e * e } else { 0.0 };
+            *d2 = if finite { d * d } else { 0.0 };
+            *e1 = if finite { e } else { 0.0 };
+        }
+        let quads = e2[..len4].as_chunks::<4>().0.iter().zip(d2[..len4].as_chunks::<4>().0);
+        for ((e2, d2), e1) in quads.zip(e1[..len4].as_chunks::<4>().0) {
             for k in 0..4 {
-                lane(k, b[k], t[k], r[k]);
+                err[k] += e2[k];
+                dsq[k] += d2[k];
+                // A plain compare: `f64::max`'s NaN handling costs more, and `e` is never
+                // NaN here.
+                max[k] = if e1[k] > max[k] { e1[k] } else { max[k] };
             }
         }
-        let tail = b.len() / 4 * 4;
-        for k in 0..b.len() - tail {
-            lane(k, b[tail + k], t[tail + k], r[tail + k]);
-        }
-    });
+    }
     // The largest of the lanes' maxima is the largest of all: order does not matter to it.
     let max = max.iter().fold(0f64, |m, &x| if x > m { x } else { m });
     QualitySums {
@@ -1094,6 +1195,7 @@ fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums 
 mod tests {
     use super::*;
 
+    use crate::codec::float::Bf16;
     use crate::testdata::bf16_pair as tensor;
 
     fn view<'a>(shape: &'a [usize], b: &'a [u8], t: &'a [u8]) -> TensorView<'a> {
@@ -1246,6 +1348,63 @@ mod tests {
             "1-D stays exact"
         );
         assert_eq!(p.spec_for("x.dense.weight", 2), &CodecSpec::Sign { zeros: None });
+    }
+
+    #[test]
+    fn unchanged_tensors_stay_exact_without_statistics() {
+        let (b, t) = tensor(8, 16, 4, |_, _| 1e-3);
+        let shape = [8, 16];
+        for spec in ["quant:bits=4", "dare:keep=0.5"] {
+            let codec_for = |t: &[u8]| plan(&policy(spec, None), &view(&shape, &b, t), "w").unwrap().codec;
+            assert!(codec_for(&t).is_some(), "{spec}");
+            assert!(codec_for(&b).is_none(), "{spec}: no change");
+            // -0.0 against +0.0 and a NaN: no finite change with a square.
+            let mut same = b.clone();
+            same[..2].copy_from_slice(&half::bf16::NEG_ZERO.to_le_bytes());
+            same[2..4].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+            let mut base0 = b.clone();
+            base0[..2].copy_from_slice(&half::bf16::ZERO.to_le_bytes());
+            let v = view(&shape, &base0, &same);
+            assert!(
+                plan(&policy(spec, None), &v, "w").unwrap().codec.is_none(),
+                "{spec}: signed zero"
+            );
+        }
+    }
+
+    #[test]
+    fn avx2_and_baseline_builds_measure_alike() {
+        let (b, t) = tensor(48, 67, 3, |_, _| 1e-3);
+        let recon: Vec<u8> = t.iter().zip(&b).map(|(&t, &b)| t ^ (b & 1)).collect();
+        let (x, y) = (
+            chunk_sums_wide::<Bf16>(&b, &t, &recon),
+            chunk_sums::<Bf16>(&b, &t, &recon),
+        );
+        assert_eq!((x.err_sq, x.delta_sq, x.max_abs), (y.err_sq, y.delta_sq, y.max_abs));
+        let (x, y) = (
+            block_stats_wide::<Bf16>(&b, &t, true),
+            block_stats::<Bf16>(&b, &t, true),
+        );
+        assert_eq!(
+            (x.delta_sq, x.abs_sum, x.finite, x.zeros, x.hist),
+            (y.delta_sq, y.abs_sum, y.finite, y.zeros, y.hist)
+        );
+        let shape = [48, 67];
+        let v = view(&shape, &b, &t);
+        let (a, c) = (
+            vec![1.0; 67],
+            (0..67).map(|j| 1.0 + j as f64 / 67.0).collect::<Vec<_>>(),
+        );
+        for zeros in [false, true] {
+            assert_eq!(
+                axis_columns_wide::<Bf16>(&v, 3..40, &a, zeros, &c),
+                axis_columns::<Bf16>(&v, 3..40, &a, zeros, &c)
+            );
+            assert_eq!(
+                axis_rows_wide::<Bf16>(&v, 3..40, &a, zeros, &c),
+                axis_rows::<Bf16>(&v, 3..40, &a, zeros, &c)
+            );
+        }
     }
 
     #[test]

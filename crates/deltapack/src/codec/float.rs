@@ -41,6 +41,28 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
         let bias = (1i32 << (Self::EXP - 1)) - 1;
         pow2(e.max(1) as i32 - bias - Self::MANT as i32)
     }
+
+    /// `(ulp(exponent), 1 / ulp(exponent))` of a finite element given as its value `v`
+    /// (what [`Elem::load`] returned), from `v`'s f64 bits: masks, a max and products by
+    /// powers of two, which vectorise where a table lookup per element does not. The inverse
+    /// is infinite where it overflows (only f64 subnormal spacings); the pair is meaningless
+    /// for values that are not finite.
+    #[inline(always)]
+    fn spacing(v: f64) -> (f64, f64) {
+        let bias = (1i32 << (Self::EXP - 1)) - 1;
+        // `2^floor(log2 |v|)`, or the smallest normal for subnormals and zero, whose spacing
+        // is the smallest normal's: the power of two of the element's exponent.
+        let pow = f64::from_bits(v.to_bits() & 0x7FF0_0000_0000_0000).max(pow2(1 - bias));
+        let m = Self::MANT as i32;
+        let ulp = pow * pow2(-m);
+        if Self::EXP >= 11 {
+            // f64's extreme exponents have no mirror image in range: divide (f64 tensors are rare).
+            return (ulp, 1.0 / ulp);
+        }
+        // `1 / pow`, exact: its exponent field mirrors `pow`'s around 1.0.
+        let inv = f64::from_bits((2046u64 << 52).wrapping_sub(pow.to_bits()));
+        (ulp, inv * pow2(m))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -240,6 +262,26 @@ mod tests {
         assert_eq!(F64::ulp(2046), 2f64.powi(1023 - 52));
         let one = half::bf16::from_f32(1.0).to_bits().to_le_bytes();
         assert_eq!(Bf16::exponent(&one), 127);
+    }
+
+    fn spacing_matches_ulp<E: Elem>(bits: impl Iterator<Item = u64>) {
+        for x in bits {
+            let b = &x.to_le_bytes()[..E::WIDTH];
+            if E::exponent(b) == (1 << E::EXP) - 1 {
+                continue;
+            }
+            let u = E::ulp(E::exponent(b));
+            assert_eq!(E::spacing(E::load(b)), (u, 1.0 / u), "{x:#x}");
+        }
+    }
+
+    #[test]
+    fn spacing_matches_the_exponent_table() {
+        spacing_matches_ulp::<Bf16>(0..1 << 16);
+        spacing_matches_ulp::<F16>(0..1 << 16);
+        let wide = |shift: u32| (0..1u64 << 16).map(move |x| x << shift | x & 0xFF);
+        spacing_matches_ulp::<F32>(wide(16));
+        spacing_matches_ulp::<F64>(wide(48));
     }
 
     #[test]

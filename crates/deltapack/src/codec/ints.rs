@@ -42,27 +42,63 @@ pub fn encode(values: &[u64], contexts: &[u8], n_ctx: usize, out: &mut Vec<u8>) 
     } else {
         contexts
     };
-    let mut counts = vec![[0u32; 256]; n_ctx];
+    // Four sets of counts, by position mod 4: consecutive equal symbols then increment
+    // different counters instead of waiting on one another's stores.
+    let mut counts4 = vec![[0u32; 256]; 4 * n_ctx];
     let mut symbols = Vec::with_capacity(values.len());
     let mut bits = BitWriter::default();
+    // Tokens and raw-bit counts of the values below 64, looked up: a few raw bits at most.
+    let below64: [(u8, u32); 64] = std::array::from_fn(|v| {
+        let (tok, nb, _) = tokenize(v as u64);
+        (tok, nb)
+    });
     // Runs of values below 16 (most quantization codes, even when a few are not) are their
     // own tokens with no raw bits: writing no bits is the same as writing zero of them.
     for (v16, c16) in values.chunks(16).zip(ctxs.chunks(16)) {
-        if v16.iter().fold(0, |a, &v| a | v) < 16 {
-            for (&v, &c) in v16.iter().zip(c16) {
-                counts[c as usize][v as usize] += 1;
-                symbols.push(v as u8);
+        // A run's symbols are gathered apart and appended at once: a push per value keeps
+        // the vector's length in memory, a store and a load every value.
+        let mut run = [0u8; 16];
+        let max = v16.iter().fold(0, |a, &v| a | v);
+        if (16..64).contains(&max) {
+            // At most 3 raw bits a value: the run's 48 fit one write.
+            let (mut acc, mut used) = (0u64, 0u32);
+            for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {
+                let (tok, nb) = below64[v as usize & 63];
+                counts4[4 * c as usize + (j & 3)][tok as usize] += 1;
+                *r = tok;
+                acc |= (v & ((1 << nb) - 1)) << used;
+                used += nb;
             }
+            bits.put(acc, used);
+            symbols.extend_from_slice(&run[..v16.len()]);
             continue;
         }
-        for (&v, &c) in v16.iter().zip(c16) {
-            let (tok, nb, raw) = tokenize(v);
-            counts[c as usize][tok as usize] += 1;
-            symbols.push(tok);
-            bits.put(raw, nb);
+        if max < 16 {
+            for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {
+                counts4[4 * c as usize + (j & 3)][v as usize] += 1;
+                *r = v as u8;
+            }
+            symbols.extend_from_slice(&run[..v16.len()]);
+            continue;
         }
+        // The run's raw bits are gathered in a word and written together: a handful of
+        // small values' bits fit in one write, instead of a write per value.
+        let (mut acc, mut used) = (0u64, 0u32);
+        for (j, ((&v, &c), r)) in v16.iter().zip(c16).zip(&mut run).enumerate() {
+            let (tok, nb, raw) = tokenize(v);
+            counts4[4 * c as usize + (j & 3)][tok as usize] += 1;
+            *r = tok;
+            if used + nb > 56 {
+                bits.put(acc, used);
+                (acc, used) = (0, 0);
+            }
+            acc |= raw << used;
+            used += nb;
+        }
+        bits.put(acc, used);
+        symbols.extend_from_slice(&run[..v16.len()]);
     }
-    finish(&symbols, ctxs, &counts, &bits.finish(), out);
+    finish(&symbols, ctxs, &merge_counts(&counts4), &bits.finish(), out);
 }
 
 /// [`encode`] of values below 16 given as bytes (signs, ternary symbols): the same stream,
@@ -79,22 +115,36 @@ pub fn encode_small(values: &[u8], contexts: &[u8], n_ctx: usize, out: &mut Vec<
         rans::put_varint(out, 0);
         return;
     }
-    let mut counts = vec![[0u32; 256]; n_ctx];
+    // Four sets of counts, by position mod 4 (see `encode`).
+    let mut counts4 = vec![[0u32; 256]; 4 * n_ctx];
     let all_ctx: Vec<u8>;
     let ctxs = if contexts.is_empty() {
-        let c = &mut counts[0];
-        for &v in values {
-            c[v as usize] += 1;
+        let (v4, tail) = values.as_chunks::<4>();
+        for q in v4 {
+            for k in 0..4 {
+                counts4[k][q[k] as usize] += 1;
+            }
+        }
+        for &v in tail {
+            counts4[0][v as usize] += 1;
         }
         all_ctx = vec![0; values.len()];
         &all_ctx[..]
     } else {
-        for (&v, &c) in values.iter().zip(contexts) {
-            counts[c as usize][v as usize] += 1;
+        for (j, (&v, &c)) in values.iter().zip(contexts).enumerate() {
+            counts4[4 * c as usize + (j & 3)][v as usize] += 1;
         }
         contexts
     };
-    finish(values, ctxs, &counts, &[], out);
+    finish(values, ctxs, &merge_counts(&counts4), &[], out);
+}
+
+/// The counts per context from four sets per context (context `c`'s at `4c..4c + 4`).
+fn merge_counts(counts4: &[[u32; 256]]) -> Vec<[u32; 256]> {
+    counts4
+        .chunks_exact(4)
+        .map(|sets| std::array::from_fn(|t| sets.iter().map(|s| s[t]).sum()))
+        .collect()
 }
 
 /// Writes the model, the rANS words of `symbols` and the raw bits.

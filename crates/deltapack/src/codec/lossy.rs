@@ -304,11 +304,16 @@ fn context_range<E: Elem>(base: &[u8]) -> (u16, u16) {
 }
 
 /// Exponent context of each element of a chunk under the range `lo..=hi`.
+///
+/// A plain loop, not a `map` and `collect`: those run the closure from a function of their
+/// own, which the encoder's AVX2 build would not reach.
 #[inline(always)]
 fn contexts<E: Elem>(base: &[u8], (lo, hi): (u16, u16)) -> Vec<u8> {
-    base.chunks_exact(E::WIDTH)
-        .map(|b| (E::exponent(b).clamp(lo as u32, hi as u32) - lo as u32) as u8)
-        .collect()
+    let mut out = vec![0u8; base.len() / E::WIDTH];
+    for (o, b) in out.iter_mut().zip(base.chunks_exact(E::WIDTH)) {
+        *o = (E::exponent(b).clamp(lo as u32, hi as u32) - lo as u32) as u8;
+    }
+    out
 }
 
 fn read_context_range<E: Elem>(input: &mut &[u8]) -> Result<(u16, u16), DecodeError> {
@@ -361,14 +366,41 @@ fn dare_positions(seed: u64, keep: f32, first: u64, n: usize, exceptions: &[u32]
     kept
 }
 
-/// Rounds half away from zero, for |x| < 2^62 (larger magnitudes saturate; NaN gives 0).
+/// `2^52`: from it up, every f64 is an integer.
+const TWO52: f64 = (1u64 << 52) as f64;
+/// `2^63`, where a conversion to i64 saturates.
+const TWO63: f64 = (1u64 << 63) as f64;
+
+/// Rounds half away from zero: `trunc(|x| + 0.5)` with the sign of `x`, saturating at
+/// `2^63` (what a conversion to i64 and back gives); NaN gives 0.
 ///
-/// `f64::round` is a libm call on x86-64 without SSE4.1, and it was an eighth of the
-/// quantizer's time; a truncating conversion is one instruction and exact here.
+/// `f64::round` and `trunc` are libm calls on x86-64 without SSE4.1, and a conversion to
+/// i64 has no vector form before AVX-512; this uses adds, compares and selects only, so
+/// that loops over many values vectorise, with the same result as `as i64 as f64`.
 #[inline(always)]
 fn round(x: f64) -> f64 {
-    let m = (x.abs() + 0.5) as i64 as f64;
+    let v = x.abs() + 0.5;
+    let m = if v < TWO63 {
+        floor_large(v)
+    } else if v >= TWO63 {
+        TWO63
+    } else {
+        0.0
+    };
     m.copysign(x)
+}
+
+/// `floor(v)` for `v >= 0` (NaN stays NaN): from 2^52 up `v` is its own floor; below it,
+/// adding 2^52 rounds `v` to a neighbouring integer, one too many when it rounded up.
+#[inline(always)]
+fn floor_large(v: f64) -> f64 {
+    let r = (v + TWO52) - TWO52;
+    let floor = if r > v { r - 1.0 } else { r };
+    if v < TWO52 {
+        floor
+    } else {
+        v
+    }
 }
 
 /// The step an element gets in `domain`: `step`, or `step` in whole ULPs of the base value.
@@ -456,10 +488,23 @@ avx2_dispatch!(fn encode_wide => encode_impl(p: &ChunkParams, base: &[u8], targe
 
 #[inline(always)]
 fn encode_impl<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8> {
-    let sym = analyse::<E>(p, base, target);
+    let sym = match *p.codec {
+        // The quantizer rebuilds as it codes, from the values it has at hand.
+        TensorCodec::Quant {
+            step,
+            bits,
+            group,
+            outliers,
+            domain,
+        } => quantize::<E>(step, bits, group, outliers, domain, base, target, recon),
+        _ => {
+            let sym = analyse::<E>(p, base, target);
+            rebuild::<E>(p, base, &sym, recon).expect("symbols computed from the data rebuild");
+            sym
+        }
+    };
     let mut out = Vec::new();
     write_symbols::<E>(&sym, base, &mut out);
-    rebuild::<E>(p, base, &sym, recon).expect("symbols computed from the data rebuild");
     out
 }
 
@@ -482,68 +527,9 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
         let (b, t) = el(i);
         E::load(t) - E::load(b)
     };
-    let mut exceptions = positions_where::<E>(base, target, |b, t| !finite_pair::<E>(b, t));
+    let exceptions = positions_where::<E>(base, target, |b, t| !finite_pair::<E>(b, t));
     let body = match *p.codec {
-        TensorCodec::Quant {
-            step,
-            bits,
-            group,
-            outliers,
-            domain,
-        } => {
-            let group = if step.is_some() { n.max(1) } else { group as usize };
-            // Groups are powers of two (validated): a shift, not a division per element.
-            let gshift = if step.is_some() { 63 } else { group.trailing_zeros() };
-            if bits.is_some() && outliers > 0.0 {
-                exceptions = merge(&exceptions, &largest::<E>(base, target, outliers));
-            }
-            let is_exc = membership(&exceptions, n);
-            let group_steps: Vec<u16> = match bits {
-                Some(b) if step.is_none() => {
-                    let levels = ((1u32 << (b - 1)) - 1) as f64;
-                    let mut gmax = vec![0f64; n.div_ceil(group)];
-                    super::float::blocks::<E, 2>([base, target], |first, [b, t]| {
-                        for (k, (b, t)) in b.iter().zip(t).enumerate() {
-                            let (i, a) = (first + k, (t - b).abs());
-                            let g = &mut gmax[i >> gshift];
-                            if !is_exc[i] && a > *g {
-                                *g = a;
-                            }
-                        }
-                    });
-                    gmax.iter()
-                        .map(|&m| half::bf16::from_f64(m / levels).to_bits())
-                        .collect()
-                }
-                _ => Vec::new(),
-            };
-            let mut steps = StepTable::new::<E>(step, &group_steps, gshift, domain);
-            let mut codes = vec![0u64; n];
-            super::float::blocks::<E, 2>([base, target], |first, [b, t]| {
-                for (k, (b, t)) in b.iter().zip(t).enumerate() {
-                    let i = first + k;
-                    let s = steps.get(i, E::exponent(&base[i * w..(i + 1) * w]) as usize);
-                    if is_exc[i] || s == 0.0 {
-                        continue;
-                    }
-                    let c = round((t - b) / s);
-                    if c.abs() >= MAX_CODE {
-                        exceptions.push(i as u32);
-                        continue;
-                    }
-                    codes[i] = zigzag(c as i64);
-                }
-            });
-            exceptions.sort_unstable();
-            for &i in &exceptions {
-                codes[i as usize] = 0;
-            }
-            Body::Quant {
-                group_steps,
-                range: context_range::<E>(base),
-                codes,
-            }
-        }
+        TensorCodec::Quant { .. } => unreachable!("quant chunks are coded by `quantize`"),
         TensorCodec::Sparse { threshold, step } => {
             let kept = positions_where::<E>(base, target, |b, t| {
                 finite_pair::<E>(b, t) && ((E::load(t) - E::load(b)).abs() as f32) >= threshold
@@ -589,17 +575,271 @@ fn analyse<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8]) -> Symbols {
             }
         }
     };
-    let exc_values = exceptions
+    Symbols {
+        exc_values: exact_diffs::<E>(&exceptions, base, target),
+        exceptions,
+        body,
+    }
+}
+
+/// The exact differences of the elements at `positions`.
+fn exact_diffs<E: Elem>(positions: &[u32], base: &[u8], target: &[u8]) -> Vec<u64> {
+    let w = E::WIDTH;
+    positions
         .iter()
         .map(|&i| {
-            let (b, t) = el(i as usize);
-            exact_diff::<E>(b, t)
+            let r = i as usize * w..(i as usize + 1) * w;
+            exact_diff::<E>(&base[r.clone()], &target[r])
         })
+        .collect()
+}
+
+/// Elements per block of the quantizer's passes.
+const QBLOCK: usize = 256;
+
+/// What the quantizer's first pass finds in a chunk.
+struct Scan {
+    /// Elements whose base or fine-tune value is not finite, in order.
+    non_finite: Vec<u32>,
+    /// The finite changes of at least a threshold, as `(!|D|.to_bits(), index)`: sorted,
+    /// larger changes come first, and lower indices first among equal ones.
+    candidates: Vec<(u64, u32)>,
+    /// Number of finite changes.
+    finite: usize,
+}
+
+/// The quantizer's first pass over a chunk: non-finite elements, outlier candidates
+/// (finite changes `>= threshold`) and the count of finite changes. Flags are computed per
+/// block in plain loops, which vectorise; the few flagged blocks are then walked.
+#[inline(always)]
+fn scan<E: Elem>(base: &[u8], target: &[u8], threshold: f64) -> Scan {
+    let w = E::WIDTH;
+    let mut s = Scan {
+        non_finite: Vec::new(),
+        candidates: Vec::new(),
+        finite: 0,
+    };
+    let (mut b, mut t, mut a) = ([0f64; QBLOCK], [0f64; QBLOCK], [0f64; QBLOCK]);
+    let (mut bad, mut big) = ([false; QBLOCK], [false; QBLOCK]);
+    for (k, (bb, tb)) in base.chunks(QBLOCK * w).zip(target.chunks(QBLOCK * w)).enumerate() {
+        let len = bb.len() / w;
+        E::load_block(bb, &mut b[..len]);
+        E::load_block(tb, &mut t[..len]);
+        let mut finite = 0;
+        let flags = bad.iter_mut().zip(big.iter_mut()).zip(a.iter_mut());
+        for (((bad, big), a), (&b, &t)) in flags.zip(b[..len].iter().zip(&t[..len])) {
+            let d = (t - b).abs();
+            *bad = !(b.is_finite() & t.is_finite());
+            *big = d.is_finite() & (d >= threshold);
+            finite += d.is_finite() as usize;
+            *a = d;
+        }
+        s.finite += finite;
+        let first = k * QBLOCK;
+        if bad[..len].iter().fold(false, |x, &f| x | f) {
+            let found = bad[..len].iter().enumerate().filter(|&(_, &f)| f);
+            s.non_finite.extend(found.map(|(j, _)| (first + j) as u32));
+        }
+        if big[..len].iter().fold(false, |x, &f| x | f) {
+            let found = big[..len].iter().zip(&a).enumerate().filter(|&(_, (&f, _))| f);
+            s.candidates
+                .extend(found.map(|(j, (_, &d))| (!d.to_bits(), (first + j) as u32)));
+        }
+    }
+    s
+}
+
+/// A change magnitude that about `5/4 m + 256` of a chunk's changes reach, when `m` of
+/// them are wanted (0 if unsure): a rank in every 32nd change. Any threshold at or below
+/// the `m`-th largest change selects the same top `m`, so it only sets how many
+/// candidates the full pass collects.
+#[inline(always)]
+fn outlier_threshold<E: Elem>(base: &[u8], target: &[u8], m: usize) -> f64 {
+    const STRIDE: usize = 32;
+    let w = E::WIDTH;
+    let mut sample: Vec<f64> = (0..base.len() / w)
+        .step_by(STRIDE)
+        .map(|i| (E::load(&target[i * w..(i + 1) * w]) - E::load(&base[i * w..(i + 1) * w])).abs())
+        .filter(|d| d.is_finite())
         .collect();
+    let rank = m.div_ceil(STRIDE) * 5 / 4 + 8;
+    if sample.len() <= rank {
+        return 0.0;
+    }
+    *sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a)).1
+}
+
+/// Marks with 1 in `mask[..len]` the exceptions (sorted) among elements `start..start + len`,
+/// from `exceptions[*next..]` on; leaves `*next` at the first one past them.
+#[inline(always)]
+fn mark(exceptions: &[u32], next: &mut usize, start: usize, mask: &mut [u64]) {
+    mask.fill(0);
+    while let Some(&e) = exceptions.get(*next).filter(|&&e| (e as usize) < start + mask.len()) {
+        mask[e as usize - start] = 1;
+        *next += 1;
+    }
+}
+
+/// Codes a chunk with `quant` and writes its reconstruction to `recon`: the same symbols
+/// and bits as computing each element's step, code and rebuilt value apart, in two passes.
+/// The first finds the non-finite elements and the outliers; the second goes group by
+/// group over values loaded once into a block: the group's largest change, its step, and
+/// per element the step, code and rebuilt value, in loops without branches that vectorise.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn quantize<E: Elem>(
+    step: Option<f32>,
+    bits: Option<u8>,
+    group: u32,
+    outliers: f32,
+    domain: Domain,
+    base: &[u8],
+    target: &[u8],
+    recon: &mut [u8],
+) -> Symbols {
+    let w = E::WIDTH;
+    let n = base.len() / w;
+    // Outliers (with `bits`): the `outliers` fraction of the largest finite changes.
+    let want = |finite: usize| (outliers as f64 * finite as f64) as usize;
+    let m_most = if bits.is_some() && outliers > 0.0 { want(n) } else { 0 };
+    let threshold = if m_most > 0 {
+        outlier_threshold::<E>(base, target, m_most)
+    } else {
+        f64::INFINITY
+    };
+    let mut found = scan::<E>(base, target, threshold);
+    let m = if m_most > 0 { want(found.finite) } else { 0 };
+    let mut exceptions = found.non_finite;
+    if m > 0 {
+        if found.candidates.len() < m {
+            // The sample misjudged the chunk: every finite change is a candidate.
+            found = scan::<E>(base, target, 0.0);
+        }
+        let keyed = &mut found.candidates;
+        keyed.select_nth_unstable(m - 1);
+        let mut top: Vec<u32> = keyed[..m].iter().map(|&(_, i)| i).collect();
+        top.sort_unstable();
+        exceptions = merge(&exceptions, &top);
+    }
+
+    let (group, levels) = match (step, bits) {
+        (Some(_), _) => (n.max(1), 0.0),
+        (None, b) => {
+            let b = b.expect("validated: quant has a step or bits");
+            (group as usize, ((1u32 << (b - 1)) - 1) as f64)
+        }
+    };
+    let ulp_domain = domain == Domain::Ulp;
+    let mut group_steps = Vec::new();
+    // Filled block by block, in order: no zeroing of a chunk-sized buffer first.
+    let mut codes = Vec::with_capacity(n);
+    let mut block_codes = [0u64; QBLOCK];
+    let mut new_exceptions = Vec::new();
+    let (mut b, mut t) = ([0f64; QBLOCK], [0f64; QBLOCK]);
+    // Flags as 0 or 1 in 64 bits, the width of the values they select: no conversions.
+    let (mut exc, mut big) = ([0u64; QBLOCK], [0u64; QBLOCK]);
+    // The block in `b`, `t` and `exc`: a group of at most a block is loaded once.
+    let mut loaded = usize::MAX;
+    let (mut next, mut next_max) = (0, 0);
+    for g0 in (0..n).step_by(group) {
+        let g1 = (g0 + group).min(n);
+        let gstep = match step {
+            Some(s) => s as f64,
+            None => {
+                // The largest change of the group's other elements, in four lanes: the
+                // maximum does not depend on the order.
+                let mut lanes = [0f64; 4];
+                for s0 in (g0..g1).step_by(QBLOCK) {
+                    let len = QBLOCK.min(g1 - s0);
+                    E::load_block(&base[s0 * w..(s0 + len) * w], &mut b[..len]);
+                    E::load_block(&target[s0 * w..(s0 + len) * w], &mut t[..len]);
+                    mark(&exceptions, &mut next_max, s0, &mut exc[..len]);
+                    loaded = s0;
+                    // Arrays of four (the last padded with no change) vectorise.
+                    let len4 = len.div_ceil(4) * 4;
+                    b[len..len4].fill(0.0);
+                    t[len..len4].fill(0.0);
+                    let quads = b[..len4].as_chunks::<4>().0.iter().zip(t[..len4].as_chunks::<4>().0);
+                    for ((b4, t4), e4) in quads.zip(exc[..len4].as_chunks::<4>().0) {
+                        for k in 0..4 {
+                            let a = (t4[k] - b4[k]).abs();
+                            lanes[k] = if (e4[k] == 0) & (a > lanes[k]) { a } else { lanes[k] };
+                        }
+                    }
+                }
+                let gmax = lanes.iter().fold(0f64, |m, &a| if a > m { a } else { m });
+                let s = half::bf16::from_f64(gmax / levels);
+                group_steps.push(s.to_bits());
+                s.to_f64()
+            }
+        };
+        for s0 in (g0..g1).step_by(QBLOCK) {
+            let len = QBLOCK.min(g1 - s0);
+            if loaded != s0 || g1 - g0 > QBLOCK {
+                E::load_block(&base[s0 * w..(s0 + len) * w], &mut b[..len]);
+                E::load_block(&target[s0 * w..(s0 + len) * w], &mut t[..len]);
+                mark(&exceptions, &mut next, s0, &mut exc[..len]);
+            } else {
+                next = next_max;
+            }
+            let values = b[..len].iter().zip(&t[..len]).zip(&exc[..len]).zip(&mut big[..len]);
+            let out = block_codes[..len]
+                .iter_mut()
+                .zip(recon[s0 * w..(s0 + len) * w].chunks_exact_mut(w));
+            for ((((&b, &t), &exc), big), (code, o)) in values.zip(out) {
+                // `element_step` and `Ulp::over`, with the spacing computed, not looked up.
+                let (ulp, inv) = E::spacing(b);
+                let x = if E::EXP < 11 || inv.is_finite() {
+                    gstep * inv
+                } else {
+                    gstep / ulp
+                };
+                // `round(x).max(1.0)` for `x >= 0` (as it is for all but the non-finite).
+                let v = x + 0.5;
+                let k = if v < TWO63 { floor_large(v) } else { TWO63 };
+                let k = if k > 1.0 { k } else { 1.0 };
+                let s = if ulp_domain { k * ulp } else { gstep };
+                let q = (t - b) / s;
+                // `round(q).abs()`, except NaN and from 2^63 up, which `MAX_CODE` excludes.
+                let c = floor_large(q.abs() + 0.5);
+                // Elements kept exactly get code 0: the non-finite ones, the outliers, and
+                // (found here) those whose code is out of range.
+                let coded = (exc == 0) & (s != 0.0);
+                *big = (coded & (c >= MAX_CODE)) as u64;
+                let c = if coded & (c < MAX_CODE) { c } else { 0.0 };
+                let neg = (q < 0.0) & (c > 0.0);
+                // zigzag(±c) = 2c - neg, in integers: below 2^52 an integer's bits in
+                // `2^52 + c` are `c` itself. (A select between two f64 values here became two
+                // masked stores, which are slow.)
+                let ci = (c + TWO52).to_bits() - TWO52.to_bits();
+                *code = (ci << 1) - neg as u64;
+                let d = if s == 0.0 { 0.0 } else { (if neg { -c } else { c }) * s };
+                E::store(b + d, o);
+            }
+            codes.extend_from_slice(&block_codes[..len]);
+            if big[..len].iter().fold(0, |x, &f| x | f) != 0 {
+                let found = big[..len].iter().enumerate().filter(|&(_, &f)| f != 0);
+                new_exceptions.extend(found.map(|(j, _)| (s0 + j) as u32));
+            }
+        }
+    }
+    if !new_exceptions.is_empty() {
+        exceptions.extend(new_exceptions);
+        exceptions.sort_unstable();
+    }
+    let exc_values = exact_diffs::<E>(&exceptions, base, target);
+    for (&i, &v) in exceptions.iter().zip(&exc_values) {
+        let i = i as usize;
+        apply_exact::<E>(&base[i * w..(i + 1) * w], v, &mut recon[i * w..(i + 1) * w]);
+    }
     Symbols {
         exceptions,
         exc_values,
-        body,
+        body: Body::Quant {
+            group_steps,
+            range: context_range::<E>(base),
+            codes,
+        },
     }
 }
 
@@ -709,7 +949,10 @@ fn write_symbols<E: Elem>(sym: &Symbols, base: &[u8], out: &mut Vec<u8>) {
             signs,
         } => {
             // Stored: 0 = unchanged, 1 = +, 2 = -: the common symbol gets the small token.
-            let stored: Vec<u8> = signs.iter().map(|&s| (s + 1) % 3).collect();
+            let mut stored = vec![0u8; signs.len()];
+            for (o, &s) in stored.iter_mut().zip(signs) {
+                *o = (s + 1) % 3;
+            }
             out.extend_from_slice(&range.0.to_le_bytes());
             out.extend_from_slice(&range.1.to_le_bytes());
             ints::encode_small(&stored, &contexts::<E>(base, *range), 16, out);
@@ -895,70 +1138,10 @@ fn rebuild<E: Elem>(p: &ChunkParams, base: &[u8], sym: &Symbols, out: &mut [u8])
     Ok(())
 }
 
-/// Positions of the `fraction` largest finite changes of a chunk (ties: lower index first).
-///
-/// A histogram of magnitudes (the top 16 bits of `|d|` as f32) finds the bin holding the
-/// cut, so that only the few changes at or above it are sorted.
-#[inline(always)]
-fn largest<E: Elem>(base: &[u8], target: &[u8], fraction: f32) -> Vec<u32> {
-    let w = E::WIDTH;
-    // Non-finite changes are exceptions already: never outliers (-1 marks them).
-    let mut mags: Vec<f64> = Vec::with_capacity(base.len() / w);
-    super::float::blocks::<E, 2>([base, target], |_, [b, t]| {
-        mags.extend(b.iter().zip(t).map(|(b, t)| {
-            let d = (t - b).abs();
-            if d.is_finite() {
-                d
-            } else {
-                -1.0
-            }
-        }))
-    });
-    let bin = super::float::magnitude_bin;
-    let mut hist = vec![0u32; super::float::MAGNITUDE_BINS];
-    let mut finite = 0usize;
-    for &d in &mags {
-        if d >= 0.0 {
-            hist[bin(d)] += 1;
-            finite += 1;
-        }
-    }
-    let m = (fraction as f64 * finite as f64) as usize;
-    if m == 0 {
-        return Vec::new();
-    }
-    let (mut above, mut cut) = (0usize, 0usize);
-    for b in (0..hist.len()).rev() {
-        above += hist[b] as usize;
-        if above >= m {
-            cut = b;
-            break;
-        }
-    }
-    let mut keyed: Vec<(u64, u32)> = mags
-        .iter()
-        .enumerate()
-        .filter(|&(_, &d)| d >= 0.0 && bin(d) >= cut)
-        .map(|(i, &d)| (!d.to_bits(), i as u32))
-        .collect();
-    keyed.select_nth_unstable(m - 1);
-    let mut top: Vec<u32> = keyed[..m].iter().map(|&(_, i)| i).collect();
-    top.sort_unstable();
-    top
-}
-
 fn merge(a: &[u32], b: &[u32]) -> Vec<u32> {
     let mut m: Vec<u32> = a.iter().chain(b).copied().collect();
     m.sort_unstable();
     m.dedup();
-    m
-}
-
-fn membership(positions: &[u32], n: usize) -> Vec<bool> {
-    let mut m = vec![false; n];
-    for &p in positions {
-        m[p as usize] = true;
-    }
     m
 }
 
@@ -1056,6 +1239,91 @@ mod tests {
             assert_eq!(round(x), want, "{x}");
         }
         assert_eq!(round(f64::NAN), 0.0);
+    }
+
+    /// A pair with the values that take the quantizer's rare paths: zeros and subnormals in
+    /// the base (huge codes: kept exactly), huge changes, non-finite values, unchanged ones.
+    fn tricky_pair(seed: u64, n: usize) -> (Vec<u8>, Vec<u8>) {
+        let (mut b, mut t) = pair(seed, n, 1e-3);
+        let put = |x: &mut Vec<u8>, i: usize, v: half::bf16| x[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
+        for i in (0..n).step_by(37) {
+            put(&mut b, i, half::bf16::ZERO);
+        }
+        for i in (5..n).step_by(101) {
+            put(&mut b, i, half::bf16::from_bits(0x0003));
+            put(&mut t, i + 1, half::bf16::from_f32(3e3));
+        }
+        for i in (11..n).step_by(211) {
+            put(&mut t, i, half::bf16::NAN);
+            put(&mut b, i + 2, half::bf16::NEG_INFINITY);
+            let v = half::bf16::from_le_bytes([b[2 * i + 6], b[2 * i + 7]]);
+            put(&mut t, i + 3, v);
+        }
+        (b, t)
+    }
+
+    #[test]
+    fn rounding_matches_a_conversion_to_integer() {
+        let reference = |x: f64| ((x.abs() + 0.5) as i64 as f64).copysign(x);
+        let edges = [
+            0.0,
+            -0.0,
+            0.49999999999999994,
+            2.5,
+            TWO52 - 0.5,
+            TWO52,
+            TWO52 + 1.0,
+            TWO63 - 1024.0,
+            TWO63,
+            1e300,
+            f64::INFINITY,
+            f64::NAN,
+            f64::MIN_POSITIVE,
+        ];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let random = (0..200_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            f64::from_bits(x)
+        });
+        for v in edges.into_iter().flat_map(|v| [v, -v]).chain(random) {
+            assert_eq!(round(v).to_bits(), reference(v).to_bits(), "{v:e}");
+        }
+    }
+
+    #[test]
+    fn quantizer_rare_paths_round_trip() {
+        let (b, t) = tricky_pair(11, 20_000);
+        let mut quants: Vec<TensorCodec> = codecs().into_iter().filter(|c| c.name() == "quant").collect();
+        quants.push(TensorCodec::Quant {
+            step: None,
+            bits: Some(5),
+            group: 16,
+            outliers: 0.5,
+            domain: Domain::Value,
+        });
+        for c in &quants {
+            round_trip(Dtype::BF16, &params(c), &b, &t);
+        }
+    }
+
+    #[test]
+    fn avx2_and_baseline_builds_code_alike() {
+        let (b, t) = tricky_pair(12, 30_000);
+        for c in codecs() {
+            let p = params(&c);
+            let (mut wide, mut base) = (vec![0u8; t.len()], vec![0u8; t.len()]);
+            let payload = encode(Dtype::BF16, &p, &b, &t, &mut wide);
+            // `encode_impl` itself is the baseline build; `encode` dispatches to AVX2 where
+            // the CPU has it.
+            assert_eq!(
+                payload,
+                encode_impl::<crate::codec::float::Bf16>(&p, &b, &t, &mut base),
+                "{c:?}"
+            );
+            assert_eq!(wide, base, "{c:?}");
+        }
     }
 
     #[test]
