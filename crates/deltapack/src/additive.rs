@@ -42,7 +42,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::Serialize;
 
-use crate::apply::{check_base, rebuild_into, Sink};
+use crate::apply::{rebuild, Ctx, Sink};
 use crate::chain::Chain;
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
 use crate::container::index::{AuxEntry, TensorEntry, WeightFile};
@@ -210,7 +210,7 @@ pub fn export_additive(
 ) -> Result<AdditiveReport> {
     let chain = Chain::open(base, deltas)?;
     // A wrong base is reported as such before the pairing is judged.
-    check_base(&chain)?;
+    let ctx = Ctx::new(&chain)?;
     let top = chain.deltas.last().expect("a chain has a delta");
     let plan = plan_export(&chain.base, top)?;
     let base_only = chain
@@ -234,7 +234,7 @@ pub fn export_additive(
         data_bytes: 0,
         report: AdditiveReport::new(false, base_only, Vec::new()),
     };
-    rebuild_into(&chain, &mut sink, progress)?;
+    rebuild(&ctx, &mut sink, progress)?;
     sink.close_file()?;
     let ExportSink {
         dir, mut report, sums, ..

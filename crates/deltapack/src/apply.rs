@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::chain::Chain;
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
-use crate::codec::{changes, exact, lossy};
+use crate::codec::{decode_exact, lossy};
 use crate::container::index::{AuxEntry, Blob, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
@@ -355,7 +355,8 @@ fn span(a: Range<usize>, b: Range<usize>) -> Range<usize> {
     }
 }
 
-struct Ctx<'a> {
+/// A chain resolved for rebuilding: each level's tensors matched with their sources.
+pub(crate) struct Ctx<'a> {
     chain: &'a Chain,
     /// `levels[0]` is made against the base; the last one is the model rebuilt.
     levels: Vec<Level<'a>>,
@@ -364,7 +365,7 @@ struct Ctx<'a> {
 impl<'a> Ctx<'a> {
     /// Resolves every source tensor in the base or the level below, failing early on a
     /// missing or misshapen one.
-    fn new(chain: &'a Chain) -> Result<Self> {
+    pub(crate) fn new(chain: &'a Chain) -> Result<Self> {
         let mut levels: Vec<Level<'a>> = Vec::with_capacity(chain.deltas.len());
         for delta in &chain.deltas {
             let mut tensors = Vec::new();
@@ -553,12 +554,7 @@ impl<'a> Ctx<'a> {
             }
             ChunkCodec::Exact | ChunkCodec::Changes => {
                 let payload = level.delta.chunk_payload(&t.name, c)?;
-                let layout = dtype::layout(tdt);
-                let decoded = match c.codec {
-                    ChunkCodec::Changes => changes::decode(layout, pred, payload, &mut bytes),
-                    _ => exact::decode(layout, pred, payload, &mut bytes),
-                };
-                if let Err(e) = decoded {
+                if let Err(e) = decode_exact(c.codec, dtype::layout(tdt), pred, payload, &mut bytes) {
                     // A wrong base predicts wrong contexts and fails to decode just like a
                     // corrupt payload does; tell the two apart before blaming the delta.
                     self.check_source(lvl, i)?;
@@ -726,17 +722,8 @@ pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
     }
 }
 
-/// Checks that every tensor `chain` predicts from its base is there, as recorded.
-pub(crate) fn check_base(chain: &Chain) -> Result<()> {
-    Ctx::new(chain).map(drop)
-}
-
-/// Rebuilds the model of `chain` into `sink`, checking every fingerprint on the way.
-pub(crate) fn rebuild_into(chain: &Chain, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
-    rebuild(&Ctx::new(chain)?, sink, progress)
-}
-
-fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
+/// Rebuilds the model of `ctx` into `sink`, checking every fingerprint on the way.
+pub(crate) fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
     let top = ctx.top();
     let delta = ctx.levels[top].delta;
     let files = &delta.index.files;

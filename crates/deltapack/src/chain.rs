@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::apply::{rebuild_chain, ApplyOptions};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{check_overwrite, Checkpoint};
 use crate::container::index::ParentLink;
 use crate::container::Delta;
 use crate::make::{make, MakeOptions, MakeReport};
@@ -135,11 +135,7 @@ pub fn make_child(
     if parents.is_empty() {
         return make(base, finetuned, out, opts, progress);
     }
-    if !opts.force && std::fs::symlink_metadata(out).is_ok() {
-        return Err(Error::OutputExists {
-            path: out.to_path_buf(),
-        });
-    }
+    check_overwrite(out, opts.force)?;
     let mut chain = Chain::open(base, parents)?;
     chain.aux_store = aux_store.map(Path::to_path_buf);
     let mut opts = opts.clone();
@@ -177,11 +173,7 @@ pub fn rebase(
     opts: &MakeOptions,
     progress: &dyn Progress,
 ) -> Result<MakeReport> {
-    if !opts.force && std::fs::symlink_metadata(out).is_ok() {
-        return Err(Error::OutputExists {
-            path: out.to_path_buf(),
-        });
-    }
+    check_overwrite(out, opts.force)?;
     let chain = Chain::open(base, deltas)?;
     let mut opts = opts.clone();
     opts.parent = None;

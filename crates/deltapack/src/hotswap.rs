@@ -71,7 +71,7 @@ use safetensors::Dtype;
 
 use crate::apply::plan_of;
 use crate::checkpoint::Checkpoint;
-use crate::codec::{changes, exact, lossy};
+use crate::codec::{decode_exact, exact, lossy};
 use crate::container::index::{Chunk, ChunkCodec, SourceTensor, TensorEntry};
 use crate::container::Delta;
 use crate::dtype::{self, ElementLayout, FloatLayout};
@@ -132,11 +132,9 @@ struct Slot {
 
 /// The fine-tune a [`Resident`] holds, and how to go back to the base.
 struct Active {
-    path: PathBuf,
     /// Its delta, kept open (mapped, its pages released after use): reverting reads the
     /// payloads of exact chunks again rather than holding copies.
     delta: Arc<Delta>,
-    chunk_bytes: usize,
     /// The fine-tune's tensors, in the delta's order.
     view: Vec<ViewEntry>,
     by_name: HashMap<String, usize>,
@@ -147,6 +145,10 @@ struct Active {
 }
 
 impl Active {
+    fn chunk_bytes(&self) -> usize {
+        self.delta.index.chunk_bytes as usize
+    }
+
     /// Checks every payload a revert will read again against its checksum, in parallel,
     /// dropping each one's pages after.
     fn check_payloads(&self, slots: &[Slot]) -> Result<()> {
@@ -308,7 +310,7 @@ impl Resident {
 
     /// The delta whose fine-tune the model holds, or `None` for the base.
     pub fn active(&self) -> Option<&Path> {
-        self.active.as_ref().map(|a| a.path.as_path())
+        self.active.as_ref().map(|a| a.delta.path.as_path())
     }
 
     /// Bytes held to revert the active fine-tune to the base (0 at the base).
@@ -371,18 +373,18 @@ impl Resident {
             // Refuse a wrong base before anything changes.
             self.plan(&d)?;
         }
-        let previous = self.active.as_ref().map(|a| (a.path.clone(), a.delta.clone()));
+        let previous = self.active.as_ref().map(|a| a.delta.clone());
         let reverted = self.revert()?;
-        match self.apply_delta(d, path) {
+        match self.apply_delta(d) {
             Ok(r) => Ok(SwitchReport {
                 reverted_chunks: reverted.reverted_chunks,
                 bytes: r.bytes + reverted.bytes,
                 ..r
             }),
             Err(e) => {
-                if let Some((p, d)) = previous {
+                if let Some(d) = previous {
                     // Best effort: should the previous delta no longer apply, the model stays at the base.
-                    let _ = self.apply_delta(d, &p);
+                    let _ = self.apply_delta(d);
                 }
                 Err(e)
             }
@@ -403,14 +405,12 @@ impl Resident {
     }
 
     /// Applies a delta to the model, which holds the base; undoes everything on error.
-    fn apply_delta(&mut self, d: Arc<Delta>, path: &Path) -> Result<SwitchReport> {
+    fn apply_delta(&mut self, d: Arc<Delta>) -> Result<SwitchReport> {
         let cb = d.index.chunk_bytes as usize;
         self.fingerprint(cb);
         let planned = self.plan(&d)?;
         let mut active = Active {
-            path: path.to_path_buf(),
             delta: d.clone(),
-            chunk_bytes: cb,
             view: Vec::new(),
             by_name: HashMap::new(),
             fresh: Vec::new(),
@@ -530,7 +530,7 @@ impl Resident {
         active: &mut Active,
         report: &mut SwitchReport,
     ) -> Result<()> {
-        let cb = active.chunk_bytes;
+        let cb = active.chunk_bytes();
         let fresh: Vec<&Planned> = planned.iter().filter(|p| p.kind == Kind::Fresh).collect();
         let mut bufs: Vec<Vec<u8>> = fresh.iter().map(|p| vec![0u8; p.len]).collect();
         let jobs: Vec<(&Planned, usize, &mut [u8])> = bufs
@@ -579,7 +579,7 @@ impl Resident {
         active: &mut Active,
         report: &mut SwitchReport,
     ) -> Result<()> {
-        let cb = active.chunk_bytes;
+        let cb = active.chunk_bytes();
         for p in planned {
             let Kind::Convert(i) = p.kind else { continue };
             let slot = &self.slots[i];
@@ -613,7 +613,7 @@ impl Resident {
         active: &mut Active,
         report: &mut SwitchReport,
     ) -> Result<()> {
-        let cb = active.chunk_bytes;
+        let cb = active.chunk_bytes();
         let mut of_slot = vec![None; self.slots.len()];
         for p in planned {
             if let Kind::InPlace(i) = p.kind {
@@ -686,7 +686,7 @@ impl Resident {
     /// Restores the base's bytes of every tensor `active` rewrote, and checks them against the
     /// base's fingerprints.
     fn restore(&mut self, active: Active) -> Result<SwitchReport> {
-        let cb = active.chunk_bytes;
+        let cb = active.chunk_bytes();
         let mut report = SwitchReport::default();
         let mut in_place: Vec<(&mut Slot, &SlotUndo)> = Vec::new();
         let mut converted = Vec::new();
@@ -792,17 +792,17 @@ fn check_print(d: &Delta, t: &TensorEntry, cb: usize, digests: &[Digest]) -> Res
 fn decode_chunk(d: &Delta, p: &Planned, k: usize, cb: usize, pred: &[u8], out: &mut [u8]) -> Result<()> {
     let c = &p.t.chunks[k];
     let fail = |e: &str| corrupt(d, p.t, format!("chunk {k} does not decode: {e}"));
-    if c.codec == ChunkCodec::Same {
-        out.copy_from_slice(pred);
-        return Ok(());
-    }
-    let payload = d.chunk_payload(&p.t.name, c)?;
-    let layout = dtype::layout(p.dtype);
     let decoded = match c.codec {
-        ChunkCodec::Same => unreachable!("handled above"),
-        ChunkCodec::Exact => exact::decode(layout, pred, payload, out),
-        ChunkCodec::Changes => changes::decode(layout, pred, payload, out),
+        ChunkCodec::Same => {
+            out.copy_from_slice(pred);
+            return Ok(());
+        }
+        ChunkCodec::Exact | ChunkCodec::Changes => {
+            let payload = d.chunk_payload(&p.t.name, c)?;
+            decode_exact(c.codec, dtype::layout(p.dtype), pred, payload, out)
+        }
         ChunkCodec::Lossy => {
+            let payload = d.chunk_payload(&p.t.name, c)?;
             let first = (k * cb / (p.dtype.bitsize() / 8)) as u64;
             let params = p.plan.chunk_params(first).ok_or_else(|| fail("no codec"))?;
             lossy::decode(p.dtype, &params, pred, payload, out)
@@ -920,12 +920,7 @@ fn replay(layout: ElementLayout, codec: ChunkCodec, payload: &[u8], fixes: &[u8]
             patch_exponents(layout.width, f, fixes, &mut s.pred);
         }
         s.out.resize(cur.len(), 0);
-        let decode = if codec == ChunkCodec::Changes {
-            changes::decode
-        } else {
-            exact::decode
-        };
-        let ok = decode(layout, &s.pred, payload, &mut s.out).is_ok();
+        let ok = decode_exact(codec, layout, &s.pred, payload, &mut s.out).is_ok();
         if ok {
             subtract_differences(layout, cur, &s.out, &s.pred);
         }
@@ -1224,7 +1219,7 @@ mod tests {
             ChunkCodec::Exact,
             exact::encode(layout, old, new, &mut exact::Scratch::default()),
         );
-        let sparse = revert(ChunkCodec::Changes, changes::encode(layout, old, new));
+        let sparse = revert(ChunkCodec::Changes, crate::codec::changes::encode(layout, old, new));
         assert_eq!(dense, sparse, "the changes codec reverts as the exact one does");
         dense
     }

@@ -462,6 +462,19 @@ struct Stats {
 
 const BINS: usize = float::MAGNITUDE_BINS;
 
+impl Stats {
+    /// No elements yet; with an empty histogram if `hist`.
+    fn empty(hist: bool) -> Stats {
+        Stats {
+            delta_sq: 0.0,
+            abs_sum: 0.0,
+            finite: 0,
+            zeros: 0,
+            hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
+        }
+    }
+}
+
 /// Element ranges of the analysis blocks: whole rows, about one chunk each.
 fn blocks(t: &TensorView) -> Vec<std::ops::Range<usize>> {
     let (rows, cols) = t.rows_cols();
@@ -505,13 +518,7 @@ fn fold_blocks<R: Send, A>(
 }
 
 fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
-    let init = Stats {
-        delta_sq: 0.0,
-        abs_sum: 0.0,
-        finite: 0,
-        zeros: 0,
-        hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
-    };
+    let init = Stats::empty(hist);
     let w = E::WIDTH;
     fold_blocks(
         t,
@@ -539,13 +546,7 @@ float::avx2_dispatch!(fn block_stats_wide => block_stats(b: &[u8], tg: &[u8], hi
 /// [`Stats`] of one block of a tensor.
 #[inline(always)]
 fn block_stats<E: Elem>(b: &[u8], tg: &[u8], hist: bool) -> Stats {
-    let mut s = Stats {
-        delta_sq: 0.0,
-        abs_sum: 0.0,
-        finite: 0,
-        zeros: 0,
-        hist: hist.then(|| (vec![0u64; BINS], vec![0f64; BINS])),
-    };
+    let mut s = Stats::empty(hist);
     let w = E::WIDTH;
     // Four lanes of sums, lane `k & 3` for element `k`: the adds of one lane do not
     // wait on the others, and four elements are one vector operation.

@@ -7,4 +7,5 @@ mod read;
 mod write;
 
 pub use read::{is_safe_rel_path, AuxFile, Checkpoint, Shard, Skipped, TensorRef};
+pub(crate) use write::check_overwrite;
 pub use write::{OutputDir, OutputFile};

@@ -21,7 +21,8 @@ fn temp_sibling(path: &Path, what: &str) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
-fn check_overwrite(path: &Path, force: bool) -> Result<()> {
+/// Refuses an existing `path` (file, directory or link) unless `force`.
+pub(crate) fn check_overwrite(path: &Path, force: bool) -> Result<()> {
     if !force && std::fs::symlink_metadata(path).is_ok() {
         return Err(Error::OutputExists {
             path: path.to_path_buf(),

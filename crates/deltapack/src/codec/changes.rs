@@ -92,18 +92,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     if k > n as u64 {
         return Err(DecodeError("more changes than elements"));
     }
-    let mut gaps = vec![0u64; k as usize];
-    ints::decode(&mut input, 1, usize::BITS, |_| 0, &mut gaps)?;
-    let mut positions = Vec::with_capacity(gaps.len());
-    let mut next = 0u64;
-    for g in gaps {
-        let pos = next
-            .checked_add(g)
-            .filter(|&p| p < n as u64)
-            .ok_or(DecodeError("change past the chunk"))?;
-        positions.push(pos as usize);
-        next = pos + 1;
-    }
+    let positions = ints::decode_positions(&mut input, k as usize, n)?;
     let (lo, hi) = match input {
         [a, b, c, d, rest @ ..] => {
             input = rest;
@@ -117,7 +106,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     }
     let cmap = ContextMap::new(layout, lo, hi);
     let mut diffs = vec![0u64; positions.len()];
-    let load = |pos: usize| W::load(&pred[pos * w..(pos + 1) * w]);
+    let load = |pos: u32| W::load(&pred[pos as usize * w..(pos as usize + 1) * w]);
     ints::decode(
         &mut input,
         cmap.count(),
@@ -132,7 +121,8 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     for (&pos, &z) in positions.iter().zip(&diffs) {
         let p = load(pos);
         let o = to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(z, W::BITS)) & mask(W::BITS);
-        W::store(from_ordered(o, W::BITS, FLOAT), &mut out[pos * w..(pos + 1) * w]);
+        let at = pos as usize * w;
+        W::store(from_ordered(o, W::BITS, FLOAT), &mut out[at..at + w]);
     }
     Ok(())
 }

@@ -205,6 +205,25 @@ pub fn decode(
     super::exact::verdict(bad != 0, reader.finish(st) && bits.finish())
 }
 
+/// Decodes a stream of `count` gaps (the elements skipped before each position) into the
+/// increasing positions they code, each checked to be below `n` (chunks hold at most 2^30
+/// bytes, so positions fit a `u32`).
+pub fn decode_positions(input: &mut &[u8], count: usize, n: usize) -> Result<Vec<u32>, DecodeError> {
+    let mut gaps = vec![0u64; count];
+    decode(input, 1, 64, |_| 0, &mut gaps)?;
+    let mut next = 0u64;
+    gaps.into_iter()
+        .map(|g| {
+            let p = next
+                .checked_add(g)
+                .filter(|&p| p < n as u64)
+                .ok_or(DecodeError("position past the chunk"))?;
+            next = p + 1;
+            Ok(p as u32)
+        })
+        .collect()
+}
+
 /// Checks that `len` bytes are available at the front of `input` and returns their count.
 fn take_len(input: &mut &[u8], len: Option<u64>) -> Result<usize, DecodeError> {
     len.filter(|&b| b <= input.len() as u64)

@@ -274,18 +274,7 @@ fn get_set(input: &mut &[u8], n: usize, max_bits: u32) -> Result<(Vec<u32>, Vec<
     if count == 0 {
         return Ok((Vec::new(), Vec::new()));
     }
-    let mut gaps = vec![0u64; count as usize];
-    ints::decode(input, 1, 64, |_| 0, &mut gaps)?;
-    let mut positions = Vec::with_capacity(gaps.len());
-    let mut next = 0u64;
-    for g in gaps {
-        let p = next
-            .checked_add(g)
-            .filter(|&p| p < n as u64)
-            .ok_or(DecodeError("position past the chunk"))?;
-        positions.push(p as u32);
-        next = p + 1;
-    }
+    let positions = ints::decode_positions(input, count as usize, n)?;
     let mut values = vec![0u64; count as usize];
     ints::decode(input, 1, max_bits, |_| 0, &mut values)?;
     Ok((positions, values))

@@ -8,3 +8,21 @@ pub mod ints;
 pub mod lossy;
 pub mod rans;
 mod simd;
+
+use crate::container::index::ChunkCodec;
+use crate::dtype::ElementLayout;
+
+/// Decodes a chunk of one of the two exact chunk codecs into `out`: `changes`, or (for any
+/// other `codec`, which callers keep to `exact`) the dense [`exact`] coder.
+pub fn decode_exact(
+    codec: ChunkCodec,
+    layout: ElementLayout,
+    pred: &[u8],
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), exact::DecodeError> {
+    match codec {
+        ChunkCodec::Changes => changes::decode(layout, pred, payload, out),
+        _ => exact::decode(layout, pred, payload, out),
+    }
+}

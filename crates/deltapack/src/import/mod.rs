@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::checkpoint::{Checkpoint, TensorRef};
+use crate::checkpoint::{check_overwrite, Checkpoint, TensorRef};
 use crate::progress::Progress;
 use crate::{make, Error, MakeOptions, MakeReport, Result};
 
@@ -110,9 +110,7 @@ pub fn import_wdelta(
     opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<MakeReport> {
-    if !opts.force && std::fs::symlink_metadata(out).is_ok() {
-        return Err(Error::OutputExists { path: out.into() });
-    }
+    check_overwrite(out, opts.force)?;
     let w = Wdelta::open(wdelta, progress)?;
     let base_ck = Checkpoint::open(base)?;
     let targets = match_base(&w, &base_ck)?;
