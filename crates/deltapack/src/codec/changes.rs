@@ -24,12 +24,23 @@ pub const MAX_CHANGED_PERCENT: usize = 30;
 
 /// True when few enough elements of `target` differ from `pred` for this codec.
 pub fn suits(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
+    dispatch!(layout, suits_impl(layout, pred, target))
+}
+
+fn suits_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
     let w = layout.width;
     let n = target.len() / w;
     let limit = n * MAX_CHANGED_PERCENT / 100;
     let mut changed = 0;
-    for (p, t) in pred.chunks_exact(w).zip(target.chunks_exact(w)) {
-        changed += (p != t) as usize;
+    // Counted in blocks, compared as integers of the element's width: a slice comparison per
+    // element is a call to memcmp, and stopping at every element keeps the loop scalar.
+    const BLOCK: usize = 256;
+    for (p, t) in pred.chunks(BLOCK * w).zip(target.chunks(BLOCK * w)) {
+        changed += p
+            .chunks_exact(w)
+            .zip(t.chunks_exact(w))
+            .filter(|(a, b)| W::load(a) != W::load(b))
+            .count();
         if changed > limit {
             return false;
         }
@@ -107,13 +118,8 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     let cmap = ContextMap::new(layout, lo, hi);
     let mut diffs = vec![0u64; positions.len()];
     let load = |pos: u32| W::load(&pred[pos as usize * w..(pos as usize + 1) * w]);
-    ints::decode(
-        &mut input,
-        cmap.count(),
-        W::BITS,
-        |i| cmap.of(load(positions[i])),
-        &mut diffs,
-    )?;
+    let contexts: Vec<u8> = positions.iter().map(|&p| cmap.of(load(p))).collect();
+    ints::decode(&mut input, cmap.count(), W::BITS, &contexts, &mut diffs)?;
     if !input.is_empty() {
         return Err(DecodeError("bytes after the payload"));
     }

@@ -383,16 +383,36 @@ fn encode_impl<W: Word, const FLOAT: bool>(
 /// `out.len()` must equal `pred.len()`; the payload is untrusted and any inconsistency is
 /// an error, never a panic. Uses the AVX2 decoder for 16-bit floats where the CPU has it.
 pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
-    assert_eq!(pred.len(), out.len(), "prediction and output lengths differ");
-    assert_eq!(out.len() % layout.width, 0, "partial element");
-    dispatch!(layout, decode_impl(layout, pred, payload, out, true))
+    decode_with(Decoder::Widest, layout, pred, payload, out)
 }
 
-/// [`decode`] without CPU-specific code paths: the reference the vector decoder is held to.
+/// [`decode`] without CPU-specific code paths: the reference the vector decoders are held to.
 pub fn decode_portable(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    decode_with(Decoder::Portable, layout, pred, payload, out)
+}
+
+/// Which decoder runs 16-bit float chunks; every choice gives the same output and verdict.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Decoder {
+    /// The scalar loop, on any CPU.
+    Portable,
+    /// Four quads of four lanes, where the CPU has AVX2.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2,
+    /// The widest the CPU has: AVX-512, else AVX2, else portable.
+    Widest,
+}
+
+fn decode_with(
+    decoder: Decoder,
+    layout: ElementLayout,
+    pred: &[u8],
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
     assert_eq!(pred.len(), out.len(), "prediction and output lengths differ");
     assert_eq!(out.len() % layout.width, 0, "partial element");
-    dispatch!(layout, decode_impl(layout, pred, payload, out, false))
+    dispatch!(layout, decode_impl(layout, pred, payload, out, decoder))
 }
 
 fn decode_impl<W: Word, const FLOAT: bool>(
@@ -400,7 +420,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     pred: &[u8],
     payload: &[u8],
     out: &mut [u8],
-    allow_simd: bool,
+    decoder: Decoder,
 ) -> Result<(), DecodeError> {
     let w = layout.width;
     let mut input = payload;
@@ -423,7 +443,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     let words = &input[..word_bytes];
     let expand = TokenTable::new();
     #[cfg(target_arch = "x86_64")]
-    if allow_simd && FLOAT && W::BITS == 16 && super::simd::available() {
+    if decoder != Decoder::Portable && FLOAT && W::BITS == 16 && super::simd::available() {
         let parts = super::simd::Parts {
             contexts: cmap.vector_params(),
             model: &model,
@@ -431,10 +451,13 @@ fn decode_impl<W: Word, const FLOAT: bool>(
             bits: &input[word_bytes..],
             expand: &expand.0,
         };
+        if decoder == Decoder::Widest && super::avx512::available() {
+            return super::avx512::decode16(&parts, pred, out);
+        }
         return super::simd::decode16(&parts, pred, out);
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = allow_simd;
+    let _ = decoder;
     let mut bits = BitReader::new(&input[word_bytes..]);
     let tables = DecoderTables::new(&model);
     // Contexts without a table decode garbage: they are flagged without a branch, and fail at the end.
@@ -606,12 +629,15 @@ mod tests {
                 let i = (next() as usize) % payload.len();
                 payload[i] ^= 1 << (next() % 8);
             }
-            let (mut a, mut b) = (vec![0u8; pred.len()], vec![0u8; pred.len()]);
+            let (mut a, mut b, mut c) = (vec![0u8; pred.len()], vec![0u8; pred.len()], vec![0u8; pred.len()]);
             let ra = decode(l, &pred, &payload, &mut a);
             let rb = decode_portable(l, &pred, &payload, &mut b);
+            let rc = decode_with(Decoder::Avx2, l, &pred, &payload, &mut c);
             prop_assert_eq!(&ra, &rb);
+            prop_assert_eq!(&rc, &rb);
             if ra.is_ok() {
                 prop_assert_eq!(&a, &b);
+                prop_assert_eq!(&c, &b);
             }
             if damage >= 20 {
                 prop_assert!(ra.is_ok());

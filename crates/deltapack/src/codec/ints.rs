@@ -161,17 +161,29 @@ fn finish(symbols: &[u8], ctxs: &[u8], counts: &[[u32; 256]], raw: &[u8], out: &
 }
 
 /// Decodes a stream made by [`encode`] from the front of `input` into `out` (whose length
-/// is the number of values), with `context(i)` the context of value `i` (each `< n_ctx`).
+/// is the number of values), value `i` under context `contexts[i]` (each `< n_ctx`; empty:
+/// all 0, else one per value).
 ///
 /// The input is untrusted: any inconsistency is an error, never a panic. Values wider
 /// than `max_bits` bits are rejected.
-pub fn decode(
+pub fn decode(input: &mut &[u8], n_ctx: usize, max_bits: u32, contexts: &[u8], out: &mut [u64]) -> Result<(), DecodeError> {
+    decode_with(true, input, n_ctx, max_bits, contexts, out)
+}
+
+/// [`decode`], with the vector decoder where the CPU and the stream allow it (`vector`) or
+/// never (the reference it is held to).
+fn decode_with(
+    vector: bool,
     input: &mut &[u8],
     n_ctx: usize,
     max_bits: u32,
-    mut context: impl FnMut(usize) -> u8,
+    contexts: &[u8],
     out: &mut [u64],
 ) -> Result<(), DecodeError> {
+    assert!(
+        contexts.is_empty() || contexts.len() == out.len(),
+        "one context per value"
+    );
     let n_words = rans::get_varint(input).ok_or(DecodeError("bad word count"))?;
     let n_raw = rans::get_varint(input).ok_or(DecodeError("bad raw-bit length"))?;
     if out.is_empty() {
@@ -189,16 +201,22 @@ pub fn decode(
     let (words, rest) = input.split_at(word_bytes);
     let (raw, rest) = rest.split_at(raw_bytes);
     *input = rest;
+    if contexts.iter().any(|&c| c as usize >= n_ctx) {
+        return Err(DecodeError("context out of range"));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector && super::avx512::available() && super::avx512::model_fits(&model) {
+        return super::avx512::decode_values(&model, contexts, words, raw, out);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = vector;
     let tables = DecoderTables::new(&model);
     let expand = TokenTable::new();
     let mut bits = BitReader::new(raw);
     let (mut reader, mut st) = rans::WordReader::new(words);
     let mut bad = 0u8;
     for (i, o) in out.iter_mut().enumerate() {
-        let c = context(i) as usize;
-        if c >= n_ctx {
-            return Err(DecodeError("context out of range"));
-        }
+        let c = contexts.get(i).map_or(0, |&c| c as usize);
         let (base, nbits) = expand.get(tables.step(c, &mut st[i % rans::INTERLEAVE], &mut reader, &mut bad));
         *o = base | bits.get(nbits);
     }
@@ -210,18 +228,21 @@ pub fn decode(
 /// bytes, so positions fit a `u32`).
 pub fn decode_positions(input: &mut &[u8], count: usize, n: usize) -> Result<Vec<u32>, DecodeError> {
     let mut gaps = vec![0u64; count];
-    decode(input, 1, 64, |_| 0, &mut gaps)?;
+    decode(input, 1, 64, &[], &mut gaps)?;
+    // Positions increase, so all are below `n` if the last is; saturating sums cannot wrap.
     let mut next = 0u64;
-    gaps.into_iter()
-        .map(|g| {
-            let p = next
-                .checked_add(g)
-                .filter(|&p| p < n as u64)
-                .ok_or(DecodeError("position past the chunk"))?;
-            next = p + 1;
-            Ok(p as u32)
+    let positions = gaps
+        .iter()
+        .map(|&g| {
+            let p = next.saturating_add(g);
+            next = p.saturating_add(1);
+            p as u32
         })
-        .collect()
+        .collect();
+    if next > n as u64 {
+        return Err(DecodeError("position past the chunk"));
+    }
+    Ok(positions)
 }
 
 /// Checks that `len` bytes are available at the front of `input` and returns their count.
@@ -254,14 +275,7 @@ mod tests {
         out.push(9);
         let mut input = &out[1..];
         let mut got = vec![0u64; values.len()];
-        decode(
-            &mut input,
-            n_ctx,
-            64,
-            |i| contexts.get(i).copied().unwrap_or(0),
-            &mut got,
-        )
-        .expect("decodes");
+        decode(&mut input, n_ctx, 64, contexts, &mut got).expect("decodes");
         assert_eq!(got, values);
         assert_eq!(input, &[9], "the stream delimits itself");
         out.len() - 2
@@ -285,7 +299,41 @@ mod tests {
         fn hostile_streams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), n in 0usize..300) {
             let mut input = &bytes[..];
             let mut out = vec![0u64; n];
-            let _ = decode(&mut input, 3, 64, |i| (i % 3) as u8, &mut out);
+            let contexts: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+            let _ = decode(&mut input, 3, 64, &contexts, &mut out);
+        }
+
+        #[test]
+        fn vector_and_portable_decoders_agree(
+            vals in proptest::collection::vec((any::<u16>(), 0u32..16, 0u8..5), 0..1500),
+            damage in 0usize..40,
+            at in any::<usize>(),
+            bit in 0u8..8,
+        ) {
+            // Values of up to 16 bits (the vector decoder's case) and contexts with and without tables.
+            let values: Vec<u64> = vals.iter().map(|&(v, b, _)| (v >> b) as u64).collect();
+            let contexts: Vec<u8> = vals.iter().map(|&(_, _, c)| c).collect();
+            let mut stream = Vec::new();
+            encode(&values, &contexts, 6, &mut stream);
+            if damage < 25 && !stream.is_empty() {
+                let i = at % stream.len();
+                stream[i] ^= 1 << bit;
+            }
+            for ctx in [&contexts[..], &[]] {
+                let (mut a, mut b) = (vec![0u64; values.len()], vec![0u64; values.len()]);
+                let (mut ia, mut ib) = (&stream[..], &stream[..]);
+                let ra = decode_with(true, &mut ia, 6, 64, ctx, &mut a);
+                let rb = decode_with(false, &mut ib, 6, 64, ctx, &mut b);
+                prop_assert_eq!(&ra, &rb);
+                prop_assert_eq!(ia.len(), ib.len());
+                if ra.is_ok() {
+                    prop_assert_eq!(&a, &b);
+                }
+                if damage >= 25 && !ctx.is_empty() {
+                    prop_assert!(ra.is_ok());
+                    prop_assert_eq!(&a, &values);
+                }
+            }
         }
     }
 

@@ -276,7 +276,7 @@ fn get_set(input: &mut &[u8], n: usize, max_bits: u32) -> Result<(Vec<u32>, Vec<
     }
     let positions = ints::decode_positions(input, count as usize, n)?;
     let mut values = vec![0u64; count as usize];
-    ints::decode(input, 1, max_bits, |_| 0, &mut values)?;
+    ints::decode(input, 1, max_bits, &[], &mut values)?;
     Ok((positions, values))
 }
 
@@ -967,7 +967,7 @@ fn read_symbols<E: Elem>(p: &ChunkParams, base: &[u8], input: &mut &[u8]) -> Res
             let range = read_context_range::<E>(input)?;
             let ctx = contexts::<E>(base, range);
             let mut codes = vec![0u64; n];
-            ints::decode(input, 16, 64, |i| ctx[i], &mut codes)?;
+            ints::decode(input, 16, 64, &ctx, &mut codes)?;
             Body::Quant {
                 group_steps,
                 range,
@@ -981,7 +981,7 @@ fn read_symbols<E: Elem>(p: &ChunkParams, base: &[u8], input: &mut &[u8]) -> Res
         TensorCodec::Dare { keep, seed } => {
             let kept = dare_positions(seed, keep, p.first, n, &exceptions);
             let mut values = vec![0u64; kept.len()];
-            ints::decode(input, 1, 8 * w as u32 + 1, |_| 0, &mut values)?;
+            ints::decode(input, 1, 8 * w as u32 + 1, &[], &mut values)?;
             Body::Dare { kept, values }
         }
         TensorCodec::Sign { zeros, .. } | TensorCodec::SignAxis { zeros, .. } => {
@@ -991,13 +991,13 @@ fn read_symbols<E: Elem>(p: &ChunkParams, base: &[u8], input: &mut &[u8]) -> Res
             if zeros {
                 let range = read_context_range::<E>(input)?;
                 let ctx = contexts::<E>(base, range);
-                ints::decode(input, 16, 8, |i| ctx[i], &mut raw)?;
+                ints::decode(input, 16, 8, &ctx, &mut raw)?;
                 Body::Sign {
                     range: Some(range),
                     signs: raw.iter().map(|&s| (small(s) + 2) % 3).collect(),
                 }
             } else {
-                ints::decode(input, 1, 8, |_| 0, &mut raw)?;
+                ints::decode(input, 1, 8, &[], &mut raw)?;
                 Body::Sign {
                     range: None,
                     signs: raw.iter().map(|&s| small(s)).collect(),

@@ -26,13 +26,13 @@ pub fn available() -> bool {
 
 /// One `u32` per context and slot: `symbol | (freq - 1) << 8 | bias << 20`, where `bias`
 /// is the slot's offset from its symbol's start. Unused contexts are all zero and flagged.
-struct PackedTables {
-    slots: Vec<u32>,
-    unused: u64,
+pub(super) struct PackedTables {
+    pub(super) slots: Vec<u32>,
+    pub(super) unused: u64,
 }
 
 impl PackedTables {
-    fn new(model: &Model) -> Self {
+    pub(super) fn new(model: &Model) -> Self {
         let mut slots = vec![0u32; model.freqs.len() * SCALE];
         let mut unused = 0u64;
         for (c, f) in model.freqs.iter().enumerate() {

@@ -10,6 +10,10 @@ use crate::{hash, Error, Result};
 
 /// zstd level for stored files and the index: they are small, so spend time on ratio.
 const ZSTD_LEVEL: i32 = 19;
+/// zstd level for the index: mostly fingerprints, which no level compresses. On the reference
+/// pair's 157 KB index, 15 gives the same size as 19 (36.4 KB) in under half the time (30 vs
+/// 70 ms, spent after every chunk is written, so on the wall clock).
+const INDEX_ZSTD_LEVEL: i32 = 15;
 
 /// Appends payloads to a new delta file and finishes it with the index and trailer.
 pub struct ContainerWriter {
@@ -74,7 +78,7 @@ impl ContainerWriter {
     /// Writes the index and trailer and renames the file into place; returns its size.
     pub fn finish(mut self, index: &Index, sync: bool) -> Result<u64> {
         let json = serde_json::to_vec(index).expect("index serialises");
-        let packed = compress(&json, None).map_err(|e| Error::io("compressing index of", self.out.target(), e))?;
+        let packed = compress_level(&json, None, INDEX_ZSTD_LEVEL).map_err(|e| Error::io("compressing index of", self.out.target(), e))?;
         let at = self.append(&packed)?;
         let mut trailer = Vec::with_capacity(64);
         trailer.extend_from_slice(&at.to_le_bytes());
@@ -90,9 +94,13 @@ impl ContainerWriter {
 }
 
 fn compress(data: &[u8], dict: Option<&[u8]>) -> std::io::Result<Vec<u8>> {
+    compress_level(data, dict, ZSTD_LEVEL)
+}
+
+fn compress_level(data: &[u8], dict: Option<&[u8]>, level: i32) -> std::io::Result<Vec<u8>> {
     let mut c = match dict {
-        Some(d) => zstd::bulk::Compressor::with_dictionary(ZSTD_LEVEL, d)?,
-        None => zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
+        Some(d) => zstd::bulk::Compressor::with_dictionary(level, d)?,
+        None => zstd::bulk::Compressor::new(level)?,
     };
     c.compress(data)
 }

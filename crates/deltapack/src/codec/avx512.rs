@@ -1,0 +1,350 @@
+//! An AVX-512 decoder for 16-bit float chunks (BF16, F16): the sixteen interleaved rANS
+//! states of the exact codec are the sixteen lanes of one vector, so a group of sixteen
+//! elements is decoded without a scalar step.
+//!
+//! It reads the same format as the scalar decoder in `exact` and the AVX2 one in `simd`,
+//! and must give the same output and the same verdict on every payload, hostile ones
+//! included; a property test in `exact` holds all three to that. What AVX2 could not do in
+//! vectors, this does:
+//! - the renormalisation hands the next words to the lanes that need them with one expand
+//!   (`vpexpandd`), in lane order, as the scalar decoder reads them;
+//! - tokens expand to (value, raw bit count) by arithmetic;
+//! - the raw bits of all sixteen elements are read at once: an exclusive prefix sum of the
+//!   bit counts gives each lane its bit offset, and one byte permute (`vpermb`, AVX-512VBMI)
+//!   of the group's next 64 bytes gives each lane the 32-bit window at its offset (a value of
+//!   16 bits has at most 13 raw bits, so a window always holds them).
+//!
+//! The one chain from group to group is the states (and two scalar positions); everything
+//! else in a group overlaps with the next group's table lookups.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::exact::{verdict, DecodeError};
+use super::rans::{Model, INTERLEAVE as STATES, SCALE_BITS};
+use super::simd::{PackedTables, Parts};
+
+const SCALE: usize = 1 << SCALE_BITS;
+const RANS_L: u32 = 1 << 16;
+/// Bytes of word stream one group may read: sixteen words, as many as sixteen lanes can need.
+const WORD_WINDOW: usize = 2 * STATES;
+/// Bytes of raw bits loaded for one group: fifteen lanes of at most 13 bits plus 7 bits of
+/// offset put the last lane's window at bytes 25..29, inside one vector load.
+const BIT_WINDOW: usize = 64;
+/// Raw bits per element at most, for 16-bit values (the largest token a 16-bit value makes).
+const MAX_RAW_BITS: u32 = 13;
+
+/// True if this CPU can run [`decode16`] and [`decode_values`].
+pub fn available() -> bool {
+    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vbmi")
+}
+
+/// Largest token whose value fits 16 bits: its raw bits then fit the lanes' 32-bit windows.
+const MAX_TOKEN: usize = 16 + (MAX_RAW_BITS as usize - 2) * 4 + 3;
+
+/// True if every token `model` can decode carries at most [`MAX_RAW_BITS`] raw bits, as the
+/// vector decoders need.
+pub fn model_fits(model: &Model) -> bool {
+    model.freqs.iter().all(|f| f.len() <= MAX_TOKEN + 1)
+}
+
+/// Decodes a chunk of 16-bit floats, with the scalar decoder's verdict on every payload.
+/// `pred` and `out` have the same even length; `parts.model`'s tokens fit 16-bit values.
+pub fn decode16(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    assert!(available(), "decode16 needs AVX-512F and AVX-512VBMI");
+    assert_eq!(pred.len(), out.len());
+    assert!(parts.contexts.hi >= parts.contexts.lo && ((parts.contexts.hi - parts.contexts.lo) as usize) < 64);
+    assert_eq!(
+        parts.model.freqs.len(),
+        (parts.contexts.hi - parts.contexts.lo) as usize + 1
+    );
+    assert!(model_fits(parts.model));
+    // SAFETY: AVX-512F and VBMI are available (checked above), and `decode16_avx512` only
+    // reads and writes within the slices it is given (see the comments at each raw access).
+    unsafe { decode16_avx512(parts, pred, out) }
+}
+
+/// Decodes the values of an `ints` stream (tokens under `contexts[i]`, or context 0 for all
+/// when `contexts` is empty) into `out`, with the scalar decoder's verdict. Every context
+/// must have a table in `model` (possibly empty) and the model must [`model_fits`].
+pub fn decode_values(
+    model: &Model,
+    contexts: &[u8],
+    words: &[u8],
+    bits: &[u8],
+    out: &mut [u64],
+) -> Result<(), DecodeError> {
+    assert!(available(), "decode_values needs AVX-512F and AVX-512VBMI");
+    assert!(contexts.is_empty() || contexts.len() == out.len());
+    assert!(model.freqs.len() <= 64 && contexts.iter().all(|&c| (c as usize) < model.freqs.len()));
+    assert!(model_fits(model));
+    // SAFETY: as for `decode16`; contexts index the tables (checked above).
+    unsafe { decode_values_avx512(model, contexts, words, bits, out) }
+}
+
+/// Bytes `at..at + N` of `data`, or what of them exists followed by zeros: reads past the
+/// end of a stream yield zeros, as in the scalar readers (and are caught by the verdict).
+#[inline(always)]
+fn window<const N: usize>(data: &[u8], at: usize) -> [u8; N] {
+    let mut w = [0u8; N];
+    if let Some(rest) = data.get(at..) {
+        let k = rest.len().min(N);
+        w[..k].copy_from_slice(&rest[..k]);
+    }
+    w
+}
+
+/// One interleaved rANS stream with its raw bits, decoded sixteen tokens at a time.
+struct Lanes<'a> {
+    tables: PackedTables,
+    words: &'a [u8],
+    bits: &'a [u8],
+    /// The sixteen states, lane `j` = state `j`.
+    x: __m512i,
+    /// Words consumed.
+    wpos: usize,
+    /// Raw bits consumed.
+    bitpos: u64,
+    /// Bit 0 of a lane set when it used a context without a table.
+    bad: __m512i,
+}
+
+impl<'a> Lanes<'a> {
+    #[target_feature(enable = "avx512f,avx512vbmi")]
+    fn new(model: &Model, words: &'a [u8], bits: &'a [u8]) -> Self {
+        // The initial states, as the scalar WordReader reads them.
+        let head = window::<{ 4 * STATES }>(words, 0);
+        Lanes {
+            tables: PackedTables::new(model),
+            words,
+            bits,
+            // SAFETY: `head` holds 64 bytes, one vector.
+            x: unsafe { _mm512_loadu_si512(head.as_ptr() as *const __m512i) },
+            wpos: 2 * STATES,
+            bitpos: 0,
+            bad: _mm512_setzero_si512(),
+        }
+    }
+
+    /// Decodes the next sixteen tokens, lane `j` under context `ctx[j]` (below the number of
+    /// contexts), and returns their values (token value with its raw bits).
+    #[target_feature(enable = "avx512f,avx512vbmi")]
+    #[inline]
+    fn group(&mut self, ctx: __m512i) -> __m512i {
+        let zero = _mm512_setzero_si512();
+        let one = _mm512_set1_epi32(1);
+        let sixteen = _mm512_set1_epi32(16);
+        // Unused contexts as two 32-bit masks: a shift by 32 or more yields zero, so each
+        // lane tests its context against the half it falls in.
+        let unused_lo = _mm512_set1_epi32(self.tables.unused as u32 as i32);
+        let unused_hi = _mm512_set1_epi32((self.tables.unused >> 32) as i32);
+        let flags = _mm512_or_si512(
+            _mm512_srlv_epi32(unused_lo, ctx),
+            _mm512_srlv_epi32(unused_hi, _mm512_sub_epi32(ctx, _mm512_set1_epi32(32))),
+        );
+        self.bad = _mm512_or_si512(self.bad, flags);
+        let slot = _mm512_and_si512(self.x, _mm512_set1_epi32(SCALE as i32 - 1));
+        let idx = _mm512_or_si512(_mm512_slli_epi32::<{ SCALE_BITS }>(ctx), slot);
+        // SAFETY: ctx < number of contexts and slot < SCALE, so every index is below
+        // tables.slots.len() = contexts * SCALE.
+        let entry = unsafe { _mm512_i32gather_epi32::<4>(idx, self.tables.slots.as_ptr() as *const i32) };
+        let freq = _mm512_add_epi32(
+            _mm512_and_si512(_mm512_srli_epi32::<8>(entry), _mm512_set1_epi32(0xFFF)),
+            one,
+        );
+        let bias = _mm512_srli_epi32::<20>(entry);
+        let x = _mm512_add_epi32(_mm512_mullo_epi32(freq, _mm512_srli_epi32::<{ SCALE_BITS }>(self.x)), bias);
+        // Renormalise the lanes whose state fell below 2^16 with the next words, in lane order.
+        let need = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(RANS_L as i32));
+        let next = match self.words.get(2 * self.wpos..2 * self.wpos + WORD_WINDOW) {
+            // SAFETY: the slice holds 32 bytes.
+            Some(b) => unsafe { _mm256_loadu_si256(b.as_ptr() as *const __m256i) },
+            None => {
+                let w = window::<WORD_WINDOW>(self.words, 2 * self.wpos);
+                // SAFETY: `w` holds 32 bytes.
+                unsafe { _mm256_loadu_si256(w.as_ptr() as *const __m256i) }
+            }
+        };
+        let fresh = _mm512_maskz_expand_epi32(need, _mm512_cvtepu16_epi32(next));
+        self.x = _mm512_mask_mov_epi32(x, need, _mm512_or_si512(_mm512_slli_epi32::<16>(x), fresh));
+        self.wpos += need.count_ones() as usize;
+        // Tokens: below 16 the value itself; above, 2 + (t - 16) / 4 raw bits under the
+        // leading bits 1mm, mm = (t - 16) % 4 (as `exact::TokenTable`).
+        let sym = _mm512_and_si512(entry, _mm512_set1_epi32(0xFF));
+        let big = _mm512_cmpge_epu32_mask(sym, sixteen);
+        let k = _mm512_sub_epi32(sym, sixteen);
+        let nb = _mm512_maskz_mov_epi32(big, _mm512_add_epi32(_mm512_srli_epi32::<2>(k), _mm512_set1_epi32(2)));
+        let lead = _mm512_add_epi32(_mm512_and_si512(k, _mm512_set1_epi32(3)), _mm512_set1_epi32(4));
+        let base = _mm512_mask_blend_epi32(big, sym, _mm512_sllv_epi32(lead, nb));
+        // Exclusive prefix sum of the bit counts: each lane's offset from the group's first bit.
+        let mut incl = nb;
+        incl = _mm512_add_epi32(incl, _mm512_alignr_epi32::<15>(incl, zero));
+        incl = _mm512_add_epi32(incl, _mm512_alignr_epi32::<14>(incl, zero));
+        incl = _mm512_add_epi32(incl, _mm512_alignr_epi32::<12>(incl, zero));
+        incl = _mm512_add_epi32(incl, _mm512_alignr_epi32::<8>(incl, zero));
+        let offs = _mm512_add_epi32(
+            _mm512_sub_epi32(incl, nb),
+            _mm512_set1_epi32((self.bitpos & 7) as i32),
+        );
+        // Each lane's 32-bit window is bytes b..b + 4 of the group's first 64 bytes: one
+        // byte permute puts them in place (a gather is several times slower).
+        let take = _mm512_add_epi32(
+            _mm512_mullo_epi32(_mm512_srli_epi32::<3>(offs), _mm512_set1_epi32(0x0101_0101)),
+            _mm512_set1_epi32(0x0302_0100),
+        );
+        let byte = (self.bitpos >> 3) as usize;
+        let chunk = match self.bits.get(byte..byte.saturating_add(BIT_WINDOW)) {
+            // SAFETY: the slice holds 64 bytes.
+            Some(b) => unsafe { _mm512_loadu_si512(b.as_ptr() as *const __m512i) },
+            None => {
+                let w = window::<BIT_WINDOW>(self.bits, byte);
+                // SAFETY: `w` holds 64 bytes.
+                unsafe { _mm512_loadu_si512(w.as_ptr() as *const __m512i) }
+            }
+        };
+        let raw = _mm512_and_si512(
+            _mm512_srlv_epi32(_mm512_permutexvar_epi8(take, chunk), _mm512_and_si512(offs, _mm512_set1_epi32(7))),
+            _mm512_sub_epi32(_mm512_sllv_epi32(one, nb), one),
+        );
+        self.bitpos += _mm_extract_epi32::<3>(_mm512_extracti32x4_epi32::<3>(incl)) as u32 as u64;
+        _mm512_or_si512(base, raw)
+    }
+
+    /// The sixteen states, for the scalar tail.
+    #[target_feature(enable = "avx512f,avx512vbmi")]
+    fn states(&self) -> [u32; STATES] {
+        let mut st = [0u32; STATES];
+        // SAFETY: writes 64 bytes, the sixteen states.
+        unsafe { _mm512_storeu_si512(st.as_mut_ptr() as *mut __m512i, self.x) };
+        st
+    }
+
+    /// True if some token so far used a context without a table.
+    #[target_feature(enable = "avx512f,avx512vbmi")]
+    fn any_bad(&self) -> bool {
+        _mm512_test_epi32_mask(self.bad, _mm512_set1_epi32(1)) != 0
+    }
+
+    /// Decodes token `i` of the stream on state `st[i % 16]` under context `c` (below the
+    /// number of contexts), one at a time as the scalar decoder does; returns its value.
+    fn scalar(&mut self, st: &mut [u32; STATES], i: usize, c: u32, bad: &mut bool) -> u32 {
+        let k = i % STATES;
+        *bad |= (self.tables.unused >> (c & 63)) & 1 != 0;
+        let entry = self.tables.slots[c as usize * SCALE + (st[k] as usize & (SCALE - 1))];
+        st[k] = (((entry >> 8) & 0xFFF) + 1)
+            .wrapping_mul(st[k] >> SCALE_BITS)
+            .wrapping_add(entry >> 20);
+        if st[k] < RANS_L {
+            st[k] = (st[k] << 16) | u16::from_le_bytes(window::<2>(self.words, 2 * self.wpos)) as u32;
+            self.wpos += 1;
+        }
+        let sym = entry & 0xFF;
+        let (base, nb) = if sym < 16 {
+            (sym, 0)
+        } else {
+            let nb = (sym - 16) / 4 + 2;
+            ((4 | ((sym - 16) & 3)) << nb, nb)
+        };
+        let w = u32::from_le_bytes(window::<4>(self.bits, (self.bitpos >> 3) as usize));
+        let raw = (w >> (self.bitpos & 7)) & ((1u32 << nb) - 1);
+        self.bitpos += nb as u64;
+        base | raw
+    }
+
+    /// The end-of-stream verdict, shared with the scalar decoders.
+    fn verdict(&self, bad: bool, st: &[u32; STATES]) -> Result<(), DecodeError> {
+        let total = self.bits.len() as u64 * 8;
+        verdict(
+            bad,
+            2 * self.wpos == self.words.len()
+                && st.iter().all(|&s| s == RANS_L)
+                && self.bitpos <= total
+                && total - self.bitpos < 8,
+        )
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512vbmi")]
+fn decode16_avx512(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    let mut lanes = Lanes::new(parts.model, parts.words, parts.bits);
+    let c = &parts.contexts;
+    let lo = _mm512_set1_epi32(c.lo as i32);
+    let hi = _mm512_set1_epi32(c.hi as i32);
+    let emask = _mm512_set1_epi32(c.exp_mask as i32);
+    let shift = _mm_cvtsi32_si128(c.mantissa_bits as i32);
+    let ffff = _mm512_set1_epi32(0xFFFF);
+    let sign16 = _mm512_set1_epi32(0x8000);
+    let low15 = _mm512_set1_epi32(0x7FFF);
+    let one = _mm512_set1_epi32(1);
+    let n = pred.len() / 2;
+    let groups = n / STATES;
+    for g in 0..groups {
+        // SAFETY: g < n / 16, so bytes 32g..32g + 32 lie inside `pred` (length 2n).
+        let p = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(pred.as_ptr().add(32 * g) as *const __m256i) });
+        let e = _mm512_and_si512(_mm512_srl_epi32(p, shift), emask);
+        let ctx = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), hi), lo);
+        let z = lanes.group(ctx);
+        // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
+        let d = _mm512_xor_si512(
+            _mm512_srli_epi32::<1>(z),
+            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_and_si512(z, one)),
+        );
+        let psign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(p));
+        let ord = _mm512_xor_si512(p, _mm512_or_si512(_mm512_and_si512(psign, ffff), sign16));
+        let o = _mm512_and_si512(_mm512_add_epi32(ord, d), ffff);
+        let osign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(o));
+        let v = _mm512_xor_si512(o, _mm512_xor_si512(ffff, _mm512_and_si512(osign, low15)));
+        // SAFETY: as for the load: bytes 32g..32g + 32 lie inside `out`, as long as `pred`.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(32 * g) as *mut __m256i, _mm512_cvtepi32_epi16(v)) };
+    }
+    // The last n % 16 elements one at a time, element i on state i % 16, as in the scalar decoder.
+    let mut st = lanes.states();
+    let mut bad = lanes.any_bad();
+    for i in groups * STATES..n {
+        let p = u16::from_le_bytes([pred[2 * i], pred[2 * i + 1]]) as u32;
+        let e = (p >> c.mantissa_bits) & c.exp_mask;
+        let ctx = e.clamp(c.lo as u32, c.hi as u32) - c.lo as u32;
+        let z = lanes.scalar(&mut st, i, ctx, &mut bad);
+        let d = (z >> 1) ^ (z & 1).wrapping_neg();
+        let ord = if p & 0x8000 != 0 { !p & 0xFFFF } else { p | 0x8000 };
+        let o = ord.wrapping_add(d) & 0xFFFF;
+        let v = if o & 0x8000 != 0 { o & 0x7FFF } else { !o & 0xFFFF };
+        out[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_le_bytes());
+    }
+    lanes.verdict(bad, &st)
+}
+
+#[target_feature(enable = "avx512f,avx512vbmi")]
+fn decode_values_avx512(
+    model: &Model,
+    contexts: &[u8],
+    words: &[u8],
+    bits: &[u8],
+    out: &mut [u64],
+) -> Result<(), DecodeError> {
+    let mut lanes = Lanes::new(model, words, bits);
+    let n = out.len();
+    let groups = n / STATES;
+    for g in 0..groups {
+        let ctx = match contexts {
+            [] => _mm512_setzero_si512(),
+            // SAFETY: contexts.len() == n, so bytes 16g..16g + 16 lie inside it.
+            c => _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(c.as_ptr().add(16 * g) as *const __m128i) }),
+        };
+        let z = lanes.group(ctx);
+        // SAFETY: g < n / 16, so elements 16g..16g + 16 lie inside `out`.
+        unsafe {
+            let o = out.as_mut_ptr().add(16 * g) as *mut __m512i;
+            _mm512_storeu_si512(o, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(z)));
+            _mm512_storeu_si512(o.add(1), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(z)));
+        }
+    }
+    let mut st = lanes.states();
+    let mut bad = lanes.any_bad();
+    for (i, o) in out.iter_mut().enumerate().skip(groups * STATES) {
+        let c = contexts.get(i).map_or(0, |&c| c as u32);
+        *o = lanes.scalar(&mut st, i, c, &mut bad) as u64;
+    }
+    lanes.verdict(bad, &st)
+}
