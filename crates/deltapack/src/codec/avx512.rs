@@ -22,7 +22,7 @@
 use std::arch::x86_64::*;
 
 use super::exact::{verdict, DecodeError};
-use super::rans::{Model, INTERLEAVE as STATES, SCALE_BITS};
+use super::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
 use super::simd::{PackedTables, Parts};
 
 const SCALE: usize = 1 << SCALE_BITS;
@@ -37,7 +37,9 @@ const MAX_RAW_BITS: u32 = 13;
 
 /// True if this CPU can run [`decode16`] and [`decode_values`].
 pub fn available() -> bool {
-    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vbmi")
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vbmi")
+        && std::is_x86_feature_detected!("popcnt")
 }
 
 /// Largest token whose value fits 16 bits: its raw bits then fit the lanes' 32-bit windows.
@@ -111,7 +113,7 @@ struct Lanes<'a> {
 }
 
 impl<'a> Lanes<'a> {
-    #[target_feature(enable = "avx512f,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     fn new(model: &Model, words: &'a [u8], bits: &'a [u8]) -> Self {
         // The initial states, as the scalar WordReader reads them.
         let head = window::<{ 4 * STATES }>(words, 0);
@@ -129,7 +131,7 @@ impl<'a> Lanes<'a> {
 
     /// Decodes the next sixteen tokens, lane `j` under context `ctx[j]` (below the number of
     /// contexts), and returns their values (token value with its raw bits).
-    #[target_feature(enable = "avx512f,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     #[inline]
     fn group(&mut self, ctx: __m512i) -> __m512i {
         let zero = _mm512_setzero_si512();
@@ -212,7 +214,7 @@ impl<'a> Lanes<'a> {
     }
 
     /// The sixteen states, for the scalar tail.
-    #[target_feature(enable = "avx512f,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     fn states(&self) -> [u32; STATES] {
         let mut st = [0u32; STATES];
         // SAFETY: writes 64 bytes, the sixteen states.
@@ -221,7 +223,7 @@ impl<'a> Lanes<'a> {
     }
 
     /// True if some token so far used a context without a table.
-    #[target_feature(enable = "avx512f,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     fn any_bad(&self) -> bool {
         _mm512_test_epi32_mask(self.bad, _mm512_set1_epi32(1)) != 0
     }
@@ -265,7 +267,7 @@ impl<'a> Lanes<'a> {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
 fn decode16_avx512(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     let mut lanes = Lanes::new(parts.model, parts.words, parts.bits);
     let c = &parts.contexts;
@@ -315,7 +317,7 @@ fn decode16_avx512(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), Dec
     lanes.verdict(bad, &st)
 }
 
-#[target_feature(enable = "avx512f,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
 fn decode_values_avx512(
     model: &Model,
     contexts: &[u8],
@@ -347,4 +349,141 @@ fn decode_values_avx512(
         *o = lanes.scalar(&mut st, i, c, &mut bad) as u64;
     }
     lanes.verdict(bad, &st)
+}
+
+/// Encodes whole groups of sixteen symbols (`symbols.len()` is a multiple of 16) into the
+/// sixteen states, as the scalar loop in `rans::encode` would: same states, same words.
+/// `words` must have room for `symbols.len() + 16` words past `len`.
+pub fn encode_groups(
+    tables: &EncoderTables,
+    symbols: &[u8],
+    contexts: &[u8],
+    words: &mut [u16],
+    len: &mut usize,
+    st: &mut [u32; STATES],
+) {
+    assert!(available(), "encode_groups needs AVX-512F and AVX-512VBMI");
+    assert!(symbols.len() == contexts.len() && symbols.len().is_multiple_of(STATES));
+    assert!(words.len() >= *len + symbols.len() + 16);
+    assert!(!tables.entries.is_empty() && tables.entries.len() < 1 << 30);
+    // SAFETY: AVX-512F is available; every table index is clamped below entries.len(), and
+    // every word store stays below len + symbols.len() + 16 <= words.len() (checked above).
+    unsafe { encode_groups_avx512(tables, symbols, contexts, words, len, st) }
+}
+
+#[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+fn encode_groups_avx512(
+    tables: &EncoderTables,
+    symbols: &[u8],
+    contexts: &[u8],
+    words: &mut [u16],
+    len: &mut usize,
+    st: &mut [u32; STATES],
+) {
+    let base = tables.entries.as_ptr() as *const i64;
+    let stride = _mm512_set1_epi32(tables.stride as i32);
+    // Valid symbols always index inside the tables; the clamp makes that a guarantee for the
+    // gathers whatever the input (a bad one only yields a wrong, never an unsafe, encoding).
+    let last = _mm512_set1_epi32(tables.entries.len() as i32 - 1);
+    let one = _mm512_set1_epi32(1);
+    // The states are held in reverse lane order (lane j is state 15 - j): the scalar encoder
+    // walks symbols backwards, so within a group state 15 emits its word first, and a
+    // compress of the lanes that emit then puts the words in stream order.
+    let reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // The even and the odd 32-bit words of two vectors of 64-bit entries.
+    let evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    let odds = _mm512_add_epi32(evens, one);
+    // SAFETY: reads the 64 bytes of the sixteen states.
+    let mut x = _mm512_permutexvar_epi32(reverse, unsafe { _mm512_loadu_si512(st.as_ptr() as *const __m512i) });
+    for g in (0..symbols.len() / STATES).rev() {
+        let at = STATES * g;
+        // SAFETY: at + 16 <= symbols.len() == contexts.len().
+        let (s, c) = unsafe {
+            (
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(symbols.as_ptr().add(at) as *const __m128i)),
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(contexts.as_ptr().add(at) as *const __m128i)),
+            )
+        };
+        let entry = _mm512_min_epu32(_mm512_add_epi32(_mm512_mullo_epi32(c, stride), s), last);
+        let entry = _mm512_permutexvar_epi32(reverse, entry);
+        // Whole 8-byte entries, eight at a time: half the elements of two 32-bit gathers.
+        // SAFETY: entry <= entries.len() - 1, so every gathered entry lies inside the tables.
+        let (lo, hi) = unsafe {
+            (
+                _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(entry), base),
+                _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(entry), base),
+            )
+        };
+        let rcp = _mm512_permutex2var_epi32(lo, evens, hi);
+        let packed = _mm512_permutex2var_epi32(lo, odds, hi);
+        let freq = _mm512_and_si512(packed, _mm512_set1_epi32(0x1FFF));
+        let start = _mm512_and_si512(_mm512_srli_epi32::<13>(packed), _mm512_set1_epi32(0xFFF));
+        let cmpl = _mm512_sub_epi32(_mm512_set1_epi32(SCALE as i32), freq);
+        let l = _mm512_srli_epi32::<25>(packed);
+        // Renormalise: x >= freq << 20 (compared as x >> 20 >= freq, which cannot overflow).
+        let big = _mm512_cmpge_epu32_mask(_mm512_srli_epi32::<20>(x), freq);
+        let out = _mm512_maskz_compress_epi32(big, x);
+        // SAFETY: *len + 16 <= words.len() (checked by the caller); 32 bytes are written.
+        unsafe { _mm256_storeu_si256(words.as_mut_ptr().add(*len) as *mut __m256i, _mm512_cvtepi32_epi16(out)) };
+        *len += big.count_ones() as usize;
+        let v = _mm512_mask_blend_epi32(big, x, _mm512_srli_epi32::<16>(x));
+        // q = v / freq = (v + t) >> l with t = (v * rcp_low) >> 32, computed as
+        // (((v - t) >> 1) + t) >> (l - 1) to stay within 32 bits; q = v when l == 0.
+        let p02 = _mm512_mul_epu32(v, rcp);
+        let p13 = _mm512_mul_epu32(_mm512_srli_epi64::<32>(v), _mm512_srli_epi64::<32>(rcp));
+        let t = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64::<32>(p02), p13);
+        let half = _mm512_add_epi32(_mm512_srli_epi32::<1>(_mm512_sub_epi32(v, t)), t);
+        let lm1 = _mm512_max_epi32(_mm512_sub_epi32(l, one), _mm512_setzero_si512());
+        let zero_shift = _mm512_cmpeq_epi32_mask(l, _mm512_setzero_si512());
+        let q = _mm512_mask_blend_epi32(zero_shift, _mm512_srlv_epi32(half, lm1), v);
+        x = _mm512_add_epi32(_mm512_add_epi32(v, start), _mm512_mullo_epi32(q, cmpl));
+    }
+    let x = _mm512_permutexvar_epi32(reverse, x);
+    // SAFETY: writes the 64 bytes of the sixteen states.
+    unsafe { _mm512_storeu_si512(st.as_mut_ptr() as *mut __m512i, x) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn group_encoder_matches_the_avx2_one(
+            counts in proptest::collection::vec(proptest::collection::vec(0u32..50, 1..64), 1..6),
+            picks in proptest::collection::vec((any::<u16>(), any::<u16>()), 0..40),
+        ) {
+            if !available() || !super::super::simd::available() {
+                return Ok(());
+            }
+            // A model from the counts (every context gets at least one symbol), then symbols
+            // each context can code.
+            let counts: Vec<[u32; 256]> = counts.iter().map(|c| {
+                let mut a = [0u32; 256];
+                a[..c.len()].copy_from_slice(c);
+                a[0] += 1;
+                a
+            }).collect();
+            let model = Model::from_counts(&counts);
+            let tables = EncoderTables::new(&model);
+            let n = picks.len() / 16 * 16 * 4;
+            let (mut symbols, mut contexts) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for i in 0..n {
+                let (a, b) = picks[i % picks.len()];
+                let c = (a as usize + i) % counts.len();
+                let present: Vec<usize> = (0..256).filter(|&s| counts[c][s] > 0).collect();
+                contexts.push(c as u8);
+                symbols.push(present[(b as usize + 7 * i) % present.len()] as u8);
+            }
+            let init: [u32; STATES] = std::array::from_fn(|j| (1 << 16) + 977 * j as u32 * picks.len() as u32);
+            let (mut wa, mut wb) = (vec![0u16; n + 16], vec![0u16; n + 16]);
+            let (mut la, mut lb) = (0, 0);
+            let (mut sa, mut sb) = (init, init);
+            encode_groups(&tables, &symbols, &contexts, &mut wa, &mut la, &mut sa);
+            super::super::simd::encode_groups(&tables, &symbols, &contexts, &mut wb, &mut lb, &mut sb);
+            prop_assert_eq!(sa, sb);
+            prop_assert_eq!(&wa[..la], &wb[..lb]);
+        }
+    }
 }

@@ -216,9 +216,9 @@ pub fn encode(
 ) -> ([u32; STATES], usize) {
     assert_eq!(symbols.len(), contexts.len());
     let n = symbols.len();
-    // At most one word per symbol, plus slack for the branch-free (and 8-byte vector) stores.
-    if words.len() < n + 8 {
-        words.resize(n + 8, 0);
+    // At most one word per symbol, plus slack for the branch-free (and 32-byte vector) stores.
+    if words.len() < n + 16 {
+        words.resize(n + 16, 0);
     }
     let mut len = 0usize;
     let mut st = [RANS_L; STATES];
@@ -228,6 +228,11 @@ pub fn encode(
     for i in (full..n).rev() {
         let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
         e.put(&mut st[i % STATES], words, &mut len);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if allow_simd && super::avx512::available() {
+        super::avx512::encode_groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st);
+        return (st, len);
     }
     #[cfg(target_arch = "x86_64")]
     if allow_simd && super::simd::available() {
