@@ -21,9 +21,10 @@
 
 use std::arch::x86_64::*;
 
+use super::bits::BitWriter;
 use super::exact::{verdict, DecodeError};
 use super::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
-use super::simd::{PackedTables, Parts};
+use super::simd::{Contexts, PackedTables, Parts};
 
 const SCALE: usize = 1 << SCALE_BITS;
 const RANS_L: u32 = 1 << 16;
@@ -83,6 +84,27 @@ pub fn decode_values(
     assert!(model_fits(model));
     // SAFETY: as for `decode16`; contexts index the tables (checked above).
     unsafe { decode_values_avx512(model, contexts, words, bits, out) }
+}
+
+/// The low 16 bits of each lane, packed. A byte permute rather than `vpmovdw`: stored
+/// straight to memory (as the compiler folds it), that one is microcoded on AMD's Zen 4 and
+/// stalls the loads behind it.
+#[target_feature(enable = "avx512f,avx512vbmi")]
+#[inline]
+fn low_words(v: __m512i) -> __m256i {
+    let idx = _mm512_set_epi32(
+        0, 0, 0, 0, 0, 0, 0, 0, 0x3d3c_3938, 0x3534_3130, 0x2d2c_2928, 0x2524_2120, 0x1d1c_1918, 0x1514_1110,
+        0x0d0c_0908, 0x0504_0100,
+    );
+    _mm512_castsi512_si256(_mm512_permutexvar_epi8(idx, v))
+}
+
+/// The low byte of each lane, packed (see [`low_words`] for why not `vpmovdb`).
+#[target_feature(enable = "avx512f,avx512vbmi")]
+#[inline]
+fn low_bytes(v: __m512i) -> __m128i {
+    let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3c38_3430, 0x2c28_2420, 0x1c18_1410, 0x0c08_0400);
+    _mm512_castsi512_si128(_mm512_permutexvar_epi8(idx, v))
 }
 
 /// Bytes `at..at + N` of `data`, or what of them exists followed by zeros: reads past the
@@ -298,7 +320,7 @@ fn decode16_avx512(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), Dec
         let osign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(o));
         let v = _mm512_xor_si512(o, _mm512_xor_si512(ffff, _mm512_and_si512(osign, low15)));
         // SAFETY: as for the load: bytes 32g..32g + 32 lie inside `out`, as long as `pred`.
-        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(32 * g) as *mut __m256i, _mm512_cvtepi32_epi16(v)) };
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(32 * g) as *mut __m256i, low_words(v)) };
     }
     // The last n % 16 elements one at a time, element i on state i % 16, as in the scalar decoder.
     let mut st = lanes.states();
@@ -424,7 +446,7 @@ fn encode_groups_avx512(
         let big = _mm512_cmpge_epu32_mask(_mm512_srli_epi32::<20>(x), freq);
         let out = _mm512_maskz_compress_epi32(big, x);
         // SAFETY: *len + 16 <= words.len() (checked by the caller); 32 bytes are written.
-        unsafe { _mm256_storeu_si256(words.as_mut_ptr().add(*len) as *mut __m256i, _mm512_cvtepi32_epi16(out)) };
+        unsafe { _mm256_storeu_si256(words.as_mut_ptr().add(*len) as *mut __m256i, low_words(out)) };
         *len += big.count_ones() as usize;
         let v = _mm512_mask_blend_epi32(big, x, _mm512_srli_epi32::<16>(x));
         // q = v / freq = (v + t) >> l with t = (v * rcp_low) >> 32, computed as
@@ -441,6 +463,120 @@ fn encode_groups_avx512(
     let x = _mm512_permutexvar_epi32(reverse, x);
     // SAFETY: writes the 64 bytes of the sixteen states.
     unsafe { _mm512_storeu_si512(st.as_mut_ptr() as *mut __m512i, x) };
+}
+
+/// The exact encoder's front end for 16-bit floats, sixteen elements at a time, for the
+/// first `16k` elements of `pred` and `target`: each element's token and context into `tok`
+/// and `ctx`, its histogram bin `ctx * stride + token` into `bins`, and its raw bits appended
+/// to `bits`, exactly as `exact::tokenize`, the context map and the scalar loop give them.
+///
+/// The counting is left to the caller: sixteen increments in a row here, each a load and a
+/// store through an address computed late, stalled the loop (at 15 cycles an element).
+#[allow(clippy::too_many_arguments)]
+pub fn front16(
+    contexts: &Contexts,
+    pred: &[u8],
+    target: &[u8],
+    tok: &mut [u8],
+    ctx: &mut [u8],
+    bins: &mut [u16],
+    stride: usize,
+    bits: &mut BitWriter,
+) {
+    assert!(available(), "front16 needs AVX-512F and AVX-512VBMI");
+    let n = pred.len() / 2 / STATES * STATES;
+    assert!(pred.len() == target.len() && tok.len() >= n && ctx.len() >= n && bins.len() >= n);
+    assert!(contexts.hi >= contexts.lo && (contexts.hi - contexts.lo) < 64);
+    assert!(stride > MAX_TOKEN && 64 * stride < 1 << 16);
+    // SAFETY: AVX-512F and VBMI are available and the lengths were checked: every raw access
+    // below stays inside the slices.
+    unsafe { front16_avx512(contexts, &pred[..2 * n], &target[..2 * n], tok, ctx, bins, stride, bits) }
+}
+
+#[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+#[allow(clippy::too_many_arguments)]
+fn front16_avx512(
+    contexts: &Contexts,
+    pred: &[u8],
+    target: &[u8],
+    tok: &mut [u8],
+    ctx: &mut [u8],
+    bins: &mut [u16],
+    stride: usize,
+    bits: &mut BitWriter,
+) {
+    let lo = _mm512_set1_epi32(contexts.lo as i32);
+    let hi = _mm512_set1_epi32(contexts.hi as i32);
+    let emask = _mm512_set1_epi32(contexts.exp_mask as i32);
+    let shift = _mm_cvtsi32_si128(contexts.mantissa_bits as i32);
+    let ffff = _mm512_set1_epi32(0xFFFF);
+    let sign16 = _mm512_set1_epi32(0x8000);
+    let one = _mm512_set1_epi32(1);
+    let sixteen = _mm512_set1_epi32(16);
+    let stride = _mm512_set1_epi32(stride as i32);
+    let low32 = _mm512_set1_epi64(0xFFFF_FFFF);
+    let pairs_a = _mm512_set_epi64(7, 7, 7, 7, 6, 4, 2, 0);
+    let pairs_b = _mm512_set_epi64(7, 7, 7, 7, 7, 5, 3, 1);
+    let ordered = |x: __m512i| {
+        let sign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(x));
+        _mm512_xor_si512(x, _mm512_or_si512(_mm512_and_si512(sign, ffff), sign16))
+    };
+    for g in 0..pred.len() / 32 {
+        // SAFETY: g < len / 32, so bytes 32g..32g + 32 lie inside `pred` and `target`.
+        let (p, t) = unsafe {
+            (
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(pred.as_ptr().add(32 * g) as *const __m256i)),
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(target.as_ptr().add(32 * g) as *const __m256i)),
+            )
+        };
+        let d = _mm512_and_si512(_mm512_sub_epi32(ordered(t), ordered(p)), ffff);
+        let sd = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(d));
+        let z = _mm512_and_si512(_mm512_xor_si512(_mm512_slli_epi32::<1>(sd), _mm512_srai_epi32::<31>(sd)), ffff);
+        // floor(log2(z | 16)) from the exponent of its (exact) f32 conversion.
+        let f = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_or_si512(z, sixteen)));
+        let lg = _mm512_sub_epi32(_mm512_srli_epi32::<23>(f), _mm512_set1_epi32(127));
+        let small = _mm512_cmplt_epu32_mask(z, sixteen);
+        let nb = _mm512_maskz_sub_epi32(!small, lg, _mm512_set1_epi32(2));
+        let m = _mm512_and_si512(_mm512_srlv_epi32(z, nb), _mm512_set1_epi32(3));
+        let token = _mm512_mask_blend_epi32(small, _mm512_add_epi32(_mm512_slli_epi32::<2>(lg), m), z);
+        let raw = _mm512_and_si512(z, _mm512_sub_epi32(_mm512_sllv_epi32(one, nb), one));
+        let e = _mm512_and_si512(_mm512_srl_epi32(p, shift), emask);
+        let c = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), hi), lo);
+        // SAFETY: elements 16g..16g + 16 lie inside `tok` and `ctx` (checked by the caller).
+        unsafe {
+            _mm_storeu_si128(tok.as_mut_ptr().add(16 * g) as *mut __m128i, low_bytes(token));
+            _mm_storeu_si128(ctx.as_mut_ptr().add(16 * g) as *mut __m128i, low_bytes(c));
+        }
+        let bin = _mm512_add_epi32(_mm512_mullo_epi32(c, stride), token);
+        // SAFETY: elements 16g..16g + 16 lie inside `bins` (checked by the caller).
+        unsafe { _mm256_storeu_si256(bins.as_mut_ptr().add(16 * g) as *mut __m256i, low_words(bin)) };
+        // Raw bits: neighbours joined into 64-bit lanes of up to 26 bits, then pairs of those
+        // into four of up to 52, each one write.
+        let v1 = _mm512_or_si512(
+            _mm512_and_si512(raw, low32),
+            _mm512_sllv_epi64(_mm512_srli_epi64::<32>(raw), _mm512_and_si512(nb, low32)),
+        );
+        let n1 = _mm512_add_epi64(_mm512_and_si512(nb, low32), _mm512_srli_epi64::<32>(nb));
+        let (a, b) = (_mm512_permutexvar_epi64(pairs_a, v1), _mm512_permutexvar_epi64(pairs_b, v1));
+        let (na, nbb) = (_mm512_permutexvar_epi64(pairs_a, n1), _mm512_permutexvar_epi64(pairs_b, n1));
+        // Each of the four as one word: the bits below, their count in the top byte. Moved to
+        // scalar registers by extracts: a vector store read back by narrower loads waits on
+        // store forwarding, which cost more than all the arithmetic.
+        let v2 = _mm512_or_si512(
+            _mm512_or_si512(a, _mm512_sllv_epi64(b, na)),
+            _mm512_slli_epi64::<56>(_mm512_add_epi64(na, nbb)),
+        );
+        let (q01, q23) = (_mm512_castsi512_si128(v2), _mm512_extracti32x4_epi32::<1>(v2));
+        for w in [
+            _mm_cvtsi128_si64(q01),
+            _mm_extract_epi64::<1>(q01),
+            _mm_cvtsi128_si64(q23),
+            _mm_extract_epi64::<1>(q23),
+        ] {
+            let w = w as u64;
+            bits.put(w & ((1 << 56) - 1), (w >> 56) as u32);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ pub struct DecodeError(pub &'static str);
 pub struct Scratch {
     symbols: Vec<u8>,
     contexts: Vec<u8>,
+    /// Histogram bins (`context * stride + token`), for the AVX-512 front end.
+    bins: Vec<u16>,
     words: Vec<u16>,
     bits: Vec<u8>,
 }
@@ -275,7 +277,18 @@ fn encode_impl<W: Word, const FLOAT: bool>(
     let (syms, ctxs) = (&mut scratch.symbols[..], &mut scratch.contexts[..]);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if allow_simd && FLOAT && W::BITS == 16 && super::simd::available() {
+    if allow_simd && FLOAT && W::BITS == 16 && super::avx512::available() {
+        done = n / rans::INTERLEAVE * rans::INTERLEAVE;
+        scratch.bins.resize(done, 0);
+        let bins = &mut scratch.bins[..];
+        super::avx512::front16(&cmap.vector_params(), pred, target, syms, ctxs, bins, stride, &mut bits);
+        let rows = nctx * stride;
+        for b4 in bins.chunks_exact(4) {
+            for (j, &b) in b4.iter().enumerate() {
+                sub[j * rows + b as usize] += 1;
+            }
+        }
+    } else if allow_simd && FLOAT && W::BITS == 16 && super::simd::available() {
         // Tokens, contexts and raw bits eight at a time, in blocks that stay in L1; the
         // histogram and the bit packing stay scalar.
         const BLOCK: usize = 256;
