@@ -289,54 +289,91 @@ impl<'a> Lanes<'a> {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
-fn decode16_avx512(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
-    let mut lanes = Lanes::new(parts.model, parts.words, parts.bits);
-    let c = &parts.contexts;
-    let lo = _mm512_set1_epi32(c.lo as i32);
-    let hi = _mm512_set1_epi32(c.hi as i32);
-    let emask = _mm512_set1_epi32(c.exp_mask as i32);
-    let shift = _mm_cvtsi32_si128(c.mantissa_bits as i32);
-    let ffff = _mm512_set1_epi32(0xFFFF);
-    let sign16 = _mm512_set1_epi32(0x8000);
-    let low15 = _mm512_set1_epi32(0x7FFF);
-    let one = _mm512_set1_epi32(1);
-    let n = pred.len() / 2;
-    let groups = n / STATES;
-    for g in 0..groups {
-        // SAFETY: g < n / 16, so bytes 32g..32g + 32 lie inside `pred` (length 2n).
-        let p = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(pred.as_ptr().add(32 * g) as *const __m256i) });
-        let e = _mm512_and_si512(_mm512_srl_epi32(p, shift), emask);
-        let ctx = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), hi), lo);
-        let z = lanes.group(ctx);
+/// One 16-bit float chunk being decoded, group by group.
+struct Dense16<'a> {
+    lanes: Lanes<'a>,
+    contexts: &'a Contexts,
+    pred: &'a [u8],
+    out: &'a mut [u8],
+}
+
+impl<'a> Dense16<'a> {
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+    fn new(parts: &'a Parts, pred: &'a [u8], out: &'a mut [u8]) -> Self {
+        Dense16 {
+            lanes: Lanes::new(parts.model, parts.words, parts.bits),
+            contexts: &parts.contexts,
+            pred,
+            out,
+        }
+    }
+
+    /// Whole groups of sixteen elements.
+    fn groups(&self) -> usize {
+        self.pred.len() / 2 / STATES
+    }
+
+    /// Decodes group `g` (below [`Dense16::groups`]).
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+    #[inline]
+    fn step(&mut self, g: usize) {
+        let c = self.contexts;
+        let ffff = _mm512_set1_epi32(0xFFFF);
+        let one = _mm512_set1_epi32(1);
+        assert!(32 * g + 32 <= self.pred.len() && self.pred.len() == self.out.len());
+        // SAFETY: bytes 32g..32g + 32 lie inside `pred` (checked above).
+        let p = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(self.pred.as_ptr().add(32 * g) as *const __m256i) });
+        let e = _mm512_and_si512(
+            _mm512_srl_epi32(p, _mm_cvtsi32_si128(c.mantissa_bits as i32)),
+            _mm512_set1_epi32(c.exp_mask as i32),
+        );
+        let lo = _mm512_set1_epi32(c.lo as i32);
+        let ctx = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), _mm512_set1_epi32(c.hi as i32)), lo);
+        let z = self.lanes.group(ctx);
         // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
         let d = _mm512_xor_si512(
             _mm512_srli_epi32::<1>(z),
             _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_and_si512(z, one)),
         );
         let psign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(p));
-        let ord = _mm512_xor_si512(p, _mm512_or_si512(_mm512_and_si512(psign, ffff), sign16));
+        let ord = _mm512_xor_si512(p, _mm512_or_si512(_mm512_and_si512(psign, ffff), _mm512_set1_epi32(0x8000)));
         let o = _mm512_and_si512(_mm512_add_epi32(ord, d), ffff);
         let osign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(o));
-        let v = _mm512_xor_si512(o, _mm512_xor_si512(ffff, _mm512_and_si512(osign, low15)));
+        let v = _mm512_xor_si512(o, _mm512_xor_si512(ffff, _mm512_and_si512(osign, _mm512_set1_epi32(0x7FFF))));
         // SAFETY: as for the load: bytes 32g..32g + 32 lie inside `out`, as long as `pred`.
-        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(32 * g) as *mut __m256i, low_words(v)) };
+        unsafe { _mm256_storeu_si256(self.out.as_mut_ptr().add(32 * g) as *mut __m256i, low_words(v)) };
     }
-    // The last n % 16 elements one at a time, element i on state i % 16, as in the scalar decoder.
-    let mut st = lanes.states();
-    let mut bad = lanes.any_bad();
-    for i in groups * STATES..n {
-        let p = u16::from_le_bytes([pred[2 * i], pred[2 * i + 1]]) as u32;
-        let e = (p >> c.mantissa_bits) & c.exp_mask;
-        let ctx = e.clamp(c.lo as u32, c.hi as u32) - c.lo as u32;
-        let z = lanes.scalar(&mut st, i, ctx, &mut bad);
-        let d = (z >> 1) ^ (z & 1).wrapping_neg();
-        let ord = if p & 0x8000 != 0 { !p & 0xFFFF } else { p | 0x8000 };
-        let o = ord.wrapping_add(d) & 0xFFFF;
-        let v = if o & 0x8000 != 0 { o & 0x7FFF } else { !o & 0xFFFF };
-        out[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_le_bytes());
+
+    /// Decodes the last `n % 16` elements one at a time, element `i` on state `i % 16` as in
+    /// the scalar decoder, and gives the verdict.
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+    fn finish(mut self) -> Result<(), DecodeError> {
+        let c = self.contexts;
+        let n = self.pred.len() / 2;
+        let mut st = self.lanes.states();
+        let mut bad = self.lanes.any_bad();
+        for i in self.groups() * STATES..n {
+            let p = u16::from_le_bytes([self.pred[2 * i], self.pred[2 * i + 1]]) as u32;
+            let e = (p >> c.mantissa_bits) & c.exp_mask;
+            let ctx = e.clamp(c.lo as u32, c.hi as u32) - c.lo as u32;
+            let z = self.lanes.scalar(&mut st, i, ctx, &mut bad);
+            let d = (z >> 1) ^ (z & 1).wrapping_neg();
+            let ord = if p & 0x8000 != 0 { !p & 0xFFFF } else { p | 0x8000 };
+            let o = ord.wrapping_add(d) & 0xFFFF;
+            let v = if o & 0x8000 != 0 { o & 0x7FFF } else { !o & 0xFFFF };
+            self.out[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_le_bytes());
+        }
+        self.lanes.verdict(bad, &st)
     }
-    lanes.verdict(bad, &st)
+}
+
+#[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+fn decode16_avx512(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    let mut d = Dense16::new(parts, pred, out);
+    for g in 0..d.groups() {
+        d.step(g);
+    }
+    d.finish()
 }
 
 #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]

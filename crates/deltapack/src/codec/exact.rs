@@ -428,14 +428,29 @@ fn decode_with(
     dispatch!(layout, decode_impl(layout, pred, payload, out, decoder))
 }
 
-fn decode_impl<W: Word, const FLOAT: bool>(
-    layout: ElementLayout,
-    pred: &[u8],
-    payload: &[u8],
-    out: &mut [u8],
-    decoder: Decoder,
-) -> Result<(), DecodeError> {
-    let w = layout.width;
+/// The parts of an exact payload, validated: what every decoder reads.
+struct Payload<'p> {
+    cmap: ContextMap,
+    model: Model,
+    words: &'p [u8],
+    bits: &'p [u8],
+}
+
+impl Payload<'_> {
+    /// The same parts, as the vector decoders take them.
+    #[cfg(target_arch = "x86_64")]
+    fn parts<'s>(&'s self, expand: &'s TokenTable) -> super::simd::Parts<'s> {
+        super::simd::Parts {
+            contexts: self.cmap.vector_params(),
+            model: &self.model,
+            words: self.words,
+            bits: self.bits,
+            expand: &expand.0,
+        }
+    }
+}
+
+fn parse(layout: ElementLayout, bits_per_value: u32, payload: &[u8]) -> Result<Payload<'_>, DecodeError> {
     let mut input = payload;
     let lo = read_u16(&mut input)?;
     let hi = read_u16(&mut input)?;
@@ -445,7 +460,7 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     }
     let cmap = ContextMap::new(layout, lo, hi);
     let model = Model::read(&mut input, cmap.count()).ok_or(DecodeError("bad frequency table"))?;
-    if model.freqs.iter().any(|f| f.len() > max_token(W::BITS) + 1) {
+    if model.freqs.iter().any(|f| f.len() > max_token(bits_per_value) + 1) {
         return Err(DecodeError("token out of range for the dtype"));
     }
     let n_words = rans::get_varint(&mut input).ok_or(DecodeError("bad word count"))?;
@@ -453,17 +468,28 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         .checked_mul(2)
         .filter(|&b| b <= input.len() as u64)
         .ok_or(DecodeError("word stream past end of payload"))? as usize;
-    let words = &input[..word_bytes];
+    let (words, bits) = input.split_at(word_bytes);
+    Ok(Payload {
+        cmap,
+        model,
+        words,
+        bits,
+    })
+}
+
+fn decode_impl<W: Word, const FLOAT: bool>(
+    layout: ElementLayout,
+    pred: &[u8],
+    payload: &[u8],
+    out: &mut [u8],
+    decoder: Decoder,
+) -> Result<(), DecodeError> {
+    let w = layout.width;
+    let parsed = parse(layout, W::BITS, payload)?;
     let expand = TokenTable::new();
     #[cfg(target_arch = "x86_64")]
     if decoder != Decoder::Portable && FLOAT && W::BITS == 16 && super::simd::available() {
-        let parts = super::simd::Parts {
-            contexts: cmap.vector_params(),
-            model: &model,
-            words,
-            bits: &input[word_bytes..],
-            expand: &expand.0,
-        };
+        let parts = parsed.parts(&expand);
         if decoder == Decoder::Widest && super::avx512::available() {
             return super::avx512::decode16(&parts, pred, out);
         }
@@ -471,7 +497,13 @@ fn decode_impl<W: Word, const FLOAT: bool>(
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = decoder;
-    let mut bits = BitReader::new(&input[word_bytes..]);
+    let Payload {
+        cmap,
+        model,
+        words,
+        bits: raw,
+    } = parsed;
+    let mut bits = BitReader::new(raw);
     let tables = DecoderTables::new(&model);
     // Contexts without a table decode garbage: they are flagged without a branch, and fail at the end.
     let mut bad = 0u8;
