@@ -368,6 +368,7 @@ enum Dev {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -377,6 +378,24 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Keeps freed chunk buffers in glibc's heap for reuse. Every decoded chunk is a buffer of
+/// up to a few MiB, allocated and freed on a worker thread; by default glibc maps and unmaps
+/// such buffers (or trims the thread's heap) each time, so every chunk pays page faults to
+/// zero fresh pages and cross-core TLB flushes. On a chain of five deltas that was 12 % of
+/// `store get` (`perf`), and 7 % of `apply`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only sets two of glibc's allocation thresholds, before any other
+    // thread exists; a rejected value leaves the default in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e

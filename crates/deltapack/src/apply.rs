@@ -18,7 +18,8 @@ use serde::Serialize;
 
 use crate::chain::Chain;
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
-use crate::codec::{decode_exact, lossy};
+use crate::codec::exact::DecodeError;
+use crate::codec::{decode_exact, decode_exact_in_place, lossy};
 use crate::container::index::{AuxEntry, Blob, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
@@ -529,10 +530,27 @@ impl<'a> Ctx<'a> {
         }
         let c = &t.chunks[chunk];
         // An unchanged chunk of a tensor predicted byte for byte passes through uncopied.
-        if c.codec == ChunkCodec::Same && t.relation != Relation::Converted && read.len() == range.len() {
+        let verbatim = t.relation != Relation::Converted && read.len() == range.len();
+        if c.codec == ChunkCodec::Same && verbatim {
             let w = win.expect("a 'same' chunk has a source");
             return Ok((narrow(w.bytes, w.offset, read), hashes, need));
         }
+        // A prediction decoded for this chunk alone (by the link below, in a chain) is decoded
+        // over in place: no fresh buffer to fill, no copy.
+        let exact = matches!(c.codec, ChunkCodec::Exact | ChunkCodec::Changes);
+        let win = match win {
+            Some(Window {
+                bytes: Cow::Owned(mut bytes),
+                offset,
+                ..
+            }) if exact && verbatim && offset == read.start && bytes.len() == read.len() => {
+                let payload = level.delta.chunk_payload(&t.name, c)?;
+                let decoded = decode_exact_in_place(c.codec, dtype::layout(tdt), payload, &mut bytes);
+                decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
+                return Ok((Cow::Owned(bytes), hashes, need));
+            }
+            other => other,
+        };
         let mut buf = Vec::new();
         let pred: &[u8] = match &win {
             Some(w) => pair::predict_window(t.relation, sdt, tdt, &w.bytes, w.offset, w.len, range.clone(), &mut buf),
@@ -547,22 +565,25 @@ impl<'a> Ctx<'a> {
                 let params = level.plans[i]
                     .chunk_params(first)
                     .expect("validated: lossy chunks have a codec");
-                if let Err(e) = lossy::decode(tdt, &params, pred, payload, &mut bytes) {
-                    self.check_source(lvl, i)?;
-                    return Err(self.corrupt(lvl, t, format!("chunk {chunk} does not decode: {}", e.0)));
-                }
+                let decoded = lossy::decode(tdt, &params, pred, payload, &mut bytes);
+                decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
             }
             ChunkCodec::Exact | ChunkCodec::Changes => {
                 let payload = level.delta.chunk_payload(&t.name, c)?;
-                if let Err(e) = decode_exact(c.codec, dtype::layout(tdt), pred, payload, &mut bytes) {
-                    // A wrong base predicts wrong contexts and fails to decode just like a
-                    // corrupt payload does; tell the two apart before blaming the delta.
-                    self.check_source(lvl, i)?;
-                    return Err(self.corrupt(lvl, t, format!("chunk {chunk} does not decode: {}", e.0)));
-                }
+                let decoded = decode_exact(c.codec, dtype::layout(tdt), pred, payload, &mut bytes);
+                decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
             }
         }
         Ok((Cow::Owned(bytes), hashes, need))
+    }
+
+    /// The error for chunk `chunk` of tensor `i` of level `lvl` failing to decode. A wrong
+    /// base predicts wrong contexts and fails to decode just like a corrupt payload does: the
+    /// source is checked before the delta is blamed.
+    fn undecodable(&self, lvl: usize, i: usize, chunk: usize, e: DecodeError) -> Result<()> {
+        self.check_source(lvl, i)?;
+        let t = self.levels[lvl].tensors[i].0;
+        Err(self.corrupt(lvl, t, format!("chunk {chunk} does not decode: {}", e.0)))
     }
 
     /// Drops the pages a chunk's decode touched: its payload, and base bytes it read.

@@ -57,15 +57,20 @@ pub fn model_fits(model: &Model) -> bool {
 pub fn decode16(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     assert!(available(), "decode16 needs AVX-512F and AVX-512VBMI");
     assert_eq!(pred.len(), out.len());
+    check_parts(parts);
+    // SAFETY: AVX-512F and VBMI are available (checked above), and `decode16_avx512` only
+    // reads and writes within the slices it is given (see the comments at each raw access).
+    unsafe { decode16_avx512(parts, Some(pred), out) }
+}
+
+/// The invariants the 16-bit decoders rely on.
+fn check_parts(parts: &Parts) {
     assert!(parts.contexts.hi >= parts.contexts.lo && ((parts.contexts.hi - parts.contexts.lo) as usize) < 64);
     assert_eq!(
         parts.model.freqs.len(),
         (parts.contexts.hi - parts.contexts.lo) as usize + 1
     );
     assert!(model_fits(parts.model));
-    // SAFETY: AVX-512F and VBMI are available (checked above), and `decode16_avx512` only
-    // reads and writes within the slices it is given (see the comments at each raw access).
-    unsafe { decode16_avx512(parts, pred, out) }
 }
 
 /// Decodes the values of an `ints` stream (tokens under `contexts[i]`, or context 0 for all
@@ -93,8 +98,22 @@ pub fn decode_values(
 #[inline]
 fn low_words(v: __m512i) -> __m256i {
     let idx = _mm512_set_epi32(
-        0, 0, 0, 0, 0, 0, 0, 0, 0x3d3c_3938, 0x3534_3130, 0x2d2c_2928, 0x2524_2120, 0x1d1c_1918, 0x1514_1110,
-        0x0d0c_0908, 0x0504_0100,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0x3d3c_3938,
+        0x3534_3130,
+        0x2d2c_2928,
+        0x2524_2120,
+        0x1d1c_1918,
+        0x1514_1110,
+        0x0d0c_0908,
+        0x0504_0100,
     );
     _mm512_castsi512_si256(_mm512_permutexvar_epi8(idx, v))
 }
@@ -103,7 +122,24 @@ fn low_words(v: __m512i) -> __m256i {
 #[target_feature(enable = "avx512f,avx512vbmi")]
 #[inline]
 fn low_bytes(v: __m512i) -> __m128i {
-    let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3c38_3430, 0x2c28_2420, 0x1c18_1410, 0x0c08_0400);
+    let idx = _mm512_set_epi32(
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0x3c38_3430,
+        0x2c28_2420,
+        0x1c18_1410,
+        0x0c08_0400,
+    );
     _mm512_castsi512_si128(_mm512_permutexvar_epi8(idx, v))
 }
 
@@ -178,7 +214,10 @@ impl<'a> Lanes<'a> {
             one,
         );
         let bias = _mm512_srli_epi32::<20>(entry);
-        let x = _mm512_add_epi32(_mm512_mullo_epi32(freq, _mm512_srli_epi32::<{ SCALE_BITS }>(self.x)), bias);
+        let x = _mm512_add_epi32(
+            _mm512_mullo_epi32(freq, _mm512_srli_epi32::<{ SCALE_BITS }>(self.x)),
+            bias,
+        );
         // Renormalise the lanes whose state fell below 2^16 with the next words, in lane order.
         let need = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(RANS_L as i32));
         let next = match self.words.get(2 * self.wpos..2 * self.wpos + WORD_WINDOW) {
@@ -207,10 +246,7 @@ impl<'a> Lanes<'a> {
         incl = _mm512_add_epi32(incl, _mm512_alignr_epi32::<14>(incl, zero));
         incl = _mm512_add_epi32(incl, _mm512_alignr_epi32::<12>(incl, zero));
         incl = _mm512_add_epi32(incl, _mm512_alignr_epi32::<8>(incl, zero));
-        let offs = _mm512_add_epi32(
-            _mm512_sub_epi32(incl, nb),
-            _mm512_set1_epi32((self.bitpos & 7) as i32),
-        );
+        let offs = _mm512_add_epi32(_mm512_sub_epi32(incl, nb), _mm512_set1_epi32((self.bitpos & 7) as i32));
         // Each lane's 32-bit window is bytes b..b + 4 of the group's first 64 bytes: one
         // byte permute puts them in place (a gather is several times slower).
         let take = _mm512_add_epi32(
@@ -228,7 +264,10 @@ impl<'a> Lanes<'a> {
             }
         };
         let raw = _mm512_and_si512(
-            _mm512_srlv_epi32(_mm512_permutexvar_epi8(take, chunk), _mm512_and_si512(offs, _mm512_set1_epi32(7))),
+            _mm512_srlv_epi32(
+                _mm512_permutexvar_epi8(take, chunk),
+                _mm512_and_si512(offs, _mm512_set1_epi32(7)),
+            ),
             _mm512_sub_epi32(_mm512_sllv_epi32(one, nb), one),
         );
         self.bitpos += _mm_extract_epi32::<3>(_mm512_extracti32x4_epi32::<3>(incl)) as u32 as u64;
@@ -289,17 +328,18 @@ impl<'a> Lanes<'a> {
     }
 }
 
-/// One 16-bit float chunk being decoded, group by group.
+/// One 16-bit float chunk being decoded, group by group: from `pred` into `out`, or (no
+/// `pred`) from the prediction in `out` over itself, each group read before it is written.
 struct Dense16<'a> {
     lanes: Lanes<'a>,
     contexts: &'a Contexts,
-    pred: &'a [u8],
+    pred: Option<&'a [u8]>,
     out: &'a mut [u8],
 }
 
 impl<'a> Dense16<'a> {
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
-    fn new(parts: &'a Parts, pred: &'a [u8], out: &'a mut [u8]) -> Self {
+    fn new(parts: &'a Parts, pred: Option<&'a [u8]>, out: &'a mut [u8]) -> Self {
         Dense16 {
             lanes: Lanes::new(parts.model, parts.words, parts.bits),
             contexts: &parts.contexts,
@@ -310,7 +350,12 @@ impl<'a> Dense16<'a> {
 
     /// Whole groups of sixteen elements.
     fn groups(&self) -> usize {
-        self.pred.len() / 2 / STATES
+        self.out.len() / 2 / STATES
+    }
+
+    /// The prediction.
+    fn source(&self) -> &[u8] {
+        self.pred.unwrap_or(self.out)
     }
 
     /// Decodes group `g` (below [`Dense16::groups`]).
@@ -320,15 +365,19 @@ impl<'a> Dense16<'a> {
         let c = self.contexts;
         let ffff = _mm512_set1_epi32(0xFFFF);
         let one = _mm512_set1_epi32(1);
-        assert!(32 * g + 32 <= self.pred.len() && self.pred.len() == self.out.len());
-        // SAFETY: bytes 32g..32g + 32 lie inside `pred` (checked above).
-        let p = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(self.pred.as_ptr().add(32 * g) as *const __m256i) });
+        let src = self.source();
+        assert!(32 * g + 32 <= src.len() && src.len() == self.out.len());
+        // SAFETY: bytes 32g..32g + 32 lie inside the prediction (checked above).
+        let p = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(src.as_ptr().add(32 * g) as *const __m256i) });
         let e = _mm512_and_si512(
             _mm512_srl_epi32(p, _mm_cvtsi32_si128(c.mantissa_bits as i32)),
             _mm512_set1_epi32(c.exp_mask as i32),
         );
         let lo = _mm512_set1_epi32(c.lo as i32);
-        let ctx = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), _mm512_set1_epi32(c.hi as i32)), lo);
+        let ctx = _mm512_sub_epi32(
+            _mm512_min_epu32(_mm512_max_epu32(e, lo), _mm512_set1_epi32(c.hi as i32)),
+            lo,
+        );
         let z = self.lanes.group(ctx);
         // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
         let d = _mm512_xor_si512(
@@ -336,10 +385,16 @@ impl<'a> Dense16<'a> {
             _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_and_si512(z, one)),
         );
         let psign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(p));
-        let ord = _mm512_xor_si512(p, _mm512_or_si512(_mm512_and_si512(psign, ffff), _mm512_set1_epi32(0x8000)));
+        let ord = _mm512_xor_si512(
+            p,
+            _mm512_or_si512(_mm512_and_si512(psign, ffff), _mm512_set1_epi32(0x8000)),
+        );
         let o = _mm512_and_si512(_mm512_add_epi32(ord, d), ffff);
         let osign = _mm512_srai_epi32::<31>(_mm512_slli_epi32::<16>(o));
-        let v = _mm512_xor_si512(o, _mm512_xor_si512(ffff, _mm512_and_si512(osign, _mm512_set1_epi32(0x7FFF))));
+        let v = _mm512_xor_si512(
+            o,
+            _mm512_xor_si512(ffff, _mm512_and_si512(osign, _mm512_set1_epi32(0x7FFF))),
+        );
         // SAFETY: as for the load: bytes 32g..32g + 32 lie inside `out`, as long as `pred`.
         unsafe { _mm256_storeu_si256(self.out.as_mut_ptr().add(32 * g) as *mut __m256i, low_words(v)) };
     }
@@ -349,11 +404,12 @@ impl<'a> Dense16<'a> {
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     fn finish(mut self) -> Result<(), DecodeError> {
         let c = self.contexts;
-        let n = self.pred.len() / 2;
+        let n = self.out.len() / 2;
         let mut st = self.lanes.states();
         let mut bad = self.lanes.any_bad();
         for i in self.groups() * STATES..n {
-            let p = u16::from_le_bytes([self.pred[2 * i], self.pred[2 * i + 1]]) as u32;
+            let src = self.source();
+            let p = u16::from_le_bytes([src[2 * i], src[2 * i + 1]]) as u32;
             let e = (p >> c.mantissa_bits) & c.exp_mask;
             let ctx = e.clamp(c.lo as u32, c.hi as u32) - c.lo as u32;
             let z = self.lanes.scalar(&mut st, i, ctx, &mut bad);
@@ -368,12 +424,22 @@ impl<'a> Dense16<'a> {
 }
 
 #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
-fn decode16_avx512(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+fn decode16_avx512(parts: &Parts, pred: Option<&[u8]>, out: &mut [u8]) -> Result<(), DecodeError> {
     let mut d = Dense16::new(parts, pred, out);
     for g in 0..d.groups() {
         d.step(g);
     }
     d.finish()
+}
+
+/// [`decode16`] over the prediction itself: `buf` holds the prediction and ends as the
+/// output (on error, its contents are unspecified).
+pub fn decode16_in_place(parts: &Parts, buf: &mut [u8]) -> Result<(), DecodeError> {
+    assert!(available(), "decode16_in_place needs AVX-512F and AVX-512VBMI");
+    assert!(buf.len().is_multiple_of(2));
+    check_parts(parts);
+    // SAFETY: as for `decode16`.
+    unsafe { decode16_avx512(parts, None, buf) }
 }
 
 #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
@@ -568,7 +634,10 @@ fn front16_avx512(
         };
         let d = _mm512_and_si512(_mm512_sub_epi32(ordered(t), ordered(p)), ffff);
         let sd = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(d));
-        let z = _mm512_and_si512(_mm512_xor_si512(_mm512_slli_epi32::<1>(sd), _mm512_srai_epi32::<31>(sd)), ffff);
+        let z = _mm512_and_si512(
+            _mm512_xor_si512(_mm512_slli_epi32::<1>(sd), _mm512_srai_epi32::<31>(sd)),
+            ffff,
+        );
         // floor(log2(z | 16)) from the exponent of its (exact) f32 conversion.
         let f = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_or_si512(z, sixteen)));
         let lg = _mm512_sub_epi32(_mm512_srli_epi32::<23>(f), _mm512_set1_epi32(127));
@@ -594,8 +663,14 @@ fn front16_avx512(
             _mm512_sllv_epi64(_mm512_srli_epi64::<32>(raw), _mm512_and_si512(nb, low32)),
         );
         let n1 = _mm512_add_epi64(_mm512_and_si512(nb, low32), _mm512_srli_epi64::<32>(nb));
-        let (a, b) = (_mm512_permutexvar_epi64(pairs_a, v1), _mm512_permutexvar_epi64(pairs_b, v1));
-        let (na, nbb) = (_mm512_permutexvar_epi64(pairs_a, n1), _mm512_permutexvar_epi64(pairs_b, n1));
+        let (a, b) = (
+            _mm512_permutexvar_epi64(pairs_a, v1),
+            _mm512_permutexvar_epi64(pairs_b, v1),
+        );
+        let (na, nbb) = (
+            _mm512_permutexvar_epi64(pairs_a, n1),
+            _mm512_permutexvar_epi64(pairs_b, n1),
+        );
         // Each of the four as one word: the bits below, their count in the top byte. Moved to
         // scalar registers by extracts: a vector store read back by narrower loads waits on
         // store forwarding, which cost more than all the arithmetic.

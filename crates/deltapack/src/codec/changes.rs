@@ -88,12 +88,22 @@ pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]
     if pred.len() != out.len() || !out.len().is_multiple_of(layout.width) {
         return Err(DecodeError("prediction and output lengths differ"));
     }
-    dispatch!(layout, decode_impl(layout, pred, payload, out))
+    dispatch!(layout, decode_impl(layout, Some(pred), payload, out))
 }
 
+/// [`decode`] over the prediction itself: `buf` holds the prediction and ends as the
+/// output (on error, its contents are unspecified).
+pub fn decode_in_place(layout: ElementLayout, payload: &[u8], buf: &mut [u8]) -> Result<(), DecodeError> {
+    if !buf.len().is_multiple_of(layout.width) {
+        return Err(DecodeError("partial element"));
+    }
+    dispatch!(layout, decode_impl(layout, None, payload, buf))
+}
+
+/// Decodes into `out`, from `pred` if given, else from the prediction already in `out`.
 fn decode_impl<W: Word, const FLOAT: bool>(
     layout: ElementLayout,
-    pred: &[u8],
+    pred: Option<&[u8]>,
     mut input: &[u8],
     out: &mut [u8],
 ) -> Result<(), DecodeError> {
@@ -116,16 +126,18 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         return Err(DecodeError("bad context range"));
     }
     let cmap = ContextMap::new(layout, lo, hi);
+    if let Some(pred) = pred {
+        out.copy_from_slice(pred);
+    }
     let mut diffs = vec![0u64; positions.len()];
-    let load = |pos: u32| W::load(&pred[pos as usize * w..(pos as usize + 1) * w]);
-    let contexts: Vec<u8> = positions.iter().map(|&p| cmap.of(load(p))).collect();
+    let load = |out: &[u8], pos: u32| W::load(&out[pos as usize * w..(pos as usize + 1) * w]);
+    let contexts: Vec<u8> = positions.iter().map(|&p| cmap.of(load(out, p))).collect();
     ints::decode(&mut input, cmap.count(), W::BITS, &contexts, &mut diffs)?;
     if !input.is_empty() {
         return Err(DecodeError("bytes after the payload"));
     }
-    out.copy_from_slice(pred);
     for (&pos, &z) in positions.iter().zip(&diffs) {
-        let p = load(pos);
+        let p = load(out, pos);
         let o = to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(z, W::BITS)) & mask(W::BITS);
         let at = pos as usize * w;
         W::store(from_ordered(o, W::BITS, FLOAT), &mut out[at..at + w]);
@@ -145,6 +157,9 @@ mod tests {
         let mut out = vec![0u8; target.len()];
         decode(layout, pred, &payload, &mut out).unwrap();
         assert_eq!(out, target);
+        let mut buf = pred.to_vec();
+        decode_in_place(layout, &payload, &mut buf).unwrap();
+        assert_eq!(buf, target);
     }
 
     proptest! {
@@ -170,7 +185,13 @@ mod tests {
         fn hostile_payloads_are_errors_not_panics(payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let pred = vec![0x3fu8; 512];
             let mut out = vec![0u8; 512];
-            let _ = decode(dtype::layout(safetensors::Dtype::BF16), &pred, &payload, &mut out);
+            let l = dtype::layout(safetensors::Dtype::BF16);
+            let r = decode(l, &pred, &payload, &mut out);
+            let mut buf = pred.clone();
+            prop_assert_eq!(decode_in_place(l, &payload, &mut buf), r.clone());
+            if r.is_ok() {
+                prop_assert_eq!(buf, out);
+            }
         }
     }
 

@@ -399,6 +399,20 @@ pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]
     decode_with(Decoder::Widest, layout, pred, payload, out)
 }
 
+/// [`decode`] over the prediction itself: `buf` holds the prediction and ends as the output
+/// (on error, its contents are unspecified). In place for 16-bit floats where the CPU has
+/// AVX-512; elsewhere it decodes from a copy of the prediction.
+pub fn decode_in_place(layout: ElementLayout, payload: &[u8], buf: &mut [u8]) -> Result<(), DecodeError> {
+    assert_eq!(buf.len() % layout.width, 0, "partial element");
+    #[cfg(target_arch = "x86_64")]
+    if layout.width == 2 && layout.float.is_some() && super::avx512::available() {
+        let parsed = parse(layout, 16, payload)?;
+        return super::avx512::decode16_in_place(&parsed.parts(&TokenTable::new()), buf);
+    }
+    let pred = buf.to_vec();
+    decode(layout, &pred, payload, buf)
+}
+
 /// [`decode`] without CPU-specific code paths: the reference the vector decoders are held to.
 pub fn decode_portable(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     decode_with(Decoder::Portable, layout, pred, payload, out)
@@ -678,11 +692,15 @@ mod tests {
             let ra = decode(l, &pred, &payload, &mut a);
             let rb = decode_portable(l, &pred, &payload, &mut b);
             let rc = decode_with(Decoder::Avx2, l, &pred, &payload, &mut c);
+            let mut d = pred.clone();
+            let rd = decode_in_place(l, &payload, &mut d);
             prop_assert_eq!(&ra, &rb);
             prop_assert_eq!(&rc, &rb);
+            prop_assert_eq!(&rd, &rb);
             if ra.is_ok() {
                 prop_assert_eq!(&a, &b);
                 prop_assert_eq!(&c, &b);
+                prop_assert_eq!(&d, &b);
             }
             if damage >= 20 {
                 prop_assert!(ra.is_ok());

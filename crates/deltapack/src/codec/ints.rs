@@ -166,7 +166,13 @@ fn finish(symbols: &[u8], ctxs: &[u8], counts: &[[u32; 256]], raw: &[u8], out: &
 ///
 /// The input is untrusted: any inconsistency is an error, never a panic. Values wider
 /// than `max_bits` bits are rejected.
-pub fn decode(input: &mut &[u8], n_ctx: usize, max_bits: u32, contexts: &[u8], out: &mut [u64]) -> Result<(), DecodeError> {
+pub fn decode(
+    input: &mut &[u8],
+    n_ctx: usize,
+    max_bits: u32,
+    contexts: &[u8],
+    out: &mut [u64],
+) -> Result<(), DecodeError> {
     decode_with(true, input, n_ctx, max_bits, contexts, out)
 }
 

@@ -27,3 +27,17 @@ pub fn decode_exact(
         _ => exact::decode(layout, pred, payload, out),
     }
 }
+
+/// [`decode_exact`] over the prediction itself: `buf` holds the prediction and ends as the
+/// output (on error, its contents are unspecified).
+pub fn decode_exact_in_place(
+    codec: ChunkCodec,
+    layout: ElementLayout,
+    payload: &[u8],
+    buf: &mut [u8],
+) -> Result<(), exact::DecodeError> {
+    match codec {
+        ChunkCodec::Changes => changes::decode_in_place(layout, payload, buf),
+        _ => exact::decode_in_place(layout, payload, buf),
+    }
+}

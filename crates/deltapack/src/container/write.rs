@@ -78,7 +78,8 @@ impl ContainerWriter {
     /// Writes the index and trailer and renames the file into place; returns its size.
     pub fn finish(mut self, index: &Index, sync: bool) -> Result<u64> {
         let json = serde_json::to_vec(index).expect("index serialises");
-        let packed = compress_level(&json, None, INDEX_ZSTD_LEVEL).map_err(|e| Error::io("compressing index of", self.out.target(), e))?;
+        let packed = compress_level(&json, None, INDEX_ZSTD_LEVEL)
+            .map_err(|e| Error::io("compressing index of", self.out.target(), e))?;
         let at = self.append(&packed)?;
         let mut trailer = Vec::with_capacity(64);
         trailer.extend_from_slice(&at.to_le_bytes());
