@@ -71,7 +71,7 @@ use safetensors::Dtype;
 
 use crate::apply::plan_of;
 use crate::checkpoint::Checkpoint;
-use crate::codec::{decode_exact, exact, lossy};
+use crate::codec::{changes, decode_exact, exact, lossy};
 use crate::container::index::{Chunk, ChunkCodec, SourceTensor, TensorEntry};
 use crate::container::Delta;
 use crate::dtype::{self, ElementLayout, FloatLayout};
@@ -826,6 +826,11 @@ fn in_place_chunk(
     if c.codec == ChunkCodec::Same {
         return Ok((hash::chunk(cur), None));
     }
+    if c.codec == ChunkCodec::Changes {
+        let done = patch_chunk(d, p, k, cb, cur, keep);
+        d.release(c.offset, c.len);
+        return done;
+    }
     let done = with_scratch(|s| {
         s.out.resize(cur.len(), 0);
         decode_chunk(d, p, k, cb, cur, &mut s.out)?;
@@ -836,6 +841,42 @@ fn in_place_chunk(
     });
     d.release(c.offset, c.len);
     done
+}
+
+/// [`in_place_chunk`] for a chunk of the `changes` codec: only its changed elements are
+/// touched, in place, and only they are compared for the undo record's exponent fixes.
+fn patch_chunk(
+    d: &Delta,
+    p: &Planned,
+    k: usize,
+    cb: usize,
+    cur: &mut [u8],
+    keep: bool,
+) -> Result<(Digest, Option<ChunkUndo>)> {
+    let c = &p.t.chunks[k];
+    let layout = dtype::layout(p.dtype);
+    let payload = d.chunk_payload(&p.t.name, c)?;
+    let changes = changes::differences(layout, cur, payload)
+        .map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))?;
+    let w = layout.width;
+    let old: Vec<u8> = changes
+        .positions
+        .iter()
+        .flat_map(|&i| &cur[i as usize * w..(i as usize + 1) * w])
+        .copied()
+        .collect();
+    changes.add_to(layout, cur);
+    let undo = keep.then(|| {
+        let mut fixes = Vec::new();
+        exponent_fixes_at(layout, &changes.positions, &old, cur, &mut fixes);
+        ChunkUndo::Replay {
+            chunk: c.clone(),
+            start: k * cb,
+            len: cur.len(),
+            fixes,
+        }
+    });
+    Ok((hash::chunk(cur), undo))
 }
 
 /// What reverting chunk `c` at `start` needs, from its base bytes `old` and the fine-tune's
@@ -918,6 +959,14 @@ fn replay(layout: ElementLayout, codec: ChunkCodec, payload: &[u8], fixes: &[u8]
         s.pred.extend_from_slice(cur);
         if let Some(f) = layout.float {
             patch_exponents(layout.width, f, fixes, &mut s.pred);
+        }
+        if codec == ChunkCodec::Changes {
+            // Only the changed elements need the differences taken off.
+            let Ok(changes) = changes::differences(layout, &s.pred, payload) else {
+                return false;
+            };
+            changes.subtract_from(layout, cur);
+            return true;
         }
         s.out.resize(cur.len(), 0);
         let ok = decode_exact(codec, layout, &s.pred, payload, &mut s.out).is_ok();
@@ -1058,10 +1107,21 @@ fn fixes_impl<L: Lane>(f: FloatLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>
     let gather = (0..lanes).fold(0u64, |acc, j| acc | 1 << (high - (lane_bits - 1) * j));
     let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
     let mut next = 0;
-    // 64 elements at a time, eight bytes at a time without branches: lanes whose exponent
-    // fields differ get their top bit set (a nonzero low part carries into it), gathered into
-    // one mask whose bits are then visited: one mispredicted branch per 64 elements, not per hit.
-    for (blk, (ob, nb)) in old.chunks(64 * L::W).zip(new.chunks(64 * L::W)).enumerate() {
+    // At most 64 fixes of at most 1 + 10 + 10 bytes each, gathered here before one copy (only
+    // the bytes written are read, so the buffer is set once, not per block).
+    let mut buf = [0u8; 64 * 21];
+    #[cfg(target_arch = "x86_64")]
+    let vector = L::W == 2 && crate::codec::avx512::bw_available();
+    // Which elements of a block of 64 differ in their exponent fields: bit j for element j.
+    // One compare of 64 lanes where the CPU has AVX-512BW for 16-bit floats; else eight bytes
+    // at a time without branches: lanes whose fields differ get their top bit set (a nonzero
+    // low part carries into it), gathered into the mask. Its bits are then visited: one
+    // mispredicted branch per 64 elements, not per hit.
+    let differing = |ob: &[u8], nb: &[u8]| -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        if vector && ob.len() == 128 {
+            return crate::codec::avx512::differing16(ob, nb, field as u16);
+        }
         let mut m = 0u64;
         for (k, (a, b)) in ob.chunks_exact(8).zip(nb.chunks_exact(8)).enumerate() {
             let d = (word(a) ^ word(b)) & field;
@@ -1073,8 +1133,10 @@ fn fixes_impl<L: Lane>(f: FloatLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>
             let at = j * L::W..(j + 1) * L::W;
             m |= u64::from((L::get(&ob[at.clone()]).bits() ^ L::get(&nb[at]).bits()) & field != 0) << j;
         }
-        // At most 64 fixes of at most 1 + 10 + 10 bytes each, gathered here before one copy.
-        let mut buf = [0u8; 64 * 21];
+        m
+    };
+    for (blk, (ob, nb)) in old.chunks(64 * L::W).zip(new.chunks(64 * L::W)).enumerate() {
+        let mut m = differing(ob, nb);
         let mut len = 0;
         while m != 0 {
             let j = m.trailing_zeros() as usize;
@@ -1091,6 +1153,30 @@ fn fixes_impl<L: Lane>(f: FloatLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>
             next = i + 1;
         }
         out.extend_from_slice(&buf[..len]);
+    }
+}
+
+/// [`exponent_fixes`] of a chunk whose elements changed only at `positions` (increasing),
+/// where `old` holds their values before the change, one after another, and `new` the chunk
+/// after it: the same bytes, without comparing the unchanged elements.
+fn exponent_fixes_at(layout: ElementLayout, positions: &[u32], old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+    if let Some(f) = layout.float {
+        by_width!(layout.width, fixes_at(f, positions, old, new, out));
+    }
+}
+
+fn fixes_at<L: Lane>(f: FloatLayout, positions: &[u32], old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+    let mut next = 0;
+    let mut buf = [0u8; 21];
+    for (&i, o) in positions.iter().zip(old.chunks_exact(L::W)) {
+        let i = i as usize;
+        let eo = exponent_of(f, L::get(o).bits());
+        let en = exponent_of(f, L::get(&new[i * L::W..(i + 1) * L::W]).bits());
+        if eo != en {
+            let len = put_fix(&mut buf, i - next, crate::codec::ints::zigzag(eo as i64 - en as i64));
+            out.extend_from_slice(&buf[..len]);
+            next = i + 1;
+        }
     }
 }
 
@@ -1305,6 +1391,35 @@ mod tests {
                 }
             }
             prop_assert_eq!(revert(dt, &old, &new), old);
+        }
+
+        /// The fixes of a `changes` chunk, taken at its changed positions only, are the same
+        /// bytes as those of a whole-chunk comparison.
+        #[test]
+        fn fixes_at_changed_positions_equal_a_full_scan(
+            dt in prop::sample::select(vec![Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64, Dtype::F8_E5M2]),
+            seed in any::<u64>(),
+            n in 0usize..3000,
+            every in 1usize..40,
+        ) {
+            let layout = dtype::layout(dt);
+            let w = layout.width;
+            let mut x = seed | 1;
+            let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+            let old: Vec<u8> = (0..n * w).map(|_| next() as u8).collect();
+            let mut new = old.clone();
+            let mut positions = Vec::new();
+            for (i, e) in new.chunks_exact_mut(w).enumerate() {
+                if (next() as usize).is_multiple_of(every) {
+                    positions.push(i as u32);
+                    e.copy_from_slice(&next().to_le_bytes()[..w]);
+                }
+            }
+            let olds: Vec<u8> = positions.iter().flat_map(|&i| &old[i as usize * w..(i as usize + 1) * w]).copied().collect();
+            let (mut full, mut at) = (Vec::new(), Vec::new());
+            exponent_fixes(layout, &old, &new, &mut full);
+            exponent_fixes_at(layout, &positions, &olds, &new, &mut at);
+            prop_assert_eq!(full, at);
         }
     }
 }

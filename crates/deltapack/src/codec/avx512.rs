@@ -691,6 +691,36 @@ fn front16_avx512(
     }
 }
 
+/// True if this CPU can run [`differing16`].
+pub fn bw_available() -> bool {
+    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+}
+
+/// Which of 64 16-bit elements differ between `a` and `b` in the bits of `field`: bit `j`
+/// of the result for element `j`. Both hold 128 bytes.
+pub fn differing16(a: &[u8], b: &[u8], field: u16) -> u64 {
+    assert!(bw_available(), "differing16 needs AVX-512BW");
+    assert!(a.len() == 128 && b.len() == 128);
+    // SAFETY: AVX-512F and BW are available and both slices hold 128 bytes (checked above).
+    unsafe { differing16_avx512(a, b, field) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+fn differing16_avx512(a: &[u8], b: &[u8], field: u16) -> u64 {
+    let f = _mm512_set1_epi16(field as i16);
+    let half = |k: usize| {
+        // SAFETY: k < 2, so bytes 64k..64k + 64 lie inside both 128-byte slices.
+        let (x, y) = unsafe {
+            (
+                _mm512_loadu_si512(a.as_ptr().add(64 * k) as *const __m512i),
+                _mm512_loadu_si512(b.as_ptr().add(64 * k) as *const __m512i),
+            )
+        };
+        _mm512_test_epi16_mask(_mm512_xor_si512(x, y), f) as u64
+    };
+    half(0) | half(1) << 32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

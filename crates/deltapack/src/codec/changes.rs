@@ -85,30 +85,74 @@ fn encode_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], t
 ///
 /// The payload is untrusted: any inconsistency is an error, never a panic.
 pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
-    if pred.len() != out.len() || !out.len().is_multiple_of(layout.width) {
+    if pred.len() != out.len() {
         return Err(DecodeError("prediction and output lengths differ"));
     }
-    dispatch!(layout, decode_impl(layout, Some(pred), payload, out))
+    let changes = differences(layout, pred, payload)?;
+    out.copy_from_slice(pred);
+    changes.add_to(layout, out);
+    Ok(())
 }
 
 /// [`decode`] over the prediction itself: `buf` holds the prediction and ends as the
-/// output (on error, its contents are unspecified).
+/// output (on error, it is unchanged).
 pub fn decode_in_place(layout: ElementLayout, payload: &[u8], buf: &mut [u8]) -> Result<(), DecodeError> {
-    if !buf.len().is_multiple_of(layout.width) {
-        return Err(DecodeError("partial element"));
-    }
-    dispatch!(layout, decode_impl(layout, None, payload, buf))
+    differences(layout, buf, payload)?.add_to(layout, buf);
+    Ok(())
 }
 
-/// Decodes into `out`, from `pred` if given, else from the prediction already in `out`.
-fn decode_impl<W: Word, const FLOAT: bool>(
-    layout: ElementLayout,
-    pred: Option<&[u8]>,
-    mut input: &[u8],
-    out: &mut [u8],
-) -> Result<(), DecodeError> {
+/// The changed elements of a chunk: their positions, increasing, and their differences
+/// (zigzagged, of the order-preserving integers, as the codec codes them).
+pub struct Changes {
+    /// Element indices.
+    pub positions: Vec<u32>,
+    /// One difference per position.
+    pub diffs: Vec<u64>,
+}
+
+impl Changes {
+    /// Adds the differences to the elements of `buf` (the prediction) at their positions.
+    pub fn add_to(&self, layout: ElementLayout, buf: &mut [u8]) {
+        dispatch!(layout, shift_impl(layout, self, buf, false))
+    }
+
+    /// Subtracts the differences from the elements of `buf` at their positions: undoes
+    /// [`Changes::add_to`].
+    pub fn subtract_from(&self, layout: ElementLayout, buf: &mut [u8]) {
+        dispatch!(layout, shift_impl(layout, self, buf, true))
+    }
+}
+
+fn shift_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, c: &Changes, buf: &mut [u8], back: bool) {
     let w = layout.width;
-    let n = out.len() / w;
+    for (&pos, &z) in c.positions.iter().zip(&c.diffs) {
+        let at = pos as usize * w;
+        let e = &mut buf[at..at + w];
+        let d = unzigzag(z, W::BITS);
+        let d = if back { d.wrapping_neg() } else { d };
+        let o = to_ordered(W::load(e), W::BITS, FLOAT).wrapping_add(d) & mask(W::BITS);
+        W::store(from_ordered(o, W::BITS, FLOAT), e);
+    }
+}
+
+/// Decodes the positions and differences of a payload made by [`encode`], under the
+/// contexts of `pred`. Positions are checked to lie inside `pred`.
+///
+/// The payload is untrusted: any inconsistency is an error, never a panic.
+pub fn differences(layout: ElementLayout, pred: &[u8], payload: &[u8]) -> Result<Changes, DecodeError> {
+    if !pred.len().is_multiple_of(layout.width) {
+        return Err(DecodeError("partial element"));
+    }
+    dispatch!(layout, differences_impl(layout, pred, payload))
+}
+
+fn differences_impl<W: Word, const FLOAT: bool>(
+    layout: ElementLayout,
+    pred: &[u8],
+    mut input: &[u8],
+) -> Result<Changes, DecodeError> {
+    let w = layout.width;
+    let n = pred.len() / w;
     let k = rans::get_varint(&mut input).ok_or(DecodeError("bad change count"))?;
     if k > n as u64 {
         return Err(DecodeError("more changes than elements"));
@@ -126,23 +170,16 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         return Err(DecodeError("bad context range"));
     }
     let cmap = ContextMap::new(layout, lo, hi);
-    if let Some(pred) = pred {
-        out.copy_from_slice(pred);
-    }
+    let contexts: Vec<u8> = positions
+        .iter()
+        .map(|&p| cmap.of(W::load(&pred[p as usize * w..(p as usize + 1) * w])))
+        .collect();
     let mut diffs = vec![0u64; positions.len()];
-    let load = |out: &[u8], pos: u32| W::load(&out[pos as usize * w..(pos as usize + 1) * w]);
-    let contexts: Vec<u8> = positions.iter().map(|&p| cmap.of(load(out, p))).collect();
     ints::decode(&mut input, cmap.count(), W::BITS, &contexts, &mut diffs)?;
     if !input.is_empty() {
         return Err(DecodeError("bytes after the payload"));
     }
-    for (&pos, &z) in positions.iter().zip(&diffs) {
-        let p = load(out, pos);
-        let o = to_ordered(p, W::BITS, FLOAT).wrapping_add(unzigzag(z, W::BITS)) & mask(W::BITS);
-        let at = pos as usize * w;
-        W::store(from_ordered(o, W::BITS, FLOAT), &mut out[at..at + w]);
-    }
-    Ok(())
+    Ok(Changes { positions, diffs })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Codecs: how one chunk of a fine-tune tensor is coded against its prediction.
 
-mod avx512;
+pub(crate) mod avx512;
 mod bits;
 pub mod changes;
 pub mod exact;
