@@ -380,16 +380,19 @@ fn main() -> ExitCode {
 }
 
 /// Keeps freed chunk buffers in glibc's heap for reuse. Every decoded chunk is a buffer of
-/// up to a few MiB, allocated and freed on a worker thread; by default glibc maps and unmaps
-/// such buffers (or trims the thread's heap) each time, so every chunk pays page faults to
+/// up to a few MiB, allocated and freed on a worker thread; by default glibc may map and
+/// unmap such buffers, or trim the thread's heap, each time, so chunks pay page faults to
 /// zero fresh pages and cross-core TLB flushes. On a chain of five deltas that was 12 % of
-/// `store get` (`perf`), and 7 % of `apply`.
+/// `store get` (`perf`), and 7 % of `apply`. Both thresholds are fixed by this: the mmap one
+/// at glibc's own ceiling for its adaptive value (32 MiB), since a lower one (4 MiB was
+/// tried) sends the lossy codecs' larger per-tensor buffers back to mmap on every use (system
+/// time of a `quant` make went from 0.4 to 2.3 s).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
     // SAFETY: mallopt only sets two of glibc's allocation thresholds, before any other
     // thread exists; a rejected value leaves the default in place.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }
