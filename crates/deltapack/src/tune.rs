@@ -524,7 +524,7 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
         t,
         &blocks(t),
         // Rayon calls this closure from its own code, built for the baseline: the block's
-        // work is a dispatched function of its own, to run with AVX2.
+        // work is a dispatched function of its own, to run with AVX-512 or AVX2.
         |r| block_stats_wide::<E>(&t.base[r.start * w..r.end * w], &t.target[r.start * w..r.end * w], hist),
         init,
         |mut a, s| {
@@ -541,7 +541,7 @@ fn stats<E: Elem>(t: &TensorView, hist: bool) -> Stats {
     )
 }
 
-float::avx2_dispatch!(fn block_stats_wide => block_stats(b: &[u8], tg: &[u8], hist: bool) -> Stats);
+float::simd_dispatch!(fn block_stats_wide => block_stats(b: &[u8], tg: &[u8], hist: bool) -> Stats);
 
 /// [`Stats`] of one block of a tensor.
 #[inline(always)]
@@ -562,7 +562,7 @@ fn block_stats<E: Elem>(b: &[u8], tg: &[u8], hist: bool) -> Stats {
         finite[k] += f as u64;
         zeros[k] += (d == 0.0) as u64;
     };
-    // Inlined, so that it is built for AVX2 with its caller (a closure apart would not be).
+    // Inlined, so that it is built for AVX-512 or AVX2 with its caller (a closure apart would not be).
     float::blocks::<E, 2>(
         [b, tg],
         #[inline(always)]
@@ -622,7 +622,7 @@ fn fit_axis<E: Elem>(t: &TensorView, weights: Option<&[f32]>, zeros: bool) -> Ax
     let mut c = vec![1f64; cols];
     // Each round: rows given columns, and in the same pass the columns' normal equations
     // given those rows. Rayon calls the closures from its own code, built for the baseline:
-    // the blocks' work are dispatched functions of their own, to run with AVX2.
+    // the blocks' work are dispatched functions of their own, to run with AVX-512 or AVX2.
     for _ in 0..FIT_ROUNDS {
         let (num, den) = fold_blocks(
             t,
@@ -709,7 +709,7 @@ fn axis_row<E: Elem>(
     }
 }
 
-float::avx2_dispatch!(fn axis_columns_wide => axis_columns(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> (Vec<f64>, Vec<f64>));
+float::simd_dispatch!(fn axis_columns_wide => axis_columns(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> (Vec<f64>, Vec<f64>));
 
 /// One fit round over some rows: each row's scale given the columns `c`, and the sums of
 /// the columns' normal equations given those rows.
@@ -734,7 +734,7 @@ fn axis_columns<E: Elem>(
     (num, den)
 }
 
-float::avx2_dispatch!(fn axis_rows_wide => axis_rows(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> Vec<f32>);
+float::simd_dispatch!(fn axis_rows_wide => axis_rows(t: &TensorView, rows: std::ops::Range<usize>, a: &[f64], zeros: bool, c: &[f64]) -> Vec<f32>);
 
 /// The final row scales of some rows, given the columns `c`.
 #[inline(always)]
@@ -1139,7 +1139,7 @@ impl QualitySums {
     }
 }
 
-float::avx2_dispatch!(fn chunk_sums_wide => chunk_sums(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums);
+float::simd_dispatch!(fn chunk_sums_wide => chunk_sums(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums);
 
 #[inline(always)]
 fn chunk_sums<E: Elem>(base: &[u8], target: &[u8], recon: &[u8]) -> QualitySums {
@@ -1374,7 +1374,7 @@ mod tests {
     }
 
     #[test]
-    fn avx2_and_baseline_builds_measure_alike() {
+    fn vector_and_baseline_builds_measure_alike() {
         let (b, t) = tensor(48, 67, 3, |_, _| 1e-3);
         let recon: Vec<u8> = t.iter().zip(&b).map(|(&t, &b)| t ^ (b & 1)).collect();
         let (x, y) = (

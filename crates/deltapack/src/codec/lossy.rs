@@ -27,7 +27,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::exact::{from_ordered, mask, to_ordered, DecodeError};
-use super::float::{avx2_dispatch, with_elem, Elem};
+use super::float::{simd_dispatch, with_elem, Elem};
 use super::ints::{self, unzigzag, zigzag};
 use super::rans;
 
@@ -295,7 +295,7 @@ fn context_range<E: Elem>(base: &[u8]) -> (u16, u16) {
 /// Exponent context of each element of a chunk under the range `lo..=hi`.
 ///
 /// A plain loop, not a `map` and `collect`: those run the closure from a function of their
-/// own, which the encoder's AVX2 build would not reach.
+/// own, which the encoder's vector build would not reach.
 #[inline(always)]
 fn contexts<E: Elem>(base: &[u8], (lo, hi): (u16, u16)) -> Vec<u8> {
     let mut out = vec![0u8; base.len() / E::WIDTH];
@@ -473,7 +473,7 @@ enum Body {
     Sign { range: Option<(u16, u16)>, signs: Vec<u8> },
 }
 
-avx2_dispatch!(fn encode_wide => encode_impl(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8>);
+simd_dispatch!(fn encode_wide => encode_impl(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8>);
 
 #[inline(always)]
 fn encode_impl<E: Elem>(p: &ChunkParams, base: &[u8], target: &[u8], recon: &mut [u8]) -> Vec<u8> {
@@ -1298,14 +1298,14 @@ mod tests {
     }
 
     #[test]
-    fn avx2_and_baseline_builds_code_alike() {
+    fn vector_and_baseline_builds_code_alike() {
         let (b, t) = tricky_pair(12, 30_000);
         for c in codecs() {
             let p = params(&c);
             let (mut wide, mut base) = (vec![0u8; t.len()], vec![0u8; t.len()]);
             let payload = encode(Dtype::BF16, &p, &b, &t, &mut wide);
-            // `encode_impl` itself is the baseline build; `encode` dispatches to AVX2 where
-            // the CPU has it.
+            // `encode_impl` itself is the baseline build; `encode` dispatches to AVX-512 or
+            // AVX2 where the CPU has it.
             assert_eq!(
                 payload,
                 encode_impl::<crate::codec::float::Bf16>(&p, &b, &t, &mut base),
