@@ -91,56 +91,42 @@ pub fn decode_values(
     unsafe { decode_values_avx512(model, contexts, words, bits, out) }
 }
 
-/// The low 16 bits of each lane, packed. A byte permute rather than `vpmovdw`: stored
-/// straight to memory (as the compiler folds it), that one is microcoded on AMD's Zen 4 and
-/// stalls the loads behind it.
+/// Byte indices that gather the low `width` bytes of each 32-bit lane, packed at the bottom.
+const fn pick_low(width: usize) -> [u8; 64] {
+    let mut t = [0u8; 64];
+    let mut i = 0;
+    while i < 16 * width {
+        t[i] = (i / width * 4 + i % width) as u8;
+        i += 1;
+    }
+    t
+}
+
+const LOW_WORDS: [u8; 64] = pick_low(2);
+const LOW_BYTES: [u8; 64] = pick_low(1);
+
+/// The bytes of `v` that `pick` names, packed. A byte permute rather than `vpmovdw` or
+/// `vpmovdb`: stored straight to memory (as the compiler folds them), those are microcoded
+/// on AMD's Zen 4 and stall the loads behind them.
+#[target_feature(enable = "avx512f,avx512vbmi")]
+#[inline]
+fn pack(v: __m512i, pick: &[u8; 64]) -> __m512i {
+    // SAFETY: `pick` holds 64 bytes, one vector.
+    _mm512_permutexvar_epi8(unsafe { _mm512_loadu_si512(pick.as_ptr() as *const __m512i) }, v)
+}
+
+/// The low 16 bits of each lane, packed.
 #[target_feature(enable = "avx512f,avx512vbmi")]
 #[inline]
 fn low_words(v: __m512i) -> __m256i {
-    let idx = _mm512_set_epi32(
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0x3d3c_3938,
-        0x3534_3130,
-        0x2d2c_2928,
-        0x2524_2120,
-        0x1d1c_1918,
-        0x1514_1110,
-        0x0d0c_0908,
-        0x0504_0100,
-    );
-    _mm512_castsi512_si256(_mm512_permutexvar_epi8(idx, v))
+    _mm512_castsi512_si256(pack(v, &LOW_WORDS))
 }
 
-/// The low byte of each lane, packed (see [`low_words`] for why not `vpmovdb`).
+/// The low byte of each lane, packed.
 #[target_feature(enable = "avx512f,avx512vbmi")]
 #[inline]
 fn low_bytes(v: __m512i) -> __m128i {
-    let idx = _mm512_set_epi32(
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0x3c38_3430,
-        0x2c28_2420,
-        0x1c18_1410,
-        0x0c08_0400,
-    );
-    _mm512_castsi512_si128(_mm512_permutexvar_epi8(idx, v))
+    _mm512_castsi512_si128(pack(v, &LOW_BYTES))
 }
 
 /// Bytes `at..at + N` of `data`, or what of them exists followed by zeros: reads past the
