@@ -677,6 +677,56 @@ fn front16_avx512(
     }
 }
 
+/// The exact codec's context of the 16-bit float at each of `positions` in `pred` (each
+/// below `pred.len() / 2`), appended to `out`: as `exact::ContextMap` gives them, sixteen at a
+/// time.
+pub fn contexts16(contexts: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec<u8>) {
+    assert!(available(), "contexts16 needs AVX-512F and AVX-512VBMI");
+    assert!(contexts.hi >= contexts.lo && pred.len() >= 4 && pred.len().is_multiple_of(2));
+    assert!(positions.iter().all(|&p| (p as usize) < pred.len() / 2));
+    // SAFETY: AVX-512F and VBMI are available, and every position lies inside `pred`
+    // (checked above; the gathers' reads are placed inside it, see there).
+    unsafe { contexts16_avx512(contexts, pred, positions, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512vbmi")]
+fn contexts16_avx512(c: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec<u8>) {
+    let lo = _mm512_set1_epi32(c.lo as i32);
+    let hi = _mm512_set1_epi32(c.hi as i32);
+    let emask = _mm512_set1_epi32(c.exp_mask as i32);
+    let shift = _mm_cvtsi32_si128(c.mantissa_bits as i32);
+    let one = _mm512_set1_epi32(1);
+    let (groups, tail) = positions.as_chunks::<16>();
+    out.reserve(positions.len());
+    for g in groups {
+        // SAFETY: `g` holds 64 bytes.
+        let pos = unsafe { _mm512_loadu_si512(g.as_ptr() as *const __m512i) };
+        // Element p is read as the high half of the 4 bytes from 2p - 2, which lie inside
+        // `pred` for every p >= 1; element 0 as the low half of the first 4 bytes.
+        let first = _mm512_cmpeq_epi32_mask(pos, _mm512_setzero_si512());
+        let at = _mm512_mask_blend_epi32(first, _mm512_slli_epi32::<1>(_mm512_sub_epi32(pos, one)), pos);
+        // SAFETY: at = 2p - 2 (p >= 1) or 0, and at + 4 <= 2p + 2 <= pred.len(), or 4 <=
+        // pred.len() (checked by the caller).
+        let w = unsafe { _mm512_i32gather_epi32::<1>(at, pred.as_ptr() as *const i32) };
+        let v = _mm512_mask_blend_epi32(
+            first,
+            _mm512_srli_epi32::<16>(w),
+            _mm512_and_si512(w, _mm512_set1_epi32(0xFFFF)),
+        );
+        let e = _mm512_and_si512(_mm512_srl_epi32(v, shift), emask);
+        let ctx = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), hi), lo);
+        let mut bytes = [0u8; 16];
+        // SAFETY: `bytes` holds 16 bytes.
+        unsafe { _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, low_bytes(ctx)) };
+        out.extend_from_slice(&bytes);
+    }
+    for &p in tail {
+        let v = u16::from_le_bytes([pred[2 * p as usize], pred[2 * p as usize + 1]]) as u32;
+        let e = (v >> c.mantissa_bits) & c.exp_mask;
+        out.push((e.clamp(c.lo as u32, c.hi as u32) - c.lo as u32) as u8);
+    }
+}
+
 /// True if this CPU can run [`differing16`].
 pub fn bw_available() -> bool {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")

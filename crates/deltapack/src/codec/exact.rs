@@ -167,7 +167,7 @@ impl ContextMap {
 
     /// The same mapping, for the vector code paths.
     #[cfg(target_arch = "x86_64")]
-    fn vector_params(&self) -> super::simd::Contexts {
+    pub(super) fn vector_params(&self) -> super::simd::Contexts {
         super::simd::Contexts {
             lo: self.lo,
             hi: self.hi,
