@@ -1197,7 +1197,8 @@ mod tests {
     }
 
     fn round_trip(dtype: Dtype, p: &ChunkParams, b: &[u8], t: &[u8]) -> (Vec<u8>, usize) {
-        let mut recon = vec![0u8; t.len()];
+        // Not zeros: `encode` must write every byte of its output, not rely on its contents.
+        let mut recon = vec![0xA5u8; t.len()];
         let payload = encode(dtype, p, b, t, &mut recon);
         let mut out = vec![0u8; t.len()];
         decode(dtype, p, b, &payload, &mut out).expect("decodes");
