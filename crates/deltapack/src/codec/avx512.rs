@@ -1,11 +1,13 @@
-//! An AVX-512 decoder for 16-bit float chunks (BF16, F16): the sixteen interleaved rANS
-//! states of the exact codec are the sixteen lanes of one vector, so a group of sixteen
-//! elements is decoded without a scalar step.
+//! AVX-512 code paths of the codecs, for CPUs with AVX-512F and VBMI: the exact codec's
+//! decoder and encoder for 16-bit float chunks (BF16, F16), the decoder of `ints` streams,
+//! and two helpers (contexts at scattered positions, for `changes`; exponent comparisons, for
+//! hot swap).
 //!
-//! It reads the same format as the scalar decoder in `exact` and the AVX2 one in `simd`,
-//! and must give the same output and the same verdict on every payload, hostile ones
-//! included; a property test in `exact` holds all three to that. What AVX2 could not do in
-//! vectors, this does:
+//! The sixteen interleaved rANS states are the sixteen lanes of one vector, so a group of
+//! sixteen elements is coded without a scalar step. Every path reads and writes the same
+//! bytes as the scalar code in `exact`, `rans` and `ints` and the AVX2 code in `simd`, and
+//! gives the same verdict on every payload, hostile ones included; property tests hold them
+//! to that. What AVX2 could not do in vectors, the decoder does:
 //! - the renormalisation hands the next words to the lanes that need them with one expand
 //!   (`vpexpandd`), in lane order, as the scalar decoder reads them;
 //! - tokens expand to (value, raw bit count) by arithmetic;
@@ -14,8 +16,9 @@
 //!   of the group's next 64 bytes gives each lane the 32-bit window at its offset (a value of
 //!   16 bits has at most 13 raw bits, so a window always holds them).
 //!
-//! The one chain from group to group is the states (and two scalar positions); everything
-//! else in a group overlaps with the next group's table lookups.
+//! What remains is the table gather: on AMD's Zen 4 it takes 1.4 of the decoder's 1.8 ns an
+//! element (measured by replacing it with arithmetic). Decoding two chunks interleaved, to
+//! overlap two chains of gathers, gained nothing.
 
 #![cfg(target_arch = "x86_64")]
 
