@@ -144,6 +144,26 @@ fn window<const N: usize>(data: &[u8], at: usize) -> [u8; N] {
     w
 }
 
+/// The context of each lane's 16-bit value, as `exact::ContextMap` gives it.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn contexts_of(c: &Contexts, v: __m512i) -> __m512i {
+    let e = _mm512_and_si512(
+        _mm512_srl_epi32(v, _mm_cvtsi32_si128(c.mantissa_bits as i32)),
+        _mm512_set1_epi32(c.exp_mask as i32),
+    );
+    let lo = _mm512_set1_epi32(c.lo as i32);
+    _mm512_sub_epi32(
+        _mm512_min_epu32(_mm512_max_epu32(e, lo), _mm512_set1_epi32(c.hi as i32)),
+        lo,
+    )
+}
+
+/// [`contexts_of`] for one value, for the scalar tails.
+fn context_of(c: &Contexts, v: u32) -> u32 {
+    ((v >> c.mantissa_bits) & c.exp_mask).clamp(c.lo as u32, c.hi as u32) - c.lo as u32
+}
+
 /// One interleaved rANS stream with its raw bits, decoded sixteen tokens at a time.
 struct Lanes<'a> {
     tables: PackedTables,
@@ -358,16 +378,7 @@ impl<'a> Dense16<'a> {
         assert!(32 * g + 32 <= src.len() && src.len() == self.out.len());
         // SAFETY: bytes 32g..32g + 32 lie inside the prediction (checked above).
         let p = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(src.as_ptr().add(32 * g) as *const __m256i) });
-        let e = _mm512_and_si512(
-            _mm512_srl_epi32(p, _mm_cvtsi32_si128(c.mantissa_bits as i32)),
-            _mm512_set1_epi32(c.exp_mask as i32),
-        );
-        let lo = _mm512_set1_epi32(c.lo as i32);
-        let ctx = _mm512_sub_epi32(
-            _mm512_min_epu32(_mm512_max_epu32(e, lo), _mm512_set1_epi32(c.hi as i32)),
-            lo,
-        );
-        let z = self.lanes.group(ctx);
+        let z = self.lanes.group(contexts_of(c, p));
         // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
         let d = _mm512_xor_si512(
             _mm512_srli_epi32::<1>(z),
@@ -399,9 +410,7 @@ impl<'a> Dense16<'a> {
         for i in self.groups() * STATES..n {
             let src = self.source();
             let p = u16::from_le_bytes([src[2 * i], src[2 * i + 1]]) as u32;
-            let e = (p >> c.mantissa_bits) & c.exp_mask;
-            let ctx = e.clamp(c.lo as u32, c.hi as u32) - c.lo as u32;
-            let z = self.lanes.scalar(&mut st, i, ctx, &mut bad);
+            let z = self.lanes.scalar(&mut st, i, context_of(c, p), &mut bad);
             let d = (z >> 1) ^ (z & 1).wrapping_neg();
             let ord = if p & 0x8000 != 0 { !p & 0xFFFF } else { p | 0x8000 };
             let o = ord.wrapping_add(d) & 0xFFFF;
@@ -597,10 +606,6 @@ fn front16_avx512(
     stride: usize,
     bits: &mut BitWriter,
 ) {
-    let lo = _mm512_set1_epi32(contexts.lo as i32);
-    let hi = _mm512_set1_epi32(contexts.hi as i32);
-    let emask = _mm512_set1_epi32(contexts.exp_mask as i32);
-    let shift = _mm_cvtsi32_si128(contexts.mantissa_bits as i32);
     let ffff = _mm512_set1_epi32(0xFFFF);
     let sign16 = _mm512_set1_epi32(0x8000);
     let one = _mm512_set1_epi32(1);
@@ -635,8 +640,7 @@ fn front16_avx512(
         let m = _mm512_and_si512(_mm512_srlv_epi32(z, nb), _mm512_set1_epi32(3));
         let token = _mm512_mask_blend_epi32(small, _mm512_add_epi32(_mm512_slli_epi32::<2>(lg), m), z);
         let raw = _mm512_and_si512(z, _mm512_sub_epi32(_mm512_sllv_epi32(one, nb), one));
-        let e = _mm512_and_si512(_mm512_srl_epi32(p, shift), emask);
-        let c = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), hi), lo);
+        let c = contexts_of(contexts, p);
         // SAFETY: elements 16g..16g + 16 lie inside `tok` and `ctx` (checked by the caller).
         unsafe {
             _mm_storeu_si128(tok.as_mut_ptr().add(16 * g) as *mut __m128i, low_bytes(token));
@@ -694,10 +698,6 @@ pub fn contexts16(contexts: &Contexts, pred: &[u8], positions: &[u32], out: &mut
 
 #[target_feature(enable = "avx512f,avx512vbmi")]
 fn contexts16_avx512(c: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec<u8>) {
-    let lo = _mm512_set1_epi32(c.lo as i32);
-    let hi = _mm512_set1_epi32(c.hi as i32);
-    let emask = _mm512_set1_epi32(c.exp_mask as i32);
-    let shift = _mm_cvtsi32_si128(c.mantissa_bits as i32);
     let one = _mm512_set1_epi32(1);
     let (groups, tail) = positions.as_chunks::<16>();
     out.reserve(positions.len());
@@ -716,8 +716,7 @@ fn contexts16_avx512(c: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec
             _mm512_srli_epi32::<16>(w),
             _mm512_and_si512(w, _mm512_set1_epi32(0xFFFF)),
         );
-        let e = _mm512_and_si512(_mm512_srl_epi32(v, shift), emask);
-        let ctx = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(e, lo), hi), lo);
+        let ctx = contexts_of(c, v);
         let mut bytes = [0u8; 16];
         // SAFETY: `bytes` holds 16 bytes.
         unsafe { _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, low_bytes(ctx)) };
@@ -725,8 +724,7 @@ fn contexts16_avx512(c: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec
     }
     for &p in tail {
         let v = u16::from_le_bytes([pred[2 * p as usize], pred[2 * p as usize + 1]]) as u32;
-        let e = (v >> c.mantissa_bits) & c.exp_mask;
-        out.push((e.clamp(c.lo as u32, c.hi as u32) - c.lo as u32) as u8);
+        out.push(context_of(c, v) as u8);
     }
 }
 
