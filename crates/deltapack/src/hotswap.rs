@@ -24,7 +24,9 @@
 //!
 //! A delta applies only to the base it was made from: every base tensor it reads must match
 //! the fingerprint it records, compared with the fingerprints taken at load. Every payload is
-//! checked against its checksum and every rebuilt tensor against its fingerprint. A failure
+//! checked against its checksum and every rebuilt tensor against its fingerprint. A revert is
+//! checked against hashes of the base's chunks taken at load (xxh3: a check against bugs, at
+//! a fifth of BLAKE3's cost; the base's bytes themselves were checked by BLAKE3). A failure
 //! never leaves the model half-switched: errors found before any tensor changes (an unreadable
 //! or corrupt index, a wrong base) leave it as it was; an error while decoding undoes what was
 //! switched so far and re-applies the fine-tune held before (re-read from its delta; should
@@ -52,9 +54,10 @@
 //! encoded while switching).
 //!
 //! Memory held to revert ([`Resident::undo_bytes`]): for exact deltas, about one byte for each
-//! value whose exponent changed (the delta's pages are dropped after each use and read again
-//! to revert); for lossy tensors and dtype changes, the reverse delta. Beyond that, a switch holds
-//! a few chunks per thread, and a tensor only the fine-tune has takes its own size (the base's
+//! value whose exponent changed (the delta's pages are dropped after use and read again to
+//! revert); for lossy tensors and dtype changes, the reverse delta. Beyond that, a switch holds
+//! a few chunks per thread and the pages of the delta it reads (deltas up to 64 MiB stay
+//! mapped until the switch ends; larger ones are dropped chunk by chunk), and a tensor only the fine-tune has takes its own size (the base's
 //! tensor of the same name, if any, stays in memory, hidden; so do base tensors the fine-tune
 //! lacks). A tensor whose first dimension grows is grown in place; one whose dtype changes is
 //! held in both dtypes while it converts. Only weights are swapped: the fine-tune's config and
@@ -87,7 +90,7 @@ pub struct Resident {
     slots: Vec<Slot>,
     by_name: HashMap<String, usize>,
     /// Chunk fingerprints of the base, by chunk size, slot and chunk.
-    prints: BTreeMap<usize, Vec<Vec<Digest>>>,
+    prints: BTreeMap<usize, Vec<Vec<ChunkPrint>>>,
     active: Option<Active>,
 }
 
@@ -119,6 +122,25 @@ pub struct SwitchReport {
     pub undo_bytes: u64,
 }
 
+/// What the model knows of one chunk of a base tensor.
+#[derive(Clone, Copy)]
+struct ChunkPrint {
+    /// Its BLAKE3 hash, as deltas record the base's fingerprints.
+    digest: Digest,
+    /// Its xxh3-64 hash, to check a revert restored it: an internal check against bugs, not
+    /// tampering, where BLAKE3 took a sixth of a switch's time.
+    quick: u64,
+}
+
+impl ChunkPrint {
+    fn of(bytes: &[u8]) -> ChunkPrint {
+        ChunkPrint {
+            digest: hash::chunk(bytes),
+            quick: xxhash_rust::xxh3::xxh3_64(bytes),
+        }
+    }
+}
+
 struct Slot {
     name: String,
     dtype: Dtype,
@@ -132,7 +154,7 @@ struct Slot {
 
 /// The fine-tune a [`Resident`] holds, and how to go back to the base.
 struct Active {
-    /// Its delta, kept open (mapped, its pages released after use): reverting reads the
+    /// Its delta, kept open (mapped, its pages released after each switch): reverting reads the
     /// payloads of exact chunks again rather than holding copies.
     delta: Arc<Delta>,
     /// The fine-tune's tensors, in the delta's order.
@@ -149,8 +171,7 @@ impl Active {
         self.delta.index.chunk_bytes as usize
     }
 
-    /// Checks every payload a revert will read again against its checksum, in parallel,
-    /// dropping each one's pages after.
+    /// Checks every payload a revert will read again against its checksum, in parallel.
     fn check_payloads(&self, slots: &[Slot]) -> Result<()> {
         let d = &self.delta;
         self.undo
@@ -161,7 +182,7 @@ impl Active {
                     return Ok(());
                 };
                 let checked = d.chunk_payload(&slots[slot].name, chunk).map(drop);
-                d.release(chunk.offset, chunk.len);
+                done_with(d, chunk);
                 checked
             })
     }
@@ -280,7 +301,7 @@ impl Resident {
                 .zip(src.par_chunks(cb))
                 .map(|(d, s)| {
                     d.copy_from_slice(s);
-                    hash::chunk(d)
+                    ChunkPrint::of(d)
                 })
                 .collect();
             ck.release(t, 0..src.len());
@@ -399,7 +420,10 @@ impl Resident {
         let Some(active) = &self.active else {
             return Ok(SwitchReport::default());
         };
-        active.check_payloads(&self.slots)?;
+        if let Err(e) = active.check_payloads(&self.slots) {
+            done_with_all(&active.delta);
+            return Err(e);
+        }
         let active = self.active.take().expect("checked above");
         self.restore(active)
     }
@@ -421,6 +445,7 @@ impl Resident {
             .decode_fresh(&d, &planned, &mut active, &mut report)
             .and_then(|()| self.decode_converted(&d, &planned, &mut active, &mut report))
             .and_then(|()| self.decode_in_place(&d, &planned, &mut active, &mut report));
+        done_with_all(&d);
         if let Err(e) = run {
             self.restore(active)?;
             return Err(e);
@@ -458,7 +483,7 @@ impl Resident {
         let prints = self
             .slots
             .iter()
-            .map(|s| s.bytes[..s.len].par_chunks(cb).map(hash::chunk).collect())
+            .map(|s| s.bytes[..s.len].par_chunks(cb).map(ChunkPrint::of).collect())
             .collect();
         self.prints.insert(cb, prints);
     }
@@ -496,7 +521,7 @@ impl Resident {
             .collect()
     }
 
-    fn source_slot(&self, d: &Delta, s: &SourceTensor, prints: &[Vec<Digest>], cb: usize) -> Result<usize> {
+    fn source_slot(&self, d: &Delta, s: &SourceTensor, prints: &[Vec<ChunkPrint>], cb: usize) -> Result<usize> {
         let wrong = |reason: String| Error::WrongBase {
             path: self.root.clone(),
             tensor: s.name.clone(),
@@ -515,7 +540,8 @@ impl Resident {
                 s.shape
             )));
         }
-        if hash::hex(&hash::tensor(slot.len as u64, cb as u64, &prints[i])) != s.hash {
+        let digests: Vec<Digest> = prints[i].iter().map(|p| p.digest).collect();
+        if hash::hex(&hash::tensor(slot.len as u64, cb as u64, &digests)) != s.hash {
             return Err(wrong("has different values (fingerprint mismatch)".into()));
         }
         Ok(i)
@@ -643,7 +669,7 @@ impl Resident {
                 let aligned = (k + 1) * cb <= base_len.min(p.len) || (p.len == base_len);
                 let same = p.t.chunks[k].codec == ChunkCodec::Same;
                 if same && aligned {
-                    known.push(Some(prints[i][k]));
+                    known.push(Some(prints[i][k].digest));
                 } else {
                     known.push(None);
                     // Rows beyond the base's go with the truncation: nothing to restore there.
@@ -727,6 +753,7 @@ impl Resident {
             .into_par_iter()
             .map(|(dt, cur, c)| restore_chunk(d, dtype::layout(dt), c, cur))
             .collect::<Vec<bool>>();
+        done_with_all(d);
         for (slot, _) in in_place {
             if slot.bytes.len() > slot.len {
                 slot.bytes.truncate(slot.len);
@@ -760,7 +787,7 @@ impl Resident {
         let prints = &self.prints[&cb][u.slot];
         let bad = chunks
             .into_par_iter()
-            .any(|k| hash::chunk(&slot.bytes[k * cb..((k + 1) * cb).min(slot.len)]) != prints[k]);
+            .any(|k| xxhash_rust::xxh3::xxh3_64(&slot.bytes[k * cb..((k + 1) * cb).min(slot.len)]) != prints[k].quick);
         if bad {
             return Err(Error::Mismatch {
                 path: self.root.clone(),
@@ -769,6 +796,26 @@ impl Resident {
             });
         }
         Ok(())
+    }
+}
+
+/// Deltas up to this size stay resident for a whole switch, their pages dropped once at its
+/// end: dropping a chunk's pages costs a TLB shootdown on every core the switch runs on, and
+/// these mapped pages are a part of the delta the switch may hold anyway.
+const RESIDENT_DELTA: u64 = 64 << 20;
+
+/// Drops the pages of chunk `c`'s payload, unless the delta is small enough to stay
+/// resident until [`done_with_all`].
+fn done_with(d: &Delta, c: &Chunk) {
+    if d.size > RESIDENT_DELTA {
+        d.release(c.offset, c.len);
+    }
+}
+
+/// Drops every page of `d` left resident by [`done_with`].
+fn done_with_all(d: &Delta) {
+    if d.size <= RESIDENT_DELTA {
+        d.release(0, d.size);
     }
 }
 
@@ -828,7 +875,7 @@ fn in_place_chunk(
     }
     if c.codec == ChunkCodec::Changes {
         let done = patch_chunk(d, p, k, cb, cur, keep);
-        d.release(c.offset, c.len);
+        done_with(d, c);
         return done;
     }
     let done = with_scratch(|s| {
@@ -839,7 +886,7 @@ fn in_place_chunk(
         cur.copy_from_slice(&s.out);
         Ok((digest, undo))
     });
-    d.release(c.offset, c.len);
+    done_with(d, c);
     done
 }
 
@@ -858,17 +905,16 @@ fn patch_chunk(
     let payload = d.chunk_payload(&p.t.name, c)?;
     let changes = changes::differences(layout, cur, payload)
         .map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))?;
-    let w = layout.width;
-    let old: Vec<u8> = changes
-        .positions
-        .iter()
-        .flat_map(|&i| &cur[i as usize * w..(i as usize + 1) * w])
-        .copied()
-        .collect();
-    changes.add_to(layout, cur);
+    let mut fixes = Vec::new();
+    match layout.float.filter(|_| keep) {
+        Some(f) => {
+            let mut fix = FixWriter::new(f);
+            changes.add_to_each(layout, cur, |i, old, new| fix.element(i, old, new, &mut fixes));
+        }
+        None => changes.add_to(layout, cur),
+    }
     let undo = keep.then(|| {
-        let mut fixes = Vec::new();
-        exponent_fixes_at(layout, &changes.positions, &old, cur, &mut fixes);
+        fixes.shrink_to_fit();
         ChunkUndo::Replay {
             chunk: c.clone(),
             start: k * cb,
@@ -925,7 +971,7 @@ fn convert_chunk(
         Ok::<_, Error>(payload)
     })?;
     if let Some(c) = p.t.chunks.get(k) {
-        d.release(c.offset, c.len);
+        done_with(d, c);
     }
     Ok((hash::chunk(out), ChunkUndo::Reverse { new, old, payload }))
 }
@@ -938,7 +984,7 @@ fn restore_chunk(d: &Delta, layout: ElementLayout, c: &ChunkUndo, cur: &mut [u8]
             // Checked before the revert began; a payload that decoded forwards decodes again
             // under the same contexts, unless the file was rewritten since.
             let ok = replay(layout, chunk.codec, d.range(chunk.offset, chunk.len), fixes, cur);
-            d.release(chunk.offset, chunk.len);
+            done_with(d, chunk);
             ok
         }
         ChunkUndo::Reverse { payload, .. } => with_scratch(|s| {
@@ -1156,26 +1202,33 @@ fn fixes_impl<L: Lane>(f: FloatLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>
     }
 }
 
-/// [`exponent_fixes`] of a chunk whose elements changed only at `positions` (increasing),
-/// where `old` holds their values before the change, one after another, and `new` the chunk
-/// after it: the same bytes, without comparing the unchanged elements.
-fn exponent_fixes_at(layout: ElementLayout, positions: &[u32], old: &[u8], new: &[u8], out: &mut Vec<u8>) {
-    if let Some(f) = layout.float {
-        by_width!(layout.width, fixes_at(f, positions, old, new, out));
-    }
+/// [`exponent_fixes`] written element by element, for a chunk whose elements changed only at
+/// known positions: fed each changed element in increasing position, it writes the same bytes
+/// as a whole-chunk comparison, without visiting the unchanged elements.
+struct FixWriter {
+    f: FloatLayout,
+    /// The position after the last fix written.
+    next: usize,
 }
 
-fn fixes_at<L: Lane>(f: FloatLayout, positions: &[u32], old: &[u8], new: &[u8], out: &mut Vec<u8>) {
-    let mut next = 0;
-    let mut buf = [0u8; 21];
-    for (&i, o) in positions.iter().zip(old.chunks_exact(L::W)) {
-        let i = i as usize;
-        let eo = exponent_of(f, L::get(o).bits());
-        let en = exponent_of(f, L::get(&new[i * L::W..(i + 1) * L::W]).bits());
+impl FixWriter {
+    fn new(f: FloatLayout) -> FixWriter {
+        FixWriter { f, next: 0 }
+    }
+
+    /// Element `i` changed from the bits `old` to `new`; `i` is above every earlier one.
+    #[inline(always)]
+    fn element(&mut self, i: usize, old: u64, new: u64, out: &mut Vec<u8>) {
+        let (eo, en) = (exponent_of(self.f, old), exponent_of(self.f, new));
         if eo != en {
-            let len = put_fix(&mut buf, i - next, crate::codec::ints::zigzag(eo as i64 - en as i64));
+            let mut buf = [0u8; 21];
+            let len = put_fix(
+                &mut buf,
+                i - self.next,
+                crate::codec::ints::zigzag(eo as i64 - en as i64),
+            );
             out.extend_from_slice(&buf[..len]);
-            next = i + 1;
+            self.next = i + 1;
         }
     }
 }
@@ -1393,8 +1446,8 @@ mod tests {
             prop_assert_eq!(revert(dt, &old, &new), old);
         }
 
-        /// The fixes of a `changes` chunk, taken at its changed positions only, are the same
-        /// bytes as those of a whole-chunk comparison.
+        /// The fixes of a `changes` chunk, taken at its changed positions only while they are
+        /// patched, are the same bytes as those of a whole-chunk comparison.
         #[test]
         fn fixes_at_changed_positions_equal_a_full_scan(
             dt in prop::sample::select(vec![Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64, Dtype::F8_E5M2]),
@@ -1408,17 +1461,19 @@ mod tests {
             let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
             let old: Vec<u8> = (0..n * w).map(|_| next() as u8).collect();
             let mut new = old.clone();
-            let mut positions = Vec::new();
-            for (i, e) in new.chunks_exact_mut(w).enumerate() {
+            for e in new.chunks_exact_mut(w) {
                 if (next() as usize).is_multiple_of(every) {
-                    positions.push(i as u32);
                     e.copy_from_slice(&next().to_le_bytes()[..w]);
                 }
             }
-            let olds: Vec<u8> = positions.iter().flat_map(|&i| &old[i as usize * w..(i as usize + 1) * w]).copied().collect();
+            let payload = changes::encode(layout, &old, &new);
+            let diff = changes::differences(layout, &old, &payload).unwrap();
             let (mut full, mut at) = (Vec::new(), Vec::new());
             exponent_fixes(layout, &old, &new, &mut full);
-            exponent_fixes_at(layout, &positions, &olds, &new, &mut at);
+            let mut fix = FixWriter::new(layout.float.unwrap());
+            let mut patched = old.clone();
+            diff.add_to_each(layout, &mut patched, |i, o, n| fix.element(i, o, n, &mut at));
+            prop_assert_eq!(patched, new);
             prop_assert_eq!(full, at);
         }
     }

@@ -113,25 +113,44 @@ pub struct Changes {
 impl Changes {
     /// Adds the differences to the elements of `buf` (the prediction) at their positions.
     pub fn add_to(&self, layout: ElementLayout, buf: &mut [u8]) {
-        dispatch!(layout, shift_impl(layout, self, buf, false))
+        self.add_to_each(layout, buf, |_, _, _| {})
+    }
+
+    /// [`Changes::add_to`], calling `seen(position, old, new)` with each changed element's
+    /// bits before and after, in position order: what a caller needs of the old values
+    /// without copying them first.
+    pub fn add_to_each(&self, layout: ElementLayout, buf: &mut [u8], seen: impl FnMut(usize, u64, u64)) {
+        dispatch!(layout, shift_impl(layout, self, buf, false, seen))
     }
 
     /// Subtracts the differences from the elements of `buf` at their positions: undoes
     /// [`Changes::add_to`].
     pub fn subtract_from(&self, layout: ElementLayout, buf: &mut [u8]) {
-        dispatch!(layout, shift_impl(layout, self, buf, true))
+        dispatch!(layout, shift_impl(layout, self, buf, true, |_, _, _| {}))
     }
 }
 
-fn shift_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, c: &Changes, buf: &mut [u8], back: bool) {
+fn shift_impl<W: Word, const FLOAT: bool>(
+    layout: ElementLayout,
+    c: &Changes,
+    buf: &mut [u8],
+    back: bool,
+    mut seen: impl FnMut(usize, u64, u64),
+) {
     let w = layout.width;
     for (&pos, &z) in c.positions.iter().zip(&c.diffs) {
         let at = pos as usize * w;
         let e = &mut buf[at..at + w];
         let d = unzigzag(z, W::BITS);
         let d = if back { d.wrapping_neg() } else { d };
-        let o = to_ordered(W::load(e), W::BITS, FLOAT).wrapping_add(d) & mask(W::BITS);
-        W::store(from_ordered(o, W::BITS, FLOAT), e);
+        let old = W::load(e);
+        let new = from_ordered(
+            to_ordered(old, W::BITS, FLOAT).wrapping_add(d) & mask(W::BITS),
+            W::BITS,
+            FLOAT,
+        );
+        W::store(new, e);
+        seen(pos as usize, old, new);
     }
 }
 
