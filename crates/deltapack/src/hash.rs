@@ -33,7 +33,14 @@ pub fn bytes(data: &[u8]) -> Digest {
 
 /// Lower-case hex of a digest.
 pub fn hex(d: &Digest) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    // One allocation, not one per byte: a switch compares hundreds of fingerprints.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in d {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 /// Parses 64 hex digits.

@@ -54,14 +54,15 @@
 //! encoded while switching).
 //!
 //! Memory held to revert ([`Resident::undo_bytes`]): for exact deltas, about one byte for each
-//! value whose exponent changed (the delta's pages are dropped after use and read again to
-//! revert); for lossy tensors and dtype changes, the reverse delta. Beyond that, a switch holds
-//! a few chunks per thread and the pages of the delta it reads (deltas up to 64 MiB stay
-//! mapped until the switch ends; larger ones are dropped chunk by chunk), and a tensor only the fine-tune has takes its own size (the base's
-//! tensor of the same name, if any, stays in memory, hidden; so do base tensors the fine-tune
-//! lacks). A tensor whose first dimension grows is grown in place; one whose dtype changes is
-//! held in both dtypes while it converts. Only weights are swapped: the fine-tune's config and
-//! tokenizer files are not read.
+//! value whose exponent changed, as the payloads are read again from the delta to revert; for
+//! lossy tensors and dtype changes, the reverse delta. The delta's pages are not held as such:
+//! those of a delta up to 64 MiB stay mapped while its fine-tune is active, clean page cache
+//! that the kernel reclaims under memory pressure; a larger delta's are dropped chunk by chunk.
+//! Beyond that, a switch holds a few chunks per thread, and a tensor only the fine-tune has
+//! takes its own size (the base's tensor of the same name, if any, stays in memory, hidden; so
+//! do base tensors the fine-tune lacks). A tensor whose first dimension grows is grown in
+//! place; one whose dtype changes is held in both dtypes while it converts. Only weights are
+//! swapped: the fine-tune's config and tokenizer files are not read.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -154,7 +155,7 @@ struct Slot {
 
 /// The fine-tune a [`Resident`] holds, and how to go back to the base.
 struct Active {
-    /// Its delta, kept open (mapped, its pages released after each switch): reverting reads the
+    /// Its delta, kept open (mapped; see [`RESIDENT_DELTA`] for its pages): reverting reads the
     /// payloads of exact chunks again rather than holding copies.
     delta: Arc<Delta>,
     /// The fine-tune's tensors, in the delta's order.
@@ -272,6 +273,7 @@ struct Scratch {
     buf: Vec<u8>,
     fixes: Vec<u8>,
     exact: exact::Scratch,
+    changes: changes::Changes,
 }
 
 thread_local! {
@@ -445,7 +447,6 @@ impl Resident {
             .decode_fresh(&d, &planned, &mut active, &mut report)
             .and_then(|()| self.decode_converted(&d, &planned, &mut active, &mut report))
             .and_then(|()| self.decode_in_place(&d, &planned, &mut active, &mut report));
-        done_with_all(&d);
         if let Err(e) = run {
             self.restore(active)?;
             return Err(e);
@@ -799,13 +800,14 @@ impl Resident {
     }
 }
 
-/// Deltas up to this size stay resident for a whole switch, their pages dropped once at its
-/// end: dropping a chunk's pages costs a TLB shootdown on every core the switch runs on, and
-/// these mapped pages are a part of the delta the switch may hold anyway.
+/// Deltas up to this size stay mapped while their fine-tune is active, their pages dropped
+/// once, when a revert has read them again: dropping a chunk's pages costs a TLB shootdown on
+/// every core the switch runs on. The pages are clean file pages, which the kernel reclaims
+/// under memory pressure like any page cache.
 const RESIDENT_DELTA: u64 = 64 << 20;
 
 /// Drops the pages of chunk `c`'s payload, unless the delta is small enough to stay
-/// resident until [`done_with_all`].
+/// mapped until [`done_with_all`].
 fn done_with(d: &Delta, c: &Chunk) {
     if d.size > RESIDENT_DELTA {
         d.release(c.offset, c.len);
@@ -903,24 +905,26 @@ fn patch_chunk(
     let c = &p.t.chunks[k];
     let layout = dtype::layout(p.dtype);
     let payload = d.chunk_payload(&p.t.name, c)?;
-    let changes = changes::differences(layout, cur, payload)
-        .map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))?;
-    let mut fixes = Vec::new();
-    match layout.float.filter(|_| keep) {
-        Some(f) => {
-            let mut fix = FixWriter::new(f);
-            changes.add_to_each(layout, cur, |i, old, new| fix.element(i, old, new, &mut fixes));
+    let fixes = with_scratch(|s| {
+        s.changes
+            .decode(layout, cur, payload)
+            .map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))?;
+        s.fixes.clear();
+        match layout.float.filter(|_| keep) {
+            Some(f) => {
+                let (mut fix, fixes) = (FixWriter::new(f), &mut s.fixes);
+                s.changes
+                    .add_to_each(layout, cur, |i, old, new| fix.element(i, old, new, fixes));
+            }
+            None => s.changes.add_to(layout, cur),
         }
-        None => changes.add_to(layout, cur),
-    }
-    let undo = keep.then(|| {
-        fixes.shrink_to_fit();
-        ChunkUndo::Replay {
-            chunk: c.clone(),
-            start: k * cb,
-            len: cur.len(),
-            fixes,
-        }
+        Ok::<_, Error>(s.fixes.clone())
+    })?;
+    let undo = keep.then(|| ChunkUndo::Replay {
+        chunk: c.clone(),
+        start: k * cb,
+        len: cur.len(),
+        fixes,
     });
     Ok((hash::chunk(cur), undo))
 }
@@ -1008,10 +1012,10 @@ fn replay(layout: ElementLayout, codec: ChunkCodec, payload: &[u8], fixes: &[u8]
         }
         if codec == ChunkCodec::Changes {
             // Only the changed elements need the differences taken off.
-            let Ok(changes) = changes::differences(layout, &s.pred, payload) else {
+            if s.changes.decode(layout, &s.pred, payload).is_err() {
                 return false;
-            };
-            changes.subtract_from(layout, cur);
+            }
+            s.changes.subtract_from(layout, cur);
             return true;
         }
         s.out.resize(cur.len(), 0);

@@ -23,6 +23,7 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
 use super::bits::BitWriter;
 use super::exact::{verdict, DecodeError};
@@ -63,7 +64,7 @@ pub fn decode16(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), Decode
     check_parts(parts);
     // SAFETY: AVX-512F and VBMI are available (checked above), and `decode16_avx512` only
     // reads and writes within the slices it is given (see the comments at each raw access).
-    unsafe { decode16_avx512(parts, Some(pred), out) }
+    with_tables(parts.model, |t| unsafe { decode16_avx512(parts, t, Some(pred), out) })
 }
 
 /// The invariants the 16-bit decoders rely on.
@@ -91,7 +92,9 @@ pub fn decode_values(
     assert!(model.freqs.len() <= 64 && contexts.iter().all(|&c| (c as usize) < model.freqs.len()));
     assert!(model_fits(model));
     // SAFETY: as for `decode16`; contexts index the tables (checked above).
-    unsafe { decode_values_avx512(model, contexts, words, bits, out) }
+    with_tables(model, |t| unsafe {
+        decode_values_avx512(t, contexts, words, bits, out)
+    })
 }
 
 /// Byte indices that gather the low `width` bytes of each 32-bit lane, packed at the bottom.
@@ -164,9 +167,23 @@ fn context_of(c: &Contexts, v: u32) -> u32 {
     ((v >> c.mantissa_bits) & c.exp_mask).clamp(c.lo as u32, c.hi as u32) - c.lo as u32
 }
 
+thread_local! {
+    /// The decode tables, rebuilt for each stream in one buffer per thread: up to a MiB, and
+    /// a fresh allocation per chunk (page faults, zeroing) cost more than small chunks' decode.
+    static TABLES: RefCell<PackedTables> = RefCell::new(PackedTables::default());
+}
+
+/// Runs `f` with this thread's decode tables filled for `model`.
+fn with_tables<R>(model: &Model, f: impl FnOnce(&PackedTables) -> R) -> R {
+    TABLES.with_borrow_mut(|t| {
+        t.fill(model);
+        f(t)
+    })
+}
+
 /// One interleaved rANS stream with its raw bits, decoded sixteen tokens at a time.
 struct Lanes<'a> {
-    tables: PackedTables,
+    tables: &'a PackedTables,
     words: &'a [u8],
     bits: &'a [u8],
     /// The sixteen states, lane `j` = state `j`.
@@ -181,11 +198,11 @@ struct Lanes<'a> {
 
 impl<'a> Lanes<'a> {
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
-    fn new(model: &Model, words: &'a [u8], bits: &'a [u8]) -> Self {
+    fn new(tables: &'a PackedTables, words: &'a [u8], bits: &'a [u8]) -> Self {
         // The initial states, as the scalar WordReader reads them.
         let head = window::<{ 4 * STATES }>(words, 0);
         Lanes {
-            tables: PackedTables::new(model),
+            tables,
             words,
             bits,
             // SAFETY: `head` holds 64 bytes, one vector.
@@ -348,9 +365,9 @@ struct Dense16<'a> {
 
 impl<'a> Dense16<'a> {
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
-    fn new(parts: &'a Parts, pred: Option<&'a [u8]>, out: &'a mut [u8]) -> Self {
+    fn new(parts: &'a Parts, tables: &'a PackedTables, pred: Option<&'a [u8]>, out: &'a mut [u8]) -> Self {
         Dense16 {
-            lanes: Lanes::new(parts.model, parts.words, parts.bits),
+            lanes: Lanes::new(tables, parts.words, parts.bits),
             contexts: &parts.contexts,
             pred,
             out,
@@ -422,8 +439,13 @@ impl<'a> Dense16<'a> {
 }
 
 #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
-fn decode16_avx512(parts: &Parts, pred: Option<&[u8]>, out: &mut [u8]) -> Result<(), DecodeError> {
-    let mut d = Dense16::new(parts, pred, out);
+fn decode16_avx512(
+    parts: &Parts,
+    tables: &PackedTables,
+    pred: Option<&[u8]>,
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
+    let mut d = Dense16::new(parts, tables, pred, out);
     for g in 0..d.groups() {
         d.step(g);
     }
@@ -437,18 +459,18 @@ pub fn decode16_in_place(parts: &Parts, buf: &mut [u8]) -> Result<(), DecodeErro
     assert!(buf.len().is_multiple_of(2));
     check_parts(parts);
     // SAFETY: as for `decode16`.
-    unsafe { decode16_avx512(parts, None, buf) }
+    with_tables(parts.model, |t| unsafe { decode16_avx512(parts, t, None, buf) })
 }
 
 #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
 fn decode_values_avx512(
-    model: &Model,
+    tables: &PackedTables,
     contexts: &[u8],
     words: &[u8],
     bits: &[u8],
     out: &mut [u64],
 ) -> Result<(), DecodeError> {
-    let mut lanes = Lanes::new(model, words, bits);
+    let mut lanes = Lanes::new(tables, words, bits);
     let n = out.len();
     let groups = n / STATES;
     for g in 0..groups {

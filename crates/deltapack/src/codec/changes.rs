@@ -103,14 +103,27 @@ pub fn decode_in_place(layout: ElementLayout, payload: &[u8], buf: &mut [u8]) ->
 
 /// The changed elements of a chunk: their positions, increasing, and their differences
 /// (zigzagged, of the order-preserving integers, as the codec codes them).
+#[derive(Default)]
 pub struct Changes {
     /// Element indices.
     pub positions: Vec<u32>,
     /// One difference per position.
     pub diffs: Vec<u64>,
+    /// Scratch of [`Changes::decode`]: the coded gaps between positions, and the contexts.
+    gaps: Vec<u64>,
+    contexts: Vec<u8>,
 }
 
 impl Changes {
+    /// [`differences`] into `self`, reusing its buffers: a caller decoding chunk after chunk
+    /// allocates once. On error, the contents are unspecified.
+    pub fn decode(&mut self, layout: ElementLayout, pred: &[u8], payload: &[u8]) -> Result<(), DecodeError> {
+        if !pred.len().is_multiple_of(layout.width) {
+            return Err(DecodeError("partial element"));
+        }
+        dispatch!(layout, differences_impl(layout, pred, payload, self))
+    }
+
     /// Adds the differences to the elements of `buf` (the prediction) at their positions.
     pub fn add_to(&self, layout: ElementLayout, buf: &mut [u8]) {
         self.add_to_each(layout, buf, |_, _, _| {})
@@ -154,19 +167,20 @@ fn shift_impl<W: Word, const FLOAT: bool>(
     }
 }
 
-/// The context of the element of `pred` at each of `positions` (all inside it).
-fn contexts_at<W: Word, const FLOAT: bool>(cmap: &ContextMap, pred: &[u8], positions: &[u32]) -> Vec<u8> {
+/// The context of the element of `pred` at each of `positions` (all inside it), into `out`.
+fn contexts_at<W: Word, const FLOAT: bool>(cmap: &ContextMap, pred: &[u8], positions: &[u32], out: &mut Vec<u8>) {
     let w = W::BITS as usize / 8;
+    out.clear();
     #[cfg(target_arch = "x86_64")]
     if FLOAT && w == 2 && pred.len() >= 4 && super::avx512::available() {
-        let mut out = Vec::new();
-        super::avx512::contexts16(&cmap.vector_params(), pred, positions, &mut out);
-        return out;
+        super::avx512::contexts16(&cmap.vector_params(), pred, positions, out);
+        return;
     }
-    positions
-        .iter()
-        .map(|&p| cmap.of(W::load(&pred[p as usize * w..(p as usize + 1) * w])))
-        .collect()
+    out.extend(
+        positions
+            .iter()
+            .map(|&p| cmap.of(W::load(&pred[p as usize * w..(p as usize + 1) * w]))),
+    );
 }
 
 /// Decodes the positions and differences of a payload made by [`encode`], under the
@@ -174,24 +188,24 @@ fn contexts_at<W: Word, const FLOAT: bool>(cmap: &ContextMap, pred: &[u8], posit
 ///
 /// The payload is untrusted: any inconsistency is an error, never a panic.
 pub fn differences(layout: ElementLayout, pred: &[u8], payload: &[u8]) -> Result<Changes, DecodeError> {
-    if !pred.len().is_multiple_of(layout.width) {
-        return Err(DecodeError("partial element"));
-    }
-    dispatch!(layout, differences_impl(layout, pred, payload))
+    let mut c = Changes::default();
+    c.decode(layout, pred, payload)?;
+    Ok(c)
 }
 
 fn differences_impl<W: Word, const FLOAT: bool>(
     layout: ElementLayout,
     pred: &[u8],
     mut input: &[u8],
-) -> Result<Changes, DecodeError> {
+    c: &mut Changes,
+) -> Result<(), DecodeError> {
     let w = layout.width;
     let n = pred.len() / w;
     let k = rans::get_varint(&mut input).ok_or(DecodeError("bad change count"))?;
     if k > n as u64 {
         return Err(DecodeError("more changes than elements"));
     }
-    let positions = ints::decode_positions(&mut input, k as usize, n)?;
+    ints::decode_positions_into(&mut input, k as usize, n, &mut c.gaps, &mut c.positions)?;
     let (lo, hi) = match input {
         [a, b, c, d, rest @ ..] => {
             input = rest;
@@ -204,13 +218,14 @@ fn differences_impl<W: Word, const FLOAT: bool>(
         return Err(DecodeError("bad context range"));
     }
     let cmap = ContextMap::new(layout, lo, hi);
-    let contexts = contexts_at::<W, FLOAT>(&cmap, pred, &positions);
-    let mut diffs = vec![0u64; positions.len()];
-    ints::decode(&mut input, cmap.count(), W::BITS, &contexts, &mut diffs)?;
+    contexts_at::<W, FLOAT>(&cmap, pred, &c.positions, &mut c.contexts);
+    c.diffs.clear();
+    c.diffs.resize(c.positions.len(), 0);
+    ints::decode(&mut input, cmap.count(), W::BITS, &c.contexts, &mut c.diffs)?;
     if !input.is_empty() {
         return Err(DecodeError("bytes after the payload"));
     }
-    Ok(Changes { positions, diffs })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -233,22 +233,35 @@ fn decode_with(
 /// increasing positions they code, each checked to be below `n` (chunks hold at most 2^30
 /// bytes, so positions fit a `u32`).
 pub fn decode_positions(input: &mut &[u8], count: usize, n: usize) -> Result<Vec<u32>, DecodeError> {
-    let mut gaps = vec![0u64; count];
-    decode(input, 1, 64, &[], &mut gaps)?;
+    let mut positions = Vec::new();
+    decode_positions_into(input, count, n, &mut Vec::new(), &mut positions)?;
+    Ok(positions)
+}
+
+/// [`decode_positions`] into `positions`, with `gaps` as scratch; both keep their capacity,
+/// so that a caller decoding chunk after chunk allocates once.
+pub fn decode_positions_into(
+    input: &mut &[u8],
+    count: usize,
+    n: usize,
+    gaps: &mut Vec<u64>,
+    positions: &mut Vec<u32>,
+) -> Result<(), DecodeError> {
+    gaps.clear();
+    gaps.resize(count, 0);
+    decode(input, 1, 64, &[], gaps)?;
     // Positions increase, so all are below `n` if the last is; saturating sums cannot wrap.
     let mut next = 0u64;
-    let positions = gaps
-        .iter()
-        .map(|&g| {
-            let p = next.saturating_add(g);
-            next = p.saturating_add(1);
-            p as u32
-        })
-        .collect();
+    positions.clear();
+    positions.extend(gaps.iter().map(|&g| {
+        let p = next.saturating_add(g);
+        next = p.saturating_add(1);
+        p as u32
+    }));
     if next > n as u64 {
         return Err(DecodeError("position past the chunk"));
     }
-    Ok(positions)
+    Ok(())
 }
 
 /// Checks that `len` bytes are available at the front of `input` and returns their count.

@@ -26,6 +26,7 @@ pub fn available() -> bool {
 
 /// One `u32` per context and slot: `symbol | (freq - 1) << 8 | bias << 20`, where `bias`
 /// is the slot's offset from its symbol's start. Unused contexts are all zero and flagged.
+#[derive(Default)]
 pub(super) struct PackedTables {
     pub(super) slots: Vec<u32>,
     pub(super) unused: u64,
@@ -33,22 +34,31 @@ pub(super) struct PackedTables {
 
 impl PackedTables {
     pub(super) fn new(model: &Model) -> Self {
-        let mut slots = vec![0u32; model.freqs.len() * SCALE];
-        let mut unused = 0u64;
+        let mut t = PackedTables::default();
+        t.fill(model);
+        t
+    }
+
+    /// Rebuilds the tables for `model` in place, keeping the buffer's capacity.
+    pub(super) fn fill(&mut self, model: &Model) {
+        self.slots.resize(model.freqs.len() * SCALE, 0);
+        self.unused = 0;
         for (c, f) in model.freqs.iter().enumerate() {
+            let table = &mut self.slots[c * SCALE..(c + 1) * SCALE];
             if f.is_empty() {
-                unused |= 1 << c;
+                self.unused |= 1 << c;
+                table.fill(0);
             }
+            // A validated model's frequencies of a used context sum to SCALE: every slot is set.
             let mut start = 0usize;
             for (s, &x) in f.iter().enumerate() {
                 let x = x as usize;
-                for (k, e) in slots[c * SCALE + start..c * SCALE + start + x].iter_mut().enumerate() {
+                for (k, e) in table[start..start + x].iter_mut().enumerate() {
                     *e = s as u32 | ((x as u32 - 1) << 8) | ((k as u32) << 20);
                 }
                 start += x;
             }
         }
-        PackedTables { slots, unused }
     }
 }
 
