@@ -14,6 +14,23 @@ pub fn chunk(bytes: &[u8]) -> Digest {
     *blake3::hash(bytes).as_bytes()
 }
 
+/// [`chunk`] of bytes fed piece by piece (same digest): hashing each piece while it is in
+/// cache.
+#[derive(Default)]
+pub struct ChunkHasher(blake3::Hasher);
+
+impl ChunkHasher {
+    /// Feeds the next piece.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
+    }
+
+    /// The digest of everything fed so far.
+    pub fn digest(&self) -> Digest {
+        *self.0.finalize().as_bytes()
+    }
+}
+
 /// Combines the chunk hashes of a tensor of `len` bytes into its fingerprint.
 pub fn tensor(len: u64, chunk_bytes: u64, chunks: &[Digest]) -> Digest {
     let mut h = blake3::Hasher::new();
@@ -85,6 +102,10 @@ mod tests {
         let a = tensor(10, 4, &[chunk(b"abcd"), chunk(b"efgh"), chunk(b"ij")]);
         let b = tensor(10, 4, &[chunk(b"abcd"), chunk(b"efgX"), chunk(b"ij")]);
         assert_ne!(a, b);
+        let data: Vec<u8> = (0..300_000u32).map(|i| ((i * 7) >> 3) as u8).collect();
+        let mut h = ChunkHasher::default();
+        data.chunks(65536).for_each(|p| h.update(p));
+        assert_eq!(h.digest(), chunk(&data));
         assert_eq!(chunk_count(10, 4), 3);
         assert_eq!(chunk_count(0, 4), 0);
     }
