@@ -272,6 +272,8 @@ struct Scratch {
     pred: Vec<u8>,
     buf: Vec<u8>,
     fixes: Vec<u8>,
+    /// Elements [`patch_exponents`] replaced: position and former bits.
+    saved: Vec<(usize, u64)>,
     exact: exact::Scratch,
     changes: changes::Changes,
 }
@@ -1027,25 +1029,28 @@ fn restore_chunk(d: &Delta, layout: ElementLayout, c: &ChunkUndo, cur: &mut [u8]
 /// payload does not decode.
 fn replay(layout: ElementLayout, codec: ChunkCodec, payload: &[u8], fixes: &[u8], cur: &mut [u8]) -> bool {
     with_scratch(|s| {
-        s.pred.clear();
-        s.pred.extend_from_slice(cur);
+        // The prediction is the fine-tune's values under the base's exponents: patched into
+        // `cur` itself, the values they replace kept aside, rather than copying the chunk.
+        s.saved.clear();
         if let Some(f) = layout.float {
-            patch_exponents(layout.width, f, fixes, &mut s.pred);
+            patch_exponents(layout.width, f, fixes, cur, &mut s.saved);
         }
         if codec == ChunkCodec::Changes {
-            // Only the changed elements need the differences taken off.
-            if s.changes.decode(layout, &s.pred, payload).is_err() {
-                return false;
+            let ok = s.changes.decode(layout, cur, payload).is_ok();
+            restore_saved(layout.width, &s.saved, cur);
+            if ok {
+                // Only the changed elements need the differences taken off.
+                s.changes.subtract_from(layout, cur);
             }
-            s.changes.subtract_from(layout, cur);
-            return true;
+            return ok;
         }
         s.out.resize(cur.len(), 0);
-        let ok = decode_exact(codec, layout, &s.pred, payload, &mut s.out).is_ok();
-        if ok {
-            subtract_differences(layout, cur, &s.out, &s.pred);
+        if decode_exact(codec, layout, cur, payload, &mut s.out).is_err() {
+            restore_saved(layout.width, &s.saved, cur);
+            return false;
         }
-        ok
+        subtract_differences(layout, cur, &s.out, &mut s.saved);
+        true
     })
 }
 
@@ -1322,12 +1327,24 @@ fn get_varint(input: &[u8], at: &mut usize) -> u64 {
 }
 
 /// Writes the base exponents recorded by [`exponent_fixes`] into `pred`, which holds the
-/// fine-tune's values of the chunk.
-fn patch_exponents(width: usize, f: FloatLayout, fixes: &[u8], pred: &mut [u8]) {
-    by_width!(width, patch_impl(f, fixes, pred))
+/// fine-tune's values of the chunk, appending each patched element's position and former
+/// bits to `saved`.
+fn patch_exponents(width: usize, f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mut Vec<(usize, u64)>) {
+    by_width!(width, patch_impl(f, fixes, pred, saved))
 }
 
-fn patch_impl<L: Lane>(f: FloatLayout, fixes: &[u8], pred: &mut [u8]) {
+/// Puts back the elements [`patch_exponents`] saved.
+fn restore_saved(width: usize, saved: &[(usize, u64)], buf: &mut [u8]) {
+    by_width!(width, restore_impl(saved, buf))
+}
+
+fn restore_impl<L: Lane>(saved: &[(usize, u64)], buf: &mut [u8]) {
+    for &(i, bits) in saved {
+        L::of_bits(bits).put(&mut buf[i * L::W..(i + 1) * L::W]);
+    }
+}
+
+fn patch_impl<L: Lane>(f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mut Vec<(usize, u64)>) {
     let field = (f.exponent_mask as u64) << f.mantissa_bits;
     let (mut at, mut next) = (0, 0usize);
     while at < fixes.len() {
@@ -1345,34 +1362,46 @@ fn patch_impl<L: Lane>(f: FloatLayout, fixes: &[u8], pred: &mut [u8]) {
         next = i + 1;
         let e = &mut pred[i * L::W..(i + 1) * L::W];
         let v = L::get(e).bits();
+        saved.push((i, v));
         let exp = (exponent_of(f, v) as i64 + crate::codec::ints::unzigzag(zz)) as u64;
         L::of_bits((v & !field) | ((exp << f.mantissa_bits) & field)).put(e);
     }
 }
 
-/// `cur` holds a chunk's fine-tune values; `out` is what its forward payload decoded to from
-/// `pred` (the fine-tune's values under the base's exponents). The differences `out - pred`
-/// are the forward ones, so the base is `cur` minus them, in the codec's ordered integers.
-fn subtract_differences(layout: ElementLayout, cur: &mut [u8], out: &[u8], pred: &[u8]) {
+/// Turns a chunk back into the base's values. `cur` holds the prediction its forward payload
+/// decoded from, the fine-tune's values under the base's exponents, except at the positions in
+/// `saved`, which hold the fine-tune's own bits there; `out` is what the payload decoded to.
+/// The differences `out - prediction` are the forward ones, so the base is the fine-tune
+/// minus them, in the codec's ordered integers: `2 * cur - out` where nothing was patched.
+/// `saved` is overwritten.
+fn subtract_differences(layout: ElementLayout, cur: &mut [u8], out: &[u8], saved: &mut [(usize, u64)]) {
     if layout.float.is_some() {
         by_width!(
             layout.width,
-            subtract_impl(cur, out, pred, Lane::ordered, Lane::unordered)
+            subtract_impl(cur, out, saved, Lane::ordered, Lane::unordered)
         )
     } else {
-        by_width!(layout.width, subtract_impl(cur, out, pred, |x| x, |x| x))
+        by_width!(layout.width, subtract_impl(cur, out, saved, |x| x, |x| x))
     }
 }
 
 #[inline(always)]
-fn subtract_impl<L: Lane>(cur: &mut [u8], out: &[u8], pred: &[u8], ord: fn(L) -> L, unord: fn(L) -> L) {
-    let elems = cur
-        .chunks_exact_mut(L::W)
-        .zip(out.chunks_exact(L::W))
-        .zip(pred.chunks_exact(L::W));
-    for ((c, o), p) in elems {
-        let v = ord(L::get(c)).wrapping_sub(ord(L::get(o))).wrapping_add(ord(L::get(p)));
-        unord(v).put(c);
+fn subtract_impl<L: Lane>(cur: &mut [u8], out: &[u8], saved: &mut [(usize, u64)], ord: fn(L) -> L, unord: fn(L) -> L) {
+    let at = |i: usize| i * L::W..(i + 1) * L::W;
+    // The patched elements first, while `cur` still holds their prediction.
+    for (i, bits) in saved.iter_mut() {
+        let fine = ord(L::of_bits(*bits));
+        let v = fine
+            .wrapping_sub(ord(L::get(&out[at(*i)])))
+            .wrapping_add(ord(L::get(&cur[at(*i)])));
+        *bits = unord(v).bits();
+    }
+    for (c, o) in cur.chunks_exact_mut(L::W).zip(out.chunks_exact(L::W)) {
+        let p = ord(L::get(c));
+        unord(p.wrapping_add(p).wrapping_sub(ord(L::get(o)))).put(c);
+    }
+    for &(i, bits) in saved.iter() {
+        L::of_bits(bits).put(&mut cur[at(i)]);
     }
 }
 
@@ -1440,13 +1469,17 @@ mod tests {
             "gap 38 needs a varint byte, the exponent change 254 two"
         );
         let mut pred = elems(&new);
-        patch_impl::<u16>(f, &out, &mut pred);
+        let mut saved = Vec::new();
+        patch_impl::<u16>(f, &out, &mut pred, &mut saved);
         let exps: Vec<u64> = pred.chunks(2).map(|e| exponent_of(f, u64::from(u16::get(e)))).collect();
         let want: Vec<u64> = elems(&old)
             .chunks(2)
             .map(|e| exponent_of(f, u64::from(u16::get(e))))
             .collect();
         assert_eq!(exps, want);
+        assert_eq!(saved, [(1, 0x4000), (40, 0x8001)], "the patched elements' own bits");
+        restore_impl::<u16>(&saved, &mut pred);
+        assert_eq!(pred, elems(&new));
     }
 
     #[test]
