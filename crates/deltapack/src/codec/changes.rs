@@ -219,7 +219,8 @@ fn differences_impl<W: Word, const FLOAT: bool>(
     }
     let cmap = ContextMap::new(layout, lo, hi);
     contexts_at::<W, FLOAT>(&cmap, pred, &c.positions, &mut c.contexts);
-    c.diffs.clear();
+    // `ints::decode` overwrites every value: only growth needs zeroing.
+    c.diffs.truncate(c.positions.len());
     c.diffs.resize(c.positions.len(), 0);
     ints::decode(&mut input, cmap.count(), W::BITS, &c.contexts, &mut c.diffs)?;
     if !input.is_empty() {

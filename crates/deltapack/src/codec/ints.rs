@@ -247,15 +247,23 @@ pub fn decode_positions_into(
     gaps: &mut Vec<u64>,
     positions: &mut Vec<u32>,
 ) -> Result<(), DecodeError> {
-    gaps.clear();
+    if count > n {
+        return Err(DecodeError("more positions than elements"));
+    }
+    // `decode` overwrites every value: only growth needs zeroing.
+    gaps.truncate(count);
     gaps.resize(count, 0);
     decode(input, 1, 64, &[], gaps)?;
-    // Positions increase, so all are below `n` if the last is; saturating sums cannot wrap.
+    if gaps.iter().any(|&g| g >= n as u64) {
+        return Err(DecodeError("position past the chunk"));
+    }
+    // At most n gaps, each below n <= 2^32: the sums cannot wrap. Positions increase, so all
+    // are below `n` if the last is.
     let mut next = 0u64;
     positions.clear();
     positions.extend(gaps.iter().map(|&g| {
-        let p = next.saturating_add(g);
-        next = p.saturating_add(1);
+        let p = next + g;
+        next = p + 1;
         p as u32
     }));
     if next > n as u64 {
