@@ -11,9 +11,9 @@
 #   REF      the reference pair, REF/base and REF/finetuned (default: WORKDIR/ref, which
 #            scripts/bench.sh generates); skipped when absent
 #
-# Pairs: (a) minilm-base-bf16 with A = ft-a-bf16 and B = ft-b-bf16-sharded; (b) the reference
-# pair with A = its fine-tune and B = a second fine-tune of its base (base + N(0, 0.001) in
-# bf16, seed 2, written once into WORKDIR/hotswap/ref-ft2).
+# Pairs: (a) minilm-base-bf16 with A = ft-a-bf16 and B = ft-b-bf16-sharded, then the other way
+# round; (b) the reference pair with A = its fine-tune and B = a second fine-tune of its base
+# (base + N(0, 0.001) in bf16, seed 2, written once into WORKDIR/hotswap/ref-ft2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-bench-out}
@@ -36,6 +36,7 @@ if [ -d "$MODELS/minilm-base-bf16" ]; then
   delta "$MODELS/minilm-base-bf16" "$MODELS/ft-a-bf16" "$H/ft-a.dpk"
   delta "$MODELS/minilm-base-bf16" "$MODELS/ft-b-bf16-sharded" "$H/ft-b.dpk"
   "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-a.dpk" "$H/ft-b.dpk"
+  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-b.dpk" "$H/ft-a.dpk"
 else
   echo "$MODELS/minilm-base-bf16 not found; real pair skipped"
 fi
