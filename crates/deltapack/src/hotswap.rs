@@ -22,11 +22,12 @@
 //!
 //! # Checks
 //!
-//! A delta applies only to the base it was made from: every base tensor it reads must match
-//! the fingerprint it records, compared with the fingerprints taken at load. Every payload is
-//! checked against its checksum and every rebuilt tensor against its fingerprint. A revert is
-//! checked against hashes of the base's chunks taken at load (xxh3: a check against bugs, at
-//! a fifth of BLAKE3's cost; the base's bytes themselves were checked by BLAKE3). A failure
+//! A delta applies only to the base it was made from: every base tensor it reads must match the
+//! fingerprint it records, compared with the BLAKE3 fingerprints the model takes of its base
+//! (at load, or at a delta's first use for another chunk size). Every payload is checked
+//! against its checksum and every rebuilt tensor against its fingerprint. A revert is checked
+//! against xxh3 hashes of the base's chunks, taken with those fingerprints: a check against
+//! bugs, at a fifth of BLAKE3's cost (deltas are matched to the BLAKE3 fingerprints). A failure
 //! never leaves the model half-switched: errors found before any tensor changes (an unreadable
 //! or corrupt index, a wrong base) leave it as it was; an error while decoding undoes what was
 //! switched so far and re-applies the fine-tune held before (re-read from its delta; should
@@ -56,13 +57,16 @@
 //! Memory held to revert ([`Resident::undo_bytes`]): for exact deltas, about one byte for each
 //! value whose exponent changed, as the payloads are read again from the delta to revert; for
 //! lossy tensors and dtype changes, the reverse delta. The delta's pages are not held as such:
-//! those of a delta up to 64 MiB stay mapped while its fine-tune is active, clean page cache
-//! that the kernel reclaims under memory pressure; a larger delta's are dropped chunk by chunk.
-//! Beyond that, a switch holds a few chunks per thread, and a tensor only the fine-tune has
-//! takes its own size (the base's tensor of the same name, if any, stays in memory, hidden; so
-//! do base tensors the fine-tune lacks). A tensor whose first dimension grows is grown in
-//! place; one whose dtype changes is held in both dtypes while it converts. Only weights are
-//! swapped: the fine-tune's config and tokenizer files are not read.
+//! those of a delta up to 64 MiB ([`Resident::set_keep_mapped`]) stay mapped while its
+//! fine-tune is active, clean page cache that the kernel reclaims under memory pressure; a
+//! larger delta's are dropped chunk by chunk. Beyond that, a switch holds a few chunks per
+//! thread, and each thread keeps its scratch buffers between switches (about a chunk, the
+//! decode tables of up to a MiB, and 21 bytes per changed value of the largest `changes` chunk
+//! it decoded). A tensor only the fine-tune has takes its own size (the base's tensor of the
+//! same name, if any, stays in memory, hidden; so do base tensors the fine-tune lacks). A
+//! tensor whose first dimension grows is grown in place; one whose dtype changes is held in
+//! both dtypes while it converts. Only weights are swapped: the fine-tune's config and
+//! tokenizer files are not read.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -93,6 +97,8 @@ pub struct Resident {
     /// Chunk fingerprints of the base, by chunk size, slot and chunk.
     prints: BTreeMap<usize, Vec<Vec<ChunkPrint>>>,
     active: Option<Active>,
+    /// Deltas up to this size stay mapped while active (see [`Resident::set_keep_mapped`]).
+    keep_mapped: u64,
 }
 
 /// One tensor of a [`Resident`] model, as a serving loop reads it.
@@ -155,9 +161,9 @@ struct Slot {
 
 /// The fine-tune a [`Resident`] holds, and how to go back to the base.
 struct Active {
-    /// Its delta, kept open (mapped; see [`RESIDENT_DELTA`] for its pages): reverting reads the
+    /// Its delta, kept open (mapped; see [`Resident::set_keep_mapped`] for its pages): reverting reads the
     /// payloads of exact chunks again rather than holding copies.
-    delta: Arc<Delta>,
+    delta: Arc<Mapped>,
     /// The fine-tune's tensors, in the delta's order.
     view: Vec<ViewEntry>,
     by_name: HashMap<String, usize>,
@@ -183,7 +189,7 @@ impl Active {
                     return Ok(());
                 };
                 let checked = d.chunk_payload(&slots[slot].name, chunk).map(drop);
-                done_with(d, chunk);
+                d.done_with(chunk);
                 checked
             })
     }
@@ -213,7 +219,7 @@ struct SlotUndo {
 enum ChunkUndo {
     /// An exact chunk at `start..start + len` of the slot: where its forward payload is in
     /// the active delta (read again, and checked, to revert), and the base exponents that
-    /// differ from the fine-tune's (see [`exponent_fixes`]).
+    /// differ from the fine-tune's (see [`exponent_fixes_from`]).
     Replay {
         chunk: Chunk,
         start: usize,
@@ -325,7 +331,20 @@ impl Resident {
             by_name,
             prints: BTreeMap::from([(cb, prints)]),
             active: None,
+            keep_mapped: KEEP_MAPPED,
         })
+    }
+
+    /// Sets the size of the largest delta whose pages stay mapped while its fine-tune is
+    /// active (default 64 MiB); a larger one's pages are dropped as each chunk is used, and
+    /// read again from the file to revert.
+    ///
+    /// Kept pages are clean page cache, which the kernel reclaims under memory pressure, but
+    /// they count in the process's resident memory. Dropping them chunk by chunk costs a TLB
+    /// shootdown on every core per chunk: on a 4.6 MB delta, about 3 % of a switch. Takes
+    /// effect from the next switch.
+    pub fn set_keep_mapped(&mut self, bytes: u64) {
+        self.keep_mapped = bytes;
     }
 
     /// The base checkpoint's path, as given to [`Resident::load`].
@@ -393,7 +412,11 @@ impl Resident {
         let Some(path) = delta else {
             return self.revert();
         };
-        let d = Arc::new(Delta::open(path)?);
+        let delta = Delta::open(path)?;
+        let d = Arc::new(Mapped {
+            release_each: delta.size > self.keep_mapped,
+            delta,
+        });
         if self.prints.contains_key(&(d.index.chunk_bytes as usize)) {
             // Refuse a wrong base before anything changes.
             self.plan(&d)?;
@@ -425,7 +448,7 @@ impl Resident {
             return Ok(SwitchReport::default());
         };
         if let Err(e) = active.check_payloads(&self.slots) {
-            done_with_all(&active.delta);
+            active.delta.done_with_all();
             return Err(e);
         }
         let active = self.active.take().expect("checked above");
@@ -433,7 +456,7 @@ impl Resident {
     }
 
     /// Applies a delta to the model, which holds the base; undoes everything on error.
-    fn apply_delta(&mut self, d: Arc<Delta>) -> Result<SwitchReport> {
+    fn apply_delta(&mut self, d: Arc<Mapped>) -> Result<SwitchReport> {
         let cb = d.index.chunk_bytes as usize;
         self.fingerprint(cb);
         let planned = self.plan(&d)?;
@@ -554,7 +577,7 @@ impl Resident {
     /// base tensors as they are before anything is rewritten.
     fn decode_fresh(
         &self,
-        d: &Delta,
+        d: &Mapped,
         planned: &[Planned],
         active: &mut Active,
         report: &mut SwitchReport,
@@ -578,10 +601,14 @@ impl Resident {
                     (s.dtype, &s.bytes[..s.len])
                 });
                 let range = k * cb..k * cb + out.len();
-                with_scratch(|s| {
+                let decoded = with_scratch(|s| {
                     let pred = pair::predict(p.t.relation, sdt, p.dtype, src, range, &mut s.buf);
                     decode_chunk(d, p, k, cb, pred, out)
-                })?;
+                });
+                if let Some(c) = p.t.chunks.get(k) {
+                    d.done_with(c);
+                }
+                decoded?;
                 Ok(hash::chunk(out))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -603,7 +630,7 @@ impl Resident {
     /// while it converts), keeping a reverse delta of the base's values.
     fn decode_converted(
         &mut self,
-        d: &Delta,
+        d: &Mapped,
         planned: &[Planned],
         active: &mut Active,
         report: &mut SwitchReport,
@@ -637,7 +664,7 @@ impl Resident {
     /// parallel, each recorded for reverting as soon as it is written.
     fn decode_in_place(
         &mut self,
-        d: &Delta,
+        d: &Mapped,
         planned: &[Planned],
         active: &mut Active,
         report: &mut SwitchReport,
@@ -756,7 +783,7 @@ impl Resident {
             .into_par_iter()
             .map(|(dt, cur, c)| restore_chunk(d, dtype::layout(dt), c, cur))
             .collect::<Vec<bool>>();
-        done_with_all(d);
+        d.done_with_all();
         for (slot, _) in in_place {
             if slot.bytes.len() > slot.len {
                 slot.bytes.truncate(slot.len);
@@ -776,7 +803,7 @@ impl Resident {
         Ok(report)
     }
 
-    /// The base chunks a revert rewrote must hash to the base's fingerprints again.
+    /// The base chunks a revert rewrote must hash to what they hashed to at load (xxh3).
     fn check_restored(&self, u: &SlotUndo, cb: usize) -> Result<()> {
         let slot = &self.slots[u.slot];
         let chunks: BTreeSet<usize> = u
@@ -802,24 +829,41 @@ impl Resident {
     }
 }
 
-/// Deltas up to this size stay mapped while their fine-tune is active, their pages dropped
-/// once, when a revert has read them again: dropping a chunk's pages costs a TLB shootdown on
-/// every core the switch runs on. The pages are clean file pages, which the kernel reclaims
-/// under memory pressure like any page cache.
-const RESIDENT_DELTA: u64 = 64 << 20;
+/// The default of [`Resident::set_keep_mapped`]: deltas up to this size stay mapped while
+/// their fine-tune is active, their pages dropped once, when a revert has read them again.
+/// Dropping a chunk's pages costs a TLB shootdown on every core the switch runs on; kept, the
+/// pages are clean file pages, which the kernel reclaims under memory pressure like any page
+/// cache.
+const KEEP_MAPPED: u64 = 64 << 20;
 
-/// Drops the pages of chunk `c`'s payload, unless the delta is small enough to stay
-/// mapped until [`done_with_all`].
-fn done_with(d: &Delta, c: &Chunk) {
-    if d.size > RESIDENT_DELTA {
-        d.release(c.offset, c.len);
+/// A delta opened by a switch, and whether its pages are dropped chunk by chunk.
+struct Mapped {
+    delta: Delta,
+    release_each: bool,
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = Delta;
+
+    fn deref(&self) -> &Delta {
+        &self.delta
     }
 }
 
-/// Drops every page of `d` left resident by [`done_with`].
-fn done_with_all(d: &Delta) {
-    if d.size <= RESIDENT_DELTA {
-        d.release(0, d.size);
+impl Mapped {
+    /// Drops the pages of chunk `c`'s payload, unless the delta stays mapped until
+    /// [`Mapped::done_with_all`].
+    fn done_with(&self, c: &Chunk) {
+        if self.release_each {
+            self.release(c.offset, c.len);
+        }
+    }
+
+    /// Drops every page left mapped by [`Mapped::done_with`].
+    fn done_with_all(&self) {
+        if !self.release_each {
+            self.release(0, self.size);
+        }
     }
 }
 
@@ -866,7 +910,7 @@ fn decode_chunk(d: &Delta, p: &Planned, k: usize, cb: usize, pred: &[u8], out: &
 /// or zeros where the tensor grew); returns its fingerprint and, if it changed and `keep`, its
 /// undo record.
 fn in_place_chunk(
-    d: &Delta,
+    d: &Mapped,
     p: &Planned,
     k: usize,
     cb: usize,
@@ -879,7 +923,7 @@ fn in_place_chunk(
     }
     if c.codec == ChunkCodec::Changes {
         let done = patch_chunk(d, p, k, cb, cur, keep);
-        done_with(d, c);
+        d.done_with(c);
         return done;
     }
     let done = with_scratch(|s| {
@@ -894,7 +938,7 @@ fn in_place_chunk(
         cur.copy_from_slice(&s.out);
         Ok((digest, undo))
     });
-    done_with(d, c);
+    d.done_with(c);
     done
 }
 
@@ -929,7 +973,7 @@ fn replace_exact(
 /// [`in_place_chunk`] for a chunk of the `changes` codec: only its changed elements are
 /// touched, in place, and only they are compared for the undo record's exponent fixes.
 fn patch_chunk(
-    d: &Delta,
+    d: &Mapped,
     p: &Planned,
     k: usize,
     cb: usize,
@@ -979,7 +1023,7 @@ fn reverse_record(layout: ElementLayout, start: usize, old: &[u8], s: &mut Scrat
 /// Rebuilds chunk `k` of a tensor whose dtype changed into `out`, from the base tensor in
 /// `slot`; returns its fingerprint and the base's bytes it covers, reverse-coded.
 fn convert_chunk(
-    d: &Delta,
+    d: &Mapped,
     p: &Planned,
     slot: &Slot,
     k: usize,
@@ -999,20 +1043,20 @@ fn convert_chunk(
         Ok::<_, Error>(payload)
     })?;
     if let Some(c) = p.t.chunks.get(k) {
-        done_with(d, c);
+        d.done_with(c);
     }
     Ok((hash::chunk(out), ChunkUndo::Reverse { new, old, payload }))
 }
 
 /// Restores one chunk of a base tensor in place, from the fine-tune's bytes in `cur` (and,
 /// for a replayed chunk, its payload in `d`); false if that payload no longer decodes.
-fn restore_chunk(d: &Delta, layout: ElementLayout, c: &ChunkUndo, cur: &mut [u8]) -> bool {
+fn restore_chunk(d: &Mapped, layout: ElementLayout, c: &ChunkUndo, cur: &mut [u8]) -> bool {
     match c {
         ChunkUndo::Replay { chunk, fixes, .. } => {
             // Checked before the revert began; a payload that decoded forwards decodes again
             // under the same contexts, unless the file was rewritten since.
             let ok = replay(layout, chunk.codec, d.range(chunk.offset, chunk.len), fixes, cur);
-            done_with(d, chunk);
+            d.done_with(chunk);
             ok
         }
         ChunkUndo::Reverse { payload, .. } => with_scratch(|s| {
@@ -1156,18 +1200,14 @@ macro_rules! by_width {
 /// Appends to `out` the position and base exponent of every element whose exponent field
 /// differs between `old` (the prediction a chunk was decoded from) and `new` (what it decoded
 /// to): all the exact codec's contexts need beyond the new values. Integers need nothing.
+/// `old` and `new` may be a piece of a chunk starting at element `first`; the fixes continue
+/// those of the pieces before it, the last of which was at element `next - 1` (`next` is
+/// updated; 0 for a chunk's first piece).
 ///
 /// Each element is one byte when the gap to the previous one is below 16 and the exponent
 /// moved by at most 3: bits 0-2 the zigzagged exponent change (7: a varint of the rest
 /// follows), bits 3-6 the gap's low bits, bit 7 set when a varint of the gap's higher bits
 /// follows (first, before the exponent's).
-#[cfg(test)]
-fn exponent_fixes(layout: ElementLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
-    exponent_fixes_from(layout, 0, &mut 0, old, new, out);
-}
-
-/// [`exponent_fixes`] of a piece of a chunk starting at element `first`, continuing the
-/// fixes of the pieces before it, which end before element `next` (updated).
 fn exponent_fixes_from(
     layout: ElementLayout,
     first: usize,
@@ -1246,7 +1286,7 @@ fn fixes_impl<L: Lane>(f: FloatLayout, first: usize, next: &mut usize, old: &[u8
     }
 }
 
-/// [`exponent_fixes`] written element by element, for a chunk whose elements changed only at
+/// [`exponent_fixes_from`] written element by element, for a chunk whose elements changed only at
 /// known positions: fed each changed element in increasing position, it writes the same bytes
 /// as a whole-chunk comparison, without visiting the unchanged elements.
 struct FixWriter {
@@ -1326,7 +1366,7 @@ fn get_varint(input: &[u8], at: &mut usize) -> u64 {
     }
 }
 
-/// Writes the base exponents recorded by [`exponent_fixes`] into `pred`, which holds the
+/// Writes the base exponents recorded by [`exponent_fixes_from`] into `pred`, which holds the
 /// fine-tune's values of the chunk, appending each patched element's position and former
 /// bits to `saved`.
 fn patch_exponents(width: usize, f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mut Vec<(usize, u64)>) {
@@ -1369,11 +1409,11 @@ fn patch_impl<L: Lane>(f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mu
 }
 
 /// Turns a chunk back into the base's values. `cur` holds the prediction its forward payload
-/// decoded from, the fine-tune's values under the base's exponents, except at the positions in
-/// `saved`, which hold the fine-tune's own bits there; `out` is what the payload decoded to.
-/// The differences `out - prediction` are the forward ones, so the base is the fine-tune
-/// minus them, in the codec's ordered integers: `2 * cur - out` where nothing was patched.
-/// `saved` is overwritten.
+/// decoded from: the fine-tune's values under the base's exponents, which differ from the
+/// fine-tune's own only at the positions in `saved`, which holds their fine-tune bits. `out`
+/// is what the payload decoded to. The differences `out - prediction` are the forward ones, so
+/// the base is the fine-tune minus them, in the codec's ordered integers: `2 * cur - out`
+/// where nothing was patched. On return `saved` holds the base's bits at its positions.
 fn subtract_differences(layout: ElementLayout, cur: &mut [u8], out: &[u8], saved: &mut [(usize, u64)]) {
     if layout.float.is_some() {
         by_width!(
@@ -1410,6 +1450,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The fixes of a whole chunk, in one piece: what the tests compare against.
+    fn exponent_fixes(layout: ElementLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+        exponent_fixes_from(layout, 0, &mut 0, old, new, out);
+    }
+
     /// Codes `new` against `old` forwards with both exact chunk codecs, then reverts it from
     /// `new` alone with the payload and the exponent fixes, as [`replay`] does; returns
     /// the base each revert gives (the same, or it panics).
@@ -1429,6 +1474,37 @@ mod tests {
         let sparse = revert(ChunkCodec::Changes, crate::codec::changes::encode(layout, old, new));
         assert_eq!(dense, sparse, "the changes codec reverts as the exact one does");
         dense
+    }
+
+    /// A payload that no longer decodes leaves the chunk as it was, the fine-tune's values,
+    /// for both codecs: the exponents patched in for the attempt are put back.
+    #[test]
+    fn a_failed_replay_leaves_the_chunk_unchanged() {
+        let layout = dtype::layout(Dtype::BF16);
+        let old: Vec<u8> = (0..4096u32)
+            .flat_map(|i| ((i * 37 % 1500) as u16 + 0x3c00).to_le_bytes())
+            .collect();
+        let new: Vec<u8> = old
+            .chunks_exact(2)
+            .enumerate()
+            .flat_map(|(i, e)| {
+                let v = u16::from_le_bytes([e[0], e[1]]);
+                // Every 5th value moves up a binade, so there are exponents to patch.
+                (if i % 5 == 0 { v + 0x80 } else { v }).to_le_bytes()
+            })
+            .collect();
+        let mut fixes = Vec::new();
+        exponent_fixes(layout, &old, &new, &mut fixes);
+        assert!(!fixes.is_empty());
+        let dense = exact::encode(layout, &old, &new, &mut exact::Scratch::default());
+        let sparse = crate::codec::changes::encode(layout, &old, &new);
+        for (codec, payload) in [(ChunkCodec::Exact, dense), (ChunkCodec::Changes, sparse)] {
+            let mut cur = new.clone();
+            assert!(!replay(layout, codec, &payload[..payload.len() - 3], &fixes, &mut cur));
+            assert_eq!(cur, new, "{codec:?}");
+            assert!(replay(layout, codec, &payload, &fixes, &mut cur));
+            assert_eq!(cur, old, "{codec:?}");
+        }
     }
 
     #[test]
@@ -1522,14 +1598,16 @@ mod tests {
         /// whole-chunk scan, whatever the width and wherever the blocks cut.
         #[test]
         fn blocked_replacement_equals_a_whole_scan(
-            dt in prop::sample::select(vec![Dtype::BF16, Dtype::F32, Dtype::F64, Dtype::F8_E5M2]),
+            dt in prop::sample::select(vec![Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64, Dtype::F8_E5M2]),
             seed in any::<u64>(),
             kib in 1usize..300,
+            extra in 0usize..64,
             every in 1usize..40,
         ) {
             let layout = dtype::layout(dt);
             let w = layout.width;
-            let n = kib * 1024 / w;
+            // Partial words and groups of 64 at the end of a later block too.
+            let n = kib * 1024 / w + extra;
             let mut x = seed | 1;
             let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
             let old: Vec<u8> = (0..n * w).map(|_| next() as u8).collect();

@@ -177,23 +177,30 @@ fn switches_match_apply_at_every_step_and_revert_bit_exactly() {
         "B is lossy: apply does not give the fine-tune back"
     );
     assert!(want_a != want_base && want_b != want_base && want_a != want_b);
-    let mut r = Resident::load(&base).unwrap();
-    assert_eq!(state(&r), want_base);
-    let steps: [(Option<&Path>, &State); 5] = [
-        (Some(&da), &want_a),
-        (Some(&db), &want_b),
-        (None, &want_base),
-        (Some(&da), &want_a),
-        (None, &want_base),
-    ];
-    for (i, (delta, want)) in steps.into_iter().enumerate() {
-        let report = r.switch_to(delta).unwrap();
-        assert_eq!(state(&r), *want, "step {i}: {delta:?}");
-        assert_eq!(r.active(), delta);
-        assert_eq!(report.undo_bytes, r.undo_bytes());
-        assert_eq!(r.undo_bytes() == 0, delta.is_none(), "step {i}");
+    // Small deltas stay mapped while active by default; with 0, every chunk's pages are
+    // dropped after use and read again to revert.
+    for keep in [None, Some(0)] {
+        let mut r = Resident::load(&base).unwrap();
+        if let Some(bytes) = keep {
+            r.set_keep_mapped(bytes);
+        }
+        assert_eq!(state(&r), want_base);
+        let steps: [(Option<&Path>, &State); 5] = [
+            (Some(&da), &want_a),
+            (Some(&db), &want_b),
+            (None, &want_base),
+            (Some(&da), &want_a),
+            (None, &want_base),
+        ];
+        for (i, (delta, want)) in steps.into_iter().enumerate() {
+            let report = r.switch_to(delta).unwrap();
+            assert_eq!(state(&r), *want, "step {i}: {delta:?}, keep {keep:?}");
+            assert_eq!(r.active(), delta);
+            assert_eq!(report.undo_bytes, r.undo_bytes());
+            assert_eq!(r.undo_bytes() == 0, delta.is_none(), "step {i}");
+        }
+        assert!(r.tensor("layers.0.old").is_some() && r.tensor("adapter.a").is_none());
     }
-    assert!(r.tensor("layers.0.old").is_some() && r.tensor("adapter.a").is_none());
 }
 
 #[test]

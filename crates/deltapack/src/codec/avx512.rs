@@ -23,12 +23,11 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
 use super::bits::BitWriter;
 use super::exact::{verdict, DecodeError};
 use super::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
-use super::simd::{Contexts, PackedTables, Parts};
+use super::simd::{with_tables, Contexts, PackedTables, Parts};
 
 const SCALE: usize = 1 << SCALE_BITS;
 const RANS_L: u32 = 1 << 16;
@@ -167,20 +166,6 @@ fn context_of(c: &Contexts, v: u32) -> u32 {
     ((v >> c.mantissa_bits) & c.exp_mask).clamp(c.lo as u32, c.hi as u32) - c.lo as u32
 }
 
-thread_local! {
-    /// The decode tables, rebuilt for each stream in one buffer per thread: up to a MiB, and
-    /// a fresh allocation per chunk (page faults, zeroing) cost more than small chunks' decode.
-    static TABLES: RefCell<PackedTables> = RefCell::new(PackedTables::default());
-}
-
-/// Runs `f` with this thread's decode tables filled for `model`.
-fn with_tables<R>(model: &Model, f: impl FnOnce(&PackedTables) -> R) -> R {
-    TABLES.with_borrow_mut(|t| {
-        t.fill(model);
-        f(t)
-    })
-}
-
 /// One interleaved rANS stream with its raw bits, decoded sixteen tokens at a time.
 struct Lanes<'a> {
     tables: &'a PackedTables,
@@ -233,7 +218,8 @@ impl<'a> Lanes<'a> {
         let slot = _mm512_and_si512(self.x, _mm512_set1_epi32(SCALE as i32 - 1));
         let idx = _mm512_or_si512(_mm512_slli_epi32::<{ SCALE_BITS }>(ctx), slot);
         // SAFETY: ctx < number of contexts and slot < SCALE, so every index is below
-        // tables.slots.len() = contexts * SCALE.
+        // tables.slots.len() = contexts * SCALE (the tables are filled for this stream's
+        // model by `with_tables`, which every entry point calls).
         let entry = unsafe { _mm512_i32gather_epi32::<4>(idx, self.tables.slots.as_ptr() as *const i32) };
         let freq = _mm512_add_epi32(
             _mm512_and_si512(_mm512_srli_epi32::<8>(entry), _mm512_set1_epi32(0xFFF)),

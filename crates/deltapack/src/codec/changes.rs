@@ -219,8 +219,7 @@ fn differences_impl<W: Word, const FLOAT: bool>(
     }
     let cmap = ContextMap::new(layout, lo, hi);
     contexts_at::<W, FLOAT>(&cmap, pred, &c.positions, &mut c.contexts);
-    // `ints::decode` overwrites every value: only growth needs zeroing.
-    c.diffs.truncate(c.positions.len());
+    // `ints::decode` overwrites every value: only growth needs zeroing (`resize` keeps the rest).
     c.diffs.resize(c.positions.len(), 0);
     ints::decode(&mut input, cmap.count(), W::BITS, &c.contexts, &mut c.diffs)?;
     if !input.is_empty() {
@@ -262,6 +261,31 @@ mod tests {
                     target[i * w + w - 1] ^= (seed >> 8) as u8;
                 }
                 round_trip(dt, &pred, &target);
+            }
+        }
+
+        /// One `Changes` decoding chunk after chunk, hostile payloads in between, gives what
+        /// a fresh one does: no buffer keeps anything from an earlier payload.
+        #[test]
+        fn reused_changes_decode_as_fresh_ones(junk in proptest::collection::vec(any::<u8>(), 0..200), seed in any::<u64>()) {
+            let l = dtype::layout(safetensors::Dtype::BF16);
+            let pred: Vec<u8> = (0..4000u64).map(|i| (seed.wrapping_mul(i + 3) >> 11) as u8).collect();
+            let many: Vec<u8> = pred.iter().map(|b| b ^ 1).collect();
+            let mut few = pred.clone();
+            few[100] ^= 0x40;
+            let mut reused = Changes::default();
+            for (target, garbage) in [(&many, None), (&few, Some(&junk)), (&many, Some(&junk)), (&few, None)] {
+                if let Some(g) = garbage {
+                    let _ = reused.decode(l, &pred, g);
+                }
+                let payload = encode(l, &pred, target);
+                reused.decode(l, &pred, &payload).unwrap();
+                let fresh = differences(l, &pred, &payload).unwrap();
+                prop_assert_eq!(&reused.positions, &fresh.positions);
+                prop_assert_eq!(&reused.diffs, &fresh.diffs);
+                let mut out = pred.clone();
+                reused.add_to(l, &mut out);
+                prop_assert_eq!(&out, target);
             }
         }
 

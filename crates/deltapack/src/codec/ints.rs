@@ -250,24 +250,19 @@ pub fn decode_positions_into(
     if count > n {
         return Err(DecodeError("more positions than elements"));
     }
-    // `decode` overwrites every value: only growth needs zeroing.
-    gaps.truncate(count);
+    // `decode` overwrites every value: only growth needs zeroing (`resize` keeps the rest).
     gaps.resize(count, 0);
     decode(input, 1, 64, &[], gaps)?;
-    if gaps.iter().any(|&g| g >= n as u64) {
-        return Err(DecodeError("position past the chunk"));
-    }
-    // At most n gaps, each below n <= 2^32: the sums cannot wrap. Positions increase, so all
-    // are below `n` if the last is.
+    // `next` is the lowest position the next gap can give, never past `n`: no sum can wrap.
     let mut next = 0u64;
     positions.clear();
-    positions.extend(gaps.iter().map(|&g| {
-        let p = next + g;
-        next = p + 1;
-        p as u32
-    }));
-    if next > n as u64 {
-        return Err(DecodeError("position past the chunk"));
+    positions.reserve(count);
+    for &g in gaps.iter() {
+        if g >= n as u64 - next {
+            return Err(DecodeError("position past the chunk"));
+        }
+        positions.push((next + g) as u32);
+        next += g + 1;
     }
     Ok(())
 }

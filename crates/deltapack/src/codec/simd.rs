@@ -11,6 +11,7 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
 use super::bits::BitReader;
 use super::exact::{verdict, DecodeError};
@@ -32,13 +33,22 @@ pub(super) struct PackedTables {
     pub(super) unused: u64,
 }
 
-impl PackedTables {
-    pub(super) fn new(model: &Model) -> Self {
-        let mut t = PackedTables::default();
-        t.fill(model);
-        t
-    }
+thread_local! {
+    /// The decode tables, rebuilt for each stream in one buffer per thread: up to a MiB, and
+    /// a fresh allocation per chunk (page faults, zeroing) cost more than small chunks' decode.
+    static TABLES: RefCell<PackedTables> = RefCell::new(PackedTables::default());
+}
 
+/// Runs `f` with this thread's decode tables filled for `model`; `f` must not decode another
+/// stream itself.
+pub(super) fn with_tables<R>(model: &Model, f: impl FnOnce(&PackedTables) -> R) -> R {
+    TABLES.with_borrow_mut(|t| {
+        t.fill(model);
+        f(t)
+    })
+}
+
+impl PackedTables {
     /// Rebuilds the tables for `model` in place, keeping the buffer's capacity.
     pub(super) fn fill(&mut self, model: &Model) {
         self.slots.resize(model.freqs.len() * SCALE, 0);
@@ -58,6 +68,11 @@ impl PackedTables {
                 }
                 start += x;
             }
+            // A stale entry of the previous model would survive in a slot not set here.
+            debug_assert!(
+                f.is_empty() || start == SCALE,
+                "a used context's frequencies sum to SCALE"
+            );
         }
     }
 }
@@ -88,8 +103,9 @@ pub fn decode16(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), Decode
         (parts.contexts.hi - parts.contexts.lo) as usize + 1
     );
     // SAFETY: AVX2 is available (checked above), and `decode16_avx2` only reads and writes
-    // within the slices it is given (see the comments at each raw access).
-    unsafe { decode16_avx2(parts, pred, out) }
+    // within the slices it is given (see the comments at each raw access), with tables filled
+    // for `parts.model`.
+    with_tables(parts.model, |t| unsafe { decode16_avx2(parts, t, pred, out) })
 }
 
 /// Shuffle controls for the renormalisation: for each mask of lanes that need a word, lane
@@ -117,8 +133,7 @@ const fn renorm_shuffles() -> [[u8; 16]; 16] {
 const SHUFFLES: [[u8; 16]; 16] = renorm_shuffles();
 
 #[target_feature(enable = "avx2")]
-unsafe fn decode16_avx2(parts: &Parts, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
-    let tables = PackedTables::new(parts.model);
+unsafe fn decode16_avx2(parts: &Parts, tables: &PackedTables, pred: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     let words = parts.words;
     let mut bits = BitReader::new(parts.bits);
     let n = pred.len() / 2;
@@ -469,5 +484,34 @@ fn store_quads(quads: [__m128i; 4], st: &mut [u32; STATES]) {
     for (q, x) in quads.into_iter().enumerate() {
         // SAFETY: writes 16 bytes at element 4q (q < 4) of a 16-element array.
         unsafe { _mm_storeu_si128(st[4 * q..].as_mut_ptr() as *mut __m128i, x) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tables refilled for a smaller model, after a larger one with other frequencies, are
+    /// those a fresh buffer gets: no entry of the first survives.
+    #[test]
+    fn refilled_tables_equal_fresh_ones() {
+        let histogram = |seed: u32, used: bool| {
+            let mut h = [0u32; 256];
+            if used {
+                for (s, c) in h.iter_mut().take(60).enumerate() {
+                    *c = (s as u32 * 7919 + seed) % 97;
+                }
+            }
+            h
+        };
+        let big = Model::from_counts(&[histogram(1, true), histogram(2, true), histogram(3, true)]);
+        let small = Model::from_counts(&[histogram(4, true), histogram(0, false)]);
+        let mut reused = PackedTables::default();
+        reused.fill(&big);
+        reused.fill(&small);
+        let mut fresh = PackedTables::default();
+        fresh.fill(&small);
+        assert_eq!(reused.slots, fresh.slots);
+        assert_eq!((reused.unused, fresh.unused), (0b10, 0b10));
     }
 }
