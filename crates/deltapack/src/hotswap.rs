@@ -61,7 +61,7 @@
 //! fine-tune is active, clean page cache that the kernel reclaims under memory pressure; a
 //! larger delta's are dropped chunk by chunk. Beyond that, a switch holds a few chunks per
 //! thread, and each thread keeps its scratch buffers between switches (about a chunk, the
-//! decode tables of up to a MiB, and 21 bytes per changed value of the largest `changes` chunk
+//! decode tables of up to a MiB, and 13 bytes per changed value of the largest `changes` chunk
 //! it decoded). A tensor only the fine-tune has takes its own size (the base's tensor of the
 //! same name, if any, stays in memory, hidden; so do base tensors the fine-tune lacks). A
 //! tensor whose first dimension grows is grown in place; one whose dtype changes is held in
