@@ -32,7 +32,7 @@ impl ChunkHasher {
 }
 
 /// Combines the chunk hashes of a tensor of `len` bytes into its fingerprint.
-pub fn tensor(len: u64, chunk_bytes: u64, chunks: &[Digest]) -> Digest {
+pub fn tensor<'a>(len: u64, chunk_bytes: u64, chunks: impl IntoIterator<Item = &'a Digest>) -> Digest {
     let mut h = blake3::Hasher::new();
     h.update(b"deltapack.tensor.v1");
     h.update(&len.to_le_bytes());

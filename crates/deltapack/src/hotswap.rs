@@ -219,7 +219,7 @@ struct SlotUndo {
 enum ChunkUndo {
     /// An exact chunk at `start..start + len` of the slot: where its forward payload is in
     /// the active delta (read again, and checked, to revert), and the base exponents that
-    /// differ from the fine-tune's (see [`exponent_fixes_from`]).
+    /// differ from the fine-tune's (see [`FixWriter`]).
     Replay {
         chunk: Chunk,
         start: usize,
@@ -417,13 +417,17 @@ impl Resident {
             release_each: delta.size > self.keep_mapped,
             delta,
         });
-        if self.prints.contains_key(&(d.index.chunk_bytes as usize)) {
-            // Refuse a wrong base before anything changes.
-            self.plan(&d)?;
-        }
+        // Refuse a wrong base before anything changes, where the fingerprints allow. The plan
+        // holds after the revert: it reads only what every switch leaves as the base's (names,
+        // dtypes, shapes, fingerprints).
+        let planned = if self.prints.contains_key(&(d.index.chunk_bytes as usize)) {
+            Some(self.plan(&d)?)
+        } else {
+            None
+        };
         let previous = self.active.as_ref().map(|a| a.delta.clone());
         let reverted = self.revert()?;
-        match self.apply_delta(d) {
+        match self.apply_delta(&d, planned) {
             Ok(r) => Ok(SwitchReport {
                 reverted_chunks: reverted.reverted_chunks,
                 bytes: r.bytes + reverted.bytes,
@@ -432,7 +436,7 @@ impl Resident {
             Err(e) => {
                 if let Some(d) = previous {
                     // Best effort: should the previous delta no longer apply, the model stays at the base.
-                    let _ = self.apply_delta(d);
+                    let _ = self.apply_delta(&d, None);
                 }
                 Err(e)
             }
@@ -455,11 +459,17 @@ impl Resident {
         self.restore(active)
     }
 
-    /// Applies a delta to the model, which holds the base; undoes everything on error.
-    fn apply_delta(&mut self, d: Arc<Mapped>) -> Result<SwitchReport> {
+    /// Applies a delta to the model, which holds the base, with its plan if already made;
+    /// undoes everything on error.
+    fn apply_delta<'d>(&mut self, d: &'d Arc<Mapped>, planned: Option<Vec<Planned<'d>>>) -> Result<SwitchReport> {
         let cb = d.index.chunk_bytes as usize;
-        self.fingerprint(cb);
-        let planned = self.plan(&d)?;
+        let planned = match planned {
+            Some(p) => p,
+            None => {
+                self.fingerprint(cb);
+                self.plan(d)?
+            }
+        };
         let mut active = Active {
             delta: d.clone(),
             view: Vec::new(),
@@ -469,9 +479,9 @@ impl Resident {
         };
         let mut report = SwitchReport::default();
         let run = self
-            .decode_fresh(&d, &planned, &mut active, &mut report)
-            .and_then(|()| self.decode_converted(&d, &planned, &mut active, &mut report))
-            .and_then(|()| self.decode_in_place(&d, &planned, &mut active, &mut report));
+            .decode_fresh(d, &planned, &mut active, &mut report)
+            .and_then(|()| self.decode_converted(d, &planned, &mut active, &mut report))
+            .and_then(|()| self.decode_in_place(d, &planned, &mut active, &mut report));
         if let Err(e) = run {
             self.restore(active)?;
             return Err(e);
@@ -566,8 +576,8 @@ impl Resident {
                 s.shape
             )));
         }
-        let digests: Vec<Digest> = prints[i].iter().map(|p| p.digest).collect();
-        if hash::hex(&hash::tensor(slot.len as u64, cb as u64, &digests)) != s.hash {
+        let digests = prints[i].iter().map(|p| &p.digest);
+        if hash::hex(&hash::tensor(slot.len as u64, cb as u64, digests)) != s.hash {
             return Err(wrong("has different values (fingerprint mismatch)".into()));
         }
         Ok(i)
@@ -954,10 +964,12 @@ fn replace_exact(
 ) -> (Digest, Option<ChunkUndo>) {
     const BLOCK: usize = 64 << 10;
     let mut h = hash::ChunkHasher::default();
-    let mut next = 0;
+    let mut fix = layout.float.map(FixWriter::new);
     s.fixes.clear();
     for (b, (old, new)) in cur.chunks_mut(BLOCK).zip(s.out.chunks(BLOCK)).enumerate() {
-        exponent_fixes_from(layout, b * BLOCK / layout.width, &mut next, old, new, &mut s.fixes);
+        if let Some(fix) = &mut fix {
+            fix.scan(layout.width, b * BLOCK / layout.width, old, new, &mut s.fixes);
+        }
         h.update(new);
         old.copy_from_slice(new);
     }
@@ -1197,35 +1209,12 @@ macro_rules! by_width {
     };
 }
 
-/// Appends to `out` the position and base exponent of every element whose exponent field
-/// differs between `old` (the prediction a chunk was decoded from) and `new` (what it decoded
-/// to): all the exact codec's contexts need beyond the new values. Integers need nothing.
-/// `old` and `new` may be a piece of a chunk starting at element `first`; the fixes continue
-/// those of the pieces before it, the last of which was at element `next - 1` (`next` is
-/// updated; 0 for a chunk's first piece).
-///
-/// Each element is one byte when the gap to the previous one is below 16 and the exponent
-/// moved by at most 3: bits 0-2 the zigzagged exponent change (7: a varint of the rest
-/// follows), bits 3-6 the gap's low bits, bit 7 set when a varint of the gap's higher bits
-/// follows (first, before the exponent's).
-fn exponent_fixes_from(
-    layout: ElementLayout,
-    first: usize,
-    next: &mut usize,
-    old: &[u8],
-    new: &[u8],
-    out: &mut Vec<u8>,
-) {
-    if let Some(f) = layout.float {
-        by_width!(layout.width, fixes_impl(f, first, next, old, new, out));
-    }
-}
-
 fn exponent_of(f: FloatLayout, bits: u64) -> u64 {
     (bits >> f.mantissa_bits) & f.exponent_mask as u64
 }
 
-fn fixes_impl<L: Lane>(f: FloatLayout, first: usize, next: &mut usize, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+fn fixes_impl<L: Lane>(fix: &mut FixWriter, first: usize, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+    let f = fix.f;
     let lane_bits = 8 * L::W;
     let lanes = 8 / L::W;
     // Masks replicated over the lanes of a 64-bit word: the exponent field, and each lane's top bit.
@@ -1272,23 +1261,23 @@ fn fixes_impl<L: Lane>(f: FloatLayout, first: usize, next: &mut usize, old: &[u8
             let j = m.trailing_zeros() as usize;
             m &= m - 1;
             let at = j * L::W..(j + 1) * L::W;
-            let eo = exponent_of(f, L::get(&ob[at.clone()]).bits());
-            let en = exponent_of(f, L::get(&nb[at]).bits());
-            let i = first + blk * 64 + j;
-            len += put_fix(
-                &mut buf[len..],
-                i - *next,
-                crate::codec::ints::zigzag(eo as i64 - en as i64),
-            );
-            *next = i + 1;
+            let (o, n) = (L::get(&ob[at.clone()]).bits(), L::get(&nb[at]).bits());
+            len += fix.put(first + blk * 64 + j, o, n, &mut buf[len..]);
         }
         out.extend_from_slice(&buf[..len]);
     }
 }
 
-/// [`exponent_fixes_from`] written element by element, for a chunk whose elements changed only at
-/// known positions: fed each changed element in increasing position, it writes the same bytes
-/// as a whole-chunk comparison, without visiting the unchanged elements.
+/// Writes the undo record's exponent fixes of a chunk: the position and base exponent of
+/// every element whose exponent field differs between the prediction it was decoded from
+/// (`old`) and what it decoded to (`new`), all the exact codec's contexts need beyond the new
+/// values. Fed elements in increasing position, whole pieces of the chunk ([`FixWriter::scan`])
+/// or changed elements one by one ([`FixWriter::element`]), it writes the same bytes.
+///
+/// Each fix is one byte when the gap to the previous one is below 16 and the exponent moved by
+/// at most 3: bits 0-2 the zigzagged exponent change (7: a varint of the rest follows), bits
+/// 3-6 the gap's low bits, bit 7 set when a varint of the gap's higher bits follows (first,
+/// before the exponent's).
 struct FixWriter {
     f: FloatLayout,
     /// The position after the last fix written.
@@ -1300,20 +1289,31 @@ impl FixWriter {
         FixWriter { f, next: 0 }
     }
 
+    /// Compares the piece of a chunk starting at element `first` (elements of `width` bytes)
+    /// and appends its fixes to `out`.
+    fn scan(&mut self, width: usize, first: usize, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+        by_width!(width, fixes_impl(self, first, old, new, out))
+    }
+
     /// Element `i` changed from the bits `old` to `new`; `i` is above every earlier one.
     #[inline(always)]
     fn element(&mut self, i: usize, old: u64, new: u64, out: &mut Vec<u8>) {
+        let mut buf = [0u8; 21];
+        let len = self.put(i, old, new, &mut buf);
+        out.extend_from_slice(&buf[..len]);
+    }
+
+    /// Writes element `i`'s fix, if its exponent changed, at the start of `out` (room for 21
+    /// bytes); returns its length.
+    #[inline(always)]
+    fn put(&mut self, i: usize, old: u64, new: u64, out: &mut [u8]) -> usize {
         let (eo, en) = (exponent_of(self.f, old), exponent_of(self.f, new));
-        if eo != en {
-            let mut buf = [0u8; 21];
-            let len = put_fix(
-                &mut buf,
-                i - self.next,
-                crate::codec::ints::zigzag(eo as i64 - en as i64),
-            );
-            out.extend_from_slice(&buf[..len]);
-            self.next = i + 1;
+        if eo == en {
+            return 0;
         }
+        let len = put_fix(out, i - self.next, crate::codec::ints::zigzag(eo as i64 - en as i64));
+        self.next = i + 1;
+        len
     }
 }
 
@@ -1366,7 +1366,7 @@ fn get_varint(input: &[u8], at: &mut usize) -> u64 {
     }
 }
 
-/// Writes the base exponents recorded by [`exponent_fixes_from`] into `pred`, which holds the
+/// Writes the base exponents recorded by [`FixWriter`] into `pred`, which holds the
 /// fine-tune's values of the chunk, appending each patched element's position and former
 /// bits to `saved`.
 fn patch_exponents(width: usize, f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mut Vec<(usize, u64)>) {
@@ -1452,7 +1452,9 @@ mod tests {
 
     /// The fixes of a whole chunk, in one piece: what the tests compare against.
     fn exponent_fixes(layout: ElementLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
-        exponent_fixes_from(layout, 0, &mut 0, old, new, out);
+        if let Some(f) = layout.float {
+            FixWriter::new(f).scan(layout.width, 0, old, new, out);
+        }
     }
 
     /// Codes `new` against `old` forwards with both exact chunk codecs, then reverts it from
@@ -1537,7 +1539,7 @@ mod tests {
         new[1] = 0x4000;
         old[40] = 0x3f80;
         new[40] = 0x8001;
-        fixes_impl::<u16>(f, 0, &mut 0, &elems(&old), &elems(&new), &mut out);
+        FixWriter::new(f).scan(2, 0, &elems(&old), &elems(&new), &mut out);
         assert_eq!(out[0], 1 | (1 << 3), "gap 1, exponent one lower in the base");
         assert_eq!(
             out.len(),
