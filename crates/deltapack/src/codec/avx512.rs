@@ -198,11 +198,22 @@ impl<'a> Lanes<'a> {
         }
     }
 
+    /// True if the next group's word and bit windows lie inside the streams, so that
+    /// [`Lanes::group`] may load them in place (`ROOMY`).
+    fn roomy(&self) -> bool {
+        2 * self.wpos + WORD_WINDOW <= self.words.len() && (self.bitpos >> 3) as usize + BIT_WINDOW <= self.bits.len()
+    }
+
     /// Decodes the next sixteen tokens, lane `j` under context `ctx[j]` (below the number of
     /// contexts), and returns their values (token value with its raw bits).
+    ///
+    /// With `ROOMY`, the caller has checked [`Lanes::roomy`]. That version has no path that
+    /// copies a window near the end of a stream: the copy is a call, and a call in the loop
+    /// made the compiler keep the gathered entries on the stack, a store and a reload in the
+    /// chain that carries the states from group to group.
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     #[inline]
-    fn group(&mut self, ctx: __m512i) -> __m512i {
+    fn group<const ROOMY: bool>(&mut self, ctx: __m512i) -> __m512i {
         let zero = _mm512_setzero_si512();
         let one = _mm512_set1_epi32(1);
         let sixteen = _mm512_set1_epi32(16);
@@ -232,14 +243,13 @@ impl<'a> Lanes<'a> {
         );
         // Renormalise the lanes whose state fell below 2^16 with the next words, in lane order.
         let need = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(RANS_L as i32));
-        let next = match self.words.get(2 * self.wpos..2 * self.wpos + WORD_WINDOW) {
-            // SAFETY: the slice holds 32 bytes.
-            Some(b) => unsafe { _mm256_loadu_si256(b.as_ptr() as *const __m256i) },
-            None => {
-                let w = window::<WORD_WINDOW>(self.words, 2 * self.wpos);
-                // SAFETY: `w` holds 32 bytes.
-                unsafe { _mm256_loadu_si256(w.as_ptr() as *const __m256i) }
-            }
+        let next = if ROOMY {
+            // SAFETY: the caller checked `roomy`: bytes 2 wpos..2 wpos + 32 lie inside `words`.
+            unsafe { _mm256_loadu_si256(self.words.as_ptr().add(2 * self.wpos) as *const __m256i) }
+        } else {
+            let w = window::<WORD_WINDOW>(self.words, 2 * self.wpos);
+            // SAFETY: `w` holds 32 bytes.
+            unsafe { _mm256_loadu_si256(w.as_ptr() as *const __m256i) }
         };
         let fresh = _mm512_maskz_expand_epi32(need, _mm512_cvtepu16_epi32(next));
         self.x = _mm512_mask_mov_epi32(x, need, _mm512_or_si512(_mm512_slli_epi32::<16>(x), fresh));
@@ -266,14 +276,13 @@ impl<'a> Lanes<'a> {
             _mm512_set1_epi32(0x0302_0100),
         );
         let byte = (self.bitpos >> 3) as usize;
-        let chunk = match self.bits.get(byte..byte.saturating_add(BIT_WINDOW)) {
-            // SAFETY: the slice holds 64 bytes.
-            Some(b) => unsafe { _mm512_loadu_si512(b.as_ptr() as *const __m512i) },
-            None => {
-                let w = window::<BIT_WINDOW>(self.bits, byte);
-                // SAFETY: `w` holds 64 bytes.
-                unsafe { _mm512_loadu_si512(w.as_ptr() as *const __m512i) }
-            }
+        let chunk = if ROOMY {
+            // SAFETY: the caller checked `roomy`: bytes byte..byte + 64 lie inside `bits`.
+            unsafe { _mm512_loadu_si512(self.bits.as_ptr().add(byte) as *const __m512i) }
+        } else {
+            let w = window::<BIT_WINDOW>(self.bits, byte);
+            // SAFETY: `w` holds 64 bytes.
+            unsafe { _mm512_loadu_si512(w.as_ptr() as *const __m512i) }
         };
         let raw = _mm512_and_si512(
             _mm512_srlv_epi32(
@@ -352,6 +361,10 @@ struct Dense16<'a> {
 impl<'a> Dense16<'a> {
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     fn new(parts: &'a Parts, tables: &'a PackedTables, pred: Option<&'a [u8]>, out: &'a mut [u8]) -> Self {
+        assert!(
+            pred.is_none_or(|p| p.len() == out.len()),
+            "prediction and output differ in length"
+        );
         Dense16 {
             lanes: Lanes::new(tables, parts.words, parts.bits),
             contexts: &parts.contexts,
@@ -370,18 +383,19 @@ impl<'a> Dense16<'a> {
         self.pred.unwrap_or(self.out)
     }
 
-    /// Decodes group `g` (below [`Dense16::groups`]).
+    /// Decodes group `g` (below [`Dense16::groups`]); `ROOMY` as for [`Lanes::group`].
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     #[inline]
-    fn step(&mut self, g: usize) {
+    fn step<const ROOMY: bool>(&mut self, g: usize) {
         let c = self.contexts;
         let ffff = _mm512_set1_epi32(0xFFFF);
         let one = _mm512_set1_epi32(1);
-        let src = self.source();
-        assert!(32 * g + 32 <= src.len() && src.len() == self.out.len());
-        // SAFETY: bytes 32g..32g + 32 lie inside the prediction (checked above).
-        let p = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(src.as_ptr().add(32 * g) as *const __m256i) });
-        let z = self.lanes.group(contexts_of(c, p));
+        debug_assert!(g < self.groups());
+        // SAFETY: g < groups, so bytes 32g..32g + 32 lie inside the prediction, which is as
+        // long as `out` (`Dense16::new` checks).
+        let p =
+            _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(self.source().as_ptr().add(32 * g) as *const __m256i) });
+        let z = self.lanes.group::<ROOMY>(contexts_of(c, p));
         // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
         let d = _mm512_xor_si512(
             _mm512_srli_epi32::<1>(z),
@@ -432,8 +446,14 @@ fn decode16_avx512(
     out: &mut [u8],
 ) -> Result<(), DecodeError> {
     let mut d = Dense16::new(parts, tables, pred, out);
-    for g in 0..d.groups() {
-        d.step(g);
+    let groups = d.groups();
+    let mut g = 0;
+    while g < groups && d.lanes.roomy() {
+        d.step::<true>(g);
+        g += 1;
+    }
+    for g in g..groups {
+        d.step::<false>(g);
     }
     d.finish()
 }
@@ -448,6 +468,26 @@ pub fn decode16_in_place(parts: &Parts, buf: &mut [u8]) -> Result<(), DecodeErro
     with_tables(parts.model, |t| unsafe { decode16_avx512(parts, t, None, buf) })
 }
 
+/// Decodes values `16g..16g + 16` of a `decode_values` stream into `out` (g < n / 16);
+/// `ROOMY` as for [`Lanes::group`].
+#[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+#[inline]
+fn values_group<const ROOMY: bool>(lanes: &mut Lanes, contexts: &[u8], out: &mut [u64], g: usize) {
+    debug_assert!(16 * g + 16 <= out.len() && (contexts.is_empty() || contexts.len() == out.len()));
+    let ctx = match contexts {
+        [] => _mm512_setzero_si512(),
+        // SAFETY: contexts.len() == out.len() >= 16g + 16.
+        c => _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(c.as_ptr().add(16 * g) as *const __m128i) }),
+    };
+    let z = lanes.group::<ROOMY>(ctx);
+    // SAFETY: g < n / 16, so elements 16g..16g + 16 lie inside `out`.
+    unsafe {
+        let o = out.as_mut_ptr().add(16 * g) as *mut __m512i;
+        _mm512_storeu_si512(o, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(z)));
+        _mm512_storeu_si512(o.add(1), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(z)));
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
 fn decode_values_avx512(
     tables: &PackedTables,
@@ -459,19 +499,13 @@ fn decode_values_avx512(
     let mut lanes = Lanes::new(tables, words, bits);
     let n = out.len();
     let groups = n / STATES;
-    for g in 0..groups {
-        let ctx = match contexts {
-            [] => _mm512_setzero_si512(),
-            // SAFETY: contexts.len() == n, so bytes 16g..16g + 16 lie inside it.
-            c => _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(c.as_ptr().add(16 * g) as *const __m128i) }),
-        };
-        let z = lanes.group(ctx);
-        // SAFETY: g < n / 16, so elements 16g..16g + 16 lie inside `out`.
-        unsafe {
-            let o = out.as_mut_ptr().add(16 * g) as *mut __m512i;
-            _mm512_storeu_si512(o, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(z)));
-            _mm512_storeu_si512(o.add(1), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(z)));
-        }
+    let mut g = 0;
+    while g < groups && lanes.roomy() {
+        values_group::<true>(&mut lanes, contexts, out, g);
+        g += 1;
+    }
+    for g in g..groups {
+        values_group::<false>(&mut lanes, contexts, out, g);
     }
     let mut st = lanes.states();
     let mut bad = lanes.any_bad();
