@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 use super::bits::BitWriter;
 use super::exact::{verdict, DecodeError};
 use super::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
-use super::simd::{with_tables, Contexts, PackedTables, Parts};
+use super::simd::{with_tables, Contexts, PackedTables, Parts, BIAS_SHIFT, FREQ_SHIFT, SYMBOL_MASK};
 
 const SCALE: usize = 1 << SCALE_BITS;
 const RANS_L: u32 = 1 << 16;
@@ -207,36 +207,40 @@ impl<'a> Lanes<'a> {
     /// Decodes the next sixteen tokens, lane `j` under context `ctx[j]` (below the number of
     /// contexts), and returns their values (token value with its raw bits).
     ///
+    /// Without `UNUSED`, the caller has checked that every context has a table (no bit of
+    /// `tables.unused` is set), so no lane needs flagging.
+    ///
     /// With `ROOMY`, the caller has checked [`Lanes::roomy`]. That version has no path that
     /// copies a window near the end of a stream: the copy is a call, and a call in the loop
     /// made the compiler keep the gathered entries on the stack, a store and a reload in the
     /// chain that carries the states from group to group.
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     #[inline]
-    fn group<const ROOMY: bool>(&mut self, ctx: __m512i) -> __m512i {
+    fn group<const ROOMY: bool, const UNUSED: bool>(&mut self, ctx: __m512i) -> __m512i {
         let zero = _mm512_setzero_si512();
         let one = _mm512_set1_epi32(1);
         let sixteen = _mm512_set1_epi32(16);
-        // Unused contexts as two 32-bit masks: a shift by 32 or more yields zero, so each
-        // lane tests its context against the half it falls in.
-        let unused_lo = _mm512_set1_epi32(self.tables.unused as u32 as i32);
-        let unused_hi = _mm512_set1_epi32((self.tables.unused >> 32) as i32);
-        let flags = _mm512_or_si512(
-            _mm512_srlv_epi32(unused_lo, ctx),
-            _mm512_srlv_epi32(unused_hi, _mm512_sub_epi32(ctx, _mm512_set1_epi32(32))),
-        );
-        self.bad = _mm512_or_si512(self.bad, flags);
+        if UNUSED {
+            // Unused contexts as two 32-bit masks: a shift by 32 or more yields zero, so each
+            // lane tests its context against the half it falls in.
+            let unused_lo = _mm512_set1_epi32(self.tables.unused as u32 as i32);
+            let unused_hi = _mm512_set1_epi32((self.tables.unused >> 32) as i32);
+            let flags = _mm512_or_si512(
+                _mm512_srlv_epi32(unused_lo, ctx),
+                _mm512_srlv_epi32(unused_hi, _mm512_sub_epi32(ctx, _mm512_set1_epi32(32))),
+            );
+            self.bad = _mm512_or_si512(self.bad, flags);
+        } else {
+            debug_assert_eq!(self.tables.unused, 0);
+        }
         let slot = _mm512_and_si512(self.x, _mm512_set1_epi32(SCALE as i32 - 1));
         let idx = _mm512_or_si512(_mm512_slli_epi32::<{ SCALE_BITS }>(ctx), slot);
         // SAFETY: ctx < number of contexts and slot < SCALE, so every index is below
         // tables.slots.len() = contexts * SCALE (the tables are filled for this stream's
         // model by `with_tables`, which every entry point calls).
         let entry = unsafe { _mm512_i32gather_epi32::<4>(idx, self.tables.slots.as_ptr() as *const i32) };
-        let freq = _mm512_add_epi32(
-            _mm512_and_si512(_mm512_srli_epi32::<8>(entry), _mm512_set1_epi32(0xFFF)),
-            one,
-        );
-        let bias = _mm512_srli_epi32::<20>(entry);
+        let freq = _mm512_srli_epi32::<{ FREQ_SHIFT }>(entry);
+        let bias = _mm512_and_si512(_mm512_srli_epi32::<{ BIAS_SHIFT }>(entry), _mm512_set1_epi32(0xFFF));
         let x = _mm512_add_epi32(
             _mm512_mullo_epi32(freq, _mm512_srli_epi32::<{ SCALE_BITS }>(self.x)),
             bias,
@@ -256,7 +260,7 @@ impl<'a> Lanes<'a> {
         self.wpos += need.count_ones() as usize;
         // Tokens: below 16 the value itself; above, 2 + (t - 16) / 4 raw bits under the
         // leading bits 1mm, mm = (t - 16) % 4 (as `exact::TokenTable`).
-        let sym = _mm512_and_si512(entry, _mm512_set1_epi32(0xFF));
+        let sym = _mm512_and_si512(entry, _mm512_set1_epi32(SYMBOL_MASK as i32));
         let big = _mm512_cmpge_epu32_mask(sym, sixteen);
         let k = _mm512_sub_epi32(sym, sixteen);
         let nb = _mm512_maskz_mov_epi32(big, _mm512_add_epi32(_mm512_srli_epi32::<2>(k), _mm512_set1_epi32(2)));
@@ -316,14 +320,14 @@ impl<'a> Lanes<'a> {
         let k = i % STATES;
         *bad |= (self.tables.unused >> (c & 63)) & 1 != 0;
         let entry = self.tables.slots[c as usize * SCALE + (st[k] as usize & (SCALE - 1))];
-        st[k] = (((entry >> 8) & 0xFFF) + 1)
+        st[k] = (entry >> FREQ_SHIFT)
             .wrapping_mul(st[k] >> SCALE_BITS)
-            .wrapping_add(entry >> 20);
+            .wrapping_add((entry >> BIAS_SHIFT) & 0xFFF);
         if st[k] < RANS_L {
             st[k] = (st[k] << 16) | u16::from_le_bytes(window::<2>(self.words, 2 * self.wpos)) as u32;
             self.wpos += 1;
         }
-        let sym = entry & 0xFF;
+        let sym = entry & SYMBOL_MASK;
         let (base, nb) = if sym < 16 {
             (sym, 0)
         } else {
@@ -383,10 +387,11 @@ impl<'a> Dense16<'a> {
         self.pred.unwrap_or(self.out)
     }
 
-    /// Decodes group `g` (below [`Dense16::groups`]); `ROOMY` as for [`Lanes::group`].
+    /// Decodes group `g` (below [`Dense16::groups`]); `ROOMY` and `UNUSED` as for
+    /// [`Lanes::group`].
     #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
     #[inline]
-    fn step<const ROOMY: bool>(&mut self, g: usize) {
+    fn step<const ROOMY: bool, const UNUSED: bool>(&mut self, g: usize) {
         let c = self.contexts;
         let ffff = _mm512_set1_epi32(0xFFFF);
         let one = _mm512_set1_epi32(1);
@@ -395,7 +400,7 @@ impl<'a> Dense16<'a> {
         // long as `out` (`Dense16::new` checks).
         let p =
             _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(self.source().as_ptr().add(32 * g) as *const __m256i) });
-        let z = self.lanes.group::<ROOMY>(contexts_of(c, p));
+        let z = self.lanes.group::<ROOMY, UNUSED>(contexts_of(c, p));
         // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
         let d = _mm512_xor_si512(
             _mm512_srli_epi32::<1>(z),
@@ -414,6 +419,21 @@ impl<'a> Dense16<'a> {
         );
         // SAFETY: as for the load: bytes 32g..32g + 32 lie inside `out`, as long as `pred`.
         unsafe { _mm256_storeu_si256(self.out.as_mut_ptr().add(32 * g) as *mut __m256i, low_words(v)) };
+    }
+
+    /// Decodes every whole group; `UNUSED` as for [`Lanes::group`].
+    #[target_feature(enable = "avx512f,avx512vbmi,popcnt")]
+    #[inline]
+    fn run<const UNUSED: bool>(&mut self) {
+        let groups = self.groups();
+        let mut g = 0;
+        while g < groups && self.lanes.roomy() {
+            self.step::<true, UNUSED>(g);
+            g += 1;
+        }
+        for g in g..groups {
+            self.step::<false, UNUSED>(g);
+        }
     }
 
     /// Decodes the last `n % 16` elements one at a time, element `i` on state `i % 16` as in
@@ -446,14 +466,11 @@ fn decode16_avx512(
     out: &mut [u8],
 ) -> Result<(), DecodeError> {
     let mut d = Dense16::new(parts, tables, pred, out);
-    let groups = d.groups();
-    let mut g = 0;
-    while g < groups && d.lanes.roomy() {
-        d.step::<true>(g);
-        g += 1;
-    }
-    for g in g..groups {
-        d.step::<false>(g);
+    // Most chunks' models have a table for every context: their loop checks none.
+    if tables.unused == 0 {
+        d.run::<false>();
+    } else {
+        d.run::<true>();
     }
     d.finish()
 }
@@ -479,7 +496,7 @@ fn values_group<const ROOMY: bool>(lanes: &mut Lanes, contexts: &[u8], out: &mut
         // SAFETY: contexts.len() == out.len() >= 16g + 16.
         c => _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(c.as_ptr().add(16 * g) as *const __m128i) }),
     };
-    let z = lanes.group::<ROOMY>(ctx);
+    let z = lanes.group::<ROOMY, true>(ctx);
     // SAFETY: g < n / 16, so elements 16g..16g + 16 lie inside `out`.
     unsafe {
         let o = out.as_mut_ptr().add(16 * g) as *mut __m512i;

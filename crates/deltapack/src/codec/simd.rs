@@ -25,8 +25,9 @@ pub fn available() -> bool {
     std::is_x86_feature_detected!("avx2")
 }
 
-/// One `u32` per context and slot: `symbol | (freq - 1) << 8 | bias << 20`, where `bias`
-/// is the slot's offset from its symbol's start. Unused contexts are all zero and flagged.
+/// One `u32` per context and slot: `freq << 19 | bias << 6 | symbol`, where `bias` is the
+/// slot's offset from its symbol's start (see [`entry`]). Unused contexts decode every slot
+/// as symbol 0 with frequency 1, and are flagged.
 #[derive(Default)]
 pub(super) struct PackedTables {
     pub(super) slots: Vec<u32>,
@@ -48,23 +49,41 @@ pub(super) fn with_tables<R>(model: &Model, f: impl FnOnce(&PackedTables) -> R) 
     })
 }
 
+/// Where a table entry's frequency starts: one shift gives it, the decoders' chain from
+/// state to state being `x = freq * (x >> 12) + bias`.
+pub(super) const FREQ_SHIFT: u32 = 19;
+/// Where a table entry's bias starts (12 bits).
+pub(super) const BIAS_SHIFT: u32 = 6;
+/// A table entry's symbol: the 16-bit decoders' tokens are below 64.
+pub(super) const SYMBOL_MASK: u32 = 0x3F;
+
+/// A table entry: `freq` up to 4096, `bias` below it, `symbol` below 64.
+const fn entry(symbol: u32, freq: u32, bias: u32) -> u32 {
+    freq << FREQ_SHIFT | bias << BIAS_SHIFT | symbol
+}
+
 impl PackedTables {
-    /// Rebuilds the tables for `model` in place, keeping the buffer's capacity.
+    /// Rebuilds the tables for `model` in place, keeping the buffer's capacity. Every
+    /// context of `model` has at most 64 symbols (the vector decoders check `model_fits`).
     pub(super) fn fill(&mut self, model: &Model) {
         self.slots.resize(model.freqs.len() * SCALE, 0);
         self.unused = 0;
         for (c, f) in model.freqs.iter().enumerate() {
+            assert!(
+                f.len() <= SYMBOL_MASK as usize + 1,
+                "a packed table's symbols fit six bits"
+            );
             let table = &mut self.slots[c * SCALE..(c + 1) * SCALE];
             if f.is_empty() {
                 self.unused |= 1 << c;
-                table.fill(0);
+                table.fill(entry(0, 1, 0));
             }
             // A validated model's frequencies of a used context sum to SCALE: every slot is set.
             let mut start = 0usize;
             for (s, &x) in f.iter().enumerate() {
                 let x = x as usize;
                 for (k, e) in table[start..start + x].iter_mut().enumerate() {
-                    *e = s as u32 | ((x as u32 - 1) << 8) | ((k as u32) << 20);
+                    *e = entry(s as u32, x as u32, k as u32);
                 }
                 start += x;
             }
@@ -176,11 +195,8 @@ unsafe fn decode16_avx2(parts: &Parts, tables: &PackedTables, pred: &[u8], out: 
             // SAFETY: ctx <= hi - lo < number of contexts and slot < SCALE, so every index is
             // below tables.slots.len() = contexts * SCALE.
             let entry = _mm_i32gather_epi32(tables.slots.as_ptr() as *const i32, idx, 4);
-            let freq = _mm_add_epi32(
-                _mm_and_si128(_mm_srli_epi32(entry, 8), _mm_set1_epi32(0xFFF)),
-                _mm_set1_epi32(1),
-            );
-            let bias = _mm_srli_epi32(entry, 20);
+            let freq = _mm_srli_epi32(entry, FREQ_SHIFT as i32);
+            let bias = _mm_and_si128(_mm_srli_epi32(entry, BIAS_SHIFT as i32), _mm_set1_epi32(0xFFF));
             $x = _mm_add_epi32(_mm_mullo_epi32(freq, _mm_srli_epi32($x, SCALE_BITS as i32)), bias);
             // Renormalise the lanes whose state fell below 2^16 with the next words, in lane order.
             let need = _mm_cmpeq_epi32(_mm_srli_epi32($x, 16), _mm_setzero_si128());
@@ -210,7 +226,7 @@ unsafe fn decode16_avx2(parts: &Parts, tables: &PackedTables, pred: &[u8], out: 
             let mut z = [0u32; 4];
             for j in 0..4 {
                 bad |= (tables.unused >> (ctxs[j] & 63)) & 1;
-                let (base, nb) = parts.expand[(syms[j] & 0xFF) as usize];
+                let (base, nb) = parts.expand[(syms[j] & SYMBOL_MASK) as usize];
                 z[j] = (base | bits.take(nb)) as u32;
             }
             // value = unordered(ordered(pred) + unzigzag(z)), all modulo 2^16.
@@ -247,14 +263,14 @@ unsafe fn decode16_avx2(parts: &Parts, tables: &PackedTables, pred: &[u8], out: 
         let c = e.clamp(parts.contexts.lo as u32, parts.contexts.hi as u32) - parts.contexts.lo as u32;
         bad |= (tables.unused >> (c & 63)) & 1;
         let entry = tables.slots[c as usize * SCALE + (st[k] as usize & (SCALE - 1))];
-        st[k] = (((entry >> 8) & 0xFFF) + 1)
+        st[k] = (entry >> FREQ_SHIFT)
             .wrapping_mul(st[k] >> SCALE_BITS)
-            .wrapping_add(entry >> 20);
+            .wrapping_add((entry >> BIAS_SHIFT) & 0xFFF);
         if st[k] < RANS_L {
             st[k] = (st[k] << 16) | word_at(pos);
             pos += 1;
         }
-        let (base, nb) = parts.expand[(entry & 0xFF) as usize];
+        let (base, nb) = parts.expand[(entry & SYMBOL_MASK) as usize];
         let z = (base | bits.take(nb)) as u32;
         let d = (z >> 1) ^ (z & 1).wrapping_neg();
         let ord = if p & 0x8000 != 0 { !p & 0xFFFF } else { p | 0x8000 };
