@@ -274,6 +274,7 @@ struct Planned<'d> {
 
 #[derive(Default)]
 struct Scratch {
+    /// A decoded chunk, in its first bytes (see [`room`]).
     out: Vec<u8>,
     pred: Vec<u8>,
     buf: Vec<u8>,
@@ -290,6 +291,15 @@ thread_local! {
 
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// Grows a scratch buffer to at least `len` bytes, never shrinking it: it serves chunks of
+/// every size, and shrinking it for a small tensor's chunk would make the next full chunk
+/// zero its whole length again. Callers use its first `len` bytes.
+fn room(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
 }
 
 impl Resident {
@@ -937,15 +947,15 @@ fn in_place_chunk(
         return done;
     }
     let done = with_scratch(|s| {
-        s.out.resize(cur.len(), 0);
-        decode_chunk(d, p, k, cb, cur, &mut s.out)?;
+        room(&mut s.out, cur.len());
+        decode_chunk(d, p, k, cb, cur, &mut s.out[..cur.len()])?;
         let layout = dtype::layout(p.dtype);
         if keep && c.codec != ChunkCodec::Lossy {
             return Ok(replace_exact(c, layout, k * cb, cur, s));
         }
         let undo = keep.then(|| reverse_record(layout, k * cb, cur, s));
-        let digest = hash::chunk(&s.out);
-        cur.copy_from_slice(&s.out);
+        let digest = hash::chunk(&s.out[..cur.len()]);
+        cur.copy_from_slice(&s.out[..cur.len()]);
         Ok((digest, undo))
     });
     d.done_with(c);
@@ -966,7 +976,8 @@ fn replace_exact(
     let mut h = hash::ChunkHasher::default();
     let mut fix = layout.float.map(FixWriter::new);
     s.fixes.clear();
-    for (b, (old, new)) in cur.chunks_mut(BLOCK).zip(s.out.chunks(BLOCK)).enumerate() {
+    let len = cur.len();
+    for (b, (old, new)) in cur.chunks_mut(BLOCK).zip(s.out[..len].chunks(BLOCK)).enumerate() {
         if let Some(fix) = &mut fix {
             fix.scan(layout.width, b * BLOCK / layout.width, old, new, &mut s.fixes);
         }
@@ -1022,7 +1033,7 @@ fn patch_chunk(
 /// What reverting a lossy chunk at `start` needs: its base bytes `old` exactly coded against
 /// the fine-tune's bytes in `s.out` (a lossy payload cannot be replayed backwards).
 fn reverse_record(layout: ElementLayout, start: usize, old: &[u8], s: &mut Scratch) -> ChunkUndo {
-    let mut payload = exact::encode(layout, &s.out, old, &mut s.exact);
+    let mut payload = exact::encode(layout, &s.out[..old.len()], old, &mut s.exact);
     payload.shrink_to_fit();
     let range = start..start + old.len();
     ChunkUndo::Reverse {
@@ -1100,12 +1111,13 @@ fn replay(layout: ElementLayout, codec: ChunkCodec, payload: &[u8], fixes: &[u8]
             }
             return ok;
         }
-        s.out.resize(cur.len(), 0);
-        if decode_exact(codec, layout, cur, payload, &mut s.out).is_err() {
+        room(&mut s.out, cur.len());
+        let out = &mut s.out[..cur.len()];
+        if decode_exact(codec, layout, cur, payload, out).is_err() {
             restore_saved(layout.width, &s.saved, cur);
             return false;
         }
-        subtract_differences(layout, cur, &s.out, &mut s.saved);
+        subtract_differences(layout, cur, out, &mut s.saved);
         true
     })
 }
