@@ -27,7 +27,9 @@ use std::arch::x86_64::*;
 use super::bits::BitWriter;
 use super::exact::{verdict, DecodeError};
 use super::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
-use super::simd::{with_tables, Contexts, PackedTables, Parts, BIAS_SHIFT, FREQ_SHIFT, SYMBOL_MASK};
+use super::simd::{
+    next_state, with_tables, Contexts, PackedTables, Parts, BIAS_MASK, BIAS_SHIFT, FREQ_SHIFT, SYMBOL_MASK,
+};
 
 const SCALE: usize = 1 << SCALE_BITS;
 const RANS_L: u32 = 1 << 16;
@@ -240,7 +242,10 @@ impl<'a> Lanes<'a> {
         // model by `with_tables`, which every entry point calls).
         let entry = unsafe { _mm512_i32gather_epi32::<4>(idx, self.tables.slots.as_ptr() as *const i32) };
         let freq = _mm512_srli_epi32::<{ FREQ_SHIFT }>(entry);
-        let bias = _mm512_and_si512(_mm512_srli_epi32::<{ BIAS_SHIFT }>(entry), _mm512_set1_epi32(0xFFF));
+        let bias = _mm512_and_si512(
+            _mm512_srli_epi32::<{ BIAS_SHIFT }>(entry),
+            _mm512_set1_epi32(BIAS_MASK as i32),
+        );
         let x = _mm512_add_epi32(
             _mm512_mullo_epi32(freq, _mm512_srli_epi32::<{ SCALE_BITS }>(self.x)),
             bias,
@@ -320,9 +325,7 @@ impl<'a> Lanes<'a> {
         let k = i % STATES;
         *bad |= (self.tables.unused >> (c & 63)) & 1 != 0;
         let entry = self.tables.slots[c as usize * SCALE + (st[k] as usize & (SCALE - 1))];
-        st[k] = (entry >> FREQ_SHIFT)
-            .wrapping_mul(st[k] >> SCALE_BITS)
-            .wrapping_add((entry >> BIAS_SHIFT) & 0xFFF);
+        st[k] = next_state(entry, st[k]);
         if st[k] < RANS_L {
             st[k] = (st[k] << 16) | u16::from_le_bytes(window::<2>(self.words, 2 * self.wpos)) as u32;
             self.wpos += 1;

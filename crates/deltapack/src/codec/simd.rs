@@ -57,9 +57,21 @@ pub(super) const BIAS_SHIFT: u32 = 6;
 /// A table entry's symbol: the 16-bit decoders' tokens are below 64.
 pub(super) const SYMBOL_MASK: u32 = 0x3F;
 
+/// A table entry's bias, after shifting it down.
+pub(super) const BIAS_MASK: u32 = 0xFFF;
+
 /// A table entry: `freq` up to 4096, `bias` below it, `symbol` below 64.
 const fn entry(symbol: u32, freq: u32, bias: u32) -> u32 {
     freq << FREQ_SHIFT | bias << BIAS_SHIFT | symbol
+}
+
+/// The state after decoding the symbol of `entry` from state `x` (before renormalising), as
+/// the scalar tails of the vector decoders step one lane.
+#[inline(always)]
+pub(super) fn next_state(entry: u32, x: u32) -> u32 {
+    (entry >> FREQ_SHIFT)
+        .wrapping_mul(x >> SCALE_BITS)
+        .wrapping_add((entry >> BIAS_SHIFT) & BIAS_MASK)
 }
 
 impl PackedTables {
@@ -196,7 +208,10 @@ unsafe fn decode16_avx2(parts: &Parts, tables: &PackedTables, pred: &[u8], out: 
             // below tables.slots.len() = contexts * SCALE.
             let entry = _mm_i32gather_epi32(tables.slots.as_ptr() as *const i32, idx, 4);
             let freq = _mm_srli_epi32(entry, FREQ_SHIFT as i32);
-            let bias = _mm_and_si128(_mm_srli_epi32(entry, BIAS_SHIFT as i32), _mm_set1_epi32(0xFFF));
+            let bias = _mm_and_si128(
+                _mm_srli_epi32(entry, BIAS_SHIFT as i32),
+                _mm_set1_epi32(BIAS_MASK as i32),
+            );
             $x = _mm_add_epi32(_mm_mullo_epi32(freq, _mm_srli_epi32($x, SCALE_BITS as i32)), bias);
             // Renormalise the lanes whose state fell below 2^16 with the next words, in lane order.
             let need = _mm_cmpeq_epi32(_mm_srli_epi32($x, 16), _mm_setzero_si128());
@@ -263,9 +278,7 @@ unsafe fn decode16_avx2(parts: &Parts, tables: &PackedTables, pred: &[u8], out: 
         let c = e.clamp(parts.contexts.lo as u32, parts.contexts.hi as u32) - parts.contexts.lo as u32;
         bad |= (tables.unused >> (c & 63)) & 1;
         let entry = tables.slots[c as usize * SCALE + (st[k] as usize & (SCALE - 1))];
-        st[k] = (entry >> FREQ_SHIFT)
-            .wrapping_mul(st[k] >> SCALE_BITS)
-            .wrapping_add((entry >> BIAS_SHIFT) & 0xFFF);
+        st[k] = next_state(entry, st[k]);
         if st[k] < RANS_L {
             st[k] = (st[k] << 16) | word_at(pos);
             pos += 1;
