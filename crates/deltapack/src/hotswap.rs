@@ -1015,7 +1015,9 @@ fn patch_chunk(
             Some(f) => {
                 let (mut fix, fixes) = (FixWriter::new(f), &mut s.fixes);
                 s.changes
-                    .add_to_each(layout, cur, |i, old, new| fix.element(i, old, new, fixes));
+                    .add_to_watching(layout, cur, exponent_field(f), |i, old, new| {
+                        fix.element(i, old, new, fixes)
+                    });
             }
             None => s.changes.add_to(layout, cur),
         }
@@ -1219,6 +1221,11 @@ macro_rules! by_width {
             _ => $f::<u64>($($arg),*),
         }
     };
+}
+
+/// The bits of a float's exponent field.
+fn exponent_field(f: FloatLayout) -> u64 {
+    (f.exponent_mask as u64) << f.mantissa_bits
 }
 
 fn exponent_of(f: FloatLayout, bits: u64) -> u64 {
@@ -1670,7 +1677,8 @@ mod tests {
             exponent_fixes(layout, &old, &new, &mut full);
             let mut fix = FixWriter::new(layout.float.unwrap());
             let mut patched = old.clone();
-            diff.add_to_each(layout, &mut patched, |i, o, n| fix.element(i, o, n, &mut at));
+            let field = exponent_field(layout.float.unwrap());
+            diff.add_to_watching(layout, &mut patched, field, |i, o, n| fix.element(i, o, n, &mut at));
             prop_assert_eq!(patched, new);
             prop_assert_eq!(full, at);
         }

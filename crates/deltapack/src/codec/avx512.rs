@@ -1,7 +1,7 @@
 //! AVX-512 code paths of the codecs, for CPUs with AVX-512F and VBMI: the exact codec's
 //! decoder and encoder for 16-bit float chunks (BF16, F16), the decoder of `ints` streams,
-//! and two helpers (contexts at scattered positions, for `changes`; exponent comparisons, for
-//! hot swap).
+//! and three helpers (contexts at scattered positions and differences added at them, for
+//! `changes`; exponent comparisons, for hot swap).
 //!
 //! The sixteen interleaved rANS states are the sixteen lanes of one vector, so a group of
 //! sixteen elements is coded without a scalar step. Every path reads and writes the same
@@ -802,6 +802,134 @@ fn contexts16_avx512(c: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec
         let v = u16::from_le_bytes([pred[2 * p as usize], pred[2 * p as usize + 1]]) as u32;
         out.push(context_of(c, v) as u8);
     }
+}
+
+/// True if this CPU can run [`shift16`].
+pub fn f_available() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+}
+
+/// Adds the zigzagged differences `diffs` (of the order-preserving integers, as `changes`
+/// codes them; `back` subtracts them) to the 16-bit floats of `buf` at `positions`, sixteen at
+/// a time, calling `seen(position, old, new)` in position order for each element whose bits
+/// in `field` changed. Stops before the first group whose positions do not strictly increase
+/// or leave `buf`, and at the last whole group: returns how many changes it applied, the rest
+/// being the caller's.
+pub fn shift16(
+    positions: &[u32],
+    diffs: &[u64],
+    buf: &mut [u8],
+    back: bool,
+    field: u16,
+    seen: impl FnMut(usize, u64, u64),
+) -> usize {
+    assert!(f_available(), "shift16 needs AVX-512F");
+    assert_eq!(positions.len(), diffs.len(), "one difference a position");
+    // Positions compare as signed 32-bit lanes: chunks are far below 2^31 elements.
+    if buf.len() < 4 || !buf.len().is_multiple_of(2) || buf.len() / 2 > i32::MAX as usize {
+        return 0;
+    }
+    // SAFETY: AVX-512F is available; every gather is placed inside `buf` (see there).
+    unsafe { shift16_avx512(positions, diffs, buf, back, field, seen) }
+}
+
+#[target_feature(enable = "avx512f")]
+fn shift16_avx512(
+    positions: &[u32],
+    diffs: &[u64],
+    buf: &mut [u8],
+    back: bool,
+    field: u16,
+    mut seen: impl FnMut(usize, u64, u64),
+) -> usize {
+    let one = _mm512_set1_epi32(1);
+    let low16 = _mm512_set1_epi32(0xFFFF);
+    let sign = _mm512_set1_epi32(0x8000);
+    let n = _mm512_set1_epi32((buf.len() / 2) as i32);
+    let field = _mm512_set1_epi32(field as i32);
+    let (groups, _) = positions.as_chunks::<16>();
+    let (dgroups, _) = diffs.as_chunks::<16>();
+    // The values of group k, if its positions strictly increase from `last` (the previous
+    // group's, compared as signed: -1 before the first; positions are below 2^31, as `n` is)
+    // and lie inside `buf`.
+    let load = |k: usize, last: __m512i, buf: &[u8]| -> Option<(__m512i, __m512i)> {
+        let g = groups.get(k)?;
+        // SAFETY: `g` holds 64 bytes.
+        let pos = unsafe { _mm512_loadu_si512(g.as_ptr() as *const __m512i) };
+        // Lane j's predecessor: lane j - 1, or the previous group's last lane for lane 0.
+        let before = _mm512_alignr_epi32::<15>(pos, last);
+        if _mm512_cmpge_epu32_mask(pos, n) | _mm512_cmple_epi32_mask(pos, before) != 0 {
+            return None;
+        }
+        // Element p is read as the high half of the 4 bytes from 2p - 2, inside `buf` for p
+        // >= 1; element 0 as the low half of the first 4 bytes (as in `contexts16`).
+        let first = _mm512_cmpeq_epi32_mask(pos, _mm512_setzero_si512());
+        let at = _mm512_mask_blend_epi32(first, _mm512_slli_epi32::<1>(_mm512_sub_epi32(pos, one)), pos);
+        // SAFETY: every position is below n = buf.len() / 2 (checked above), so at + 4 <=
+        // 2p + 2 <= buf.len() for p >= 1, and 4 <= buf.len() for p = 0 (checked by the caller).
+        let w = unsafe { _mm512_i32gather_epi32::<1>(at, buf.as_ptr() as *const i32) };
+        let old = _mm512_mask_blend_epi32(first, _mm512_srli_epi32::<16>(w), _mm512_and_si512(w, low16));
+        Some((pos, old))
+    };
+    let mut next = load(0, _mm512_set1_epi32(-1), buf);
+    let mut k = 0;
+    while let Some((pos, old)) = next {
+        let d = &dgroups[k];
+        // SAFETY: `d` holds 128 bytes, two vectors of eight u64.
+        let (z0, z1) = unsafe {
+            (
+                _mm512_loadu_si512(d.as_ptr() as *const __m512i),
+                _mm512_loadu_si512(d.as_ptr().add(8) as *const __m512i),
+            )
+        };
+        let z = _mm512_and_si512(
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm512_cvtepi64_epi32(z0)),
+                _mm512_cvtepi64_epi32(z1),
+            ),
+            low16,
+        );
+        // unzigzag: (z >> 1) ^ -(z & 1), negated to subtract; all modulo 2^16.
+        let mut delta = _mm512_xor_si512(
+            _mm512_srli_epi32::<1>(z),
+            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_and_si512(z, one)),
+        );
+        if back {
+            delta = _mm512_sub_epi32(_mm512_setzero_si512(), delta);
+        }
+        // Order-preserving integers: negatives inverted, positives with the sign bit set.
+        let negative = _mm512_test_epi32_mask(old, sign);
+        let ordered = _mm512_mask_blend_epi32(negative, _mm512_or_si512(old, sign), _mm512_xor_si512(old, low16));
+        let sum = _mm512_and_si512(_mm512_add_epi32(ordered, delta), low16);
+        let positive = _mm512_test_epi32_mask(sum, sign);
+        let new = _mm512_mask_blend_epi32(positive, _mm512_xor_si512(sum, low16), _mm512_andnot_si512(sign, sum));
+        // The next group's values are gathered before this group's stores: a gather that
+        // overlaps stores still in flight waits for them to retire, which cost more than the
+        // rest of the loop. The next group's elements are not among this group's, and the
+        // neighbours its windows also cover are not used.
+        next = load(k + 1, pos, buf);
+        let mut values = [0u32; 16];
+        // SAFETY: `values` holds 64 bytes.
+        unsafe { _mm512_storeu_si512(values.as_mut_ptr() as *mut __m512i, new) };
+        let g = &groups[k];
+        for (&p, &v) in g.iter().zip(&values) {
+            let at = 2 * p as usize;
+            buf[at..at + 2].copy_from_slice(&(v as u16).to_le_bytes());
+        }
+        let mut moved = _mm512_test_epi32_mask(_mm512_xor_si512(old, new), field);
+        if moved != 0 {
+            let mut olds = [0u32; 16];
+            // SAFETY: `olds` holds 64 bytes.
+            unsafe { _mm512_storeu_si512(olds.as_mut_ptr() as *mut __m512i, old) };
+            while moved != 0 {
+                let j = moved.trailing_zeros() as usize;
+                moved &= moved - 1;
+                seen(g[j] as usize, olds[j] as u64, values[j] as u64);
+            }
+        }
+        k += 1;
+    }
+    16 * k
 }
 
 /// True if this CPU can run [`differing16`].

@@ -125,20 +125,26 @@ impl Changes {
 
     /// Adds the differences to the elements of `buf` (the prediction) at their positions.
     pub fn add_to(&self, layout: ElementLayout, buf: &mut [u8]) {
-        self.add_to_each(layout, buf, |_, _, _| {})
+        self.add_to_watching(layout, buf, 0, |_, _, _| {})
     }
 
-    /// [`Changes::add_to`], calling `seen(position, old, new)` with each changed element's
-    /// bits before and after, in position order: what a caller needs of the old values
-    /// without copying them first.
-    pub fn add_to_each(&self, layout: ElementLayout, buf: &mut [u8], seen: impl FnMut(usize, u64, u64)) {
-        dispatch!(layout, shift_impl(layout, self, buf, false, seen))
+    /// [`Changes::add_to`], calling `seen(position, old, new)`, in position order, with the
+    /// bits before and after of each changed element whose bits in `field` changed: what a
+    /// caller needs of the old values without copying them first.
+    pub fn add_to_watching(
+        &self,
+        layout: ElementLayout,
+        buf: &mut [u8],
+        field: u64,
+        seen: impl FnMut(usize, u64, u64),
+    ) {
+        dispatch!(layout, shift_impl(layout, self, buf, false, field, seen))
     }
 
     /// Subtracts the differences from the elements of `buf` at their positions: undoes
     /// [`Changes::add_to`].
     pub fn subtract_from(&self, layout: ElementLayout, buf: &mut [u8]) {
-        dispatch!(layout, shift_impl(layout, self, buf, true, |_, _, _| {}))
+        dispatch!(layout, shift_impl(layout, self, buf, true, 0, |_, _, _| {}))
     }
 }
 
@@ -147,10 +153,16 @@ fn shift_impl<W: Word, const FLOAT: bool>(
     c: &Changes,
     buf: &mut [u8],
     back: bool,
+    field: u64,
     mut seen: impl FnMut(usize, u64, u64),
 ) {
     let w = layout.width;
-    for (&pos, &z) in c.positions.iter().zip(&c.diffs) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if FLOAT && w == 2 && super::avx512::f_available() {
+        done = super::avx512::shift16(&c.positions, &c.diffs, buf, back, field as u16, &mut seen);
+    }
+    for (&pos, &z) in c.positions[done..].iter().zip(&c.diffs[done..]) {
         let at = pos as usize * w;
         let e = &mut buf[at..at + w];
         let d = unzigzag(z, W::BITS);
@@ -162,7 +174,9 @@ fn shift_impl<W: Word, const FLOAT: bool>(
             FLOAT,
         );
         W::store(new, e);
-        seen(pos as usize, old, new);
+        if (old ^ new) & field != 0 {
+            seen(pos as usize, old, new);
+        }
     }
 }
 
@@ -305,6 +319,81 @@ mod tests {
                 prop_assert_eq!(buf, out);
             }
         }
+    }
+
+    /// [`Changes::add_to_watching`] and [`Changes::subtract_from`] one element after another,
+    /// as the vector path must match.
+    fn shifted_one_by_one(
+        dt: safetensors::Dtype,
+        c: &Changes,
+        buf: &mut [u8],
+        back: bool,
+        field: u64,
+    ) -> Vec<(usize, u64, u64)> {
+        let l = dtype::layout(dt);
+        let mut seen = Vec::new();
+        for (&p, &z) in c.positions.iter().zip(&c.diffs) {
+            let e = &mut buf[2 * p as usize..2 * p as usize + 2];
+            let old = u16::from_le_bytes([e[0], e[1]]) as u64;
+            let d = unzigzag(z, 16);
+            let d = if back { d.wrapping_neg() } else { d };
+            let new = from_ordered(
+                to_ordered(old, 16, l.float.is_some()).wrapping_add(d) & 0xFFFF,
+                16,
+                true,
+            );
+            e.copy_from_slice(&(new as u16).to_le_bytes());
+            if (old ^ new) & field != 0 {
+                seen.push((p as usize, old, new));
+            }
+        }
+        seen
+    }
+
+    proptest! {
+        /// Sixteen changes at a time or one by one, the same bytes and the same calls, in order:
+        /// positions first and last in the chunk, dense runs, any bit patterns and differences,
+        /// and positions out of order (from a caller filling `Changes` itself), which the vector
+        /// path leaves to the scalar one from the first group they break.
+        #[test]
+        fn shifting_sixteen_at_a_time_matches_one_by_one(
+            seed in any::<u64>(),
+            n in 2usize..600,
+            gaps in proptest::collection::vec(1u32..6, 0..200),
+            swap in proptest::option::of(0usize..200),
+            back in any::<bool>(),
+        ) {
+            let mut positions: Vec<u32> = gaps
+                .iter()
+                .scan(0u32, |at, g| { let p = *at; *at += g; Some(p) })
+                .take_while(|&p| (p as usize) < n)
+                .collect();
+            if let Some(k) = swap.filter(|&k| k + 1 < positions.len()) {
+                positions.swap(k, k + 1);
+            }
+            let diffs: Vec<u64> = (0..positions.len()).map(|i| seed.rotate_left(i as u32 * 7) & 0xFFFF).collect();
+            let c = Changes { positions, diffs, contexts: Vec::new() };
+            let base: Vec<u8> = (0..2 * n).map(|i| (seed.wrapping_mul(i as u64 * 2 + 1) >> 17) as u8).collect();
+            for dt in [safetensors::Dtype::BF16, safetensors::Dtype::F16] {
+                let l = dtype::layout(dt);
+                let field = exponent_bits(l);
+                let (mut want, mut got) = (base.clone(), base.clone());
+                let expected = shifted_one_by_one(dt, &c, &mut want, back, field);
+                let mut calls = Vec::new();
+                if back {
+                    c.subtract_from(l, &mut got);
+                } else {
+                    c.add_to_watching(l, &mut got, field, |p, o, n| calls.push((p, o, n)));
+                    prop_assert_eq!(&calls, &expected);
+                }
+                prop_assert_eq!(&got, &want);
+            }
+        }
+    }
+
+    fn exponent_bits(l: ElementLayout) -> u64 {
+        let f = l.float.expect("a float");
+        (f.exponent_mask as u64) << f.mantissa_bits
     }
 
     #[test]
