@@ -824,7 +824,9 @@ pub fn shift16(
     seen: impl FnMut(usize, u64, u64),
 ) -> usize {
     assert!(f_available(), "shift16 needs AVX-512F");
-    assert_eq!(positions.len(), diffs.len(), "one difference a position");
+    // Pairs, as the scalar path zips them.
+    let k = positions.len().min(diffs.len());
+    let (positions, diffs) = (&positions[..k], &diffs[..k]);
     // Positions compare as signed 32-bit lanes: chunks are far below 2^31 elements.
     if buf.len() < 4 || !buf.len().is_multiple_of(2) || buf.len() / 2 > i32::MAX as usize {
         return 0;
