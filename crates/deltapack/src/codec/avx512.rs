@@ -758,12 +758,36 @@ pub fn contexts16(contexts: &Contexts, pred: &[u8], positions: &[u32], out: &mut
     unsafe { contexts16_avx512(contexts, pred, positions, out) }
 }
 
+/// The 16-bit elements of `data` at the sixteen positions `pos`, one to a 32-bit lane.
+///
+/// # Safety
+/// AVX-512F must be available, `data.len() >= 4`, and every position below `data.len() / 2`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn gather16(pos: __m512i, data: &[u8]) -> __m512i {
+    // Element p is read as the high half of the 4 bytes from 2p - 2, inside `data` for p >= 1
+    // (the gather reads whole 32-bit words); element 0 as the low half of the first 4 bytes.
+    let first = _mm512_cmpeq_epi32_mask(pos, _mm512_setzero_si512());
+    let at = _mm512_mask_blend_epi32(
+        first,
+        _mm512_slli_epi32::<1>(_mm512_sub_epi32(pos, _mm512_set1_epi32(1))),
+        pos,
+    );
+    // SAFETY: at = 2p - 2 (p >= 1) or 0, so at + 4 <= 2p + 2 <= data.len(), or 4 <=
+    // data.len() (the caller's promise).
+    let w = unsafe { _mm512_i32gather_epi32::<1>(at, data.as_ptr() as *const i32) };
+    _mm512_mask_blend_epi32(
+        first,
+        _mm512_srli_epi32::<16>(w),
+        _mm512_and_si512(w, _mm512_set1_epi32(0xFFFF)),
+    )
+}
+
 /// How far ahead, in groups of sixteen positions, [`contexts16`] prefetches.
 const PREFETCH_GROUPS: usize = 8;
 
 #[target_feature(enable = "avx512f,avx512vbmi")]
 fn contexts16_avx512(c: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec<u8>) {
-    let one = _mm512_set1_epi32(1);
     let (groups, tail) = positions.as_chunks::<16>();
     out.reserve(positions.len());
     for (k, g) in groups.iter().enumerate() {
@@ -780,18 +804,9 @@ fn contexts16_avx512(c: &Contexts, pred: &[u8], positions: &[u32], out: &mut Vec
         }
         // SAFETY: `g` holds 64 bytes.
         let pos = unsafe { _mm512_loadu_si512(g.as_ptr() as *const __m512i) };
-        // Element p is read as the high half of the 4 bytes from 2p - 2, which lie inside
-        // `pred` for every p >= 1; element 0 as the low half of the first 4 bytes.
-        let first = _mm512_cmpeq_epi32_mask(pos, _mm512_setzero_si512());
-        let at = _mm512_mask_blend_epi32(first, _mm512_slli_epi32::<1>(_mm512_sub_epi32(pos, one)), pos);
-        // SAFETY: at = 2p - 2 (p >= 1) or 0, and at + 4 <= 2p + 2 <= pred.len(), or 4 <=
-        // pred.len() (checked by the caller).
-        let w = unsafe { _mm512_i32gather_epi32::<1>(at, pred.as_ptr() as *const i32) };
-        let v = _mm512_mask_blend_epi32(
-            first,
-            _mm512_srli_epi32::<16>(w),
-            _mm512_and_si512(w, _mm512_set1_epi32(0xFFFF)),
-        );
+        // SAFETY: every position is below pred.len() / 2, and pred.len() >= 4 (checked by
+        // the caller).
+        let v = unsafe { gather16(pos, pred) };
         let ctx = contexts_of(c, v);
         let mut bytes = [0u8; 16];
         // SAFETY: `bytes` holds 16 bytes.
@@ -863,15 +878,9 @@ fn shift16_avx512(
         if _mm512_cmpge_epu32_mask(pos, n) | _mm512_cmple_epi32_mask(pos, before) != 0 {
             return None;
         }
-        // Element p is read as the high half of the 4 bytes from 2p - 2, inside `buf` for p
-        // >= 1; element 0 as the low half of the first 4 bytes (as in `contexts16`).
-        let first = _mm512_cmpeq_epi32_mask(pos, _mm512_setzero_si512());
-        let at = _mm512_mask_blend_epi32(first, _mm512_slli_epi32::<1>(_mm512_sub_epi32(pos, one)), pos);
-        // SAFETY: every position is below n = buf.len() / 2 (checked above), so at + 4 <=
-        // 2p + 2 <= buf.len() for p >= 1, and 4 <= buf.len() for p = 0 (checked by the caller).
-        let w = unsafe { _mm512_i32gather_epi32::<1>(at, buf.as_ptr() as *const i32) };
-        let old = _mm512_mask_blend_epi32(first, _mm512_srli_epi32::<16>(w), _mm512_and_si512(w, low16));
-        Some((pos, old))
+        // SAFETY: every position is below n = buf.len() / 2 (checked above), and buf.len() >=
+        // 4 (checked by the caller).
+        Some((pos, unsafe { gather16(pos, buf) }))
     };
     let mut next = load(0, _mm512_set1_epi32(-1), buf);
     let mut k = 0;
