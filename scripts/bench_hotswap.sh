@@ -13,7 +13,8 @@
 #
 # Pairs: (a) minilm-base-bf16 with A = ft-a-bf16 and B = ft-b-bf16-sharded, then the other way
 # round; (b) the reference pair with A = its fine-tune and B = a second fine-tune of its base
-# (base + N(0, 0.001) in bf16, seed 2, written once into WORKDIR/hotswap/ref-ft2).
+# (base + N(0, 0.001) in bf16, seed 2, written once into WORKDIR/hotswap/ref-ft2). Each B is
+# also made as a child of A (`make --parent`), for the switch from A to B in one link.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-bench-out}
@@ -28,15 +29,17 @@ cargo build --release -q -p deltapack --example bench_hotswap
 BIN="$TARGET/release/deltapack"
 BENCH="$TARGET/release/examples/bench_hotswap"
 
-delta() { # BASE FINETUNED OUT
-  "$BIN" make -q --force --base "$1" --finetuned "$2" -o "$3" >/dev/null
+delta() { # BASE FINETUNED OUT [PARENT]
+  "$BIN" make -q --force --base "$1" ${4:+--parent "$4"} --finetuned "$2" -o "$3" >/dev/null
 }
 
 if [ -d "$MODELS/minilm-base-bf16" ]; then
   delta "$MODELS/minilm-base-bf16" "$MODELS/ft-a-bf16" "$H/ft-a.dpk"
   delta "$MODELS/minilm-base-bf16" "$MODELS/ft-b-bf16-sharded" "$H/ft-b.dpk"
-  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-a.dpk" "$H/ft-b.dpk"
-  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-b.dpk" "$H/ft-a.dpk"
+  delta "$MODELS/minilm-base-bf16" "$MODELS/ft-b-bf16-sharded" "$H/ft-b-on-a.dpk" "$H/ft-a.dpk"
+  delta "$MODELS/minilm-base-bf16" "$MODELS/ft-a-bf16" "$H/ft-a-on-b.dpk" "$H/ft-b.dpk"
+  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-a.dpk" "$H/ft-b.dpk" "$H/ft-b-on-a.dpk"
+  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-b.dpk" "$H/ft-a.dpk" "$H/ft-a-on-b.dpk"
 else
   echo "$MODELS/minilm-base-bf16 not found; real pair skipped"
 fi
@@ -45,7 +48,8 @@ if [ -f "$REF/base/model.safetensors" ] && [ -f "$REF/finetuned/model.safetensor
   [ -f "$H/ref-ft2/model.safetensors" ] || "$BENCH" perturb "$REF/base" "$H/ref-ft2" 2 0.001
   delta "$REF/base" "$REF/finetuned" "$H/ref-a.dpk"
   delta "$REF/base" "$H/ref-ft2" "$H/ref-b.dpk"
-  "$BENCH" run "$REF/base" "$H/out" "$REPEATS" "$H/ref-a.dpk" "$H/ref-b.dpk"
+  delta "$REF/base" "$H/ref-ft2" "$H/ref-b-on-a.dpk" "$H/ref-a.dpk"
+  "$BENCH" run "$REF/base" "$H/out" "$REPEATS" "$H/ref-a.dpk" "$H/ref-b.dpk" "$H/ref-b-on-a.dpk"
 else
   echo "reference pair not found in $REF (scripts/bench.sh generates it); skipped"
 fi

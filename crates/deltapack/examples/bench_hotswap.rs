@@ -1,9 +1,11 @@
 //! Hot swap against `apply`, side by side in one process (run by `scripts/bench_hotswap.sh`).
 //!
 //! ```text
-//! bench_hotswap run BASE OUT_DIR REPEATS DELTA_A [DELTA_B]
+//! bench_hotswap run BASE OUT_DIR REPEATS DELTA_A [DELTA_B [DELTA_B_ON_A]]
 //!     For each of REPEATS rounds: apply DELTA_A to OUT_DIR (removed first, untimed), then on
-//!     a model loaded once: switch base -> A, A -> base, and with DELTA_B, base -> A -> B -> base.
+//!     a model loaded once: switch base -> A, A -> base, and with DELTA_B, apply it too, and
+//!     switch base -> A -> B -> base; with DELTA_B_ON_A (B made with `--parent DELTA_A`),
+//!     switch from A to the chain A, B|A (one link applied) and back (one link reverted).
 //!     Prints medians, and each operation's peak resident memory above what was resident
 //!     before it (VmHWM after resetting it, minus VmRSS before). The first switch to A is
 //!     checked against apply's output, tensor by tensor.
@@ -33,10 +35,17 @@ fn main() -> Res<()> {
             out.as_ref(),
             repeats.parse()?,
             a.as_ref(),
-            Some(b.as_ref()),
+            Some((b.as_ref(), None)),
+        ),
+        ["run", base, out, repeats, a, b, ba] => run(
+            base.as_ref(),
+            out.as_ref(),
+            repeats.parse()?,
+            a.as_ref(),
+            Some((b.as_ref(), Some(ba.as_ref()))),
         ),
         ["perturb", base, out, seed, std] => perturb(base.as_ref(), out.as_ref(), seed.parse()?, std.parse()?),
-        _ => Err("usage: bench_hotswap run BASE OUT_DIR REPEATS DELTA_A [DELTA_B] | perturb BASE OUT SEED STD".into()),
+        _ => Err("usage: bench_hotswap run BASE OUT_DIR REPEATS DELTA_A [DELTA_B [DELTA_B_ON_A]] | perturb BASE OUT SEED STD".into()),
     }
 }
 
@@ -87,7 +96,7 @@ impl Series {
     }
 }
 
-fn run(base: &Path, out: &Path, repeats: usize, a: &Path, b: Option<&Path>) -> Res<()> {
+fn run(base: &Path, out: &Path, repeats: usize, a: &Path, b: Option<(&Path, Option<&Path>)>) -> Res<()> {
     let mb = |n: u64| n as f64 / 1e6;
     let (mut r, load_s, load_peak) = measure(|| Resident::load(base));
     let r = r.as_mut().map_err(|e| e.to_string())?;
@@ -105,6 +114,8 @@ fn run(base: &Path, out: &Path, repeats: usize, a: &Path, b: Option<&Path>) -> R
     );
     let (mut apply_s, mut up, mut down, mut a_to_b, mut b_to_base): (Series, Series, Series, Series, Series) =
         Default::default();
+    let (mut apply_b, mut link_up, mut link_down): (Series, Series, Series) = Default::default();
+    let out_b = out.with_extension("b");
     let mut undo = 0;
     for _ in 0..repeats {
         let _ = std::fs::remove_dir_all(out);
@@ -117,7 +128,11 @@ fn run(base: &Path, out: &Path, repeats: usize, a: &Path, b: Option<&Path>) -> R
         if up.secs.len() == 1 {
             same_as_applied(r, out)?;
         }
-        if let Some(b) = b {
+        if let Some((b, b_on_a)) = b {
+            let _ = std::fs::remove_dir_all(&out_b);
+            let (res, s, p) = measure(|| deltapack::apply(base, b, &out_b, &Default::default(), &NoProgress));
+            res?;
+            apply_b.add(s, p);
             let (res, s, p) = measure(|| r.switch_to(Some(b)));
             res?;
             a_to_b.add(s, p);
@@ -125,20 +140,40 @@ fn run(base: &Path, out: &Path, repeats: usize, a: &Path, b: Option<&Path>) -> R
             res?;
             b_to_base.add(s, p);
             r.switch_to(Some(a))?;
+            if let Some(ba) = b_on_a {
+                let (res, s, p) = measure(|| r.switch_to_chain(&[a, ba]));
+                res?;
+                link_up.add(s, p);
+                if link_up.secs.len() == 1 {
+                    same_as_applied(r, &out_b)?;
+                }
+                let (res, s, p) = measure(|| r.switch_to_chain(&[a]));
+                res?;
+                link_down.add(s, p);
+            }
         }
         let (res, s, p) = measure(|| r.switch_to(None));
         res?;
         down.add(s, p);
     }
     let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_dir_all(&out_b);
     let reference = apply_s.median();
     let delta = std::fs::metadata(a)?.len();
     apply_s.row(&format!("apply A to {}", out.display()), reference);
     up.row("switch base -> A", reference);
     down.row("switch A -> base", reference);
-    if b.is_some() {
+    if let Some((_, b_on_a)) = b {
+        // Switches to B are compared with `apply` of B's delta against the base.
+        let reference = apply_b.median();
+        println!("  against apply of B:");
+        apply_b.row(&format!("apply B to {}", out_b.display()), reference);
         a_to_b.row("switch A -> B (revert A, apply B)", reference);
         b_to_base.row("switch B -> base", reference);
+        if b_on_a.is_some() {
+            link_up.row("switch A -> B as A's child (a link)", reference);
+            link_down.row("switch back to A (revert the link)", reference);
+        }
     }
     println!(
         "  delta A {:.1} MB; undo held at A {:.1} MB ({:.2}x the delta, {:.1} % of the model)",

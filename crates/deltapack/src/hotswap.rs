@@ -5,7 +5,11 @@
 //! delta into those very buffers, chunk by chunk on all cores, touching only the chunks the
 //! delta changes and reading only the delta; `switch_to(None)` turns it back into the base, bit
 //! for bit, without reading the base again. Going from one fine-tune to another reverts the
-//! first, then applies the second. A serving loop reads the weights with [`Resident::tensor`].
+//! first, then applies the second. [`Resident::switch_to_chain`] holds the model a chain of
+//! deltas rebuilds (see [`crate::chain`]): the links it shares with the chain held are kept,
+//! so going from a model to a child of it (the next checkpoint of a training run, or a
+//! fine-tune coded against another with `make --parent`) applies one link, and going back
+//! reverts one. A serving loop reads the weights with [`Resident::tensor`].
 //!
 //! ```no_run
 //! use deltapack::hotswap::Resident;
@@ -32,6 +36,19 @@
 //! or corrupt index, a wrong base) leave it as it was; an error while decoding undoes what was
 //! switched so far and re-applies the fine-tune held before (re-read from its delta; should
 //! that fail too, the model is left at its base: [`Resident::active`] tells).
+//!
+//! # Chains
+//!
+//! Every link is checked as `apply` checks a chain: it must record the fingerprint of the
+//! model before it, and every tensor it reads must match the fingerprints of what the links
+//! below rebuilt (kept from their switches, 32 bytes a chunk). A link after the first may
+//! rewrite base tensors in place, in their dtype, resizing at most their first dimension, and
+//! keeps every other tensor as the model before it has it (whatever the first link did to
+//! it); a link that adds, removes or converts a tensor, or is coded at another chunk size than
+//! the first, is refused when it is reached, and the model goes back to the chain it held.
+//! Each link keeps what reverting it needs, as a single delta does; reverting a later link
+//! checks the restored chunks against those fingerprints (BLAKE3), the first link against the
+//! base's (xxh3).
 //!
 //! # Reverting, and what it costs
 //!
@@ -96,7 +113,9 @@ pub struct Resident {
     by_name: HashMap<String, usize>,
     /// Chunk fingerprints of the base, by chunk size, slot and chunk.
     prints: BTreeMap<usize, Vec<Vec<ChunkPrint>>>,
-    active: Option<Active>,
+    /// The links applied, from the delta made against the base to the last child; empty at
+    /// the base.
+    active: Vec<Active>,
     /// Deltas up to this size stay mapped while active (see [`Resident::set_keep_mapped`]).
     keep_mapped: u64,
 }
@@ -159,8 +178,11 @@ struct Slot {
     bytes: Vec<u8>,
 }
 
-/// The fine-tune a [`Resident`] holds, and how to go back to the base.
+/// One link of the chain a [`Resident`] holds, and how to go back to the model before it.
 struct Active {
+    /// The [`Index::model_fingerprint`](crate::container::index::Index::model_fingerprint)
+    /// of what it rebuilds: links equal to the held ones are kept by a switch.
+    print: String,
     /// Its delta, kept open (mapped; see [`Resident::set_keep_mapped`] for its pages): reverting reads the
     /// payloads of exact chunks again rather than holding copies.
     delta: Arc<Mapped>,
@@ -169,8 +191,13 @@ struct Active {
     by_name: HashMap<String, usize>,
     /// Tensors that are not rewritten base tensors.
     fresh: Vec<Vec<u8>>,
+    /// Their chunk fingerprints, for a next link's sources.
+    fresh_digests: Vec<Vec<Digest>>,
     /// One record per base tensor rewritten in place.
     undo: Vec<SlotUndo>,
+    /// The chunk fingerprints of the slots it rewrote, as they are after it: what the next
+    /// link's sources must match, and what reverting that link must restore.
+    digests: HashMap<usize, Vec<Digest>>,
 }
 
 impl Active {
@@ -195,6 +222,7 @@ impl Active {
     }
 }
 
+#[derive(Clone)]
 struct ViewEntry {
     name: String,
     dtype: Dtype,
@@ -206,11 +234,17 @@ struct ViewEntry {
 #[derive(Clone, Copy)]
 enum Place {
     Base(usize),
-    Fresh(usize),
+    /// A buffer of the link at this depth: its `fresh[j]`.
+    Fresh {
+        link: usize,
+        j: usize,
+    },
 }
 
 struct SlotUndo {
     slot: usize,
+    /// The slot's byte length before the link, to which a revert truncates it.
+    len_before: usize,
     /// Dtype of the bytes now in the slot (the base's unless the fine-tune converted it).
     dtype: Dtype,
     chunks: Vec<ChunkUndo>,
@@ -340,7 +374,7 @@ impl Resident {
             slots,
             by_name,
             prints: BTreeMap::from([(cb, prints)]),
-            active: None,
+            active: Vec::new(),
             keep_mapped: KEEP_MAPPED,
         })
     }
@@ -362,20 +396,27 @@ impl Resident {
         &self.root
     }
 
-    /// The delta whose fine-tune the model holds, or `None` for the base.
+    /// The delta whose fine-tune the model holds (the last link of its chain), or `None`
+    /// for the base.
     pub fn active(&self) -> Option<&Path> {
-        self.active.as_ref().map(|a| a.delta.path.as_path())
+        self.active.last().map(|a| a.delta.path.as_path())
+    }
+
+    /// The chain of deltas the model holds, from the one made against the base; empty at
+    /// the base.
+    pub fn active_chain(&self) -> Vec<&Path> {
+        self.active.iter().map(|a| a.delta.path.as_path()).collect()
     }
 
     /// Bytes held to revert the active fine-tune to the base (0 at the base).
     pub fn undo_bytes(&self) -> u64 {
-        let Some(a) = &self.active else { return 0 };
-        a.undo.iter().flat_map(|u| &u.chunks).map(|c| c.bytes() as u64).sum()
+        let chunks = self.active.iter().flat_map(|a| &a.undo).flat_map(|u| &u.chunks);
+        chunks.map(|c| c.bytes() as u64).sum()
     }
 
     /// A tensor of the model as it is now (the base's, or the active fine-tune's).
     pub fn tensor(&self, name: &str) -> Option<ResidentTensor<'_>> {
-        match &self.active {
+        match self.active.last() {
             None => self.by_name.get(name).map(|&i| self.base_tensor(i)),
             Some(a) => a.by_name.get(name).map(|&v| self.view_tensor(a, v)),
         }
@@ -383,8 +424,8 @@ impl Resident {
 
     /// Every tensor of the model as it is now, in checkpoint (or delta) order.
     pub fn tensors(&self) -> impl Iterator<Item = ResidentTensor<'_>> + '_ {
-        let n = self.active.as_ref().map_or(self.slots.len(), |a| a.view.len());
-        (0..n).map(move |i| match &self.active {
+        let n = self.active.last().map_or(self.slots.len(), |a| a.view.len());
+        (0..n).map(move |i| match self.active.last() {
             None => self.base_tensor(i),
             Some(a) => self.view_tensor(a, i),
         })
@@ -404,7 +445,7 @@ impl Resident {
         let e = &a.view[v];
         let bytes = match e.place {
             Place::Base(i) => &self.slots[i].bytes[..e.len],
-            Place::Fresh(j) => &a.fresh[j][..],
+            Place::Fresh { link, j } => &self.active[link].fresh[j][..],
         };
         ResidentTensor {
             name: &e.name,
@@ -416,76 +457,133 @@ impl Resident {
 
     /// Switches the model to the fine-tune of the delta at `delta`, or back to the base with `None`.
     ///
-    /// The delta must have been made from this base ([`Error::WrongBase`] otherwise). On any
+    /// The delta must have been made from this base ([`Error::WrongBase`] otherwise); a delta
+    /// made against another delta needs its chain ([`Resident::switch_to_chain`]). On any
     /// error the model is not left half-switched (see the module documentation).
     pub fn switch_to(&mut self, delta: Option<&Path>) -> Result<SwitchReport> {
-        let Some(path) = delta else {
-            return self.revert();
-        };
-        let delta = Delta::open(path)?;
-        let d = Arc::new(Mapped {
-            release_each: delta.size > self.keep_mapped,
-            delta,
-        });
+        self.switch_to_chain(delta.as_slice())
+    }
+
+    /// Switches the model to the fine-tune a chain of deltas rebuilds (in order from the one
+    /// made against the base, as `apply` takes them), or back to the base with an empty chain.
+    ///
+    /// Links the model already holds, from the first on, are kept: a switch from a chain to
+    /// its continuation applies only the new links, and one back to a shorter chain only
+    /// reverts. Each link is checked against the model it continues, as `apply` checks it
+    /// ([`Error::WrongParent`]). A link after the first may only rewrite, in place and in
+    /// the same dtype (its first dimension may be resized), tensors the model before it
+    /// holds as base tensors of that dtype, at the same chunk size as the first, and keeps
+    /// every tensor ([`Error::InvalidArgument`] otherwise, found when that link is reached).
+    /// On an error the model is taken back to the links it held before (best effort:
+    /// [`Resident::active_chain`] tells where it is).
+    ///
+    /// ```no_run
+    /// # use deltapack::hotswap::Resident;
+    /// # use std::path::Path;
+    /// let mut model = Resident::load(Path::new("base/"))?;
+    /// model.switch_to_chain(&["step-100.dpk"])?; // a delta against the base
+    /// model.switch_to_chain(&["step-100.dpk", "step-200.dpk"])?; // one link applied
+    /// model.switch_to_chain(&["step-100.dpk"])?; // one link reverted
+    /// # Ok::<(), deltapack::Error>(())
+    /// ```
+    pub fn switch_to_chain<P: AsRef<Path>>(&mut self, chain: &[P]) -> Result<SwitchReport> {
+        let deltas = chain
+            .iter()
+            .map(|p| Delta::open(p.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        crate::chain::check_links(&deltas)?;
+        let keep = self
+            .active
+            .iter()
+            .zip(&deltas)
+            .take_while(|(a, d)| a.print == d.index.model_fingerprint())
+            .count();
+        let deltas: Vec<Arc<Mapped>> = deltas
+            .into_iter()
+            .skip(keep)
+            .map(|delta| {
+                Arc::new(Mapped {
+                    release_each: delta.size > self.keep_mapped,
+                    delta,
+                })
+            })
+            .collect();
         // Refuse a wrong base before anything changes, where the fingerprints allow. The plan
         // holds after the revert: it reads only what every switch leaves as the base's (names,
         // dtypes, shapes, fingerprints).
-        let planned = if self.prints.contains_key(&(d.index.chunk_bytes as usize)) {
-            Some(self.plan(&d)?)
-        } else {
-            None
+        let mut planned = match deltas.first() {
+            Some(d) if keep == 0 && self.prints.contains_key(&(d.index.chunk_bytes as usize)) => Some(self.plan(d)?),
+            _ => None,
         };
-        let previous = self.active.as_ref().map(|a| a.delta.clone());
-        let reverted = self.revert()?;
-        match self.apply_delta(&d, planned) {
-            Ok(r) => Ok(SwitchReport {
-                reverted_chunks: reverted.reverted_chunks,
-                bytes: r.bytes + reverted.bytes,
-                ..r
-            }),
-            Err(e) => {
-                if let Some(d) = previous {
-                    // Best effort: should the previous delta no longer apply, the model stays at the base.
-                    let _ = self.apply_delta(&d, None);
+        let previous: Vec<Arc<Mapped>> = self.active[keep..].iter().map(|a| a.delta.clone()).collect();
+        let mut report = self.revert_to(keep)?;
+        for d in &deltas {
+            match self.push_link(d, planned.take()) {
+                Ok(r) => {
+                    report.tensors += r.tensors;
+                    report.chunks += r.chunks;
+                    report.bytes += r.bytes;
                 }
-                Err(e)
+                Err(e) => {
+                    // Best effort: should a link no longer revert or apply, the model stays
+                    // at the longest chain it reached.
+                    if self.revert_to(keep).is_ok() {
+                        for d in &previous {
+                            if self.push_link(d, None).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    return Err(e);
+                }
             }
         }
+        report.undo_bytes = self.undo_bytes();
+        Ok(report)
     }
 
-    /// Restores the base's bytes of everything the active fine-tune changed.
+    /// Reverts the links above the first `keep`, the last first.
     ///
     /// The payloads a revert reads again are checked first, so that a delta file changed on
-    /// disk since the switch is refused with the model still at its fine-tune.
-    fn revert(&mut self) -> Result<SwitchReport> {
-        let Some(active) = &self.active else {
-            return Ok(SwitchReport::default());
-        };
-        if let Err(e) = active.check_payloads(&self.slots) {
-            active.delta.done_with_all();
-            return Err(e);
+    /// disk since the switch is refused with the model still at that link.
+    fn revert_to(&mut self, keep: usize) -> Result<SwitchReport> {
+        let mut report = SwitchReport::default();
+        while self.active.len() > keep {
+            let top = self.active.last().expect("above keep");
+            if let Err(e) = top.check_payloads(&self.slots) {
+                top.delta.done_with_all();
+                return Err(e);
+            }
+            let top = self.active.pop().expect("above keep");
+            let r = self.restore(top)?;
+            report.reverted_chunks += r.reverted_chunks;
+            report.bytes += r.bytes;
         }
-        let active = self.active.take().expect("checked above");
-        self.restore(active)
+        Ok(report)
     }
 
-    /// Applies a delta to the model, which holds the base, with its plan if already made;
-    /// undoes everything on error.
-    fn apply_delta<'d>(&mut self, d: &'d Arc<Mapped>, planned: Option<Vec<Planned<'d>>>) -> Result<SwitchReport> {
+    /// Applies one more link: a delta against the base when the model holds the base (with
+    /// its plan if already made), else one continuing the last link. Undoes it on error.
+    fn push_link<'d>(&mut self, d: &'d Arc<Mapped>, planned: Option<Vec<Planned<'d>>>) -> Result<SwitchReport> {
         let cb = d.index.chunk_bytes as usize;
         let planned = match planned {
             Some(p) => p,
-            None => {
+            None if self.active.is_empty() => {
                 self.fingerprint(cb);
                 self.plan(d)?
             }
+            None => self.plan_link(d)?,
         };
+        let below = self.active.last();
         let mut active = Active {
+            print: d.index.model_fingerprint(),
             delta: d.clone(),
-            view: Vec::new(),
-            by_name: HashMap::new(),
+            view: below.map(|b| b.view.clone()).unwrap_or_default(),
+            by_name: below.map(|b| b.by_name.clone()).unwrap_or_default(),
             fresh: Vec::new(),
+            fresh_digests: Vec::new(),
             undo: Vec::new(),
+            digests: HashMap::new(),
         };
         let mut report = SwitchReport::default();
         let run = self
@@ -496,14 +594,30 @@ impl Resident {
             self.restore(active)?;
             return Err(e);
         }
+        if self.active.is_empty() {
+            self.view_of_first_link(&planned, &mut active);
+        } else {
+            // A later link keeps the view, with the shapes of the tensors it resized.
+            for p in &planned {
+                let v = &mut active.view[active.by_name[&p.t.name]];
+                v.shape.clone_from(&p.shape);
+                v.len = p.len;
+            }
+        }
+        self.active.push(active);
+        Ok(report)
+    }
+
+    /// The tensors of the first link, in delta order (a later link keeps its view).
+    fn view_of_first_link(&self, planned: &[Planned], active: &mut Active) {
         // The buffers of fresh tensors were made in delta order.
         let mut fresh = 0;
-        for p in &planned {
+        for p in planned {
             let place = match p.kind {
                 Kind::InPlace(i) | Kind::Convert(i) => Place::Base(i),
                 Kind::Fresh => {
                     fresh += 1;
-                    Place::Fresh(fresh - 1)
+                    Place::Fresh { link: 0, j: fresh - 1 }
                 }
             };
             active.by_name.insert(p.t.name.clone(), active.view.len());
@@ -515,9 +629,96 @@ impl Resident {
                 place,
             });
         }
-        self.active = Some(active);
-        report.undo_bytes = self.undo_bytes();
-        Ok(report)
+    }
+
+    /// The chunk fingerprints of slot `i` as the model holds it now, at the first link's
+    /// chunk size (or at `cb`, at the base).
+    fn digests_now(&self, i: usize, cb: usize) -> Vec<Digest> {
+        match self.active.iter().rev().find_map(|a| a.digests.get(&i)) {
+            Some(d) => d.clone(),
+            None => self.prints[&cb][i].iter().map(|p| p.digest).collect(),
+        }
+    }
+
+    /// Matches every tensor of a delta continuing the last link with the tensor of the model
+    /// it continues, checking it against the fingerprint the delta records: tensors it
+    /// changes are rewritten in place, the others kept as they are.
+    fn plan_link<'d>(&self, d: &'d Delta) -> Result<Vec<Planned<'d>>> {
+        let top = self.active.last().expect("a link to continue");
+        let cb = d.index.chunk_bytes as usize;
+        let unsupported = |tensor: &str, what: &str| {
+            Error::InvalidArgument(format!(
+                "{}: tensor '{tensor}' {what}; hot swap continues a chain only with links that \
+                 keep every tensor and rewrite base tensors in place, in their dtype (resizing at \
+                 most the first dimension), at the first link's chunk size: rebuild this chain \
+                 with `deltapack apply`, or switch to a delta of the fine-tune against the base",
+                d.path.display()
+            ))
+        };
+        if cb != top.chunk_bytes() {
+            let what = format!(
+                "is coded in chunks of {cb} bytes, its chain's first link in chunks of {}",
+                top.chunk_bytes()
+            );
+            return Err(unsupported("*", &what));
+        }
+        let names: BTreeSet<&str> = d.index.tensors().map(|t| t.name.as_str()).collect();
+        if let Some(v) = top.view.iter().find(|v| !names.contains(v.name.as_str())) {
+            return Err(unsupported(&v.name, "is not in it (a link that removes tensors)"));
+        }
+        let mut planned = Vec::new();
+        for t in d.index.tensors() {
+            let dtype = dtype::parse(&t.dtype).expect("validated dtype");
+            let shape: Vec<usize> = t.shape.iter().map(|&x| x as usize).collect();
+            let v = top
+                .by_name
+                .get(&t.name)
+                .map(|&v| &top.view[v])
+                .ok_or_else(|| unsupported(&t.name, "is new (a link that adds tensors)"))?;
+            // In place: the same tensor, or the same with its first dimension resized.
+            let fits = match t.relation {
+                Relation::Direct => v.shape == shape,
+                Relation::Resized => true,
+                _ => false,
+            };
+            let source = t.source.as_ref().filter(|s| {
+                let same_shape = s.shape.iter().map(|&x| x as usize).eq(v.shape.iter().copied());
+                s.name == t.name && fits && v.dtype == dtype && same_shape
+            });
+            let Some(s) = source else {
+                return Err(unsupported(&t.name, "changes dtype or name"));
+            };
+            let now = match v.place {
+                Place::Base(i) => self.digests_now(i, cb),
+                Place::Fresh { link, j } => self.active[link].fresh_digests[j].clone(),
+            };
+            if hash::hex(&hash::tensor(v.len as u64, cb as u64, now.iter())) != s.hash {
+                return Err(Error::WrongParent {
+                    path: d.path.clone(),
+                    reason: format!(
+                        "tensor '{}' of the model it continues has different values (fingerprint mismatch)",
+                        t.name
+                    ),
+                });
+            }
+            if t.unchanged() {
+                continue;
+            }
+            let i = match v.place {
+                Place::Base(i) if self.slots[i].dtype == dtype => i,
+                _ => return Err(unsupported(&t.name, "is not a base tensor of its dtype")),
+            };
+            planned.push(Planned {
+                t,
+                dtype,
+                shape,
+                len: t.len() as usize,
+                source: Some(i),
+                kind: Kind::InPlace(i),
+                plan: plan_of(d, t)?,
+            });
+        }
+        Ok(planned)
     }
 
     /// Takes the base's chunk fingerprints at chunk size `cb` from memory, unless known.
@@ -638,6 +839,7 @@ impl Resident {
             let (mine, tail) = rest.split_at(p.len.div_ceil(cb));
             rest = tail;
             check_print(d, p.t, cb, mine)?;
+            active.fresh_digests.push(mine.to_vec());
             report.tensors += 1;
             report.chunks += mine.len();
             report.bytes += p.len as u64;
@@ -659,6 +861,7 @@ impl Resident {
         for p in planned {
             let Kind::Convert(i) = p.kind else { continue };
             let slot = &self.slots[i];
+            let slot_len = slot.len;
             let mut buf = vec![0u8; p.len];
             let done = buf
                 .par_chunks_mut(cb)
@@ -668,13 +871,15 @@ impl Resident {
             let (digests, chunks): (Vec<Digest>, Vec<ChunkUndo>) = done.into_iter().unzip();
             check_print(d, p.t, cb, &digests)?;
             self.slots[i].bytes = buf;
+            report.chunks += digests.len();
+            active.digests.insert(i, digests);
             active.undo.push(SlotUndo {
                 slot: i,
+                len_before: slot_len,
                 dtype: p.dtype,
                 chunks,
             });
             report.tensors += 1;
-            report.chunks += digests.len();
             report.bytes += p.len as u64;
         }
         Ok(())
@@ -693,33 +898,36 @@ impl Resident {
         let mut of_slot = vec![None; self.slots.len()];
         for p in planned {
             if let Kind::InPlace(i) = p.kind {
-                of_slot[i] = Some((p, active.undo.len()));
+                of_slot[i] = Some((p, active.undo.len(), self.digests_now(i, cb)));
                 active.undo.push(SlotUndo {
                     slot: i,
+                    len_before: self.slots[i].bytes.len(),
                     dtype: p.dtype,
                     chunks: Vec::new(),
                 });
             }
         }
-        let prints = &self.prints[&cb];
-        // Each rewritten tensor's chunk fingerprints, in slot order.
-        let mut digests: Vec<(&Planned, Vec<Option<Digest>>)> = Vec::new();
+        // Each rewritten tensor's slot and chunk fingerprints, in slot order.
+        let mut digests: Vec<(usize, &Planned, Vec<Option<Digest>>)> = Vec::new();
         let mut jobs = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            let Some((p, u)) = of_slot[i] else { continue };
+            let Some((p, u, prior)) = of_slot[i].take() else {
+                continue;
+            };
+            // The length before this link: the base's, or what the first link grew it to.
+            let base_len = slot.bytes.len();
             if p.len > slot.bytes.len() {
                 // Rows beyond the base's are predicted as zeros: grow with them, in place if
                 // the allocator can, and without spare capacity.
                 slot.bytes.reserve_exact(p.len - slot.bytes.len());
                 slot.bytes.resize(p.len, 0);
             }
-            let base_len = slot.len;
             let mut known = Vec::with_capacity(p.t.chunks.len());
             for (k, cur) in slot.bytes[..p.len].chunks_mut(cb).enumerate() {
                 let aligned = (k + 1) * cb <= base_len.min(p.len) || (p.len == base_len);
                 let same = p.t.chunks[k].codec == ChunkCodec::Same;
                 if same && aligned {
-                    known.push(Some(prints[i][k].digest));
+                    known.push(Some(prior[k]));
                 } else {
                     known.push(None);
                     // Rows beyond the base's go with the truncation: nothing to restore there.
@@ -727,7 +935,7 @@ impl Resident {
                     jobs.push((u, digests.len(), k, p, cur, keep));
                 }
             }
-            digests.push((p, known));
+            digests.push((i, p, known));
         }
         let results: Vec<_> = jobs
             .into_par_iter()
@@ -737,8 +945,8 @@ impl Resident {
         for (u, t, k, r) in results {
             match r {
                 Ok((digest, undo)) => {
-                    let p = digests[t].0;
-                    digests[t].1[k] = Some(digest);
+                    let p = digests[t].1;
+                    digests[t].2[k] = Some(digest);
                     if p.t.chunks[k].codec != ChunkCodec::Same {
                         report.chunks += 1;
                         report.bytes += (p.len - k * cb).min(cb) as u64;
@@ -751,16 +959,17 @@ impl Resident {
         if let Some(e) = first_error {
             return Err(e);
         }
-        for (p, known) in digests {
+        for (i, p, known) in digests {
             let known: Vec<Digest> = known.iter().map(|h| h.expect("every chunk hashed")).collect();
             check_print(d, p.t, cb, &known)?;
             report.tensors += usize::from(!p.t.unchanged());
+            active.digests.insert(i, known);
         }
         Ok(())
     }
 
-    /// Restores the base's bytes of every tensor `active` rewrote, and checks them against the
-    /// base's fingerprints.
+    /// Restores the bytes every tensor `active` rewrote had before it (the base's, for the
+    /// first link), and checks them against the fingerprints of the model below it.
     fn restore(&mut self, active: Active) -> Result<SwitchReport> {
         let cb = active.chunk_bytes();
         let mut report = SwitchReport::default();
@@ -804,9 +1013,9 @@ impl Resident {
             .map(|(dt, cur, c)| restore_chunk(d, dtype::layout(dt), c, cur))
             .collect::<Vec<bool>>();
         d.done_with_all();
-        for (slot, _) in in_place {
-            if slot.bytes.len() > slot.len {
-                slot.bytes.truncate(slot.len);
+        for (slot, u) in in_place {
+            if slot.bytes.len() > u.len_before {
+                slot.bytes.truncate(u.len_before);
                 slot.bytes.shrink_to_fit();
             }
         }
@@ -823,21 +1032,29 @@ impl Resident {
         Ok(report)
     }
 
-    /// The base chunks a revert rewrote must hash to what they hashed to at load (xxh3).
+    /// The chunks a revert rewrote must hash to what they hashed to before the link: at load
+    /// for the base (xxh3), after the link below for a later one (BLAKE3, as recorded then).
     fn check_restored(&self, u: &SlotUndo, cb: usize) -> Result<()> {
         let slot = &self.slots[u.slot];
+        let len = u.len_before;
         let chunks: BTreeSet<usize> = u
             .chunks
             .iter()
             .flat_map(|c| {
                 let r = c.range();
-                r.start / cb..r.end.min(slot.len).div_ceil(cb)
+                r.start / cb..r.end.min(len).div_ceil(cb)
             })
             .collect();
-        let prints = &self.prints[&cb][u.slot];
-        let bad = chunks
-            .into_par_iter()
-            .any(|k| xxhash_rust::xxh3::xxh3_64(&slot.bytes[k * cb..((k + 1) * cb).min(slot.len)]) != prints[k].quick);
+        let bytes = |k: usize| &slot.bytes[k * cb..((k + 1) * cb).min(len)];
+        let bad = if self.active.is_empty() {
+            let prints = &self.prints[&cb][u.slot];
+            chunks
+                .into_par_iter()
+                .any(|k| xxhash_rust::xxh3::xxh3_64(bytes(k)) != prints[k].quick)
+        } else {
+            let digests = self.digests_now(u.slot, cb);
+            chunks.into_par_iter().any(|k| hash::chunk(bytes(k)) != digests[k])
+        };
         if bad {
             return Err(Error::Mismatch {
                 path: self.root.clone(),

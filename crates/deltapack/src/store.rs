@@ -245,6 +245,18 @@ impl Store {
         apply_chain(&self.base_dir(&e.base), &chain, out, &opts, progress)
     }
 
+    /// The base directory and the delta files, in order from the base, that rebuild entry
+    /// `name`: what `apply` and [`crate::hotswap::Resident::switch_to_chain`] take. Each file
+    /// is checked against the size the manifest records. A later `store rm --reparent` may
+    /// replace files of the chain (by a rename: a model switched to them keeps the old ones).
+    pub fn chain(&self, name: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let _lock = self.lock(false)?;
+        let m = self.read_manifest()?;
+        let e = find(&m, name)?;
+        self.check_files(&m, name)?;
+        Ok((self.base_dir(&e.base), self.chain_files(&m, Some(name))?))
+    }
+
     /// Removes entry `name`. Entries coded against it are re-coded against its parent
     /// (exactly, so that they rebuild the same bytes) when `reparent`, else it is an error.
     pub fn remove(&self, name: &str, reparent: bool, progress: &dyn Progress) -> Result<Vec<String>> {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use common::{files, noise, t, write_st};
 use deltapack::chain::{make_child, rebase, squash};
+use deltapack::checkpoint::Checkpoint;
 use deltapack::progress::NoProgress;
 use deltapack::store::Store;
 use deltapack::tune::{CodecPolicy, CodecSpec};
@@ -234,6 +235,41 @@ fn the_store_chains_checkpoints_dedups_aux_files_and_reparents() {
     std::fs::write(root.join("deltas/orphan.dpk"), b"x").unwrap();
     assert_eq!(store.fsck(&NoProgress).unwrap().leftovers_removed, 2);
     assert_eq!(store_files(&root), before);
+}
+
+/// A resident base follows a store's history checkpoint by checkpoint, one link a step,
+/// holding at each what `store get` writes, and goes back to the base bit for bit.
+#[test]
+fn hot_swap_walks_a_store_history_one_link_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cks) = history(dir.path());
+    let store = Store::init(&dir.path().join("store"), &base, Some("base")).unwrap();
+    for (i, ck) in cks.iter().enumerate() {
+        store
+            .add(&format!("s{i}"), ck, None, &small_chunks(), &NoProgress)
+            .unwrap();
+    }
+    let mut model = deltapack::hotswap::Resident::load(&base).unwrap();
+    let weights = |m: &deltapack::hotswap::Resident| -> Vec<(String, Vec<u8>)> {
+        m.tensors().map(|t| (t.name.to_string(), t.bytes.to_vec())).collect()
+    };
+    let at_base = weights(&model);
+    for (i, ck) in cks.iter().enumerate() {
+        let (b, chain) = store.chain(&format!("s{i}")).unwrap();
+        assert_eq!(b, dir.path().join("store/bases/base"));
+        assert_eq!(chain.len(), i + 1, "s{i} continues s{}", i.saturating_sub(1));
+        let report = model.switch_to_chain(&chain).unwrap();
+        assert_eq!(report.reverted_chunks, 0, "s{i}: only the new link is applied");
+        let ck = Checkpoint::open(ck).unwrap();
+        let want: Vec<(String, Vec<u8>)> = ck
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), ck.bytes(t).to_vec()))
+            .collect();
+        assert_eq!(weights(&model), want, "s{i}");
+    }
+    model.switch_to(None).unwrap();
+    assert_eq!(weights(&model), at_base);
 }
 
 #[test]

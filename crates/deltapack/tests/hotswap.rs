@@ -305,3 +305,133 @@ fn a_delta_rewritten_in_place_while_active_is_refused_at_revert() {
     r.switch_to(None).unwrap();
     assert_eq!(state(&r), checkpoint_state(&base));
 }
+
+/// A child of fine-tune A: some base tensors changed, the vocabulary grown again, every other
+/// tensor (tied, converted, new ones included) as A has it; with `added`, one tensor more.
+fn child_of_a(root: &Path, a: &Path, name: &str, added: bool) -> PathBuf {
+    let mut tensors = checkpoint_state(a);
+    // layers.0.b is one A left as the base has it.
+    let changed = [
+        ("layers.0.w", 1),
+        ("layers.0.s", 7),
+        ("model.embed_tokens.weight", 5),
+        ("layers.0.b", 2),
+    ];
+    for (n, every) in changed {
+        for e in tensors.get_mut(n).unwrap().2.chunks_exact_mut(2).step_by(every) {
+            e[0] ^= 3;
+        }
+    }
+    if added {
+        tensors.insert("adapter.c".into(), ("BF16".into(), vec![4], noise(13, 8)));
+    }
+    // Four rows more than A's grown vocabulary.
+    let embed = tensors.get_mut("model.embed_tokens.weight").unwrap();
+    embed.1[0] += 4;
+    embed.2.extend_from_slice(&noise(14, 4 * 32 * 2));
+    let ts: Vec<T> = tensors
+        .iter()
+        .map(|(n, (dt, shape, bytes))| t(n, Box::leak(dt.clone().into_boxed_str()), shape, bytes.clone()))
+        .collect();
+    let dir = root.join(name);
+    write_st(&dir.join("model.safetensors"), &ts);
+    dir
+}
+
+fn make_child(base: &Path, parent: &Path, ft: &Path, out: &Path) {
+    let opts = MakeOptions {
+        chunk_bytes: 1 << 12,
+        force: true,
+        ..Default::default()
+    };
+    deltapack::chain::make_child(base, &[parent.to_path_buf()], ft, out, &opts, None, &NoProgress).unwrap();
+}
+
+#[test]
+fn a_chain_switches_link_by_link_and_reverts_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, b) = models(dir.path());
+    let c = child_of_a(dir.path(), &a, "c", false);
+    let (da, db, dc) = (
+        dir.path().join("a.dpk"),
+        dir.path().join("b.dpk"),
+        dir.path().join("c.dpk"),
+    );
+    make_delta(&base, &a, &da, 1 << 12, "exact");
+    make_delta(&base, &b, &db, 1 << 13, "exact");
+    make_child(&base, &da, &c, &dc);
+    let child = Delta::open(&dc).unwrap();
+    let rel = |n: &str| child.index.tensors().find(|t| t.name == n).unwrap().relation;
+    assert_eq!(rel("model.embed_tokens.weight"), Relation::Resized);
+    assert!(child.index.tensors().any(|t| t.unchanged() && t.name == "adapter.a"));
+    let (want_base, want_a, want_b, want_c) = (
+        checkpoint_state(&base),
+        applied(&base, &da),
+        applied(&base, &db),
+        checkpoint_state(&c),
+    );
+    let mut r = Resident::load(&base).unwrap();
+    let chain_c = [da.as_path(), dc.as_path()];
+
+    r.switch_to_chain(&chain_c).unwrap();
+    assert_eq!(state(&r), want_c);
+    assert_eq!(r.active_chain(), chain_c);
+    // From A's chain to C's: one link more, nothing reverted; and back: one link reverted.
+    r.switch_to(Some(&da)).unwrap();
+    assert_eq!(state(&r), want_a);
+    let forward = r.switch_to_chain(&chain_c).unwrap();
+    assert_eq!(state(&r), want_c);
+    assert_eq!(forward.reverted_chunks, 0);
+    assert!(forward.chunks > 0 && forward.tensors == 4, "{forward:?}");
+    let back = r.switch_to_chain(&[&da]).unwrap();
+    assert_eq!(state(&r), want_a);
+    assert!(back.reverted_chunks > 0 && back.chunks == 0, "{back:?}");
+    // From C's chain to another fine-tune, and to the base.
+    r.switch_to_chain(&chain_c).unwrap();
+    r.switch_to(Some(&db)).unwrap();
+    assert_eq!(state(&r), want_b);
+    r.switch_to_chain(&chain_c).unwrap();
+    r.switch_to(None).unwrap();
+    assert_eq!(state(&r), want_base);
+    assert_eq!(r.undo_bytes(), 0);
+    assert!(r.active_chain().is_empty());
+}
+
+#[test]
+fn a_broken_or_unsupported_chain_leaves_the_model_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, b) = models(dir.path());
+    let c = child_of_a(dir.path(), &a, "c", false);
+    let added = child_of_a(dir.path(), &a, "d", true);
+    let (da, db, dc, dd) = (
+        dir.path().join("a.dpk"),
+        dir.path().join("b.dpk"),
+        dir.path().join("c.dpk"),
+        dir.path().join("d.dpk"),
+    );
+    make_delta(&base, &a, &da, 1 << 12, "exact");
+    make_delta(&base, &b, &db, 1 << 12, "exact");
+    make_child(&base, &da, &c, &dc);
+    make_child(&base, &da, &added, &dd);
+    let mut r = Resident::load(&base).unwrap();
+    for held in [
+        vec![],
+        vec![db.as_path()],
+        vec![da.as_path()],
+        vec![da.as_path(), dc.as_path()],
+    ] {
+        r.switch_to_chain(&held).unwrap();
+        let before = state(&r);
+        // A child without its parent, a child after another delta, a link adding a tensor.
+        let broken: [&[&Path]; 3] = [&[&dc], &[&db, &dc], &[&da, &dd]];
+        for (chain, kind) in broken
+            .into_iter()
+            .zip([ErrorKind::WrongBase, ErrorKind::WrongBase, ErrorKind::BadInput])
+        {
+            let e = r.switch_to_chain(chain).unwrap_err();
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(state(&r), before, "{chain:?} from {held:?}");
+            assert_eq!(r.active_chain(), held);
+        }
+    }
+}
