@@ -81,8 +81,9 @@
 //! decode tables of up to a MiB, and 13 bytes per changed value of the largest `changes` chunk
 //! it decoded). A tensor only the fine-tune has takes its own size (the base's tensor of the
 //! same name, if any, stays in memory, hidden; so do base tensors the fine-tune lacks). A
-//! tensor whose first dimension grows is grown in place; one whose dtype changes is held in
-//! both dtypes while it converts. Only weights are swapped: the fine-tune's config and
+//! tensor whose first dimension grows is grown in place; one that shrinks keeps the rows it
+//! dropped aside until reverted (counted in [`Resident::undo_bytes`]); one whose dtype changes
+//! is held in both dtypes while it converts. Only weights are swapped: the fine-tune's config and
 //! tokenizer files are not read.
 
 use std::cell::RefCell;
@@ -248,6 +249,10 @@ struct SlotUndo {
     /// Dtype of the bytes now in the slot (the base's unless the fine-tune converted it).
     dtype: Dtype,
     chunks: Vec<ChunkUndo>,
+    /// The bytes beyond the tensor's new length when the link shrank its first dimension,
+    /// split off the slot (whose length is always the tensor's as the model holds it) and
+    /// put back by a revert.
+    tail: Vec<u8>,
 }
 
 enum ChunkUndo {
@@ -410,8 +415,9 @@ impl Resident {
 
     /// Bytes held to revert the active fine-tune to the base (0 at the base).
     pub fn undo_bytes(&self) -> u64 {
-        let chunks = self.active.iter().flat_map(|a| &a.undo).flat_map(|u| &u.chunks);
-        chunks.map(|c| c.bytes() as u64).sum()
+        let undo = self.active.iter().flat_map(|a| &a.undo);
+        undo.map(|u| u.tail.len() as u64 + u.chunks.iter().map(|c| c.bytes() as u64).sum::<u64>())
+            .sum()
     }
 
     /// A tensor of the model as it is now (the base's, or the active fine-tune's).
@@ -516,7 +522,19 @@ impl Resident {
             _ => None,
         };
         let previous: Vec<Arc<Mapped>> = self.active[keep..].iter().map(|a| a.delta.clone()).collect();
-        let mut report = self.revert_to(keep)?;
+        let mut report = match self.revert_to(keep) {
+            Ok(r) => r,
+            Err(e) => {
+                // Back to the chain held, as far as the links reverted so far apply again.
+                let still = self.active.len() - keep;
+                for d in &previous[still..] {
+                    if self.push_link(d, None).is_err() {
+                        break;
+                    }
+                }
+                return Err(e);
+            }
+        };
         for d in &deltas {
             match self.push_link(d, planned.take()) {
                 Ok(r) => {
@@ -805,7 +823,12 @@ impl Resident {
     ) -> Result<()> {
         let cb = active.chunk_bytes();
         let fresh: Vec<&Planned> = planned.iter().filter(|p| p.kind == Kind::Fresh).collect();
-        let mut bufs: Vec<Vec<u8>> = fresh.iter().map(|p| vec![0u8; p.len]).collect();
+        let mut bufs = Vec::with_capacity(fresh.len());
+        for p in &fresh {
+            let mut buf = Vec::new();
+            zeros_to(&mut buf, p.len, d, p.t)?;
+            bufs.push(buf);
+        }
         let jobs: Vec<(&Planned, usize, &mut [u8])> = bufs
             .iter_mut()
             .enumerate()
@@ -878,6 +901,7 @@ impl Resident {
                 len_before: slot_len,
                 dtype: p.dtype,
                 chunks,
+                tail: Vec::new(),
             });
             report.tensors += 1;
             report.bytes += p.len as u64;
@@ -904,11 +928,12 @@ impl Resident {
                     len_before: self.slots[i].bytes.len(),
                     dtype: p.dtype,
                     chunks: Vec::new(),
+                    tail: Vec::new(),
                 });
             }
         }
         // Each rewritten tensor's slot and chunk fingerprints, in slot order.
-        let mut digests: Vec<(usize, &Planned, Vec<Option<Digest>>)> = Vec::new();
+        let mut digests: Vec<(usize, usize, &Planned, Vec<Option<Digest>>)> = Vec::new();
         let mut jobs = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some((p, u, prior)) = of_slot[i].take() else {
@@ -919,8 +944,7 @@ impl Resident {
             if p.len > slot.bytes.len() {
                 // Rows beyond the base's are predicted as zeros: grow with them, in place if
                 // the allocator can, and without spare capacity.
-                slot.bytes.reserve_exact(p.len - slot.bytes.len());
-                slot.bytes.resize(p.len, 0);
+                zeros_to(&mut slot.bytes, p.len, d, p.t)?;
             }
             let mut known = Vec::with_capacity(p.t.chunks.len());
             for (k, cur) in slot.bytes[..p.len].chunks_mut(cb).enumerate() {
@@ -935,7 +959,7 @@ impl Resident {
                     jobs.push((u, digests.len(), k, p, cur, keep));
                 }
             }
-            digests.push((i, p, known));
+            digests.push((i, u, p, known));
         }
         let results: Vec<_> = jobs
             .into_par_iter()
@@ -945,8 +969,8 @@ impl Resident {
         for (u, t, k, r) in results {
             match r {
                 Ok((digest, undo)) => {
-                    let p = digests[t].1;
-                    digests[t].2[k] = Some(digest);
+                    let p = digests[t].2;
+                    digests[t].3[k] = Some(digest);
                     if p.t.chunks[k].codec != ChunkCodec::Same {
                         report.chunks += 1;
                         report.bytes += (p.len - k * cb).min(cb) as u64;
@@ -959,7 +983,13 @@ impl Resident {
         if let Some(e) = first_error {
             return Err(e);
         }
-        for (i, p, known) in digests {
+        for (i, u, p, known) in digests {
+            // A shrunk tensor: the rows it dropped leave the slot, so that a later link sees
+            // the slot's length as the tensor's (its added rows predicted as zeros).
+            let slot = &mut self.slots[i];
+            if p.len < slot.bytes.len() {
+                active.undo[u].tail = slot.bytes.split_off(p.len);
+            }
             let known: Vec<Digest> = known.iter().map(|h| h.expect("every chunk hashed")).collect();
             check_print(d, p.t, cb, &known)?;
             report.tensors += usize::from(!p.t.unchanged());
@@ -1018,6 +1048,7 @@ impl Resident {
                 slot.bytes.truncate(u.len_before);
                 slot.bytes.shrink_to_fit();
             }
+            slot.bytes.extend_from_slice(&u.tail);
         }
         if restored.contains(&false) {
             return Err(Error::Mismatch {
@@ -1110,6 +1141,21 @@ fn corrupt(d: &Delta, t: &TensorEntry, reason: String) -> Error {
         tensor: Some(t.name.clone()),
         reason,
     }
+}
+
+/// Extends `buf` with zeros to `len` bytes, or fails naming the tensor: a delta declares its
+/// tensors' sizes (rows predicted as zeros cost it nothing), and one declaring more than the
+/// allocator can give must be an error, not an abort.
+fn zeros_to(buf: &mut Vec<u8>, len: usize, d: &Delta, t: &TensorEntry) -> Result<()> {
+    if buf.try_reserve_exact(len.saturating_sub(buf.len())).is_err() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: tensor '{}' needs {len} bytes, more memory than can be allocated",
+            d.path.display(),
+            t.name
+        )));
+    }
+    buf.resize(len, 0);
+    Ok(())
 }
 
 /// Checks a rebuilt tensor's chunk fingerprints against the one the delta records.

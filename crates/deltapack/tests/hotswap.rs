@@ -298,6 +298,21 @@ fn a_delta_rewritten_in_place_while_active_is_refused_at_revert() {
     assert_eq!(e.kind(), ErrorKind::CorruptDelta, "{e}");
     assert_eq!(state(&r), at_a, "nothing was reverted");
     assert_eq!(r.active(), Some(da.as_path()));
+    // Held under a child, A is reached after the child reverted: the child is applied again.
+    let child = child_of_a(dir.path(), &a, "c", false);
+    let dc = dir.path().join("c.dpk");
+    f.seek(SeekFrom::Start(c.offset + c.len / 2)).unwrap();
+    f.write_all(&byte).unwrap();
+    f.sync_all().unwrap();
+    make_child(&base, &da, &child, &dc);
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    f.seek(SeekFrom::Start(c.offset + c.len / 2)).unwrap();
+    f.write_all(&[byte[0] ^ 0x10]).unwrap();
+    f.sync_all().unwrap();
+    let e = r.switch_to(None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CorruptDelta, "{e}");
+    assert_eq!(state(&r), checkpoint_state(&child));
+    assert_eq!(r.active_chain(), [da.as_path(), dc.as_path()]);
     // Put back, it reverts bit for bit.
     f.seek(SeekFrom::Start(c.offset + c.len / 2)).unwrap();
     f.write_all(&byte).unwrap();
@@ -339,12 +354,7 @@ fn child_of_a(root: &Path, a: &Path, name: &str, added: bool) -> PathBuf {
 }
 
 fn make_child(base: &Path, parent: &Path, ft: &Path, out: &Path) {
-    let opts = MakeOptions {
-        chunk_bytes: 1 << 12,
-        force: true,
-        ..Default::default()
-    };
-    deltapack::chain::make_child(base, &[parent.to_path_buf()], ft, out, &opts, None, &NoProgress).unwrap();
+    deltapack::chain::make_child(base, &[parent.to_path_buf()], ft, out, &chunks_4k(), None, &NoProgress).unwrap();
 }
 
 #[test]
@@ -434,4 +444,162 @@ fn a_broken_or_unsupported_chain_leaves_the_model_where_it_was() {
             assert_eq!(r.active_chain(), held);
         }
     }
+}
+
+fn chunks_4k() -> MakeOptions {
+    MakeOptions {
+        chunk_bytes: 1 << 12,
+        force: true,
+        ..Default::default()
+    }
+}
+
+/// Base: `w` BF16 [256, 32] (16 KiB, four 4 KiB chunks) and `v`.
+/// A: `w` shrunk to `a_rows` rows (values moved). C (A's child): `w` with `c_rows` rows,
+/// A's rows with the last one changed, rows beyond A's filled by `fill`.
+fn shrinking_chain(
+    root: &Path,
+    a_rows: usize,
+    c_rows: usize,
+    fill: impl Fn(usize) -> u8,
+) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let (wb, wa) = bf16_pair(1, 256 * 32);
+    let (vb, va) = bf16_pair(2, 64 * 32);
+    let base = root.join("base");
+    write_st(
+        &base.join("model.safetensors"),
+        &[t("w", "BF16", &[256, 32], wb), t("v", "BF16", &[64, 32], vb)],
+    );
+    let a = root.join("a");
+    let wa = wa[..a_rows * 64].to_vec();
+    write_st(
+        &a.join("model.safetensors"),
+        &[
+            t("w", "BF16", &[a_rows, 32], wa.clone()),
+            t("v", "BF16", &[64, 32], va.clone()),
+        ],
+    );
+    let mut wc = wa;
+    // The last row of A's: in the last (partial, unless a_rows * 64 is a chunk multiple) chunk.
+    let n = wc.len().min(c_rows * 64);
+    for e in wc[n - 64..n].chunks_exact_mut(2) {
+        e[0] ^= 1;
+    }
+    wc.resize(c_rows * 64, 0);
+    for (i, b) in wc[n..].iter_mut().enumerate() {
+        *b = fill(i);
+    }
+    let c = root.join("c");
+    write_st(
+        &c.join("model.safetensors"),
+        &[t("w", "BF16", &[c_rows, 32], wc), t("v", "BF16", &[64, 32], va)],
+    );
+    let (da, dc) = (root.join("a.dpk"), root.join("c.dpk"));
+    make(&base, &a, &da, &chunks_4k(), &NoProgress).unwrap();
+    make_child(&base, &da, &c, &dc);
+    // A valid chain: `apply` rebuilds C from it.
+    let out = root.join("c-applied");
+    let ao = deltapack::ApplyOptions {
+        force: true,
+        ..Default::default()
+    };
+    deltapack::apply_chain(&base, &[da.clone(), dc.clone()], &out, &ao, &NoProgress).unwrap();
+    assert_eq!(checkpoint_state(&out), checkpoint_state(&c));
+    (base, c, da, dc)
+}
+
+/// A shrinks `w` to 250 rows (its last chunk partial); C changes that chunk. Reverting C
+/// checks the restored chunk over A's length, not the base's.
+#[test]
+fn reverting_a_link_over_a_tensor_the_first_link_shrank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, c, da, dc) = shrinking_chain(dir.path(), 250, 250, |_| 0);
+    let mut r = Resident::load(&base).unwrap();
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&c));
+    r.switch_to_chain(&[&da]).expect("C reverts to A");
+    r.switch_to(None).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&base));
+}
+
+/// A shrinks `w` to 64 rows (one chunk); C grows it back to 256 rows of zeros, so chunks 1..3
+/// are `same`: predicted as zeros beyond A's length, with no fingerprint of A's to reuse.
+#[test]
+fn growing_back_a_tensor_the_first_link_shrank_with_zero_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, c, da, dc) = shrinking_chain(dir.path(), 64, 256, |_| 0);
+    let mut r = Resident::load(&base).unwrap();
+    r.switch_to(Some(&da)).unwrap();
+    let at_a = state(&r);
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&c));
+    r.switch_to_chain(&[&da]).unwrap();
+    assert_eq!(state(&r), at_a);
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    r.switch_to(None).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&base));
+}
+
+/// A shrinks `w` to 250 rows; C grows it to 256 rows of other values: the rows A dropped must
+/// not linger in the slot, where C's added rows would be predicted from them, not from zeros.
+#[test]
+fn growing_back_a_tensor_the_first_link_shrank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, c, da, dc) = shrinking_chain(dir.path(), 250, 256, |i| (i * 7 % 251) as u8 & 0x3f);
+    let mut r = Resident::load(&base).unwrap();
+    r.switch_to(Some(&da)).unwrap();
+    let at_a = state(&r);
+    r.switch_to_chain(&[&da, &dc]).expect("a valid chain");
+    assert_eq!(state(&r), checkpoint_state(&c));
+    r.switch_to_chain(&[&da]).unwrap();
+    assert_eq!(state(&r), at_a);
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    r.switch_to(None).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&base));
+}
+
+/// Three links: A shrinks `w` to 250 rows, C (A's child) to 200, D (C's child) grows it to
+/// 300 (beyond the base's 256), the new rows nonzero; every step and every revert exact.
+#[test]
+fn shrink_shrink_grow_along_three_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (_, c, da, dc) = shrinking_chain(root, 250, 200, |_| 0);
+    let base = root.join("base");
+    let mut wd = checkpoint_state(&c)["w"].2.clone();
+    wd.extend((0..100 * 64).map(|i| (i * 13 % 61) as u8));
+    let vd = checkpoint_state(&c)["v"].2.clone();
+    let d = root.join("d");
+    write_st(
+        &d.join("model.safetensors"),
+        &[t("w", "BF16", &[300, 32], wd), t("v", "BF16", &[64, 32], vd)],
+    );
+    let dd = root.join("d.dpk");
+    deltapack::chain::make_child(
+        &base,
+        &[da.clone(), dc.clone()],
+        &d,
+        &dd,
+        &chunks_4k(),
+        None,
+        &NoProgress,
+    )
+    .unwrap();
+    let mut r = Resident::load(&base).unwrap();
+    let at_base = state(&r);
+    r.switch_to(Some(&da)).unwrap();
+    let at_a = state(&r);
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&c));
+    r.switch_to_chain(&[&da, &dc, &dd]).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&d));
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&c));
+    r.switch_to_chain(&[&da]).unwrap();
+    assert_eq!(state(&r), at_a);
+    r.switch_to_chain(&[&da, &dc, &dd]).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&d));
+    r.switch_to(None).unwrap();
+    assert_eq!(state(&r), at_base);
+    assert_eq!(r.undo_bytes(), 0);
 }
