@@ -20,6 +20,13 @@ pub struct FloatLayout {
     pub exponent_mask: u32,
 }
 
+impl FloatLayout {
+    /// The bits of the exponent field, in place.
+    pub fn exponent_field(self) -> u64 {
+        (self.exponent_mask as u64) << self.mantissa_bits
+    }
+}
+
 const fn float(mantissa_bits: u32, exponent_bits: u32) -> Option<FloatLayout> {
     Some(FloatLayout {
         mantissa_bits,

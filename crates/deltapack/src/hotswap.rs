@@ -525,13 +525,7 @@ impl Resident {
         let mut report = match self.revert_to(keep) {
             Ok(r) => r,
             Err(e) => {
-                // Back to the chain held, as far as the links reverted so far apply again.
-                let still = self.active.len() - keep;
-                for d in &previous[still..] {
-                    if self.push_link(d, None).is_err() {
-                        break;
-                    }
-                }
+                self.reapply(keep, &previous);
                 return Err(e);
             }
         };
@@ -546,11 +540,7 @@ impl Resident {
                     // Best effort: should a link no longer revert or apply, the model stays
                     // at the longest chain it reached.
                     if self.revert_to(keep).is_ok() {
-                        for d in &previous {
-                            if self.push_link(d, None).is_err() {
-                                break;
-                            }
-                        }
+                        self.reapply(keep, &previous);
                     }
                     return Err(e);
                 }
@@ -558,6 +548,17 @@ impl Resident {
         }
         report.undo_bytes = self.undo_bytes();
         Ok(report)
+    }
+
+    /// Applies again the links of `previous` (those the model held above its first `keep`)
+    /// that it no longer holds, while they apply; the model holds the first `keep` links and
+    /// a start of `previous`.
+    fn reapply(&mut self, keep: usize, previous: &[Arc<Mapped>]) {
+        for d in &previous[self.active.len() - keep..] {
+            if self.push_link(d, None).is_err() {
+                break;
+            }
+        }
     }
 
     /// Reverts the links above the first `keep`, the last first.
@@ -1278,7 +1279,7 @@ fn patch_chunk(
             Some(f) => {
                 let (mut fix, fixes) = (FixWriter::new(f), &mut s.fixes);
                 s.changes
-                    .add_to_watching(layout, cur, exponent_field(f), |i, old, new| {
+                    .add_to_watching(layout, cur, f.exponent_field(), |i, old, new| {
                         fix.element(i, old, new, fixes)
                     });
             }
@@ -1486,11 +1487,6 @@ macro_rules! by_width {
     };
 }
 
-/// The bits of a float's exponent field.
-fn exponent_field(f: FloatLayout) -> u64 {
-    (f.exponent_mask as u64) << f.mantissa_bits
-}
-
 fn exponent_of(f: FloatLayout, bits: u64) -> u64 {
     (bits >> f.mantissa_bits) & f.exponent_mask as u64
 }
@@ -1501,7 +1497,7 @@ fn fixes_impl<L: Lane>(fix: &mut FixWriter, first: usize, old: &[u8], new: &[u8]
     let lanes = 8 / L::W;
     // Masks replicated over the lanes of a 64-bit word: the exponent field, and each lane's top bit.
     let replicate = |v: u64| (0..lanes).fold(0u64, |acc, k| acc | v << (k * lane_bits));
-    let field = replicate((f.exponent_mask as u64) << f.mantissa_bits);
+    let field = replicate(f.exponent_field());
     let top = replicate(1 << (lane_bits - 1));
     // Multiplying the lanes' bits (at multiples of lane_bits) by this moves lane k's to bit
     // 64 - lanes + k; no two partial products meet, so nothing carries.
@@ -1667,7 +1663,7 @@ fn restore_impl<L: Lane>(saved: &[(usize, u64)], buf: &mut [u8]) {
 }
 
 fn patch_impl<L: Lane>(f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mut Vec<(usize, u64)>) {
-    let field = (f.exponent_mask as u64) << f.mantissa_bits;
+    let field = f.exponent_field();
     let (mut at, mut next) = (0, 0usize);
     while at < fixes.len() {
         let b = fixes[at];
@@ -1731,6 +1727,26 @@ fn subtract_impl<L: Lane>(cur: &mut [u8], out: &[u8], saved: &mut [(usize, u64)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `n` elements of `w` random bytes from `seed`, and a copy with about one in `every`
+    /// replaced by other random bytes.
+    fn old_and_new(w: usize, seed: u64, n: usize, every: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut x = seed | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let old: Vec<u8> = (0..n * w).map(|_| next() as u8).collect();
+        let mut new = old.clone();
+        for e in new.chunks_exact_mut(w) {
+            if (next() as usize).is_multiple_of(every) {
+                e.copy_from_slice(&next().to_le_bytes()[..w]);
+            }
+        }
+        (old, new)
+    }
 
     /// The fixes of a whole chunk, in one piece: what the tests compare against.
     fn exponent_fixes(layout: ElementLayout, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
@@ -1892,15 +1908,7 @@ mod tests {
             let w = layout.width;
             // Partial words and groups of 64 at the end of a later block too.
             let n = kib * 1024 / w + extra;
-            let mut x = seed | 1;
-            let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
-            let old: Vec<u8> = (0..n * w).map(|_| next() as u8).collect();
-            let mut new = old.clone();
-            for e in new.chunks_exact_mut(w) {
-                if (next() as usize).is_multiple_of(every) {
-                    e.copy_from_slice(&next().to_le_bytes()[..w]);
-                }
-            }
+            let (old, new) = old_and_new(w, seed, n, every);
             let mut full = Vec::new();
             exponent_fixes(layout, &old, &new, &mut full);
             let chunk = Chunk { codec: ChunkCodec::Exact, offset: 0, len: 0, checksum: String::new() };
@@ -1925,22 +1933,14 @@ mod tests {
         ) {
             let layout = dtype::layout(dt);
             let w = layout.width;
-            let mut x = seed | 1;
-            let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
-            let old: Vec<u8> = (0..n * w).map(|_| next() as u8).collect();
-            let mut new = old.clone();
-            for e in new.chunks_exact_mut(w) {
-                if (next() as usize).is_multiple_of(every) {
-                    e.copy_from_slice(&next().to_le_bytes()[..w]);
-                }
-            }
+            let (old, new) = old_and_new(w, seed, n, every);
             let payload = changes::encode(layout, &old, &new);
             let diff = changes::differences(layout, &old, &payload).unwrap();
             let (mut full, mut at) = (Vec::new(), Vec::new());
             exponent_fixes(layout, &old, &new, &mut full);
             let mut fix = FixWriter::new(layout.float.unwrap());
             let mut patched = old.clone();
-            let field = exponent_field(layout.float.unwrap());
+            let field = layout.float.unwrap().exponent_field();
             diff.add_to_watching(layout, &mut patched, field, |i, o, n| fix.element(i, o, n, &mut at));
             prop_assert_eq!(patched, new);
             prop_assert_eq!(full, at);

@@ -234,15 +234,13 @@ impl Store {
     pub fn get(&self, name: &str, out: &Path, force: bool, progress: &dyn Progress) -> Result<crate::RebuildReport> {
         let _lock = self.lock(false)?;
         let m = self.read_manifest()?;
-        let e = find(&m, name)?;
-        let chain = self.chain_files(&m, Some(name))?;
+        let (base, chain) = self.checked_chain(&m, name)?;
         let opts = ApplyOptions {
             force,
             sync: false,
             aux_store: Some(self.aux_dir()),
         };
-        self.check_files(&m, name)?;
-        apply_chain(&self.base_dir(&e.base), &chain, out, &opts, progress)
+        apply_chain(&base, &chain, out, &opts, progress)
     }
 
     /// The base directory and the delta files, in order from the base, that rebuild entry
@@ -251,10 +249,14 @@ impl Store {
     /// replace files of the chain (by a rename: a model switched to them keeps the old ones).
     pub fn chain(&self, name: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
         let _lock = self.lock(false)?;
-        let m = self.read_manifest()?;
-        let e = find(&m, name)?;
-        self.check_files(&m, name)?;
-        Ok((self.base_dir(&e.base), self.chain_files(&m, Some(name))?))
+        self.checked_chain(&self.read_manifest()?, name)
+    }
+
+    /// [`Store::chain`] under a lock the caller holds.
+    fn checked_chain(&self, m: &Manifest, name: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let e = find(m, name)?;
+        self.check_files(m, name)?;
+        Ok((self.base_dir(&e.base), self.chain_files(m, Some(name))?))
     }
 
     /// Removes entry `name`. Entries coded against it are re-coded against its parent

@@ -522,40 +522,27 @@ fn reverting_a_link_over_a_tensor_the_first_link_shrank() {
     assert_eq!(state(&r), checkpoint_state(&base));
 }
 
-/// A shrinks `w` to 64 rows (one chunk); C grows it back to 256 rows of zeros, so chunks 1..3
-/// are `same`: predicted as zeros beyond A's length, with no fingerprint of A's to reuse.
-#[test]
-fn growing_back_a_tensor_the_first_link_shrank_with_zero_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, c, da, dc) = shrinking_chain(dir.path(), 64, 256, |_| 0);
-    let mut r = Resident::load(&base).unwrap();
-    r.switch_to(Some(&da)).unwrap();
-    let at_a = state(&r);
-    r.switch_to_chain(&[&da, &dc]).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&c));
-    r.switch_to_chain(&[&da]).unwrap();
-    assert_eq!(state(&r), at_a);
-    r.switch_to_chain(&[&da, &dc]).unwrap();
-    r.switch_to(None).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&base));
-}
-
-/// A shrinks `w` to 250 rows; C grows it to 256 rows of other values: the rows A dropped must
-/// not linger in the slot, where C's added rows would be predicted from them, not from zeros.
+/// A link growing back a tensor the first link shrank. To 64 rows (one chunk) and back to 256
+/// rows of zeros: chunks 1..3 are `same`, predicted as zeros beyond A's length, with no
+/// fingerprint of A's to reuse. To 250 rows and back to 256 of other values: the rows A
+/// dropped must not linger in the slot, where C's added rows would be predicted from them.
 #[test]
 fn growing_back_a_tensor_the_first_link_shrank() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, c, da, dc) = shrinking_chain(dir.path(), 250, 256, |i| (i * 7 % 251) as u8 & 0x3f);
-    let mut r = Resident::load(&base).unwrap();
-    r.switch_to(Some(&da)).unwrap();
-    let at_a = state(&r);
-    r.switch_to_chain(&[&da, &dc]).expect("a valid chain");
-    assert_eq!(state(&r), checkpoint_state(&c));
-    r.switch_to_chain(&[&da]).unwrap();
-    assert_eq!(state(&r), at_a);
-    r.switch_to_chain(&[&da, &dc]).unwrap();
-    r.switch_to(None).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&base));
+    for (a_rows, nonzero) in [(64, false), (250, true)] {
+        let fill = |i: usize| if nonzero { (i * 7 % 251) as u8 & 0x3f } else { 0 };
+        let dir = tempfile::tempdir().unwrap();
+        let (base, c, da, dc) = shrinking_chain(dir.path(), a_rows, 256, fill);
+        let mut r = Resident::load(&base).unwrap();
+        r.switch_to(Some(&da)).unwrap();
+        let at_a = state(&r);
+        r.switch_to_chain(&[&da, &dc]).expect("a valid chain");
+        assert_eq!(state(&r), checkpoint_state(&c), "from {a_rows} rows");
+        r.switch_to_chain(&[&da]).unwrap();
+        assert_eq!(state(&r), at_a, "from {a_rows} rows");
+        r.switch_to_chain(&[&da, &dc]).unwrap();
+        r.switch_to(None).unwrap();
+        assert_eq!(state(&r), checkpoint_state(&base), "from {a_rows} rows");
+    }
 }
 
 /// Three links: A shrinks `w` to 250 rows, C (A's child) to 200, D (C's child) grows it to

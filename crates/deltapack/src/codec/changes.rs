@@ -376,7 +376,7 @@ mod tests {
             let base: Vec<u8> = (0..2 * n).map(|i| (seed.wrapping_mul(i as u64 * 2 + 1) >> 17) as u8).collect();
             for dt in [safetensors::Dtype::BF16, safetensors::Dtype::F16] {
                 let l = dtype::layout(dt);
-                let field = exponent_bits(l);
+                let field = l.float.expect("a float").exponent_field();
                 let (mut want, mut got) = (base.clone(), base.clone());
                 let expected = shifted_one_by_one(dt, &c, &mut want, back, field);
                 let mut calls = Vec::new();
@@ -389,11 +389,6 @@ mod tests {
                 prop_assert_eq!(&got, &want);
             }
         }
-    }
-
-    fn exponent_bits(l: ElementLayout) -> u64 {
-        let f = l.float.expect("a float");
-        (f.exponent_mask as u64) << f.mantissa_bits
     }
 
     #[test]
