@@ -20,7 +20,7 @@ use crate::chain::Chain;
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
 use crate::codec::exact::DecodeError;
 use crate::codec::{decode_exact, decode_exact_in_place, lossy};
-use crate::container::index::{AuxEntry, Blob, ChunkCodec, TensorEntry, WeightFile};
+use crate::container::index::{AuxEntry, Blob, Chunk, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
@@ -130,7 +130,10 @@ pub fn verify(base: &Path, delta: &Path, finetuned: Option<&Path>, progress: &dy
 
 /// [`verify`] for an opened chain.
 pub fn verify_chain(chain: &Chain, finetuned: Option<&Path>, progress: &dyn Progress) -> Result<RebuildReport> {
-    let ctx = Ctx::new(chain)?;
+    let ctx = Ctx {
+        check_rebuilt: true,
+        ..Ctx::new(chain)?
+    };
     let ft = finetuned.map(Checkpoint::open).transpose()?;
     let mut sink = CompareSink {
         ft: ft.as_ref(),
@@ -361,6 +364,10 @@ pub(crate) struct Ctx<'a> {
     chain: &'a Chain,
     /// `levels[0]` is made against the base; the last one is the model rebuilt.
     levels: Vec<Level<'a>>,
+    /// Whether each rebuilt chunk is also checked against the xxh3 hash its delta records
+    /// for hot swap (format 1.3): `verify` checks every recorded value, so that a delta hot
+    /// swap would refuse fails it too. `apply` has the BLAKE3 fingerprints.
+    check_rebuilt: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -397,7 +404,11 @@ impl<'a> Ctx<'a> {
                 plans,
             });
         }
-        Ok(Ctx { chain, levels })
+        Ok(Ctx {
+            chain,
+            levels,
+            check_rebuilt: false,
+        })
     }
 
     fn top(&self) -> usize {
@@ -435,6 +446,14 @@ impl<'a> Ctx<'a> {
         let top = self.top();
         let (bytes, source_hashes, source_span) =
             self.decode_range(top, job.tensor, job.chunk, job.range.clone(), job.source_chunks.clone())?;
+        let t = self.levels[top].tensors[job.tensor].0;
+        let recorded = t.chunks.get(job.chunk).and_then(Chunk::rebuilt_hash);
+        if let Some(q) = recorded.filter(|_| self.check_rebuilt) {
+            if q != xxhash_rust::xxh3::xxh3_64(&bytes) {
+                let reason = format!("rebuilt chunk {} does not match its hash", job.chunk);
+                return Err(self.corrupt(top, t, reason));
+            }
+        }
         Ok(Decoded {
             target_hash: hash::chunk(&bytes),
             bytes,

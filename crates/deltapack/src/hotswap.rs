@@ -29,9 +29,12 @@
 //! A delta applies only to the base it was made from: every base tensor it reads must match the
 //! fingerprint it records, compared with the BLAKE3 fingerprints the model takes of its base
 //! (at load, or at a delta's first use for another chunk size). Every payload is checked
-//! against its checksum and every rebuilt tensor against its fingerprint. A revert is checked
-//! against xxh3 hashes of the base's chunks, taken with those fingerprints: a check against
-//! bugs, at a fifth of BLAKE3's cost (deltas are matched to the BLAKE3 fingerprints). A failure
+//! against its checksum, and every chunk a switch rebuilds against the xxh3 hash of its
+//! rebuilt bytes that the delta records (format 1.3; a tensor of an older delta is checked
+//! against its BLAKE3 fingerprint). A revert is checked against xxh3 hashes of the chunks it
+//! restores: the base's, taken with its fingerprints, or those a link below recorded. These
+//! are checks against bugs and corruption, at a fifth of BLAKE3's cost, which was a sixth of
+//! a switch's time; deltas and chains are matched to the BLAKE3 fingerprints. A failure
 //! never leaves the model half-switched: errors found before any tensor changes (an unreadable
 //! or corrupt index, a wrong base) leave it as it was; an error while decoding undoes what was
 //! switched so far and re-applies the fine-tune held before (re-read from its delta; should
@@ -40,15 +43,15 @@
 //! # Chains
 //!
 //! Every link is checked as `apply` checks a chain: it must record the fingerprint of the
-//! model before it, and every tensor it reads must match the fingerprints of what the links
-//! below rebuilt (kept from their switches, 32 bytes a chunk). A link after the first may
+//! model before it, and every tensor it reads must have the fingerprint of the tensor the
+//! links below rebuilt (as they record it, each chunk checked when rebuilt). A link after the first may
 //! rewrite base tensors in place, in their dtype, resizing at most their first dimension, and
 //! keeps every other tensor as the model before it has it (whatever the first link did to
 //! it); a link that adds, removes or converts a tensor, or is coded at another chunk size than
 //! the first, is refused when it is reached, and the model goes back to the chain it held.
-//! Each link keeps what reverting it needs, as a single delta does; reverting a later link
-//! checks the restored chunks against those fingerprints (BLAKE3), the first link against the
-//! base's (xxh3).
+//! Each link keeps what reverting it needs, as a single delta does, and the xxh3 hash of each
+//! chunk it rewrote (8 bytes a chunk); reverting a later link checks the restored chunks
+//! against those of the link below, the first link against the base's.
 //!
 //! # Reverting, and what it costs
 //!
@@ -105,6 +108,7 @@ use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
 use crate::tune::TensorPlan;
 use crate::{Error, Result};
+use xxhash_rust::xxh3::xxh3_64;
 
 /// A model held in memory: a base checkpoint, switchable in place to any fine-tune delta of it.
 pub struct Resident {
@@ -159,11 +163,38 @@ struct ChunkPrint {
     quick: u64,
 }
 
+/// The hashes of a chunk a switch rebuilt: xxh3, checked against the hash the delta records
+/// (format 1.3) and kept to check reverts; BLAKE3 too for a tensor of an older delta, which
+/// records nothing else to check it against (its fingerprint is over BLAKE3 chunk hashes).
+#[derive(Clone, Copy)]
+struct Rebuilt {
+    quick: u64,
+    digest: Option<Digest>,
+}
+
+impl Rebuilt {
+    fn of(bytes: &[u8], legacy: bool) -> Rebuilt {
+        Rebuilt {
+            quick: xxh3_64(bytes),
+            digest: legacy.then(|| hash::chunk(bytes)),
+        }
+    }
+}
+
+/// A base tensor as a link left it.
+struct Rewritten {
+    /// Its fingerprint as the link records it (each rebuilt chunk was checked): what the
+    /// next link's source must match.
+    print: String,
+    /// The xxh3-64 hash of each chunk: what reverting the next link must restore.
+    quick: Vec<u64>,
+}
+
 impl ChunkPrint {
     fn of(bytes: &[u8]) -> ChunkPrint {
         ChunkPrint {
             digest: hash::chunk(bytes),
-            quick: xxhash_rust::xxh3::xxh3_64(bytes),
+            quick: xxh3_64(bytes),
         }
     }
 }
@@ -192,13 +223,12 @@ struct Active {
     by_name: HashMap<String, usize>,
     /// Tensors that are not rewritten base tensors.
     fresh: Vec<Vec<u8>>,
-    /// Their chunk fingerprints, for a next link's sources.
-    fresh_digests: Vec<Vec<Digest>>,
+    /// Their fingerprints, as the link records them, for a next link's sources.
+    fresh_prints: Vec<String>,
     /// One record per base tensor rewritten in place.
     undo: Vec<SlotUndo>,
-    /// The chunk fingerprints of the slots it rewrote, as they are after it: what the next
-    /// link's sources must match, and what reverting that link must restore.
-    digests: HashMap<usize, Vec<Digest>>,
+    /// The slots it rewrote, as they are after it.
+    rewritten: HashMap<usize, Rewritten>,
 }
 
 impl Active {
@@ -303,6 +333,8 @@ enum Kind {
 
 struct Planned<'d> {
     t: &'d TensorEntry,
+    /// Whether its rebuilt chunks are checked with BLAKE3 (see [`Rebuilt`]).
+    legacy: bool,
     dtype: Dtype,
     shape: Vec<usize>,
     len: usize,
@@ -600,9 +632,9 @@ impl Resident {
             view: below.map(|b| b.view.clone()).unwrap_or_default(),
             by_name: below.map(|b| b.by_name.clone()).unwrap_or_default(),
             fresh: Vec::new(),
-            fresh_digests: Vec::new(),
+            fresh_prints: Vec::new(),
             undo: Vec::new(),
-            digests: HashMap::new(),
+            rewritten: HashMap::new(),
         };
         let mut report = SwitchReport::default();
         let run = self
@@ -650,13 +682,50 @@ impl Resident {
         }
     }
 
-    /// The chunk fingerprints of slot `i` as the model holds it now, at the first link's
-    /// chunk size (or at `cb`, at the base).
-    fn digests_now(&self, i: usize, cb: usize) -> Vec<Digest> {
-        match self.active.iter().rev().find_map(|a| a.digests.get(&i)) {
-            Some(d) => d.clone(),
-            None => self.prints[&cb][i].iter().map(|p| p.digest).collect(),
+    /// The link that last rewrote slot `i`, as the model holds it now.
+    fn rewritten(&self, i: usize) -> Option<&Rewritten> {
+        self.active.iter().rev().find_map(|a| a.rewritten.get(&i))
+    }
+
+    /// The fingerprint of slot `i` as the model holds it now, at chunk size `cb` (the first
+    /// link's, once one is applied).
+    fn print_now(&self, i: usize, cb: usize) -> String {
+        match self.rewritten(i) {
+            Some(r) => r.print.clone(),
+            None => {
+                let digests = self.prints[&cb][i].iter().map(|p| &p.digest);
+                hash::hex(&hash::tensor(self.slots[i].len as u64, cb as u64, digests))
+            }
         }
+    }
+
+    /// The xxh3-64 hashes of slot `i`'s chunks as the model holds it now.
+    fn quick_now(&self, i: usize, cb: usize) -> Vec<u64> {
+        match self.rewritten(i) {
+            Some(r) => r.quick.clone(),
+            None => self.prints[&cb][i].iter().map(|p| p.quick).collect(),
+        }
+    }
+
+    /// The hashes of slot `i`'s chunks as the model holds it now, for a link about to rewrite
+    /// it: with their BLAKE3 hashes when that link's delta is `legacy` (see [`Rebuilt`]),
+    /// known for the base's, taken now for a slot a link rewrote.
+    fn chunks_now(&self, i: usize, cb: usize, legacy: bool) -> Vec<Rebuilt> {
+        let Some(r) = self.rewritten(i) else {
+            return (self.prints[&cb][i].iter())
+                .map(|p| Rebuilt {
+                    quick: p.quick,
+                    digest: Some(p.digest),
+                })
+                .collect();
+        };
+        let bytes = &self.slots[i].bytes;
+        (r.quick.par_iter().enumerate())
+            .map(|(k, &quick)| Rebuilt {
+                quick,
+                digest: legacy.then(|| hash::chunk(&bytes[k * cb..((k + 1) * cb).min(bytes.len())])),
+            })
+            .collect()
     }
 
     /// Matches every tensor of a delta continuing the last link with the tensor of the model
@@ -708,10 +777,10 @@ impl Resident {
                 return Err(unsupported(&t.name, "changes dtype or name"));
             };
             let now = match v.place {
-                Place::Base(i) => self.digests_now(i, cb),
-                Place::Fresh { link, j } => self.active[link].fresh_digests[j].clone(),
+                Place::Base(i) => self.print_now(i, cb),
+                Place::Fresh { link, j } => self.active[link].fresh_prints[j].clone(),
             };
-            if hash::hex(&hash::tensor(v.len as u64, cb as u64, now.iter())) != s.hash {
+            if now != s.hash {
                 return Err(Error::WrongParent {
                     path: d.path.clone(),
                     reason: format!(
@@ -729,6 +798,7 @@ impl Resident {
             };
             planned.push(Planned {
                 t,
+                legacy: legacy(t),
                 dtype,
                 shape,
                 len: t.len() as usize,
@@ -775,6 +845,7 @@ impl Resident {
                 };
                 Ok(Planned {
                     t,
+                    legacy: legacy(t),
                     dtype,
                     // Validated: every dimension fits a usize, and so does the byte length.
                     shape: t.shape.iter().map(|&x| x as usize).collect(),
@@ -854,7 +925,9 @@ impl Resident {
                     d.done_with(c);
                 }
                 decoded?;
-                Ok(hash::chunk(out))
+                let r = Rebuilt::of(out, p.legacy);
+                check_rebuilt(d, p.t, k, r.quick)?;
+                Ok(r)
             })
             .collect::<Result<Vec<_>>>()?;
         // Results come in job order: each tensor's chunks, one tensor after another.
@@ -862,8 +935,7 @@ impl Resident {
         for p in &fresh {
             let (mine, tail) = rest.split_at(p.len.div_ceil(cb));
             rest = tail;
-            check_print(d, p.t, cb, mine)?;
-            active.fresh_digests.push(mine.to_vec());
+            active.fresh_prints.push(finish(d, p.t, cb, mine)?.print);
             report.tensors += 1;
             report.chunks += mine.len();
             report.bytes += p.len as u64;
@@ -892,11 +964,11 @@ impl Resident {
                 .enumerate()
                 .map(|(k, out)| convert_chunk(d, p, slot, k, cb, out))
                 .collect::<Result<Vec<_>>>()?;
-            let (digests, chunks): (Vec<Digest>, Vec<ChunkUndo>) = done.into_iter().unzip();
-            check_print(d, p.t, cb, &digests)?;
+            let (rebuilt, chunks): (Vec<Rebuilt>, Vec<ChunkUndo>) = done.into_iter().unzip();
+            let rewritten = finish(d, p.t, cb, &rebuilt)?;
             self.slots[i].bytes = buf;
-            report.chunks += digests.len();
-            active.digests.insert(i, digests);
+            report.chunks += rebuilt.len();
+            active.rewritten.insert(i, rewritten);
             active.undo.push(SlotUndo {
                 slot: i,
                 len_before: slot_len,
@@ -923,7 +995,7 @@ impl Resident {
         let mut of_slot = vec![None; self.slots.len()];
         for p in planned {
             if let Kind::InPlace(i) = p.kind {
-                of_slot[i] = Some((p, active.undo.len(), self.digests_now(i, cb)));
+                of_slot[i] = Some((p, active.undo.len(), self.chunks_now(i, cb, p.legacy)));
                 active.undo.push(SlotUndo {
                     slot: i,
                     len_before: self.slots[i].bytes.len(),
@@ -933,8 +1005,8 @@ impl Resident {
                 });
             }
         }
-        // Each rewritten tensor's slot and chunk fingerprints, in slot order.
-        let mut digests: Vec<(usize, usize, &Planned, Vec<Option<Digest>>)> = Vec::new();
+        // Each rewritten tensor's slot and chunk hashes, in slot order.
+        let mut digests: Vec<(usize, usize, &Planned, Vec<Option<Rebuilt>>)> = Vec::new();
         let mut jobs = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some((p, u, prior)) = of_slot[i].take() else {
@@ -969,14 +1041,18 @@ impl Resident {
         let mut first_error = None;
         for (u, t, k, r) in results {
             match r {
-                Ok((digest, undo)) => {
+                Ok((rebuilt, undo)) => {
+                    // Recorded for the revert first: a chunk that fails its check was written.
+                    active.undo[u].chunks.extend(undo);
                     let p = digests[t].2;
-                    digests[t].3[k] = Some(digest);
+                    if let Err(e) = check_rebuilt(d, p.t, k, rebuilt.quick) {
+                        first_error = first_error.or(Some(e));
+                    }
+                    digests[t].3[k] = Some(rebuilt);
                     if p.t.chunks[k].codec != ChunkCodec::Same {
                         report.chunks += 1;
                         report.bytes += (p.len - k * cb).min(cb) as u64;
                     }
-                    active.undo[u].chunks.extend(undo);
                 }
                 Err(e) => first_error = first_error.or(Some(e)),
             }
@@ -991,16 +1067,15 @@ impl Resident {
             if p.len < slot.bytes.len() {
                 active.undo[u].tail = slot.bytes.split_off(p.len);
             }
-            let known: Vec<Digest> = known.iter().map(|h| h.expect("every chunk hashed")).collect();
-            check_print(d, p.t, cb, &known)?;
+            let known: Vec<Rebuilt> = known.iter().map(|h| h.expect("every chunk hashed")).collect();
+            active.rewritten.insert(i, finish(d, p.t, cb, &known)?);
             report.tensors += usize::from(!p.t.unchanged());
-            active.digests.insert(i, known);
         }
         Ok(())
     }
 
     /// Restores the bytes every tensor `active` rewrote had before it (the base's, for the
-    /// first link), and checks them against the fingerprints of the model below it.
+    /// first link), and checks them against the hashes of the model below it.
     fn restore(&mut self, active: Active) -> Result<SwitchReport> {
         let cb = active.chunk_bytes();
         let mut report = SwitchReport::default();
@@ -1064,8 +1139,8 @@ impl Resident {
         Ok(report)
     }
 
-    /// The chunks a revert rewrote must hash to what they hashed to before the link: at load
-    /// for the base (xxh3), after the link below for a later one (BLAKE3, as recorded then).
+    /// The chunks a revert rewrote must hash to what they hashed to before the link (xxh3):
+    /// at load for the base, as the link below recorded them for a later one.
     fn check_restored(&self, u: &SlotUndo, cb: usize) -> Result<()> {
         let slot = &self.slots[u.slot];
         let len = u.len_before;
@@ -1078,16 +1153,8 @@ impl Resident {
             })
             .collect();
         let bytes = |k: usize| &slot.bytes[k * cb..((k + 1) * cb).min(len)];
-        let bad = if self.active.is_empty() {
-            let prints = &self.prints[&cb][u.slot];
-            chunks
-                .into_par_iter()
-                .any(|k| xxhash_rust::xxh3::xxh3_64(bytes(k)) != prints[k].quick)
-        } else {
-            let digests = self.digests_now(u.slot, cb);
-            chunks.into_par_iter().any(|k| hash::chunk(bytes(k)) != digests[k])
-        };
-        if bad {
+        let quick = self.quick_now(u.slot, cb);
+        if chunks.into_par_iter().any(|k| xxh3_64(bytes(k)) != quick[k]) {
             return Err(Error::Mismatch {
                 path: self.root.clone(),
                 tensor: Some(slot.name.clone()),
@@ -1159,12 +1226,35 @@ fn zeros_to(buf: &mut Vec<u8>, len: usize, d: &Delta, t: &TensorEntry) -> Result
     Ok(())
 }
 
-/// Checks a rebuilt tensor's chunk fingerprints against the one the delta records.
-fn check_print(d: &Delta, t: &TensorEntry, cb: usize, digests: &[Digest]) -> Result<()> {
-    if hash::hex(&hash::tensor(t.len(), cb as u64, digests)) != t.hash {
-        return Err(corrupt(d, t, "rebuilt tensor does not match its fingerprint".into()));
+/// Whether a tensor's rebuilt chunks are checked against its BLAKE3 fingerprint: one of a
+/// delta older than format 1.3, whose chunks record no xxh3 hash of their rebuilt bytes.
+fn legacy(t: &TensorEntry) -> bool {
+    t.chunks
+        .iter()
+        .any(|c| c.codec != ChunkCodec::Same && c.rebuilt.is_none())
+}
+
+/// Checks rebuilt chunk `k` of `t` against the xxh3 hash its delta records, if any.
+fn check_rebuilt(d: &Delta, t: &TensorEntry, k: usize, quick: u64) -> Result<()> {
+    match t.chunks.get(k).and_then(Chunk::rebuilt_hash) {
+        Some(q) if q != quick => Err(corrupt(d, t, format!("rebuilt chunk {k} does not match its hash"))),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// What the model keeps of a rebuilt tensor, given every chunk's hashes (each checked by
+/// [`check_rebuilt`]); a legacy tensor (see [`legacy`]) is checked against its fingerprint.
+fn finish(d: &Delta, t: &TensorEntry, cb: usize, chunks: &[Rebuilt]) -> Result<Rewritten> {
+    if legacy(t) {
+        let digests: Vec<Digest> = chunks.iter().map(|r| r.digest.expect("legacy chunks hashed")).collect();
+        if hash::hex(&hash::tensor(t.len(), cb as u64, &digests)) != t.hash {
+            return Err(corrupt(d, t, "rebuilt tensor does not match its fingerprint".into()));
+        }
+    }
+    Ok(Rewritten {
+        print: t.hash.clone(),
+        quick: chunks.iter().map(|r| r.quick).collect(),
+    })
 }
 
 /// Decodes chunk `k` of a tensor from its prediction into `out`, its payload checked.
@@ -1191,8 +1281,8 @@ fn decode_chunk(d: &Delta, p: &Planned, k: usize, cb: usize, pred: &[u8], out: &
 }
 
 /// Rewrites chunk `k` of a base tensor in place (`cur` holds the prediction: the base's bytes,
-/// or zeros where the tensor grew); returns its fingerprint and, if it changed and `keep`, its
-/// undo record.
+/// or zeros where the tensor grew); returns its hashes (unchecked) and, if it changed and
+/// `keep`, its undo record.
 fn in_place_chunk(
     d: &Mapped,
     p: &Planned,
@@ -1200,10 +1290,10 @@ fn in_place_chunk(
     cb: usize,
     cur: &mut [u8],
     keep: bool,
-) -> Result<(Digest, Option<ChunkUndo>)> {
+) -> Result<(Rebuilt, Option<ChunkUndo>)> {
     let c = &p.t.chunks[k];
     if c.codec == ChunkCodec::Same {
-        return Ok((hash::chunk(cur), None));
+        return Ok((Rebuilt::of(cur, p.legacy), None));
     }
     if c.codec == ChunkCodec::Changes {
         let done = patch_chunk(d, p, k, cb, cur, keep);
@@ -1215,29 +1305,31 @@ fn in_place_chunk(
         decode_chunk(d, p, k, cb, cur, &mut s.out[..cur.len()])?;
         let layout = dtype::layout(p.dtype);
         if keep && c.codec != ChunkCodec::Lossy {
-            return Ok(replace_exact(c, layout, k * cb, cur, s));
+            return Ok(replace_exact(c, layout, k * cb, cur, s, p.legacy));
         }
         let undo = keep.then(|| reverse_record(layout, k * cb, cur, s));
-        let digest = hash::chunk(&s.out[..cur.len()]);
+        let rebuilt = Rebuilt::of(&s.out[..cur.len()], p.legacy);
         cur.copy_from_slice(&s.out[..cur.len()]);
-        Ok((digest, undo))
+        Ok((rebuilt, undo))
     });
     d.done_with(c);
     done
 }
 
 /// Moves an exact chunk's decoded bytes `s.out` over its base bytes `cur` (at `start` in the
-/// tensor), taking the undo record's exponent fixes and hashing the new bytes on the way, in
-/// blocks small enough to stay in cache between the three passes.
+/// tensor), taking the undo record's exponent fixes and hashing the new bytes on the way (with
+/// BLAKE3 too if `legacy`), in blocks small enough to stay in cache between the passes.
 fn replace_exact(
     c: &Chunk,
     layout: ElementLayout,
     start: usize,
     cur: &mut [u8],
     s: &mut Scratch,
-) -> (Digest, Option<ChunkUndo>) {
+    legacy: bool,
+) -> (Rebuilt, Option<ChunkUndo>) {
     const BLOCK: usize = 64 << 10;
-    let mut h = hash::ChunkHasher::default();
+    let mut quick = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = legacy.then(hash::ChunkHasher::default);
     let mut fix = layout.float.map(FixWriter::new);
     s.fixes.clear();
     let len = cur.len();
@@ -1245,7 +1337,10 @@ fn replace_exact(
         if let Some(fix) = &mut fix {
             fix.scan(layout.width, b * BLOCK / layout.width, old, new, &mut s.fixes);
         }
-        h.update(new);
+        quick.update(new);
+        if let Some(h) = &mut h {
+            h.update(new);
+        }
         old.copy_from_slice(new);
     }
     let undo = ChunkUndo::Replay {
@@ -1254,7 +1349,11 @@ fn replace_exact(
         len: cur.len(),
         fixes: s.fixes.clone(),
     };
-    (h.digest(), Some(undo))
+    let rebuilt = Rebuilt {
+        quick: quick.digest(),
+        digest: h.map(|h| h.digest()),
+    };
+    (rebuilt, Some(undo))
 }
 
 /// [`in_place_chunk`] for a chunk of the `changes` codec: only its changed elements are
@@ -1266,7 +1365,7 @@ fn patch_chunk(
     cb: usize,
     cur: &mut [u8],
     keep: bool,
-) -> Result<(Digest, Option<ChunkUndo>)> {
+) -> Result<(Rebuilt, Option<ChunkUndo>)> {
     let c = &p.t.chunks[k];
     let layout = dtype::layout(p.dtype);
     let payload = d.chunk_payload(&p.t.name, c)?;
@@ -1293,7 +1392,7 @@ fn patch_chunk(
         len: cur.len(),
         fixes,
     });
-    Ok((hash::chunk(cur), undo))
+    Ok((Rebuilt::of(cur, p.legacy), undo))
 }
 
 /// What reverting a lossy chunk at `start` needs: its base bytes `old` exactly coded against
@@ -1310,7 +1409,7 @@ fn reverse_record(layout: ElementLayout, start: usize, old: &[u8], s: &mut Scrat
 }
 
 /// Rebuilds chunk `k` of a tensor whose dtype changed into `out`, from the base tensor in
-/// `slot`; returns its fingerprint and the base's bytes it covers, reverse-coded.
+/// `slot`; returns its hashes (checked) and the base's bytes it covers, reverse-coded.
 fn convert_chunk(
     d: &Mapped,
     p: &Planned,
@@ -1318,7 +1417,7 @@ fn convert_chunk(
     k: usize,
     cb: usize,
     out: &mut [u8],
-) -> Result<(Digest, ChunkUndo)> {
+) -> Result<(Rebuilt, ChunkUndo)> {
     let new = k * cb..k * cb + out.len();
     let src = &slot.bytes[..slot.len];
     let old = pair::source_range(Relation::Converted, slot.dtype, p.dtype, new.clone(), slot.len);
@@ -1334,7 +1433,9 @@ fn convert_chunk(
     if let Some(c) = p.t.chunks.get(k) {
         d.done_with(c);
     }
-    Ok((hash::chunk(out), ChunkUndo::Reverse { new, old, payload }))
+    let r = Rebuilt::of(out, p.legacy);
+    check_rebuilt(d, p.t, k, r.quick)?;
+    Ok((r, ChunkUndo::Reverse { new, old, payload }))
 }
 
 /// Restores one chunk of a base tensor in place, from the fine-tune's bytes in `cur` (and,
@@ -1911,12 +2012,13 @@ mod tests {
             let (old, new) = old_and_new(w, seed, n, every);
             let mut full = Vec::new();
             exponent_fixes(layout, &old, &new, &mut full);
-            let chunk = Chunk { codec: ChunkCodec::Exact, offset: 0, len: 0, checksum: String::new() };
+            let chunk = Chunk { codec: ChunkCodec::Exact, offset: 0, len: 0, checksum: String::new(), rebuilt: None };
             let mut s = Scratch { out: new.clone(), ..Scratch::default() };
             let mut cur = old.clone();
-            let (digest, undo) = replace_exact(&chunk, layout, 0, &mut cur, &mut s);
+            let (rebuilt, undo) = replace_exact(&chunk, layout, 0, &mut cur, &mut s, true);
             prop_assert_eq!(&cur, &new);
-            prop_assert_eq!(digest, hash::chunk(&new));
+            prop_assert_eq!(rebuilt.quick, xxh3_64(&new));
+            prop_assert_eq!(rebuilt.digest, Some(hash::chunk(&new)));
             let Some(ChunkUndo::Replay { fixes, len, .. }) = undo else { panic!("a replay record") };
             prop_assert_eq!(len, old.len());
             prop_assert_eq!(fixes, full);

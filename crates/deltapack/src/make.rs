@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::path::Path;
 
 use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
 use crate::codec::{changes, exact, lossy};
@@ -138,6 +139,9 @@ struct Encoded {
     /// How `payload` is coded.
     codec: ChunkCodec,
     target_hash: Digest,
+    /// xxh3-64 of the rebuilt chunk, recorded for hot swap's check ([`Chunk::rebuilt`]);
+    /// none for a `same` chunk.
+    rebuilt_hash: Option<u64>,
     source_hashes: Vec<Digest>,
     /// Error sums of the chunk, in lossy runs.
     quality: Option<QualitySums>,
@@ -403,6 +407,7 @@ impl Ctx<'_> {
                 payload: Some(payload),
                 codec: ChunkCodec::Lossy,
                 target_hash: hash::chunk(&recon),
+                rebuilt_hash: Some(xxh3_64(&recon)),
                 source_hashes,
                 quality: Some(QualitySums::chunk(t.dtype, pred, target, &recon)),
             };
@@ -431,6 +436,7 @@ impl Ctx<'_> {
             )
         });
         Encoded {
+            rebuilt_hash: payload.is_some().then(|| xxh3_64(target)),
             payload,
             codec,
             // Lossy chunks return above with the fingerprint of their reconstruction.
@@ -583,12 +589,14 @@ impl Collector<'_> {
                     offset: 0,
                     len: 0,
                     checksum: index::checksum(&[]),
+                    rebuilt: None,
                 },
                 Some(p) => Chunk {
                     codec: enc.codec,
                     offset: self.w.append(&p)?,
                     len: p.len() as u64,
                     checksum: index::checksum(&p),
+                    rebuilt: enc.rebuilt_hash.map(index::quick_hex),
                 },
             });
             self.target_hashes.push(enc.target_hash);

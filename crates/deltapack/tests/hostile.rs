@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{files, small_pair, t, write_st};
+use common::{files, small_pair, t, with_index, write_st};
 use deltapack::container::Delta;
 use deltapack::progress::NoProgress;
 use deltapack::{apply, make, verify, ApplyOptions, ErrorKind, MakeOptions};
@@ -202,27 +202,6 @@ fn outputs_are_never_overwritten_without_force() {
     assert_eq!(files(&out), files(&f.ft));
 }
 
-/// Rewrites a delta's index through `edit`, with valid checksums, so only validation can object.
-fn with_index(path: &Path, out: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let bytes = std::fs::read(path).unwrap();
-    let n = bytes.len();
-    let word = |i: usize| u64::from_le_bytes(bytes[n - 64 + 8 * i..n - 56 + 8 * i].try_into().unwrap()) as usize;
-    let (offset, len, raw) = (word(0), word(1), word(2));
-    let json = zstd::bulk::decompress(&bytes[offset..offset + len], raw).unwrap();
-    let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
-    edit(&mut v);
-    let json = serde_json::to_vec(&v).unwrap();
-    let packed = zstd::bulk::compress(&json, 3).unwrap();
-    let mut new = bytes[..offset].to_vec();
-    new.extend_from_slice(&packed);
-    new.extend_from_slice(&(offset as u64).to_le_bytes());
-    new.extend_from_slice(&(packed.len() as u64).to_le_bytes());
-    new.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    new.extend_from_slice(blake3::hash(&packed).as_bytes());
-    new.extend_from_slice(b"DPKINDEX");
-    std::fs::write(out, new).unwrap();
-}
-
 #[test]
 fn unsafe_file_paths_in_a_delta_are_rejected() {
     let f = fixture();
@@ -251,6 +230,30 @@ fn unsafe_file_paths_in_a_delta_are_rejected() {
 
 /// A change to a delta's index.
 type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
+/// The first chunk of codec `codec` in the index's first weight file.
+fn first_chunk<'v>(v: &'v mut serde_json::Value, codec: &str) -> &'v mut serde_json::Value {
+    let tensors = v["files"][0]["tensors"].as_array_mut().unwrap();
+    (tensors.iter_mut())
+        .flat_map(|t| t["chunks"].as_array_mut().unwrap())
+        .find(|c| c["c"] == codec)
+        .unwrap_or_else(|| panic!("the fixture has a '{codec}' chunk"))
+}
+
+#[test]
+fn verify_checks_the_rebuilt_hashes_hot_swap_relies_on() {
+    let f = fixture();
+    verify(&f.base, &f.delta, None, &NoProgress).unwrap();
+    let mutant = f.root.join("mutant.dpk");
+    with_index(&f.delta, &mutant, |v| {
+        let c = first_chunk(v, "exact");
+        let q = u64::from_str_radix(c["q"].as_str().unwrap(), 16).unwrap();
+        c["q"] = format!("{:016x}", q.wrapping_add(1)).into();
+    });
+    let err = verify(&f.base, &mutant, None, &NoProgress).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CorruptDelta, "{err}");
+    assert!(err.to_string().contains("does not match its hash"), "{err}");
+}
 
 #[test]
 fn inconsistent_indexes_are_rejected() {
@@ -286,6 +289,14 @@ fn inconsistent_indexes_are_rejected() {
         ("bad chunk size", Box::new(|v| v["chunk_bytes"] = 12345.into())),
         ("unknown field", Box::new(|v| v["surprise"] = 1.into())),
         ("future version", Box::new(|v| v["version"] = 2.into())),
+        (
+            "rebuilt hash on a 'same' chunk",
+            Box::new(|v| first_chunk(v, "same")["q"] = "0123456789abcdef".into()),
+        ),
+        (
+            "bad rebuilt hash",
+            Box::new(|v| first_chunk(v, "exact")["q"] = "12345".into()),
+        ),
         (
             "source of the wrong shape",
             Box::new(|v| v["files"][0]["tensors"][0]["source"]["shape"] = serde_json::json!([3])),

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{bf16_pair, noise, t, write_st, T};
+use common::{bf16_pair, noise, t, with_index, write_st, T};
 use deltapack::checkpoint::Checkpoint;
 use deltapack::container::index::ChunkCodec;
 use deltapack::container::Delta;
@@ -444,6 +444,136 @@ fn a_broken_or_unsupported_chain_leaves_the_model_where_it_was() {
             assert_eq!(r.active_chain(), held);
         }
     }
+}
+
+/// The chunks of every tensor of a delta's index.
+fn each_chunk(v: &mut serde_json::Value, mut f: impl FnMut(&str, &mut serde_json::Value)) {
+    for file in v["files"].as_array_mut().unwrap() {
+        for t in file["tensors"].as_array_mut().unwrap() {
+            let name = t["name"].as_str().unwrap().to_string();
+            t["chunks"].as_array_mut().unwrap().iter_mut().for_each(|c| f(&name, c));
+        }
+    }
+}
+
+/// `delta` as a writer before format 1.3 made it: no chunk records the xxh3 hash of its
+/// rebuilt bytes, so a switch checks every tensor against its BLAKE3 fingerprint instead.
+fn without_rebuilt_hashes(delta: &Path, out: &Path) -> PathBuf {
+    with_index(delta, out, |v| {
+        each_chunk(v, |_, c| {
+            c.as_object_mut().unwrap().remove("q");
+        })
+    });
+    out.to_path_buf()
+}
+
+#[test]
+fn deltas_without_rebuilt_hashes_switch_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, b) = models(dir.path());
+    let c = child_of_a(dir.path(), &a, "c", false);
+    let at = |n: &str| dir.path().join(n);
+    make_delta(&base, &a, &at("a.dpk"), 1 << 12, "exact");
+    make_delta(&base, &b, &at("b.dpk"), 1 << 13, "quant:bits=4");
+    make_child(&base, &at("a.dpk"), &c, &at("c.dpk"));
+    let (da, dc) = (at("a.dpk"), at("c.dpk"));
+    let (la, lb, lc) = (
+        without_rebuilt_hashes(&da, &at("la.dpk")),
+        without_rebuilt_hashes(&at("b.dpk"), &at("lb.dpk")),
+        without_rebuilt_hashes(&dc, &at("lc.dpk")),
+    );
+    let coded = |d: &Path| {
+        let d = Delta::open(d).unwrap();
+        let chunks: Vec<_> = d.index.tensors().flat_map(|t| t.chunks.clone()).collect();
+        chunks
+            .into_iter()
+            .filter(|c| c.codec != ChunkCodec::Same)
+            .collect::<Vec<_>>()
+    };
+    assert!(coded(&da).iter().all(|c| c.rebuilt_hash().is_some()));
+    assert!(coded(&la).iter().all(|c| c.rebuilt.is_none()));
+    let (want_base, want_a, want_b, want_c) = (
+        checkpoint_state(&base),
+        applied(&base, &da),
+        applied(&base, &at("b.dpk")),
+        checkpoint_state(&c),
+    );
+    let mut r = Resident::load(&base).unwrap();
+    // Old links under new ones and new under old: A and its copy rebuild the same model, so
+    // a switch keeps whichever of them it holds.
+    let steps: [(&[&Path], &State); 7] = [
+        (&[&la], &want_a),
+        (&[&lb], &want_b),
+        (&[&la, &lc], &want_c),
+        (&[&da, &dc], &want_c),
+        (&[&la], &want_a),
+        (&[&la, &dc], &want_c),
+        (&[], &want_base),
+    ];
+    for (i, (chain, want)) in steps.into_iter().enumerate() {
+        r.switch_to_chain(chain).unwrap();
+        assert_eq!(state(&r), *want, "step {i}: {chain:?}");
+    }
+}
+
+/// `delta` with the recorded hash of the last coded chunk of `tensor` off by one bit.
+fn with_wrong_rebuilt_hash(delta: &Path, out: &Path, tensor: &str) {
+    with_index(delta, out, |v| {
+        let mut coded = 0;
+        each_chunk(v, |name, c| {
+            coded += usize::from(name == tensor && c.get("q").is_some())
+        });
+        assert!(coded > 0, "{tensor} has coded chunks");
+        each_chunk(v, |name, c| {
+            if name == tensor && c.get("q").is_some() {
+                coded -= 1;
+                if coded == 0 {
+                    let q = u64::from_str_radix(c["q"].as_str().unwrap(), 16).unwrap();
+                    c["q"] = format!("{:016x}", q ^ 1).into();
+                }
+            }
+        });
+    });
+}
+
+#[test]
+fn a_chunk_that_rebuilds_to_another_hash_is_refused_and_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, _) = models(dir.path());
+    let c = child_of_a(dir.path(), &a, "c", false);
+    let (da, dc) = (dir.path().join("a.dpk"), dir.path().join("c.dpk"));
+    make_delta(&base, &a, &da, 1 << 12, "exact");
+    make_child(&base, &da, &c, &dc);
+    let mut r = Resident::load(&base).unwrap();
+    // Tensors rewritten in place (by the exact codec, by `changes`, grown), converted, new.
+    let first = [
+        "layers.0.w",
+        "layers.0.s",
+        "model.embed_tokens.weight",
+        "layers.0.conv",
+        "adapter.a",
+    ];
+    for (i, tensor) in first.into_iter().enumerate() {
+        let bad = dir.path().join(format!("bad{i}.dpk"));
+        with_wrong_rebuilt_hash(&da, &bad, tensor);
+        let e = r.switch_to(Some(&bad)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CorruptDelta, "{tensor}: {e}");
+        assert!(e.to_string().contains(tensor), "{e}");
+        assert_eq!(state(&r), checkpoint_state(&base), "{tensor}");
+        assert!(r.active_chain().is_empty());
+    }
+    r.switch_to(Some(&da)).unwrap();
+    let at_a = state(&r);
+    for (i, tensor) in ["layers.0.w", "model.embed_tokens.weight"].into_iter().enumerate() {
+        let bad = dir.path().join(format!("bad-child{i}.dpk"));
+        with_wrong_rebuilt_hash(&dc, &bad, tensor);
+        let e = r.switch_to_chain(&[&da, &bad]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CorruptDelta, "{tensor}: {e}");
+        assert_eq!(state(&r), at_a, "{tensor}");
+        assert_eq!(r.active_chain(), [da.as_path()]);
+    }
+    r.switch_to_chain(&[&da, &dc]).unwrap();
+    assert_eq!(state(&r), checkpoint_state(&c));
 }
 
 fn chunks_4k() -> MakeOptions {

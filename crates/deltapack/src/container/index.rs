@@ -227,6 +227,18 @@ pub struct Chunk {
     /// xxh3-64 of the payload, hex.
     #[serde(rename = "x")]
     pub checksum: String,
+    /// (1.3) xxh3-64 of the chunk's rebuilt bytes, hex; absent for `same` chunks and in older
+    /// files. Hot swap checks what it rebuilds in memory against it: a check against bugs, at a
+    /// fifth of the cost of the BLAKE3 fingerprints (see `docs/FORMAT.md`).
+    #[serde(rename = "q", default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt: Option<String>,
+}
+
+impl Chunk {
+    /// The [`Chunk::rebuilt`] hash as a number, when recorded (validated when read).
+    pub fn rebuilt_hash(&self) -> Option<u64> {
+        self.rebuilt.as_deref().and_then(|q| u64::from_str_radix(q, 16).ok())
+    }
 }
 
 /// One auxiliary file.
@@ -257,7 +269,12 @@ pub struct RemovedTensor {
 
 /// xxh3-64 checksum of a payload, as stored in [`Chunk::checksum`].
 pub fn checksum(payload: &[u8]) -> String {
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(payload))
+    quick_hex(xxhash_rust::xxh3::xxh3_64(payload))
+}
+
+/// An xxh3-64 hash as stored in the index: 16 lower-case hex digits.
+pub fn quick_hex(h: u64) -> String {
+    format!("{h:016x}")
 }
 
 impl Index {
@@ -381,6 +398,11 @@ impl Index {
             self.validate_codec(t, dt, ranges)?;
             for c in &t.chunks {
                 check_checksum(&c.checksum).map_err(&ctx)?;
+                match (&c.rebuilt, c.codec) {
+                    (Some(_), ChunkCodec::Same) => return Err(ctx("'same' chunk with a rebuilt hash")),
+                    (Some(q), _) => check_checksum(q).map_err(&ctx)?,
+                    (None, _) => {}
+                }
                 match c.codec {
                     ChunkCodec::Same if c.len != 0 => return Err(ctx("'same' chunk with a payload")),
                     ChunkCodec::Same if t.relation == Relation::New => return Err(ctx("'same' chunk without a base")),

@@ -117,3 +117,24 @@ pub fn small_pair(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     std::fs::write(ft.join("tokenizer.json"), br#"{"vocab": ["a", "b", "c"]}"#).unwrap();
     (base, ft)
 }
+
+/// Rewrites a delta's index through `edit`, with valid checksums, so only validation can object.
+pub fn with_index(path: &Path, out: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = bytes.len();
+    let word = |i: usize| u64::from_le_bytes(bytes[n - 64 + 8 * i..n - 56 + 8 * i].try_into().unwrap()) as usize;
+    let (offset, len, raw) = (word(0), word(1), word(2));
+    let json = zstd::bulk::decompress(&bytes[offset..offset + len], raw).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    edit(&mut v);
+    let json = serde_json::to_vec(&v).unwrap();
+    let packed = zstd::bulk::compress(&json, 3).unwrap();
+    let mut new = bytes[..offset].to_vec();
+    new.extend_from_slice(&packed);
+    new.extend_from_slice(&(offset as u64).to_le_bytes());
+    new.extend_from_slice(&(packed.len() as u64).to_le_bytes());
+    new.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    new.extend_from_slice(blake3::hash(&packed).as_bytes());
+    new.extend_from_slice(b"DPKINDEX");
+    std::fs::write(out, new).unwrap();
+}
