@@ -131,7 +131,7 @@ pub fn verify(base: &Path, delta: &Path, finetuned: Option<&Path>, progress: &dy
 /// [`verify`] for an opened chain.
 pub fn verify_chain(chain: &Chain, finetuned: Option<&Path>, progress: &dyn Progress) -> Result<RebuildReport> {
     let ctx = Ctx {
-        check_rebuilt: true,
+        rebuilt_hashes: true,
         ..Ctx::new(chain)?
     };
     let ft = finetuned.map(Checkpoint::open).transpose()?;
@@ -364,10 +364,10 @@ pub(crate) struct Ctx<'a> {
     chain: &'a Chain,
     /// `levels[0]` is made against the base; the last one is the model rebuilt.
     levels: Vec<Level<'a>>,
-    /// Whether each rebuilt chunk is also checked against the xxh3 hash its delta records
-    /// for hot swap (format 1.3): `verify` checks every recorded value, so that a delta hot
-    /// swap would refuse fails it too. `apply` has the BLAKE3 fingerprints.
-    check_rebuilt: bool,
+    /// Whether each chunk of the model rebuilt is also checked against the xxh3 hash its
+    /// delta records for hot swap (format 1.3): `verify` checks it, so that a delta hot swap
+    /// would refuse fails it too. `apply` has the BLAKE3 fingerprints.
+    rebuilt_hashes: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -407,7 +407,7 @@ impl<'a> Ctx<'a> {
         Ok(Ctx {
             chain,
             levels,
-            check_rebuilt: false,
+            rebuilt_hashes: false,
         })
     }
 
@@ -448,8 +448,11 @@ impl<'a> Ctx<'a> {
             self.decode_range(top, job.tensor, job.chunk, job.range.clone(), job.source_chunks.clone())?;
         let t = self.levels[top].tensors[job.tensor].0;
         let recorded = t.chunks.get(job.chunk).and_then(Chunk::rebuilt_hash);
-        if let Some(q) = recorded.filter(|_| self.check_rebuilt) {
+        if let Some(q) = recorded.filter(|_| self.rebuilt_hashes) {
             if q != xxhash_rust::xxh3::xxh3_64(&bytes) {
+                // A wrong base can decode to wrong values without a decoding error: it is
+                // named before the delta is blamed.
+                self.check_source(top, job.tensor)?;
                 let reason = format!("rebuilt chunk {} does not match its hash", job.chunk);
                 return Err(self.corrupt(top, t, reason));
             }

@@ -29,12 +29,12 @@
 //! A delta applies only to the base it was made from: every base tensor it reads must match the
 //! fingerprint it records, compared with the BLAKE3 fingerprints the model takes of its base
 //! (at load, or at a delta's first use for another chunk size). Every payload is checked
-//! against its checksum, and every chunk a switch rebuilds against the xxh3 hash of its
-//! rebuilt bytes that the delta records (format 1.3; a tensor of an older delta is checked
-//! against its BLAKE3 fingerprint). A revert is checked against xxh3 hashes of the chunks it
-//! restores: the base's, taken with its fingerprints, or those a link below recorded. These
-//! are checks against bugs and corruption, at a fifth of BLAKE3's cost, which was a sixth of
-//! a switch's time; deltas and chains are matched to the BLAKE3 fingerprints. A failure
+//! against its checksum, and every chunk of a tensor a switch rebuilds against the xxh3 hash
+//! of its rebuilt bytes that the delta records (format 1.3; a tensor of an older delta is
+//! checked against its BLAKE3 fingerprint). A revert is checked against xxh3 hashes of the
+//! chunks it restores: the base's, taken with its fingerprints, or those a link below
+//! recorded. These are checks against bugs and corruption, at a fifth of BLAKE3's cost, which
+//! was a sixth of a switch's time; deltas and chains are matched to the BLAKE3 fingerprints. A failure
 //! never leaves the model half-switched: errors found before any tensor changes (an unreadable
 //! or corrupt index, a wrong base) leave it as it was; an error while decoding undoes what was
 //! switched so far and re-applies the fine-tune held before (re-read from its delta; should
@@ -50,8 +50,8 @@
 //! it); a link that adds, removes or converts a tensor, or is coded at another chunk size than
 //! the first, is refused when it is reached, and the model goes back to the chain it held.
 //! Each link keeps what reverting it needs, as a single delta does, and the xxh3 hash of each
-//! chunk it rewrote (8 bytes a chunk); reverting a later link checks the restored chunks
-//! against those of the link below, the first link against the base's.
+//! chunk of the tensors it rewrote (8 bytes a chunk); reverting a later link checks the
+//! restored chunks against those of the link below, the first link against the base's.
 //!
 //! # Reverting, and what it costs
 //!
@@ -925,9 +925,7 @@ impl Resident {
                     d.done_with(c);
                 }
                 decoded?;
-                let r = Rebuilt::of(out, p.legacy);
-                check_rebuilt(d, p.t, k, r.quick)?;
-                Ok(r)
+                Ok(Rebuilt::of(out, p.legacy))
             })
             .collect::<Result<Vec<_>>>()?;
         // Results come in job order: each tensor's chunks, one tensor after another.
@@ -1042,12 +1040,8 @@ impl Resident {
         for (u, t, k, r) in results {
             match r {
                 Ok((rebuilt, undo)) => {
-                    // Recorded for the revert first: a chunk that fails its check was written.
                     active.undo[u].chunks.extend(undo);
                     let p = digests[t].2;
-                    if let Err(e) = check_rebuilt(d, p.t, k, rebuilt.quick) {
-                        first_error = first_error.or(Some(e));
-                    }
                     digests[t].3[k] = Some(rebuilt);
                     if p.t.chunks[k].codec != ChunkCodec::Same {
                         report.chunks += 1;
@@ -1158,7 +1152,8 @@ impl Resident {
             return Err(Error::Mismatch {
                 path: self.root.clone(),
                 tensor: Some(slot.name.clone()),
-                reason: "reverting did not restore the base's bytes (a bug: load the base again)".into(),
+                reason: "reverting did not restore the bytes of the model before the link (a bug: load the base again)"
+                    .into(),
             });
         }
         Ok(())
@@ -1226,30 +1221,26 @@ fn zeros_to(buf: &mut Vec<u8>, len: usize, d: &Delta, t: &TensorEntry) -> Result
     Ok(())
 }
 
-/// Whether a tensor's rebuilt chunks are checked against its BLAKE3 fingerprint: one of a
-/// delta older than format 1.3, whose chunks record no xxh3 hash of their rebuilt bytes.
+/// Whether a tensor is checked against its BLAKE3 fingerprint: one of a delta older than
+/// format 1.3, whose chunks record no xxh3 hash of their rebuilt bytes.
 fn legacy(t: &TensorEntry) -> bool {
-    t.chunks
-        .iter()
-        .any(|c| c.codec != ChunkCodec::Same && c.rebuilt.is_none())
+    t.chunks.iter().any(|c| c.rebuilt_hash().is_none())
 }
 
-/// Checks rebuilt chunk `k` of `t` against the xxh3 hash its delta records, if any.
-fn check_rebuilt(d: &Delta, t: &TensorEntry, k: usize, quick: u64) -> Result<()> {
-    match t.chunks.get(k).and_then(Chunk::rebuilt_hash) {
-        Some(q) if q != quick => Err(corrupt(d, t, format!("rebuilt chunk {k} does not match its hash"))),
-        _ => Ok(()),
-    }
-}
-
-/// What the model keeps of a rebuilt tensor, given every chunk's hashes (each checked by
-/// [`check_rebuilt`]); a legacy tensor (see [`legacy`]) is checked against its fingerprint.
+/// Checks a rebuilt tensor, given the hashes of every chunk as the model now holds it
+/// (`same` ones included, whose bytes are the prediction): against the xxh3 hash each chunk
+/// records, or a legacy tensor (see [`legacy`]) against its fingerprint; returns what the
+/// model keeps of it.
 fn finish(d: &Delta, t: &TensorEntry, cb: usize, chunks: &[Rebuilt]) -> Result<Rewritten> {
     if legacy(t) {
         let digests: Vec<Digest> = chunks.iter().map(|r| r.digest.expect("legacy chunks hashed")).collect();
         if hash::hex(&hash::tensor(t.len(), cb as u64, &digests)) != t.hash {
             return Err(corrupt(d, t, "rebuilt tensor does not match its fingerprint".into()));
         }
+    } else if chunks.len() != t.chunks.len() {
+        return Err(corrupt(d, t, "rebuilt tensor has the wrong number of chunks".into()));
+    } else if let Some(k) = (t.chunks.iter().zip(chunks)).position(|(c, r)| c.rebuilt_hash() != Some(r.quick)) {
+        return Err(corrupt(d, t, format!("rebuilt chunk {k} does not match its hash")));
     }
     Ok(Rewritten {
         print: t.hash.clone(),
@@ -1433,9 +1424,7 @@ fn convert_chunk(
     if let Some(c) = p.t.chunks.get(k) {
         d.done_with(c);
     }
-    let r = Rebuilt::of(out, p.legacy);
-    check_rebuilt(d, p.t, k, r.quick)?;
-    Ok((r, ChunkUndo::Reverse { new, old, payload }))
+    Ok((Rebuilt::of(out, p.legacy), ChunkUndo::Reverse { new, old, payload }))
 }
 
 /// Restores one chunk of a base tensor in place, from the fine-tune's bytes in `cur` (and,

@@ -139,9 +139,8 @@ struct Encoded {
     /// How `payload` is coded.
     codec: ChunkCodec,
     target_hash: Digest,
-    /// xxh3-64 of the rebuilt chunk, recorded for hot swap's check ([`Chunk::rebuilt`]);
-    /// none for a `same` chunk.
-    rebuilt_hash: Option<u64>,
+    /// xxh3-64 of the rebuilt chunk, recorded for hot swap's check ([`Chunk::rebuilt`]).
+    rebuilt_hash: u64,
     source_hashes: Vec<Digest>,
     /// Error sums of the chunk, in lossy runs.
     quality: Option<QualitySums>,
@@ -407,7 +406,7 @@ impl Ctx<'_> {
                 payload: Some(payload),
                 codec: ChunkCodec::Lossy,
                 target_hash: hash::chunk(&recon),
-                rebuilt_hash: Some(xxh3_64(&recon)),
+                rebuilt_hash: xxh3_64(&recon),
                 source_hashes,
                 quality: Some(QualitySums::chunk(t.dtype, pred, target, &recon)),
             };
@@ -436,7 +435,7 @@ impl Ctx<'_> {
             )
         });
         Encoded {
-            rebuilt_hash: payload.is_some().then(|| xxh3_64(target)),
+            rebuilt_hash: xxh3_64(target),
             payload,
             codec,
             // Lossy chunks return above with the fingerprint of their reconstruction.
@@ -589,14 +588,14 @@ impl Collector<'_> {
                     offset: 0,
                     len: 0,
                     checksum: index::checksum(&[]),
-                    rebuilt: None,
+                    rebuilt: Some(index::quick_hex(enc.rebuilt_hash)),
                 },
                 Some(p) => Chunk {
                     codec: enc.codec,
                     offset: self.w.append(&p)?,
                     len: p.len() as u64,
                     checksum: index::checksum(&p),
-                    rebuilt: enc.rebuilt_hash.map(index::quick_hex),
+                    rebuilt: Some(index::quick_hex(enc.rebuilt_hash)),
                 },
             });
             self.target_hashes.push(enc.target_hash);

@@ -499,31 +499,55 @@ fn deltas_without_rebuilt_hashes_switch_as_before() {
         checkpoint_state(&c),
     );
     let mut r = Resident::load(&base).unwrap();
-    // Old links under new ones and new under old: A and its copy rebuild the same model, so
-    // a switch keeps whichever of them it holds.
-    let steps: [(&[&Path], &State); 7] = [
+    // Old links under new ones and new under old (A and its copy rebuild the same model, so
+    // a switch keeps whichever of them it holds: each chain starts from the base).
+    let steps: [(&[&Path], &State); 9] = [
         (&[&la], &want_a),
         (&[&lb], &want_b),
         (&[&la, &lc], &want_c),
-        (&[&da, &dc], &want_c),
         (&[&la], &want_a),
+        (&[], &want_base),
+        (&[&da, &lc], &want_c),
+        (&[], &want_base),
         (&[&la, &dc], &want_c),
         (&[], &want_base),
     ];
     for (i, (chain, want)) in steps.into_iter().enumerate() {
         r.switch_to_chain(chain).unwrap();
         assert_eq!(state(&r), *want, "step {i}: {chain:?}");
+        assert_eq!(r.active_chain(), chain, "step {i}");
     }
+    // Such a tensor is checked against its fingerprint.
+    let bad = at("bad.dpk");
+    with_index(&la, &bad, |v| {
+        let t = &mut v["files"][0]["tensors"].as_array_mut().unwrap();
+        let w = t.iter_mut().find(|t| t["name"] == "layers.0.w").unwrap();
+        w["hash"] = "0".repeat(64).into();
+    });
+    let e = r.switch_to(Some(&bad)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CorruptDelta, "{e}");
+    assert!(e.to_string().contains("layers.0.w"), "{e}");
+    assert_eq!(state(&r), want_base);
 }
 
-/// `delta` with the recorded hash of the last coded chunk of `tensor` off by one bit.
+/// `links` as this build writes them, or without their rebuilt hashes (see
+/// [`without_rebuilt_hashes`]).
+fn written(links: &[&PathBuf], legacy: bool) -> Vec<PathBuf> {
+    let copy = |p: &PathBuf| without_rebuilt_hashes(p, &p.with_extension("legacy.dpk"));
+    links
+        .iter()
+        .map(|&p| if legacy { copy(p) } else { p.clone() })
+        .collect()
+}
+
+/// `delta` with the recorded hash of the last chunk of `tensor` off by one bit.
 fn with_wrong_rebuilt_hash(delta: &Path, out: &Path, tensor: &str) {
     with_index(delta, out, |v| {
         let mut coded = 0;
         each_chunk(v, |name, c| {
             coded += usize::from(name == tensor && c.get("q").is_some())
         });
-        assert!(coded > 0, "{tensor} has coded chunks");
+        assert!(coded > 0, "{tensor} has chunks");
         each_chunk(v, |name, c| {
             if name == tensor && c.get("q").is_some() {
                 coded -= 1;
@@ -545,13 +569,16 @@ fn a_chunk_that_rebuilds_to_another_hash_is_refused_and_undone() {
     make_delta(&base, &a, &da, 1 << 12, "exact");
     make_child(&base, &da, &c, &dc);
     let mut r = Resident::load(&base).unwrap();
-    // Tensors rewritten in place (by the exact codec, by `changes`, grown), converted, new.
+    // Tensors rewritten in place (by the exact codec, by `changes`, grown), left as the base
+    // has them (`same`), converted, new, predicted from another (tied).
     let first = [
         "layers.0.w",
         "layers.0.s",
         "model.embed_tokens.weight",
+        "layers.0.b",
         "layers.0.conv",
         "adapter.a",
+        "lm_head.weight",
     ];
     for (i, tensor) in first.into_iter().enumerate() {
         let bad = dir.path().join(format!("bad{i}.dpk"));
@@ -644,17 +671,20 @@ fn shrinking_chain(
 fn reverting_a_link_over_a_tensor_the_first_link_shrank() {
     let dir = tempfile::tempdir().unwrap();
     let (base, c, da, dc) = shrinking_chain(dir.path(), 250, 250, |_| 0);
-    let mut r = Resident::load(&base).unwrap();
-    r.switch_to_chain(&[&da, &dc]).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&c));
-    r.switch_to_chain(&[&da]).expect("C reverts to A");
-    r.switch_to(None).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&base));
+    for legacy in [false, true] {
+        let [da, dc] = <[PathBuf; 2]>::try_from(written(&[&da, &dc], legacy)).unwrap();
+        let mut r = Resident::load(&base).unwrap();
+        r.switch_to_chain(&[&da, &dc]).unwrap();
+        assert_eq!(state(&r), checkpoint_state(&c));
+        r.switch_to_chain(&[&da]).expect("C reverts to A");
+        r.switch_to(None).unwrap();
+        assert_eq!(state(&r), checkpoint_state(&base));
+    }
 }
 
 /// A link growing back a tensor the first link shrank. To 64 rows (one chunk) and back to 256
 /// rows of zeros: chunks 1..3 are `same`, predicted as zeros beyond A's length, with no
-/// fingerprint of A's to reuse. To 250 rows and back to 256 of other values: the rows A
+/// hash of A's to reuse. To 250 rows and back to 256 of other values: the rows A
 /// dropped must not linger in the slot, where C's added rows would be predicted from them.
 #[test]
 fn growing_back_a_tensor_the_first_link_shrank() {
@@ -662,16 +692,23 @@ fn growing_back_a_tensor_the_first_link_shrank() {
         let fill = |i: usize| if nonzero { (i * 7 % 251) as u8 & 0x3f } else { 0 };
         let dir = tempfile::tempdir().unwrap();
         let (base, c, da, dc) = shrinking_chain(dir.path(), a_rows, 256, fill);
-        let mut r = Resident::load(&base).unwrap();
-        r.switch_to(Some(&da)).unwrap();
-        let at_a = state(&r);
-        r.switch_to_chain(&[&da, &dc]).expect("a valid chain");
-        assert_eq!(state(&r), checkpoint_state(&c), "from {a_rows} rows");
-        r.switch_to_chain(&[&da]).unwrap();
-        assert_eq!(state(&r), at_a, "from {a_rows} rows");
-        r.switch_to_chain(&[&da, &dc]).unwrap();
-        r.switch_to(None).unwrap();
-        assert_eq!(state(&r), checkpoint_state(&base), "from {a_rows} rows");
+        for legacy in [false, true] {
+            let [da, dc] = <[PathBuf; 2]>::try_from(written(&[&da, &dc], legacy)).unwrap();
+            let mut r = Resident::load(&base).unwrap();
+            r.switch_to(Some(&da)).unwrap();
+            let at_a = state(&r);
+            r.switch_to_chain(&[&da, &dc]).expect("a valid chain");
+            assert_eq!(state(&r), checkpoint_state(&c), "from {a_rows} rows");
+            r.switch_to_chain(&[&da]).unwrap();
+            assert_eq!(state(&r), at_a, "from {a_rows} rows");
+            r.switch_to_chain(&[&da, &dc]).unwrap();
+            r.switch_to(None).unwrap();
+            assert_eq!(
+                state(&r),
+                checkpoint_state(&base),
+                "from {a_rows} rows, legacy {legacy}"
+            );
+        }
     }
 }
 
@@ -702,21 +739,24 @@ fn shrink_shrink_grow_along_three_links() {
         &NoProgress,
     )
     .unwrap();
-    let mut r = Resident::load(&base).unwrap();
-    let at_base = state(&r);
-    r.switch_to(Some(&da)).unwrap();
-    let at_a = state(&r);
-    r.switch_to_chain(&[&da, &dc]).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&c));
-    r.switch_to_chain(&[&da, &dc, &dd]).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&d));
-    r.switch_to_chain(&[&da, &dc]).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&c));
-    r.switch_to_chain(&[&da]).unwrap();
-    assert_eq!(state(&r), at_a);
-    r.switch_to_chain(&[&da, &dc, &dd]).unwrap();
-    assert_eq!(state(&r), checkpoint_state(&d));
-    r.switch_to(None).unwrap();
-    assert_eq!(state(&r), at_base);
-    assert_eq!(r.undo_bytes(), 0);
+    for legacy in [false, true] {
+        let [da, dc, dd] = <[PathBuf; 3]>::try_from(written(&[&da, &dc, &dd], legacy)).unwrap();
+        let mut r = Resident::load(&base).unwrap();
+        let at_base = state(&r);
+        r.switch_to(Some(&da)).unwrap();
+        let at_a = state(&r);
+        r.switch_to_chain(&[&da, &dc]).unwrap();
+        assert_eq!(state(&r), checkpoint_state(&c));
+        r.switch_to_chain(&[&da, &dc, &dd]).unwrap();
+        assert_eq!(state(&r), checkpoint_state(&d));
+        r.switch_to_chain(&[&da, &dc]).unwrap();
+        assert_eq!(state(&r), checkpoint_state(&c));
+        r.switch_to_chain(&[&da]).unwrap();
+        assert_eq!(state(&r), at_a);
+        r.switch_to_chain(&[&da, &dc, &dd]).unwrap();
+        assert_eq!(state(&r), checkpoint_state(&d));
+        r.switch_to(None).unwrap();
+        assert_eq!(state(&r), at_base, "legacy {legacy}");
+        assert_eq!(r.undo_bytes(), 0);
+    }
 }
