@@ -707,25 +707,25 @@ impl Resident {
         }
     }
 
-    /// The hashes of slot `i`'s chunks as the model holds it now, for a link about to rewrite
-    /// it: with their BLAKE3 hashes when that link's delta is `legacy` (see [`Rebuilt`]),
-    /// known for the base's, taken now for a slot a link rewrote.
-    fn chunks_now(&self, i: usize, cb: usize, legacy: bool) -> Vec<Rebuilt> {
-        let Some(r) = self.rewritten(i) else {
-            return (self.prints[&cb][i].iter())
-                .map(|p| Rebuilt {
-                    quick: p.quick,
-                    digest: Some(p.digest),
+    /// The hashes known of slot `i`'s chunks as the model holds it now, for a link about to
+    /// rewrite it: the base's, or those the link that last rewrote it kept; none when that
+    /// link's delta is `legacy` and needs BLAKE3 hashes only the base's record (see
+    /// [`Rebuilt`]): the chunks it leaves are then hashed as it runs.
+    fn known_now(&self, i: usize, cb: usize, legacy: bool) -> Vec<Option<Rebuilt>> {
+        match self.rewritten(i) {
+            None => (self.prints[&cb][i].iter())
+                .map(|p| {
+                    Some(Rebuilt {
+                        quick: p.quick,
+                        digest: Some(p.digest),
+                    })
                 })
-                .collect();
-        };
-        let bytes = &self.slots[i].bytes;
-        (r.quick.par_iter().enumerate())
-            .map(|(k, &quick)| Rebuilt {
-                quick,
-                digest: legacy.then(|| hash::chunk(&bytes[k * cb..((k + 1) * cb).min(bytes.len())])),
-            })
-            .collect()
+                .collect(),
+            Some(r) if legacy => vec![None; r.quick.len()],
+            Some(r) => (r.quick.iter())
+                .map(|&quick| Some(Rebuilt { quick, digest: None }))
+                .collect(),
+        }
     }
 
     /// Matches every tensor of a delta continuing the last link with the tensor of the model
@@ -933,7 +933,7 @@ impl Resident {
         for p in &fresh {
             let (mine, tail) = rest.split_at(p.len.div_ceil(cb));
             rest = tail;
-            active.fresh_prints.push(finish(d, p.t, cb, mine)?.print);
+            active.fresh_prints.push(finish(d, p, cb, mine)?.print);
             report.tensors += 1;
             report.chunks += mine.len();
             report.bytes += p.len as u64;
@@ -963,7 +963,7 @@ impl Resident {
                 .map(|(k, out)| convert_chunk(d, p, slot, k, cb, out))
                 .collect::<Result<Vec<_>>>()?;
             let (rebuilt, chunks): (Vec<Rebuilt>, Vec<ChunkUndo>) = done.into_iter().unzip();
-            let rewritten = finish(d, p.t, cb, &rebuilt)?;
+            let rewritten = finish(d, p, cb, &rebuilt)?;
             self.slots[i].bytes = buf;
             report.chunks += rebuilt.len();
             active.rewritten.insert(i, rewritten);
@@ -993,7 +993,7 @@ impl Resident {
         let mut of_slot = vec![None; self.slots.len()];
         for p in planned {
             if let Kind::InPlace(i) = p.kind {
-                of_slot[i] = Some((p, active.undo.len(), self.chunks_now(i, cb, p.legacy)));
+                of_slot[i] = Some((p, active.undo.len(), self.known_now(i, cb, p.legacy)));
                 active.undo.push(SlotUndo {
                     slot: i,
                     len_before: self.slots[i].bytes.len(),
@@ -1021,10 +1021,9 @@ impl Resident {
             for (k, cur) in slot.bytes[..p.len].chunks_mut(cb).enumerate() {
                 let aligned = (k + 1) * cb <= base_len.min(p.len) || (p.len == base_len);
                 let same = p.t.chunks[k].codec == ChunkCodec::Same;
-                if same && aligned {
-                    known.push(Some(prior[k]));
-                } else {
-                    known.push(None);
+                let prior = prior.get(k).copied().flatten().filter(|_| same && aligned);
+                known.push(prior);
+                if prior.is_none() {
                     // Rows beyond the base's go with the truncation: nothing to restore there.
                     let keep = k * cb < base_len;
                     jobs.push((u, digests.len(), k, p, cur, keep));
@@ -1062,7 +1061,7 @@ impl Resident {
                 active.undo[u].tail = slot.bytes.split_off(p.len);
             }
             let known: Vec<Rebuilt> = known.iter().map(|h| h.expect("every chunk hashed")).collect();
-            active.rewritten.insert(i, finish(d, p.t, cb, &known)?);
+            active.rewritten.insert(i, finish(d, p, cb, &known)?);
             report.tensors += usize::from(!p.t.unchanged());
         }
         Ok(())
@@ -1231,8 +1230,9 @@ fn legacy(t: &TensorEntry) -> bool {
 /// (`same` ones included, whose bytes are the prediction): against the xxh3 hash each chunk
 /// records, or a legacy tensor (see [`legacy`]) against its fingerprint; returns what the
 /// model keeps of it.
-fn finish(d: &Delta, t: &TensorEntry, cb: usize, chunks: &[Rebuilt]) -> Result<Rewritten> {
-    if legacy(t) {
+fn finish(d: &Delta, p: &Planned, cb: usize, chunks: &[Rebuilt]) -> Result<Rewritten> {
+    let t = p.t;
+    if p.legacy {
         let digests: Vec<Digest> = chunks.iter().map(|r| r.digest.expect("legacy chunks hashed")).collect();
         if hash::hex(&hash::tensor(t.len(), cb as u64, &digests)) != t.hash {
             return Err(corrupt(d, t, "rebuilt tensor does not match its fingerprint".into()));

@@ -30,6 +30,15 @@ fn state(r: &Resident) -> State {
         .collect()
 }
 
+/// Writes `tensors` as the checkpoint `dir`, in name order.
+fn write_state(dir: &Path, tensors: &State) {
+    let ts: Vec<T> = tensors
+        .iter()
+        .map(|(n, (dt, shape, bytes))| t(n, Box::leak(dt.clone().into_boxed_str()), shape, bytes.clone()))
+        .collect();
+    write_st(&dir.join("model.safetensors"), &ts);
+}
+
 fn checkpoint_state(dir: &Path) -> State {
     let ck = Checkpoint::open(dir).unwrap();
     ck.tensors
@@ -210,11 +219,7 @@ fn a_delta_of_another_base_is_refused_and_nothing_changes() {
     let other = dir.path().join("other");
     let mut tensors = checkpoint_state(&base);
     tensors.get_mut("layers.0.w").unwrap().2[10] ^= 1;
-    let ts: Vec<T> = tensors
-        .iter()
-        .map(|(n, (dt, shape, bytes))| t(n, Box::leak(dt.clone().into_boxed_str()), shape, bytes.clone()))
-        .collect();
-    write_st(&other.join("model.safetensors"), &ts);
+    write_state(&other, &tensors);
     let (da, wrong_default, wrong_small) = (
         dir.path().join("a.dpk"),
         dir.path().join("w1.dpk"),
@@ -344,12 +349,8 @@ fn child_of_a(root: &Path, a: &Path, name: &str, added: bool) -> PathBuf {
     let embed = tensors.get_mut("model.embed_tokens.weight").unwrap();
     embed.1[0] += 4;
     embed.2.extend_from_slice(&noise(14, 4 * 32 * 2));
-    let ts: Vec<T> = tensors
-        .iter()
-        .map(|(n, (dt, shape, bytes))| t(n, Box::leak(dt.clone().into_boxed_str()), shape, bytes.clone()))
-        .collect();
     let dir = root.join(name);
-    write_st(&dir.join("model.safetensors"), &ts);
+    write_state(&dir, &tensors);
     dir
 }
 
