@@ -50,7 +50,7 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
     let t = std::time::Instant::now();
     let made = deltapack::make(&base, &ft, &delta, &opts, bars)?;
     if !json_out {
-        report::make(false, &delta, &made, t.elapsed())?;
+        report::make(false, &delta, &made, t.elapsed(), false)?;
     }
     say(format!("\n== deltapack inspect {}", delta.display()));
     let (index, size) = deltapack::container::Delta::read_index(&delta)?;
@@ -75,7 +75,7 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
         bars,
     )?;
     if !json_out {
-        report::rebuild(false, "applied", &applied, t.elapsed())?;
+        report::rebuild(false, "applied", Some(&out), &applied, t.elapsed(), false)?;
     }
     say(format!(
         "\n== deltapack verify --base {} {} --finetuned {}",
@@ -86,7 +86,7 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
     let t = std::time::Instant::now();
     let verified = deltapack::verify(&base, &delta, Some(&ft), bars)?;
     if !json_out {
-        report::rebuild(false, "verified", &verified, t.elapsed())?;
+        report::rebuild(false, "verified", None, &verified, t.elapsed(), false)?;
     }
     let identical = same_files(&ft, &out)?;
     anyhow::ensure!(identical, "the rebuilt directory differs from the fine-tune");

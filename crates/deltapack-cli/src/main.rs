@@ -54,9 +54,12 @@ struct Global {
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// No progress bars.
+    /// No progress bars or progress lines.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Show per-tensor tables where a command has them (as `--tensors` does).
+    #[arg(long, short, global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -65,18 +68,18 @@ enum Command {
     Make {
         /// Base checkpoint: a model directory, a .safetensors file, or ORG/NAME[@REVISION] in
         /// the local Hugging Face cache (then recorded as --base-id).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// Fine-tuned checkpoint: a model directory, a .safetensors file, or ORG/NAME[@REVISION].
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         finetuned: PathBuf,
         /// Output delta file (.dpk).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Code against the model this chain of deltas rebuilds (repeat, in order from the
         /// base) instead of the base: the new delta continues the last one. A lossy child is
         /// coded against its parent's reconstruction, so errors do not add up.
-        #[arg(long = "parent", value_name = "DELTA")]
+        #[arg(long = "parent", value_name = "DELTA", value_parser = crate::local_path)]
         parents: Vec<PathBuf>,
         /// Where the base comes from, e.g. ORG/NAME@REVISION; shown by `inspect`.
         #[arg(long)]
@@ -94,6 +97,9 @@ enum Command {
         /// files, so that applying needs only the base's tensors, in any file layout.
         #[arg(long)]
         self_contained: bool,
+        /// Print every tensor's codec, size and error (lossy deltas; by default a summary).
+        #[arg(long)]
+        tensors: bool,
         #[command(flatten)]
         codec: CodecArgs,
     },
@@ -101,15 +107,15 @@ enum Command {
     /// the base, rebuilt in one pass) into a directory.
     Apply {
         /// Base checkpoint the (first) delta was made from.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base; or a FastChat-style
         /// additive delta (a model directory of fine-tune minus base tensors), which is added
         /// to the base in fp16 as FastChat does.
-        #[arg(required = true, value_name = "DELTA")]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
         deltas: Vec<PathBuf>,
         /// Output directory.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Replace an existing output directory.
         #[arg(long)]
@@ -129,13 +135,14 @@ enum Command {
     /// since a .wdelta does not record the fine-tune's; other base tensors and files are kept.
     Import {
         /// The .wdelta file.
+        #[arg(value_parser = crate::local_path)]
         wdelta: PathBuf,
         /// Base checkpoint the .wdelta was made from: a model directory, a .safetensors file,
         /// or ORG/NAME[@REVISION] in the local Hugging Face cache.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// Output delta file (.dpk).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Where the base comes from, e.g. ORG/NAME@REVISION; shown by `inspect`.
         #[arg(long)]
@@ -154,6 +161,7 @@ enum Command {
     /// Show what a delta holds (reads only its index).
     Inspect {
         /// The delta file.
+        #[arg(value_parser = crate::local_path)]
         delta: PathBuf,
         /// List every tensor.
         #[arg(long)]
@@ -162,26 +170,29 @@ enum Command {
     /// Check that a delta (or chain) rebuilds its fine-tune from this base, without writing anything.
     Verify {
         /// Base checkpoint.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base.
-        #[arg(required = true, value_name = "DELTA")]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
         deltas: Vec<PathBuf>,
         /// Also compare every rebuilt byte with this fine-tune.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         finetuned: Option<PathBuf>,
+        /// Print every lossy tensor's recorded and measured error (by default a summary).
+        #[arg(long)]
+        tensors: bool,
     },
     /// Turn a chain of deltas into one delta against the base that rebuilds the same model
     /// (byte for byte; the new delta is exact).
     Squash {
         /// Base checkpoint of the chain.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The chain, in order from the base.
-        #[arg(required = true, value_name = "DELTA")]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
         deltas: Vec<PathBuf>,
         /// Output delta file.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Overwrite an existing output.
         #[arg(long)]
@@ -190,16 +201,16 @@ enum Command {
     /// Re-code the model a delta (or chain) rebuilds as an exact delta against another base.
     Rebase {
         /// Base checkpoint the delta was made from.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The new base.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         onto: PathBuf,
         /// The delta, or chain in order from the base.
-        #[arg(required = true, value_name = "DELTA")]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
         deltas: Vec<PathBuf>,
         /// Output delta file.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Where the new base comes from (ORG/NAME@REVISION).
         #[arg(long)]
@@ -215,17 +226,20 @@ enum Command {
     /// (a rate-distortion plot with the Gaussian bound drawn in).
     Sweep {
         /// Base checkpoint.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// Fine-tuned checkpoint.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         finetuned: PathBuf,
-        /// Output directory (created if missing).
-        #[arg(short, long)]
+        /// Output directory (created if missing; may hold other files).
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Also keep each delta as DIR/<codec>-<setting>.dpk.
         #[arg(long)]
         keep_deltas: bool,
+        /// Replace existing sweep.csv, sweep.svg (and kept deltas) in DIR.
+        #[arg(long)]
+        force: bool,
     },
     /// Write the fine-tune a delta rebuilds as another kind of delta: `--format additive` is
     /// FastChat's, a model directory of fine-tune minus base tensors in fp16.
@@ -234,13 +248,13 @@ enum Command {
         #[arg(long, value_enum)]
         format: additive::Format,
         /// Base checkpoint the (first) delta was made from.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base.
-        #[arg(required = true, value_name = "DELTA")]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
         deltas: Vec<PathBuf>,
         /// Output directory.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Replace an existing output directory.
         #[arg(long)]
@@ -252,7 +266,7 @@ enum Command {
     /// Make a small realistic base and fine-tune, then run make, inspect, apply and verify on them.
     Demo {
         /// Working directory (default: a temporary one, removed afterwards).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         dir: Option<PathBuf>,
     },
     /// Developer tools for benchmarks.
@@ -291,7 +305,7 @@ pub struct CodecArgs {
     tensor_codec: Vec<String>,
     /// sign-axis: safetensors file of mean squared input activations per linear weight
     /// (weight name -> 1-D vector over its columns) to weight the fit; see docs/CODECS.md.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::local_path)]
     calibration: Option<PathBuf>,
 }
 
@@ -329,11 +343,17 @@ impl CodecArgs {
         if self.max_error.is_none() && spec == CodecSpec::Auto {
             return Err(usage("--codec auto needs --max-error"));
         }
-        let rules = self
+        let rules: Vec<deltapack::tune::TensorRule> = self
             .tensor_codec
             .iter()
             .map(|r| r.parse().map_err(|e| usage(format!("--tensor-codec: {e}"))))
             .collect::<Result<Vec<_>>>()?;
+        let any_lossy = spec != CodecSpec::Exact || rules.iter().any(|r| r.spec != CodecSpec::Exact);
+        if self.max_error.is_some() && !any_lossy {
+            return Err(usage(
+                "--max-error bounds the error of lossy codecs, but every tensor is stored exactly (error 0) with --codec exact, the default; choose a lossy one, e.g. --codec auto --max-error 0.1",
+            ));
+        }
         let calibration = self
             .calibration
             .as_deref()
@@ -355,28 +375,83 @@ enum Dev {
         /// `reference` (Qwen2.5-0.5B shapes, about 1 GB each) or `demo`.
         #[arg(long, default_value = "reference")]
         preset: String,
+        /// Shards of each model (more than one: with a model.safetensors.index.json).
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
         /// Output directory.
+        #[arg(value_parser = crate::local_path)]
         dir: PathBuf,
     },
     /// Print the order-0 entropy bounds of a pair's deltas.
     Bounds {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         finetuned: PathBuf,
     },
 }
 
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
+    let json_out = std::env::args_os().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help and --version
+        Err(e) => {
+            if json_out {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                print_error_json(first.trim_start_matches("error: "), "usage", 2);
+            }
+            e.exit()
+        }
+    };
+    if let Err(e) = ctrlc::set_handler(on_signal) {
+        eprintln!("warning: cannot watch for Ctrl-C ({e}); an interrupted run may leave temporary files");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit_code(&e))
+            let code = exit_code(&e);
+            let msg = message(&e);
+            eprintln!("error: {msg}");
+            if json_out {
+                print_error_json(&msg, kind_name(&e), code);
+            }
+            ExitCode::from(code)
         }
     }
+}
+
+/// SIGINT, SIGTERM or SIGHUP: remove what the command was writing, then exit as shells
+/// expect of a process ended by Ctrl-C.
+fn on_signal() {
+    deltapack::checkpoint::remove_temporaries();
+    eprintln!("interrupted; nothing was written");
+    std::process::exit(130);
+}
+
+/// The error as one line: the contexts and causes, each said once. A library error that
+/// already quotes its cause (an I/O error's OS message) is not followed by it again.
+fn message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if msg.ends_with(&c) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&c);
+    }
+    msg
+}
+
+/// With `--json`, a failure is a JSON document on stdout too, so scripts parse one thing.
+fn print_error_json(msg: &str, kind: &str, exit_code: u8) {
+    let v = serde_json::json!({"error": msg, "kind": kind, "exit_code": exit_code});
+    out!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
 /// Keeps freed chunk buffers in glibc's heap for reuse. Every decoded chunk is a buffer of
@@ -400,12 +475,16 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
-fn exit_code(e: &anyhow::Error) -> u8 {
-    match e
-        .chain()
+/// The library's error class behind `e`, if any.
+fn error_kind(e: &anyhow::Error) -> Option<ErrorKind> {
+    e.chain()
         .find_map(|c| c.downcast_ref::<deltapack::Error>())
         .map(|e| e.kind())
-    {
+}
+
+/// The documented exit code of an error (see the command's long help).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match error_kind(e) {
         Some(ErrorKind::BadInput) => 2,
         Some(ErrorKind::WrongBase) => 3,
         Some(ErrorKind::CorruptDelta) => 4,
@@ -413,6 +492,34 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(ErrorKind::Mismatch) => 6,
         None => 1,
     }
+}
+
+/// The error class as `--json` names it.
+fn kind_name(e: &anyhow::Error) -> &'static str {
+    match error_kind(e) {
+        Some(ErrorKind::BadInput) => "bad_input",
+        Some(ErrorKind::WrongBase) => "wrong_base",
+        Some(ErrorKind::CorruptDelta) => "corrupt_delta",
+        Some(ErrorKind::Io) => "io",
+        Some(ErrorKind::Mismatch) => "mismatch",
+        None => "internal",
+    }
+}
+
+/// Parses a path argument, refusing URLs: until object storage is supported, `s3://b/x`
+/// would otherwise be taken as a local path and create a directory named `s3:`.
+pub fn local_path(s: &str) -> Result<PathBuf, String> {
+    if let Some((scheme, _)) = s.split_once("://") {
+        let is_scheme = !scheme.is_empty()
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        if is_scheme {
+            return Err(format!(
+                "'{s}' is a URL; deltapack reads and writes local paths only (object storage is not supported yet): give a local path, or ORG/NAME[@REVISION] for a model in the local Hugging Face cache"
+            ));
+        }
+    }
+    Ok(PathBuf::from(s))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -435,6 +542,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             sync,
             self_contained,
+            tensors,
             codec,
         } => {
             let (base, hub_id) = hub::resolve(&base)?;
@@ -452,7 +560,7 @@ fn run(cli: Cli) -> Result<()> {
             let t = std::time::Instant::now();
             let r = deltapack::chain::make_child(&base, &parents, &finetuned, &output, &opts, None, &bars)
                 .with_context(|| format!("making {}", output.display()))?;
-            report::make(g.json, &output, &r, t.elapsed())
+            report::make(g.json, &output, &r, t.elapsed(), tensors || g.verbose)
         }
         Command::Apply {
             base,
@@ -480,7 +588,7 @@ fn run(cli: Cli) -> Result<()> {
             let t = std::time::Instant::now();
             let r = deltapack::apply_chain(&base, &deltas, &output, &opts, &bars)
                 .with_context(|| format!("applying {}", names(&deltas)))?;
-            report::rebuild(g.json, "applied", &r, t.elapsed())
+            report::rebuild(g.json, "applied", Some(&output), &r, t.elapsed(), g.verbose)
         }
         Command::Import {
             wdelta,
@@ -501,17 +609,18 @@ fn run(cli: Cli) -> Result<()> {
             let t = std::time::Instant::now();
             let r = deltapack::import::import_wdelta(&wdelta, &base, &output, &opts, &bars)
                 .with_context(|| format!("importing {}", wdelta.display()))?;
-            report::make(g.json, &output, &r, t.elapsed())
+            report::make(g.json, &output, &r, t.elapsed(), g.verbose)
         }
         Command::Inspect { delta, tensors } => {
             let (index, size) = deltapack::container::Delta::read_index(&delta)
                 .with_context(|| format!("inspecting {}", delta.display()))?;
-            report::inspect(g.json, &delta, &index, size, tensors)
+            report::inspect(g.json, &delta, &index, size, tensors || g.verbose)
         }
         Command::Verify {
             base,
             deltas,
             finetuned,
+            tensors,
         } => {
             let (base, _) = hub::resolve(&base)?;
             let finetuned = finetuned.map(|f| hub::resolve(&f).map(|r| r.0)).transpose()?;
@@ -519,7 +628,7 @@ fn run(cli: Cli) -> Result<()> {
             let r = deltapack::Chain::open(&base, &deltas)
                 .and_then(|c| deltapack::verify_chain(&c, finetuned.as_deref(), &bars))
                 .with_context(|| format!("verifying {}", names(&deltas)))?;
-            report::rebuild(g.json, "verified", &r, t.elapsed())
+            report::rebuild(g.json, "verified", None, &r, t.elapsed(), tensors || g.verbose)
         }
         Command::Squash {
             base,
@@ -535,7 +644,7 @@ fn run(cli: Cli) -> Result<()> {
             let t = std::time::Instant::now();
             let r = deltapack::chain::squash(&base, &deltas, &output, &opts, &bars)
                 .with_context(|| format!("squashing {}", names(&deltas)))?;
-            report::make(g.json, &output, &r, t.elapsed())
+            report::make(g.json, &output, &r, t.elapsed(), g.verbose)
         }
         Command::Rebase {
             base,
@@ -555,7 +664,7 @@ fn run(cli: Cli) -> Result<()> {
             let t = std::time::Instant::now();
             let r = deltapack::chain::rebase(&base, &deltas, &onto, &output, &opts, &bars)
                 .with_context(|| format!("rebasing {}", names(&deltas)))?;
-            report::make(g.json, &output, &r, t.elapsed())
+            report::make(g.json, &output, &r, t.elapsed(), g.verbose)
         }
         Command::Store(cmd) => store::run(cmd, g.json, &bars),
         Command::Sweep {
@@ -563,10 +672,20 @@ fn run(cli: Cli) -> Result<()> {
             finetuned,
             output,
             keep_deltas,
+            force,
         } => {
             let (base, _) = hub::resolve(&base)?;
             let (finetuned, _) = hub::resolve(&finetuned)?;
-            sweep::run(&base, &finetuned, &output, keep_deltas, g.json, &bars)
+            let s = sweep::Sweep {
+                base: &base,
+                finetuned: &finetuned,
+                dir: &output,
+                keep_deltas,
+                force,
+                json: g.json,
+                quiet: g.quiet,
+            };
+            sweep::run(&s, &bars)
         }
         Command::Export {
             format: additive::Format::Additive,
@@ -593,14 +712,14 @@ fn names(deltas: &[PathBuf]) -> String {
 
 fn dev(cmd: Dev) -> Result<()> {
     match cmd {
-        Dev::Synth { preset, dir } => {
+        Dev::Synth { preset, shards, dir } => {
             let spec = match preset.as_str() {
                 "reference" => deltapack::synth::Spec::reference(),
                 "demo" => deltapack::synth::Spec::demo(),
                 other => anyhow::bail!("unknown preset '{other}' (use reference or demo)"),
             };
-            deltapack::synth::write_model(&spec, &dir.join("base"), false, 1)?;
-            deltapack::synth::write_model(&spec, &dir.join("finetuned"), true, 1)?;
+            deltapack::synth::write_model(&spec, &dir.join("base"), false, shards)?;
+            deltapack::synth::write_model(&spec, &dir.join("finetuned"), true, shards)?;
             Ok(())
         }
         Dev::Bounds { base, finetuned } => {

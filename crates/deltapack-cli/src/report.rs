@@ -29,8 +29,23 @@ pub fn print_json(v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-/// Prints the result of `make`.
-pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Result<()> {
+/// `n noun`, with the noun in the plural unless `n` is 1 ("1 tensor", "2 entries").
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        return format!("1 {noun}");
+    }
+    match noun.strip_suffix('y') {
+        Some(stem) if !stem.ends_with(['a', 'e', 'o', 'u']) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
+/// Prints the result of `make`: a summary, and with `list_tensors` every lossy tensor.
+pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration, list_tensors: bool) -> Result<()> {
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     if json_out {
         let mut v = serde_json::to_value(r)?;
         v["output"] = json!(out);
@@ -42,8 +57,8 @@ pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Resul
     out!("  tensors   same {:>5}   changed {:>5}   resized {:>3}   converted {:>3}   tied {:>3}   new {:>3}   removed {:>3}",
         r.same, r.changed, r.resized, r.converted, r.tied, r.new, r.removed);
     out!(
-        "  files     {} auxiliary ({} identical to the base's){}",
-        r.aux_files,
+        "  files     {} ({} identical to the base's){}",
+        count(r.aux_files as u64, "auxiliary file"),
         r.aux_same_as_base,
         if r.skipped.is_empty() {
             String::new()
@@ -58,17 +73,43 @@ pub fn make(json_out: bool, out: &Path, r: &MakeReport, took: Duration) -> Resul
         r.ratio,
         r.bits_per_param
     );
-    if !r.tensors.is_empty() {
-        out!(
-            "  lossy     {} tensors; model error ||D'-D||/||D|| = {:.5}",
-            r.lossy,
-            r.error
-        );
+    if r.tensors.is_empty() {
+        return Ok(());
+    }
+    out!(
+        "  lossy     {}; model error ||D'-D||/||D|| = {:.5}",
+        count(r.lossy as u64, "tensor"),
+        r.error
+    );
+    if list_tensors {
         out!();
         quality_table(
             r.tensors
                 .iter()
                 .map(|t| (t.name.as_str(), t.codec.as_str(), t.setting.clone(), &t.quality)),
+        );
+        return Ok(());
+    }
+    let mut by_codec: Vec<(&str, usize)> = Vec::new();
+    for t in &r.tensors {
+        match by_codec.iter_mut().find(|(c, _)| *c == t.codec) {
+            Some((_, n)) => *n += 1,
+            None => by_codec.push((&t.codec, 1)),
+        }
+    }
+    let codecs: Vec<String> = by_codec.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    out!("  codecs    {}", codecs.join(", "));
+    if let Some(w) = r
+        .tensors
+        .iter()
+        .max_by(|a, b| a.quality.error.total_cmp(&b.quality.error))
+    {
+        out!(
+            "  worst     {} ({} {}): error {:.5}; --tensors lists every tensor",
+            w.name,
+            w.codec,
+            w.setting,
+            w.quality.error
         );
     }
     Ok(())
@@ -96,10 +137,21 @@ fn quality_table<'a>(rows: impl Iterator<Item = (&'a str, &'a str, String, &'a d
     }
 }
 
-/// Prints the result of `apply` or `verify`.
-pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) -> Result<()> {
+/// Prints the result of `apply`, `store get` (with the `output` written) or `verify`; with
+/// `list_tensors`, every lossy tensor measured against the fine-tune.
+pub fn rebuild(
+    json_out: bool,
+    verb: &str,
+    output: Option<&Path>,
+    r: &RebuildReport,
+    took: Duration,
+    list_tensors: bool,
+) -> Result<()> {
     if json_out {
         let mut v = serde_json::to_value(r)?;
+        if let Some(o) = output {
+            v["output"] = json!(o);
+        }
         v["seconds"] = json!(took.as_secs_f64());
         v["ok"] = json!(true);
         return print_json(&v);
@@ -113,37 +165,52 @@ pub fn rebuild(json_out: bool, verb: &str, r: &RebuildReport, took: Duration) ->
         1 => String::new(),
         n => format!(" through a chain of {n} deltas"),
     };
+    let into = output.map(|o| format!(" into {}", o.display())).unwrap_or_default();
     out!(
-        "{verb}{chain}: {} tensors in {} weight files and {} other files, {} in {:.2} s; every fingerprint matched{what}",
-        r.tensors,
-        r.weight_files,
-        r.aux_files,
+        "{verb}{chain}{into}: {} in {} and {}, {} in {:.2} s; every fingerprint matched{what}",
+        count(r.tensors as u64, "tensor"),
+        count(r.weight_files as u64, "weight file"),
+        count(r.aux_files as u64, "other file"),
         human(r.bytes),
         took.as_secs_f64()
     );
-    if !r.measured.is_empty() {
-        out!(
-            "lossy tensors measured against the fine-tune: model error {:.5}",
-            r.measured_error
-        );
-        out!(
-            "  {:<52} {:<9} {:>10} {:>10} {:>10}",
-            "tensor",
-            "codec",
-            "recorded",
-            "measured",
-            "max |err|"
-        );
-        for m in &r.measured {
+    if r.measured.is_empty() {
+        return Ok(());
+    }
+    out!(
+        "{} measured against the fine-tune: model error {:.5}",
+        count(r.measured.len() as u64, "lossy tensor"),
+        r.measured_error
+    );
+    if !list_tensors {
+        if let Some(w) = r.measured.iter().max_by(|a, b| a.error.total_cmp(&b.error)) {
             out!(
-                "  {:<52} {:<9} {:>10.5} {:>10.5} {:>10.3e}",
-                m.name,
-                m.codec,
-                m.recorded_error,
-                m.error,
-                m.max_abs_error
+                "  worst {} ({}): error {:.5}, recorded {:.5}; --tensors lists every tensor",
+                w.name,
+                w.codec,
+                w.error,
+                w.recorded_error
             );
         }
+        return Ok(());
+    }
+    out!(
+        "  {:<52} {:<9} {:>10} {:>10} {:>10}",
+        "tensor",
+        "codec",
+        "recorded",
+        "measured",
+        "max |err|"
+    );
+    for m in &r.measured {
+        out!(
+            "  {:<52} {:<9} {:>10.5} {:>10.5} {:>10.3e}",
+            m.name,
+            m.codec,
+            m.recorded_error,
+            m.error,
+            m.max_abs_error
+        );
     }
     Ok(())
 }
@@ -185,44 +252,69 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
         human(size),
         index.created_by
     );
+    match &index.parent {
+        Some(link) => {
+            let parent = link.file.as_deref().unwrap_or("(its file name was not recorded)");
+            out!(
+                "link:      continues {parent}, the delta number {} of its chain",
+                link.depth
+            );
+            out!(
+                "           made against the model that chain rebuilds ({}, fingerprint {}), not against a base:",
+                count(index.base.tensors, "tensor"),
+                short(&index.base.fingerprint)
+            );
+            out!(
+                "           apply the whole chain in order: deltapack apply --base BASE ... {parent} {}",
+                path.display()
+            );
+        }
+        None => {
+            out!(
+                "base:      {}",
+                index
+                    .base
+                    .id
+                    .as_deref()
+                    .unwrap_or("(origin not recorded; see --base-id of make)")
+            );
+            out!(
+                "           {}, {}, fingerprint {}",
+                count(index.base.tensors, "tensor"),
+                human(index.base.bytes),
+                short(&index.base.fingerprint)
+            );
+        }
+    }
     out!(
-        "base:      {}",
-        index
-            .base
-            .id
-            .as_deref()
-            .unwrap_or("(origin not recorded; see --base-id of make)")
-    );
-    out!(
-        "           {} tensors, {}, fingerprint {}",
-        index.base.tensors,
-        human(index.base.bytes),
-        &index.base.fingerprint[..16]
-    );
-    out!(
-        "fine-tune: {} in {} weight files and {} other files; ratio {:.2}x",
+        "fine-tune: {} in {} and {}; ratio {:.2}x",
         human(ft),
-        index.files.len(),
-        index.aux.len(),
+        count(index.files.len() as u64, "weight file"),
+        count(index.aux.len() as u64, "other file"),
         ft as f64 / size as f64
     );
     let same = tensors.iter().filter(|t| t.unchanged()).count();
     out!(
-        "tensors:   {} ({} unchanged), {} removed from the base",
+        "tensors:   {} ({same} unchanged), {} removed from the base",
         tensors.len(),
-        same,
         index.removed.len()
     );
     let lossy = tensors.iter().filter(|t| t.codec.is_some()).count();
     if lossy > 0 {
         out!(
-            "lossy:     {lossy} tensors; {:.3} bits per parameter; model error {:.5}",
+            "lossy:     {}; {:.3} bits per parameter; model error {:.5}",
+            count(lossy as u64, "tensor"),
             bits_per_param(index, size),
             deltapack::make::model_error(index)
         );
     }
     for f in &index.files {
-        out!("  {}  {}  {} tensors", f.path, human(f.size), f.tensors.len());
+        out!(
+            "  {}  {}  {}",
+            f.path,
+            human(f.size),
+            count(f.tensors.len() as u64, "tensor")
+        );
     }
     for a in &index.aux {
         let how = match &a.blob {
@@ -282,6 +374,11 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
         }
     }
     Ok(())
+}
+
+/// The first 16 hex digits of a fingerprint, as people compare them.
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..16).unwrap_or(fingerprint)
 }
 
 /// 8 x delta size / number of fine-tune values.

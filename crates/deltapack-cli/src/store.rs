@@ -17,9 +17,10 @@ pub enum StoreCommand {
     /// Create a store with a base (or add another base to an existing store).
     Init {
         /// The store directory.
+        #[arg(value_parser = crate::local_path)]
         store: PathBuf,
         /// The base checkpoint (copied into the store).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// Name of the base in the store (default: its directory name).
         #[arg(long)]
@@ -29,10 +30,12 @@ pub enum StoreCommand {
     /// smallest delta (estimated on sampled chunks), unless --parent names one.
     Add {
         /// The store directory.
+        #[arg(value_parser = crate::local_path)]
         store: PathBuf,
         /// Name of the new entry.
         name: String,
         /// The fine-tuned checkpoint.
+        #[arg(value_parser = crate::local_path)]
         finetuned: PathBuf,
         /// Code against this entry instead of choosing.
         #[arg(long)]
@@ -43,16 +46,18 @@ pub enum StoreCommand {
     /// Show the lineage tree with sizes, ratios, and total against naive storage.
     List {
         /// The store directory.
+        #[arg(value_parser = crate::local_path)]
         store: PathBuf,
     },
     /// Rebuild an entry into a directory (byte-identical files for exact deltas).
     Get {
         /// The store directory.
+        #[arg(value_parser = crate::local_path)]
         store: PathBuf,
         /// The entry.
         name: String,
         /// Output directory.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = crate::local_path)]
         output: PathBuf,
         /// Replace an existing output directory.
         #[arg(long)]
@@ -61,6 +66,7 @@ pub enum StoreCommand {
     /// Remove an entry.
     Rm {
         /// The store directory.
+        #[arg(value_parser = crate::local_path)]
         store: PathBuf,
         /// The entry.
         name: String,
@@ -71,6 +77,7 @@ pub enum StoreCommand {
     /// Verify everything: manifest, files, and every entry rebuilt through its chain.
     Fsck {
         /// The store directory.
+        #[arg(value_parser = crate::local_path)]
         store: PathBuf,
     },
 }
@@ -103,16 +110,23 @@ pub fn run(cmd: StoreCommand, json_out: bool, bars: &dyn Progress) -> Result<()>
             if json_out {
                 return print_json(&json!({"entry": e, "report": r, "seconds": t.elapsed().as_secs_f64()}));
             }
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            let against = e
+                .parent
+                .as_deref()
+                .map_or(format!("base {}", e.base), |p| format!("entry {p}"));
+            let how = match e.codec.as_str() {
+                "identical" => "identical to it: no tensor or file changed, nothing coded".to_string(),
+                codec => format!("{codec}, {}", crate::report::count(r.lossy as u64, "lossy tensor")),
+            };
             out!(
-                "added {} against {}: {} ({:.1}x smaller than its {}), {}, in {:.2} s",
+                "added {} against {against}: {} ({:.1}x smaller than its {}), {how}, in {:.2} s",
                 e.name,
-                e.parent
-                    .as_deref()
-                    .map_or(format!("base {}", e.base), |p| format!("entry {p}")),
                 human(e.delta_bytes),
                 e.finetuned_bytes as f64 / e.delta_bytes.max(1) as f64,
                 human(e.finetuned_bytes),
-                e.codec,
                 t.elapsed().as_secs_f64()
             );
             Ok(())
@@ -128,7 +142,7 @@ pub fn run(cmd: StoreCommand, json_out: bool, bars: &dyn Progress) -> Result<()>
             let r = Store::open(&store)?
                 .get(&name, &output, force, bars)
                 .with_context(|| format!("getting {name} from {}", store.display()))?;
-            crate::report::rebuild(json_out, "rebuilt", &r, t.elapsed())
+            crate::report::rebuild(json_out, "rebuilt", Some(&output), &r, t.elapsed(), false)
         }
         StoreCommand::Rm { store, name, reparent } => {
             let moved = Store::open(&store)?
@@ -154,13 +168,16 @@ pub fn run(cmd: StoreCommand, json_out: bool, bars: &dyn Progress) -> Result<()>
                 return print_json(&json!({"ok": true, "report": r}));
             }
             out!(
-                "ok: {} bases, {} entries rebuilt through their chains, {} auxiliary files; every fingerprint matched{}",
-                r.bases,
-                r.entries,
-                r.aux_files,
+                "ok: {}, {} rebuilt through their chains, {}; every fingerprint matched{}",
+                crate::report::count(r.bases as u64, "base"),
+                crate::report::count(r.entries as u64, "entry"),
+                crate::report::count(r.aux_files as u64, "auxiliary file"),
                 match r.leftovers_removed {
                     0 => String::new(),
-                    n => format!("; removed {n} leftovers of interrupted operations"),
+                    n => format!(
+                        "; removed {} of interrupted operations",
+                        crate::report::count(n as u64, "leftover")
+                    ),
                 }
             );
             Ok(())
@@ -180,9 +197,17 @@ fn list(store: &Path, json_out: bool) -> Result<()> {
         out!("base {}  {}", b.name, human(size));
         tree(&m, &b.name, None, 1);
     }
+    if m.entries.is_empty() {
+        out!(
+            "no entries yet ({}); add fine-tunes with `deltapack store add {} NAME FINETUNED`",
+            crate::report::count(m.bases.len() as u64, "base"),
+            store.display()
+        );
+        return Ok(());
+    }
     out!(
-        "{} entries: {} of deltas for {} of fine-tunes ({:.1}x smaller than storing each whole)",
-        m.entries.len(),
+        "{}: {} of deltas for {} of fine-tunes ({:.1}x smaller than storing each whole)",
+        crate::report::count(m.entries.len() as u64, "entry"),
         human(stored),
         human(naive),
         naive as f64 / stored.max(1) as f64

@@ -45,27 +45,69 @@ struct Point {
     delta_bytes: u64,
 }
 
-/// Runs the grid and writes `dir/sweep.csv` and `dir/sweep.svg`.
-pub fn run(
-    base: &Path,
-    finetuned: &Path,
-    dir: &Path,
-    keep_deltas: bool,
-    json_out: bool,
-    bars: &dyn deltapack::progress::Progress,
-) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut points = Vec::new();
-    for &(spec, budget) in GRID {
-        let parsed: CodecSpec = spec.parse().map_err(anyhow::Error::msg)?;
-        let name = format!(
-            "{}{}",
-            spec.replace([':', '=', ','], "-"),
-            budget.map(|e| format!("-e{e}")).unwrap_or_default()
+/// What `sweep` was asked to do.
+pub struct Sweep<'a> {
+    /// The base checkpoint.
+    pub base: &'a Path,
+    /// The fine-tuned checkpoint.
+    pub finetuned: &'a Path,
+    /// Output directory: `sweep.csv`, `sweep.svg` and, if kept, the deltas.
+    pub dir: &'a Path,
+    /// Keep each grid point's delta as `dir/<point>.dpk`.
+    pub keep_deltas: bool,
+    /// Replace existing output files.
+    pub force: bool,
+    /// One JSON document on stdout.
+    pub json: bool,
+    /// No progress lines on stderr.
+    pub quiet: bool,
+}
+
+/// Runs the grid and writes `dir/sweep.csv` and `dir/sweep.svg`. Inputs and existing
+/// outputs are checked before anything is written; a directory the sweep created is removed
+/// again if it fails.
+pub fn run(s: &Sweep, bars: &dyn deltapack::progress::Progress) -> Result<()> {
+    deltapack::checkpoint::check_output_disjoint(s.dir, &[("base", s.base), ("fine-tune", s.finetuned)])?;
+    deltapack::checkpoint::Checkpoint::open(s.base)?;
+    deltapack::checkpoint::Checkpoint::open(s.finetuned)?;
+    let mut outputs = vec![s.dir.join("sweep.csv"), s.dir.join("sweep.svg")];
+    if s.keep_deltas {
+        outputs.extend(
+            GRID.iter()
+                .map(|&(spec, budget)| s.dir.join(format!("{}.dpk", point_name(spec, budget)))),
         );
-        let out = dir.join(format!("{name}.dpk"));
+    }
+    if !s.force {
+        if let Some(o) = outputs.iter().find(|o| o.exists()) {
+            return Err(deltapack::Error::OutputExists { path: o.clone() }.into());
+        }
+    }
+    let created = !s.dir.exists();
+    std::fs::create_dir_all(s.dir).with_context(|| format!("creating {}", s.dir.display()))?;
+    let result = run_grid(s, bars);
+    if result.is_err() && created {
+        let _ = std::fs::remove_dir_all(s.dir);
+    }
+    result
+}
+
+/// The file-name stem of a grid point.
+fn point_name(spec: &str, budget: Option<f64>) -> String {
+    format!(
+        "{}{}",
+        spec.replace([':', '=', ','], "-"),
+        budget.map(|e| format!("-e{e}")).unwrap_or_default()
+    )
+}
+
+fn run_grid(s: &Sweep, bars: &dyn deltapack::progress::Progress) -> Result<()> {
+    let mut points = Vec::new();
+    for (i, &(spec, budget)) in GRID.iter().enumerate() {
+        let parsed: CodecSpec = spec.parse().map_err(anyhow::Error::msg)?;
+        let name = point_name(spec, budget);
+        let out = s.dir.join(format!("{name}.dpk"));
         let opts = deltapack::MakeOptions {
-            force: true,
+            force: s.force,
             codecs: CodecPolicy {
                 default: parsed.clone(),
                 max_error: budget,
@@ -74,14 +116,17 @@ pub fn run(
             ..Default::default()
         };
         let t = std::time::Instant::now();
-        let r = deltapack::make(base, finetuned, &out, &opts, bars).with_context(|| format!("sweep point {name}"))?;
+        let r =
+            deltapack::make(s.base, s.finetuned, &out, &opts, bars).with_context(|| format!("sweep point {name}"))?;
         let seconds = t.elapsed().as_secs_f64();
-        if !keep_deltas {
+        if !s.keep_deltas {
             std::fs::remove_file(&out).with_context(|| format!("removing {}", out.display()))?;
         }
-        if !json_out {
+        if !s.json && !s.quiet {
             eprintln!(
-                "{:<28} {:>9} {:>7.3} bits/param  error {:.4}  {:.2} s",
+                "[{:>2}/{}] {:<28} {:>9} {:>7.3} bits/param  error {:.4}  {:.2} s",
+                i + 1,
+                GRID.len(),
                 name,
                 budget.map(|e| format!("<= {e}")).unwrap_or_default(),
                 r.bits_per_param,
@@ -99,11 +144,11 @@ pub fn run(
             delta_bytes: r.delta_bytes,
         });
     }
-    let csv = dir.join("sweep.csv");
-    std::fs::write(&csv, to_csv(&points)).with_context(|| format!("writing {}", csv.display()))?;
-    let svg = dir.join("sweep.svg");
-    std::fs::write(&svg, plot(&points)).with_context(|| format!("writing {}", svg.display()))?;
-    if json_out {
+    let csv = s.dir.join("sweep.csv");
+    write_file(&csv, to_csv(&points).as_bytes(), s.force)?;
+    let svg = s.dir.join("sweep.svg");
+    write_file(&svg, plot(&points).as_bytes(), s.force)?;
+    if s.json {
         out!(
             "{}",
             serde_json::json!({"csv": csv, "svg": svg, "points": points.len()})
@@ -111,6 +156,14 @@ pub fn run(
     } else {
         out!("wrote {} and {}", csv.display(), svg.display());
     }
+    Ok(())
+}
+
+/// Writes a whole file under a temporary name and renames it into place.
+fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    let mut f = deltapack::checkpoint::OutputFile::create(path, force)?;
+    f.write_all(bytes)?;
+    f.commit(false)?;
     Ok(())
 }
 

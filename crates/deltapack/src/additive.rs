@@ -157,6 +157,7 @@ pub fn apply_additive(
             "an additive delta's result is written as F16, BF16 or F32, not {od}"
         )));
     }
+    crate::checkpoint::check_output_disjoint(out, &[("base", base), ("additive delta", additive)])?;
     let base = Checkpoint::open(base)?;
     let delta = Checkpoint::open(additive)?;
     let (plan, base_only) = plan_apply(&base, &delta, od)?;
@@ -208,6 +209,9 @@ pub fn export_additive(
     opts: &ExportOptions,
     progress: &dyn Progress,
 ) -> Result<AdditiveReport> {
+    let mut inputs = vec![("base", base)];
+    inputs.extend(deltas.iter().map(|d| ("delta", d.as_path())));
+    crate::checkpoint::check_output_disjoint(out, &inputs)?;
     let chain = Chain::open(base, deltas)?;
     // A wrong base is reported as such before the pairing is judged.
     let ctx = Ctx::new(&chain)?;

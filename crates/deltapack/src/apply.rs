@@ -108,8 +108,21 @@ pub fn apply_chain(
 
 /// [`apply_chain`] for an opened chain (its own `aux_store` is used, not `opts.aux_store`).
 pub fn rebuild_chain(chain: &Chain, out: &Path, opts: &ApplyOptions, progress: &dyn Progress) -> Result<RebuildReport> {
+    let mut inputs = vec![("base", chain.base.root.as_path())];
+    inputs.extend(chain.deltas.iter().map(|d| ("delta", d.path.as_path())));
+    if let Some(store) = &chain.aux_store {
+        inputs.push(("store", store.as_path()));
+    }
+    crate::checkpoint::check_output_disjoint(out, &inputs)?;
     let ctx = Ctx::new(chain)?;
-    let dir = OutputDir::create(out, opts.force)?;
+    let top = &chain.deltas.last().expect("a chain has a delta").index;
+    let written: Vec<&str> = top
+        .files
+        .iter()
+        .map(|f| f.path.as_str())
+        .chain(top.aux.iter().map(|a| a.path.as_str()))
+        .collect();
+    let dir = OutputDir::create_expecting(out, opts.force, Some(&written))?;
     let mut sink = DirSink {
         dir,
         current: None,

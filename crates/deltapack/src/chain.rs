@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::apply::{rebuild_chain, ApplyOptions};
-use crate::checkpoint::{check_overwrite, Checkpoint};
+use crate::checkpoint::{check_output_disjoint, check_overwrite, Checkpoint, ScratchDir};
 use crate::container::index::ParentLink;
 use crate::container::Delta;
 use crate::make::{make, MakeOptions, MakeReport};
@@ -106,15 +106,8 @@ pub fn check_links(deltas: &[Delta]) -> Result<()> {
 
 /// A temporary directory next to `out` (so on its filesystem), removed when dropped, with
 /// `chain`'s model rebuilt in it as `model/`.
-fn rebuild_next_to(chain: &Chain, out: &Path, progress: &dyn Progress) -> Result<(tempfile::TempDir, PathBuf)> {
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let scratch = tempfile::Builder::new()
-        .prefix(".deltapack-rebuilt-")
-        .tempdir_in(dir)
-        .map_err(|e| Error::io("creating a temporary directory in", dir, e))?;
+fn rebuild_next_to(chain: &Chain, out: &Path, progress: &dyn Progress) -> Result<(ScratchDir, PathBuf)> {
+    let scratch = ScratchDir::beside(out)?;
     let model = scratch.path().join("model");
     rebuild_chain(chain, &model, &ApplyOptions::default(), progress)?;
     Ok((scratch, model))
@@ -135,6 +128,9 @@ pub fn make_child(
     if parents.is_empty() {
         return make(base, finetuned, out, opts, progress);
     }
+    let mut inputs = vec![("base", base), ("fine-tune", finetuned)];
+    inputs.extend(parents.iter().map(|p| ("parent delta", p.as_path())));
+    check_output_disjoint(out, &inputs)?;
     check_overwrite(out, opts.force)?;
     let mut chain = Chain::open(base, parents)?;
     chain.aux_store = aux_store.map(Path::to_path_buf);
@@ -173,6 +169,9 @@ pub fn rebase(
     opts: &MakeOptions,
     progress: &dyn Progress,
 ) -> Result<MakeReport> {
+    let mut inputs = vec![("base", base), ("new base", onto)];
+    inputs.extend(deltas.iter().map(|d| ("delta", d.as_path())));
+    check_output_disjoint(out, &inputs)?;
     check_overwrite(out, opts.force)?;
     let chain = Chain::open(base, deltas)?;
     let mut opts = opts.clone();

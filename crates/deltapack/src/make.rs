@@ -101,6 +101,8 @@ pub struct MakeReport {
     pub bits_per_param: f64,
     /// Codec, setting and quality of every tensor, in lossy runs (empty for exact ones).
     pub tensors: Vec<TensorReport>,
+    /// Things that worked but are probably not what the caller meant, for people.
+    pub warnings: Vec<String>,
 }
 
 /// One tensor's codec and quality, as `make` reports them.
@@ -160,6 +162,7 @@ pub fn make(
             opts.chunk_bytes
         )));
     }
+    crate::checkpoint::check_output_disjoint(out, &[("base", base), ("fine-tune", finetuned)])?;
     let base_ck = Checkpoint::open(base)?;
     let ft_ck = Checkpoint::open(finetuned)?;
     let plan = pair::plan(&base_ck, &ft_ck);
@@ -220,6 +223,9 @@ pub fn make(
         delta_bytes,
         ratio: index.finetuned_bytes() as f64 / delta_bytes as f64,
         bits_per_param: 8.0 * delta_bytes as f64 / numel.max(1) as f64,
+        warnings: dropped_tensors_warning(finetuned, base_ck.tensors.len(), report_base.removed)
+            .into_iter()
+            .collect(),
         ..report_base
     })
 }
@@ -268,7 +274,45 @@ fn report(index: &Index) -> MakeReport {
         error: model_error(index),
         bits_per_param: 0.0,
         tensors: index.tensors().filter_map(TensorReport::of).collect(),
+        warnings: Vec::new(),
     }
+}
+
+/// A warning when the fine-tune lacks most of the base's tensors: usually one shard of a
+/// sharded model given instead of its directory, which makes a valid delta that removes the
+/// other shards' tensors.
+fn dropped_tensors_warning(finetuned: &Path, base_tensors: usize, removed: usize) -> Option<String> {
+    if removed == 0 || removed * 2 <= base_tensors {
+        return None;
+    }
+    let mut w = format!(
+        "the fine-tune {} lacks {removed} of the base's {base_tensors} tensors; the delta records them as removed, and the model it rebuilds lacks them",
+        finetuned.display()
+    );
+    let dir = finetuned.parent().filter(|_| finetuned.is_file());
+    let index = dir.and_then(|d| {
+        std::fs::read_dir(d)
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.ends_with(".safetensors.index.json"))
+    });
+    let name = finetuned
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match (dir, index) {
+        (Some(d), Some(i)) => w.push_str(&format!(
+            "; it is one shard of a sharded model ({i} lies beside it): give the model directory {} to include every shard",
+            d.display()
+        )),
+        (Some(d), None) if name.contains("-of-") => w.push_str(&format!(
+            "; it looks like one shard of a sharded model: give the model directory {} to include every shard",
+            d.display()
+        )),
+        _ => {}
+    }
+    Some(w)
 }
 
 /// The relative RMS error of the whole model's delta, from the tensors' recorded quality.

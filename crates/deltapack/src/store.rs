@@ -110,7 +110,20 @@ impl Store {
     /// Creates a store at `root` (if needed) and adds `base` to it under `name` (default: the
     /// base directory's name).
     pub fn init(root: &Path, base: &Path, name: Option<&str>) -> Result<Store> {
+        crate::checkpoint::check_output_disjoint(root, &[("base", base)])?;
+        // Checked before anything is created, so a bad base leaves no store behind.
+        let ck = Checkpoint::open(base)?;
+        let created = !root.exists();
         std::fs::create_dir_all(root).map_err(|e| Error::io("creating", root, e))?;
+        Self::init_into(root, &ck, base, name).inspect_err(|_| {
+            if created {
+                let _ = std::fs::remove_dir_all(root);
+            }
+        })
+    }
+
+    /// [`Store::init`] once `root` exists and the base is open.
+    fn init_into(root: &Path, ck: &Checkpoint, base: &Path, name: Option<&str>) -> Result<Store> {
         let store = Store {
             root: root.to_path_buf(),
         };
@@ -138,9 +151,8 @@ impl Store {
                 "the store already has a base named '{name}'"
             )));
         }
-        let ck = Checkpoint::open(base)?;
         let staged = store.tmp()?.join(format!("base-{name}"));
-        let files = copy_model(&ck, &staged)?;
+        let files = copy_model(ck, &staged)?;
         let dest = store.root.join("bases").join(&name);
         mkdirs(dest.parent().expect("under root"))?;
         rename(&staged, &dest)?;
@@ -232,6 +244,7 @@ impl Store {
 
     /// Rebuilds entry `name` into the directory `out`, checking every fingerprint on the way.
     pub fn get(&self, name: &str, out: &Path, force: bool, progress: &dyn Progress) -> Result<crate::RebuildReport> {
+        crate::checkpoint::check_output_disjoint(out, &[("store", &self.root)])?;
         let _lock = self.lock(false)?;
         let m = self.read_manifest()?;
         let (base, chain) = self.checked_chain(&m, name)?;
@@ -699,7 +712,12 @@ fn validate(m: &Manifest) -> Result<(), String> {
     Ok(())
 }
 
+/// The codecs an entry's delta used; `identical` when it codes nothing (a fine-tune equal
+/// to its parent), whatever codec was asked for.
 fn codec_summary(r: &MakeReport) -> String {
+    if r.changed + r.resized + r.converted + r.tied + r.new + r.removed == 0 {
+        return "identical".into();
+    }
     let codecs: BTreeSet<&str> = r.tensors.iter().map(|t| t.codec.as_str()).collect();
     match codecs.len() {
         0 => "exact".into(),

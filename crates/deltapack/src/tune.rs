@@ -111,22 +111,24 @@ impl CodecSpec {
     /// Sets one `key=value` setting.
     pub fn set(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
         let codec = self.name();
-        let bad = || format!("bad value '{value}' for {key} of codec {codec}");
-        let f = || {
+        let bad = |valid: &str| format!("bad value '{value}' for {key} of codec {codec}: give {valid}");
+        let num = |valid: &str, ok: &dyn Fn(f64) -> bool| {
             value
                 .parse::<f64>()
                 .ok()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(bad)
+                .filter(|x| x.is_finite() && ok(*x))
+                .ok_or_else(|| bad(valid))
         };
-        let frac = || f().and_then(|x| if x > 0.0 && x <= 1.0 { Ok(x) } else { Err(bad()) });
+        let positive = || num("a positive number", &|x| x > 0.0);
+        let frac = || num("a fraction above 0 and at most 1", &|x| x > 0.0 && x <= 1.0);
         match (self, key) {
             (CodecSpec::Quant { bits, step, .. }, "bits") => {
-                *bits = Some(value.parse().ok().filter(|b| (2..=8).contains(b)).ok_or_else(bad)?);
+                let b = value.parse().ok().filter(|b| (2..=8).contains(b));
+                *bits = Some(b.ok_or_else(|| bad("a whole number of bits from 2 to 8"))?);
                 *step = None;
             }
             (CodecSpec::Quant { bits, step, .. }, "step") => {
-                *step = Some(f().and_then(|s| if s > 0.0 { Ok(s) } else { Err(bad()) })?);
+                *step = Some(positive()?);
                 *bits = None;
             }
             (CodecSpec::Quant { group, .. }, "group") => {
@@ -134,16 +136,16 @@ impl CodecSpec {
                     .parse()
                     .ok()
                     .filter(|g: &u32| g.is_power_of_two() && (16..=1 << 16).contains(g))
-                    .ok_or_else(bad)?;
+                    .ok_or_else(|| bad("a power of two from 16 to 65536"))?;
             }
             (CodecSpec::Quant { outliers, .. }, "outliers") => {
-                *outliers = f().and_then(|x| if x <= 0.5 { Ok(x as f32) } else { Err(bad()) })?;
+                *outliers = num("a fraction from 0 to 0.5", &|x| (0.0..=0.5).contains(&x))? as f32;
             }
             (CodecSpec::Quant { domain, .. }, "domain") => {
                 *domain = match value {
                     "value" => Domain::Value,
                     "ulp" => Domain::Ulp,
-                    _ => return Err(bad()),
+                    _ => return Err(bad("'value' or 'ulp'")),
                 }
             }
             (CodecSpec::Sparse { keep, threshold, .. }, "keep") => {
@@ -151,20 +153,20 @@ impl CodecSpec {
                 *threshold = None;
             }
             (CodecSpec::Sparse { keep, threshold, .. }, "threshold") => {
-                *threshold = Some(f()?);
+                *threshold = Some(num("a number of at least 0", &|x| x >= 0.0)?);
                 *keep = None;
             }
-            (CodecSpec::Sparse { step, .. }, "step") => {
-                *step = Some(f().and_then(|s| if s > 0.0 { Ok(s) } else { Err(bad()) })?)
-            }
+            (CodecSpec::Sparse { step, .. }, "step") => *step = Some(positive()?),
             (CodecSpec::Dare { keep, .. }, "keep") => *keep = frac()?,
-            (CodecSpec::Dare { seed, .. }, "seed") => *seed = value.parse().map_err(|_| bad())?,
+            (CodecSpec::Dare { seed, .. }, "seed") => {
+                *seed = value.parse().map_err(|_| bad("a whole number from 0 to 2^64-1"))?
+            }
             (CodecSpec::Sign { zeros } | CodecSpec::SignAxis { zeros }, "zeros") => {
                 *zeros = match value {
                     "keep" => Some(true),
                     "sign" => Some(false),
                     "auto" => None,
-                    _ => return Err(bad()),
+                    _ => return Err(bad("'keep', 'sign' or 'auto'")),
                 }
             }
             (_, k) => return Err(format!("codec {codec} has no setting '{k}'")),

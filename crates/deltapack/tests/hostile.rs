@@ -210,18 +210,20 @@ fn outputs_are_never_overwritten_without_force() {
         ErrorKind::BadInput
     );
     assert_eq!(std::fs::read(out.join("keep")).unwrap(), b"mine");
-    apply(
-        &f.base,
-        &f.delta,
-        &out,
-        &ApplyOptions {
-            force: true,
-            sync: true,
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap();
+    let forced = ApplyOptions {
+        force: true,
+        sync: true,
+        ..Default::default()
+    };
+    // Forcing replaces only what apply writes: a directory holding other files stays.
+    assert_eq!(
+        kind(apply(&f.base, &f.delta, &out, &forced, &NoProgress)),
+        ErrorKind::BadInput
+    );
+    assert_eq!(std::fs::read(out.join("keep")).unwrap(), b"mine");
+    std::fs::remove_file(out.join("keep")).unwrap();
+    std::fs::write(out.join("config.json"), b"an older output").unwrap();
+    apply(&f.base, &f.delta, &out, &forced, &NoProgress).unwrap();
     assert_eq!(files(&out), files(&f.ft));
 }
 

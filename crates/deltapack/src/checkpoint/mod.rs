@@ -7,5 +7,5 @@ mod read;
 mod write;
 
 pub use read::{is_safe_rel_path, AuxFile, Checkpoint, Shard, Skipped, TensorRef};
-pub(crate) use write::check_overwrite;
-pub use write::{OutputDir, OutputFile};
+pub use write::{check_output_disjoint, remove_temporaries, OutputDir, OutputFile};
+pub(crate) use write::{check_overwrite, ScratchDir};

@@ -115,10 +115,7 @@ impl Checkpoint {
         }
         let shard_names = shard_names(path)?;
         if shard_names.is_empty() {
-            return Err(Error::bad_checkpoint(
-                path,
-                "no .safetensors file found; give a model directory or a .safetensors file",
-            ));
+            return Err(Error::bad_checkpoint(path, no_safetensors_reason(path)));
         }
         let shards = shard_names
             .iter()
@@ -264,6 +261,32 @@ fn read_index(dir: &Path) -> Result<Option<BTreeMap<String, String>>> {
     let idx: Index = serde_json::from_str(&text)
         .map_err(|e| Error::bad_checkpoint(&path, format!("not a valid shard index: {e}")))?;
     Ok(Some(idx.weight_map))
+}
+
+/// Why a directory without `.safetensors` files is no checkpoint, and what to do: a
+/// PyTorch pickle checkpoint is named, with the one-line conversion to safetensors.
+fn no_safetensors_reason(dir: &Path) -> String {
+    let pickles: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            let ext = n
+                .rsplit_once('.')
+                .map(|(_, e)| e.to_ascii_lowercase())
+                .unwrap_or_default();
+            !n.starts_with('.') && PICKLE_EXTENSIONS.contains(&ext.as_str())
+        })
+        .collect();
+    if pickles.is_empty() {
+        return "no .safetensors file found; give a model directory or a .safetensors file".into();
+    }
+    format!(
+        "no .safetensors file found, only {} (pickle format); deltapack never reads pickles, since loading one can run arbitrary code. Convert the checkpoint once, where you trust it, with transformers: `AutoModel.from_pretrained(\"{}\").save_pretrained(\"OUT\", safe_serialization=True)` (or safetensors.torch.save_file on its state dict)",
+        pickles.join(", "),
+        dir.display()
+    )
 }
 
 fn shard_names(dir: &Path) -> Result<Vec<String>> {

@@ -21,9 +21,32 @@ pub struct Delta {
     map: Mmap,
 }
 
+/// A directory opens on Unix and fails only at the first read ("Is a directory"): say what
+/// a delta is instead.
+fn refuse_directory(path: &Path) -> Result<()> {
+    if !path.is_dir() {
+        return Ok(());
+    }
+    let looks_like_model = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+    let hint = if looks_like_model {
+        "; it holds .safetensors files: a model directory is what make takes to make a delta"
+    } else {
+        ""
+    };
+    Err(Error::InvalidArgument(format!(
+        "{} is a directory, not a deltapack delta (a .dpk file){hint}",
+        path.display()
+    )))
+}
+
 impl Delta {
     /// Opens and validates a delta file (header, trailer, index; payloads are checked when read).
     pub fn open(path: &Path) -> Result<Delta> {
+        refuse_directory(path)?;
         let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         // SAFETY: read-only map; truncation by another process while we read would raise
         // SIGBUS, the documented limit of memory-mapped input.
@@ -42,6 +65,7 @@ impl Delta {
 
     /// Reads and validates only the header, trailer and index (what `inspect` needs).
     pub fn read_index(path: &Path) -> Result<(Index, u64)> {
+        refuse_directory(path)?;
         let mut f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let io = |e| Error::io("reading", path, e);
         let size = f.metadata().map_err(io)?.len();

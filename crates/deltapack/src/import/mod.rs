@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::checkpoint::{check_overwrite, Checkpoint, TensorRef};
+use crate::checkpoint::{check_output_disjoint, check_overwrite, Checkpoint, ScratchDir, TensorRef};
 use crate::progress::Progress;
 use crate::{make, Error, MakeOptions, MakeReport, Result};
 
@@ -110,6 +110,7 @@ pub fn import_wdelta(
     opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<MakeReport> {
+    check_output_disjoint(out, &[("delta", wdelta), ("base", base)])?;
     check_overwrite(out, opts.force)?;
     let w = Wdelta::open(wdelta, progress)?;
     let base_ck = Checkpoint::open(base)?;
@@ -117,7 +118,7 @@ pub fn import_wdelta(
     if opts.check_base_hash {
         parent::check(&w, &base_ck, progress)?;
     }
-    let scratch = scratch_dir(out)?;
+    let scratch = ScratchDir::beside(out)?;
     write_finetune(&w, &base_ck, &targets, scratch.path(), progress)?;
     let make_opts = MakeOptions {
         base_id: opts.base_id.clone(),
@@ -160,21 +161,6 @@ fn match_base<'a>(w: &'a Wdelta, base: &Checkpoint) -> Result<HashMap<String, &'
         targets.insert(b.name.clone(), t);
     }
     Ok(targets)
-}
-
-/// An empty directory beside `out`, removed when dropped.
-fn scratch_dir(out: &Path) -> Result<tempfile::TempDir> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("output {} has no file name", out.display())))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    tempfile::Builder::new()
-        .prefix(&format!(".{}.import-", name.to_string_lossy()))
-        .tempdir_in(parent)
-        .map_err(|e| Error::io("creating a temporary directory in", parent, e))
 }
 
 /// Writes the fine-tune into `dir`: the base's shards with the same headers, each covered
