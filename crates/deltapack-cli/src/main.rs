@@ -110,8 +110,8 @@ enum Command {
         #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base; or a FastChat-style
-        /// additive delta (a model directory of fine-tune minus base tensors), which is added
-        /// to the base in fp16 as FastChat does.
+        /// additive delta (a model directory of fine-tune minus base tensors, recognised as one
+        /// or named so by --additive), which is added to the base in fp16 as FastChat does.
         #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
         deltas: Vec<PathBuf>,
         /// Output directory.
@@ -126,6 +126,12 @@ enum Command {
         /// Additive deltas only: dtype of the float tensors written (default f16, as FastChat).
         #[arg(long, value_enum)]
         dtype: Option<additive::OutDtype>,
+        /// Take DELTA (a directory or .safetensors file) for an additive delta without judging
+        /// it. Without the flag, a directory is applied additively only when it carries the
+        /// marker `export --format additive` writes, or its tensors are small against the
+        /// base's; one that looks like a model is refused.
+        #[arg(long)]
+        additive: bool,
     },
     /// Import a deltatensors .wdelta file (format version 1, as deltatensors 0.2.0 writes)
     /// as an exact delta against the same base.
@@ -569,13 +575,12 @@ fn run(cli: Cli) -> Result<()> {
             force,
             sync,
             dtype,
+            additive: forced,
         } => {
             let (base, _) = hub::resolve(&base)?;
-            if let [dir] = deltas.as_slice() {
-                if additive::is_additive(dir) {
-                    let opts = additive::options(force, sync, dtype);
-                    return additive::apply(&base, dir, &output, &opts, g.json, &bars);
-                }
+            if let Some(how) = additive::recognise(&base, &deltas, forced)? {
+                let opts = additive::options(force, sync, dtype);
+                return additive::apply(&base, &deltas[0], &output, &opts, &how, g.json, &bars);
             }
             if dtype.is_some() {
                 return Err(usage("--dtype applies only to an additive delta (a model directory)"));

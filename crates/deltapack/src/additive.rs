@@ -21,6 +21,11 @@
 //! - The output keeps the delta's (or the fine-tune's) file layout, tensor order and header
 //!   metadata; its other files are copied, with the shard index's `total_size` updated. Other
 //!   files keep their contents, so `config.json` still names the original `torch_dtype`.
+//! - An exported delta is marked as one: every header's `__metadata__` gets
+//!   `"deltapack_delta": "additive"`, which FastChat ignores. An applied model drops it.
+//!   [`classify`] tells a difference from a model by the marker or, without it, by the
+//!   magnitudes of its tensors against the base's; `apply_additive` itself adds whatever it is
+//!   given, so front ends ask `classify` first.
 //!
 //! fp16 keeps 11 significant bits and nothing above 65504, so the result is not always the
 //! fine-tune. `apply_additive` bounds the error of every element: the worst case over all
@@ -31,7 +36,13 @@
 //! below 2^-17, for a BF16 one). `export_additive` knows the fine-tune, so it measures
 //! instead. Values that overflow fp16, or fall to its subnormal range, are counted.
 
+mod classify;
 mod fp16;
+
+pub use classify::{
+    classify, judge, Classification, TensorEvidence, Verdict, DIFFERENCE_MAX_NORM, FINE_TUNE_MAX_DISTANCE, MARKER_KEY,
+    MARKER_VALUE, OTHER_MODEL_NORM,
+};
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -172,7 +183,7 @@ pub fn apply_additive(
             .iter()
             .map(|p| (p.delta.name.as_str(), p.out, p.delta.shape.as_slice()))
             .collect();
-        let (header, data_len) = build_header(metadata_of(shard.header_bytes()), &layout)?;
+        let (header, data_len) = build_header(unmarked(metadata_of(shard.header_bytes())), &layout)?;
         let mut w = Writer::create(&dir, &shard.rel, header.len() as u64 + data_len)?;
         w.write(&header)?;
         for (p, s) in tensors
@@ -555,6 +566,32 @@ fn metadata_of(header: &[u8]) -> Option<serde_json::Value> {
     json.get("__metadata__").cloned()
 }
 
+/// The `__metadata__` of an exported delta: the fine-tune's, with the marker that tells
+/// [`classify`] it is a difference. A header that had none gets `"format": "pt"` beside the
+/// marker, as every file PyTorch's `save_file` writes has: transformers refuses to load a
+/// safetensors file whose metadata lacks a `format` it knows, and FastChat's `apply_delta`
+/// loads the delta with transformers. The values stay strings, as the safetensors
+/// format requires of `__metadata__`.
+fn marked(metadata: Option<serde_json::Value>) -> serde_json::Value {
+    let mut m = match metadata {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    m.entry("format").or_insert_with(|| "pt".into());
+    m.insert(MARKER_KEY.into(), MARKER_VALUE.into());
+    serde_json::Value::Object(m)
+}
+
+/// The `__metadata__` of an applied model: the delta's without the marker, which would make
+/// the model pass for a difference if it were given to `apply_additive` in turn.
+fn unmarked(metadata: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    let mut metadata = metadata?;
+    if let Some(m) = metadata.as_object_mut() {
+        m.remove(MARKER_KEY);
+    }
+    Some(metadata)
+}
+
 /// A safetensors header for tensors stored in this order, with `metadata` as its
 /// `__metadata__`, padded with spaces to 8 bytes as Hugging Face writers do; and the length
 /// of the data it describes.
@@ -750,7 +787,7 @@ impl Sink for ExportSink<'_> {
                 (t.name.as_str(), out_dtype(dt, Dtype::F16), s.as_slice())
             })
             .collect();
-        let (header, data_len) = build_header(metadata_of(header), &layout)?;
+        let (header, data_len) = build_header(Some(marked(metadata_of(header))), &layout)?;
         let mut w = Writer::create(&self.dir, &f.path, header.len() as u64 + data_len)?;
         w.write(&header)?;
         self.out = Some(w);
@@ -881,6 +918,22 @@ mod tests {
         let names: Vec<_> = parsed.tensors.iter().map(|t| (t.name.as_str(), t.dtype)).collect();
         assert_eq!(names, [("b\"odd", Dtype::F16), ("a", Dtype::I64)]);
         assert_eq!(metadata_of(&h), Some(meta));
+    }
+
+    #[test]
+    fn exports_are_marked_and_applied_models_are_not() {
+        use serde_json::json;
+        assert_eq!(
+            marked(None),
+            json!({"format": "pt", "deltapack_delta": "additive"}),
+            "transformers needs a format beside the marker"
+        );
+        assert_eq!(
+            marked(Some(json!({"format": "np", "x": "y"}))),
+            json!({"format": "np", "x": "y", "deltapack_delta": "additive"})
+        );
+        assert_eq!(unmarked(Some(marked(None))), Some(json!({"format": "pt"})));
+        assert_eq!(unmarked(None), None);
     }
 
     #[test]

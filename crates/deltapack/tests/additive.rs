@@ -514,3 +514,131 @@ fn hostile_inputs_are_clean_errors_and_leave_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "temporary outputs left behind: {leftovers:?}");
 }
+
+/// Rewrites the header of the safetensors file `path` through `edit`, padded with spaces to
+/// its old length so that the data offsets still hold.
+fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut text = serde_json::to_string(&header).unwrap().into_bytes();
+    assert!(text.len() <= n, "the edited header must not grow");
+    text.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&text);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The `__metadata__` of the one safetensors file of `dir`.
+fn metadata(dir: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].clone()
+}
+
+/// A bf16 base of realistic weights and a fine-tune moving some by a few ULPs, with one
+/// tensor large enough that the classifier samples blocks of it rather than all of it.
+fn realistic_pair(root: &Path) -> (PathBuf, PathBuf) {
+    let (b1, f1) = common::bf16_pair(11, 300 * 1000);
+    let (b2, f2) = common::bf16_pair(12, 64 * 64);
+    let (b3, _) = common::bf16_pair(13, 64);
+    let base = model(
+        root,
+        "real-base",
+        &[
+            t("embed", "BF16", &[300, 1000], b1),
+            t("w", "BF16", &[64, 64], b2),
+            t("norm", "BF16", &[64], b3.clone()),
+        ],
+    );
+    let ft = model(
+        root,
+        "real-ft",
+        &[
+            t("embed", "BF16", &[300, 1000], f1),
+            t("w", "BF16", &[64, 64], f2),
+            t("norm", "BF16", &[64], b3),
+        ],
+    );
+    (base, ft)
+}
+
+#[test]
+fn classify_tells_a_difference_from_a_model() {
+    use deltapack::additive::{classify, Verdict, MARKER_KEY, MARKER_VALUE};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (base, ft) = realistic_pair(root);
+
+    // The fine-tune itself, and the base: models.
+    let c = classify(&base, &ft).unwrap();
+    assert_eq!(c.verdict, Verdict::FineTune, "{c:?}");
+    let (r, d) = (c.relative_norm.unwrap(), c.relative_distance.unwrap());
+    assert!((r - 1.0).abs() < 0.01 && d > 0.0 && d < 0.02, "{c:?}");
+    assert!(c.describe().contains("a fine-tune of the base"), "{}", c.describe());
+    let names: Vec<_> = c.tensors.iter().map(|t| (t.name.as_str(), t.sampled)).collect();
+    assert_eq!(
+        names,
+        [("embed", 65536), ("w", 4096), ("norm", 64)],
+        "largest first, sampled"
+    );
+    let c = classify(&base, &base).unwrap();
+    assert_eq!((c.verdict, c.relative_distance), (Verdict::FineTune, Some(0.0)));
+    assert!(c.describe().contains("the base itself"), "{}", c.describe());
+
+    // An exported delta carries the marker beside the fine-tune's metadata.
+    let dpk = root.join("ft.dpk");
+    make_dpk(&base, &ft, &dpk);
+    let exported = root.join("exported");
+    export_additive(&base, &[dpk], &exported, &ExportOptions::default(), &NoProgress).unwrap();
+    assert_eq!(metadata(&exported)[MARKER_KEY], MARKER_VALUE);
+    assert_eq!(metadata(&exported)["format"], "pt");
+    assert_eq!(classify(&base, &exported).unwrap().verdict, Verdict::Marked);
+
+    // Without the marker, its magnitudes tell: a few ULPs of bf16 are well under 1 %.
+    edit_header(&exported.join("model.safetensors"), |h| {
+        h["__metadata__"].as_object_mut().unwrap().remove(MARKER_KEY);
+    });
+    let c = classify(&base, &exported).unwrap();
+    assert_eq!(c.verdict, Verdict::Difference, "{c:?}");
+    assert!(c.relative_norm.unwrap() < 0.02, "{c:?}");
+
+    // An applied model drops the marker: given back as a delta, it is a model again.
+    let marked = root.join("marked");
+    export_additive(
+        &base,
+        &[root.join("ft.dpk")],
+        &marked,
+        &ExportOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    let applied = root.join("applied");
+    apply_additive(&base, &marked, &applied, &AdditiveOptions::default(), &NoProgress).unwrap();
+    assert!(metadata(&applied).get(MARKER_KEY).is_none(), "{}", metadata(&applied));
+    assert_eq!(metadata(&applied)["format"], "pt");
+    assert_eq!(classify(&base, &applied).unwrap().verdict, Verdict::FineTune);
+
+    // Another model of the base's scale; one of a tenth of it is unsettled (between the
+    // thresholds); no float tensor in common settles nothing either.
+    let (other, _) = common::bf16_pair(99, 300 * 1000);
+    let other = model(root, "other", &[t("embed", "BF16", &[300, 1000], other)]);
+    assert_eq!(classify(&base, &other).unwrap().verdict, Verdict::OtherModel);
+    let (independent, _) = common::bf16_pair(98, 300 * 1000);
+    let scaled: Vec<f32> = independent
+        .chunks(2)
+        .map(|b| 0.4 * bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    let unsettled = model(
+        root,
+        "unsettled",
+        &[t("embed", "F32", &[300, 1000], encode("F32", &scaled))],
+    );
+    let c = classify(&base, &unsettled).unwrap();
+    assert_eq!(c.verdict, Verdict::Unknown, "{c:?}");
+    let strangers = model(root, "strangers", &[t("x", "BF16", &[64], vec![0; 128])]);
+    let c = classify(&base, &strangers).unwrap();
+    assert_eq!((c.verdict, c.tensors.len()), (Verdict::Unknown, 0));
+    assert_eq!(kind(classify(&base, &root.join("missing"))), ErrorKind::Io);
+}
