@@ -198,16 +198,16 @@ fn missing_files(path: &std::path::Path, files: &[MissingFile], single_file: boo
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let given = match single_file {
-        true => "the base is given as a single safetensors file; give the base's directory with those files",
-        false => "give a base directory that holds them",
-    };
     let headers = match files.iter().any(|f| f.header) {
-        true => "; this delta, from an older deltapack, codes shard headers against the base's: it needs the base in the shard layout it was made from, or remaking it",
+        true => " (a delta of an older deltapack refers to the base's shard headers, so it needs the base in the shard layout it was made against; one made again does not)",
         false => "",
     };
+    let give = match single_file {
+        true => "the base is given as a single safetensors file: give its directory, which has them",
+        false => "give a base directory that has them",
+    };
     format!(
-        "base {} lacks files the delta was made against: {list}; {given} (its tensors may be the right ones){headers}; a delta made self-contained (`deltapack make --self-contained`) needs none of them, only the base's tensors",
+        "base {} lacks files the delta needs from it: {list}{headers}; {give}, or use a delta made self-contained (`deltapack make --self-contained`), which needs only the base's tensors",
         path.display()
     )
 }
