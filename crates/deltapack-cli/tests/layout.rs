@@ -111,7 +111,15 @@ fn reshard(model: &Path, out: &Path) {
 fn make_and_apply(dir: &Path, made_with: &Path, applied_to: &Path, ft: &Path, tag: &str) -> u64 {
     let delta = dir.join(format!("{tag}.dpk"));
     let out = dir.join(format!("{tag}.out"));
-    ok(&run(&["make", "--base", s(made_with), "--finetuned", s(ft), "-o", s(&delta)]));
+    ok(&run(&[
+        "make",
+        "--base",
+        s(made_with),
+        "--finetuned",
+        s(ft),
+        "-o",
+        s(&delta),
+    ]));
     let applied = run(&["apply", "--base", s(applied_to), s(&delta), "-o", s(&out)]);
     ok(&applied);
     assert!(files(&out) == files(ft), "{tag}: the rebuilt fine-tune differs");
@@ -156,15 +164,29 @@ fn a_single_file_base_is_told_which_files_it_lacks() {
         std::fs::copy(base.join(name), ft.join(name)).unwrap();
     }
     let delta = dir.path().join("d.dpk");
-    ok(&run(&["make", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta)]));
+    ok(&run(&[
+        "make",
+        "--base",
+        s(&base),
+        "--finetuned",
+        s(&ft),
+        "-o",
+        s(&delta),
+    ]));
     let single = base.join("model.safetensors");
     let out = dir.path().join("out");
     let o = run(&["apply", "--base", s(&single), s(&delta), "-o", s(&out)]);
     let msg = stderr(&o);
     assert_eq!(code(&o), 2, "{msg}");
     assert!(msg.contains("config.json") && msg.contains("tokenizer.json"), "{msg}");
-    assert!(msg.contains("single safetensors file") && msg.contains("make --self-contained"), "{msg}");
-    assert!(!msg.contains("tensor 'config.json'") && !msg.contains("wrong base"), "{msg}");
+    assert!(
+        msg.contains("single safetensors file") && msg.contains("make --self-contained"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("tensor 'config.json'") && !msg.contains("wrong base"),
+        "{msg}"
+    );
     assert!(!out.exists());
 
     // What the message offers works.

@@ -417,9 +417,7 @@ fn plan_apply<'a>(base: &'a Checkpoint, delta: &'a Checkpoint, od: Dtype) -> Res
             path: base.root.clone(),
             part: BasePart::Tensor(d.name.clone()),
             reason,
-            base_id: None,
-            fingerprint: None,
-            swapped: false,
+            expected: Box::default(),
         };
         let b = base
             .tensor(&d.name)
@@ -723,9 +721,7 @@ impl ExportSink<'_> {
             path: self.base.root.clone(),
             part: BasePart::Tensor(t.name.clone()),
             reason: "is missing".into(),
-            base_id: None,
-            fingerprint: None,
-            swapped: false,
+            expected: Box::default(),
         })?;
         self.current = Some((self.next, b));
         self.next += 1;

@@ -27,7 +27,7 @@ use crate::pair::{self, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
 use crate::tune::{QualitySums, TensorPlan};
-use crate::{dtype, BasePart, Error, MissingFile, Result};
+use crate::{dtype, BasePart, Error, ExpectedBase, MissingFile, Result};
 
 /// Options of [`apply`].
 #[derive(Debug, Clone, Default)]
@@ -671,8 +671,8 @@ impl<'a> Ctx<'a> {
             Src::Base(b) => {
                 let reason = "has different values (fingerprint mismatch)".into();
                 let mut e = self.wrong_base(BasePart::Tensor(b.name.clone()), reason);
-                if let Error::WrongBase { swapped, .. } = &mut e {
-                    *swapped = self.rebuilds(&b.name, &got);
+                if let Error::WrongBase { expected, .. } = &mut e {
+                    expected.swapped = self.rebuilds(&b.name, &got);
                 }
                 Err(e)
             }
@@ -711,9 +711,10 @@ fn resolve_in_base<'a>(
         path: base.root.clone(),
         part: BasePart::Tensor(s.name.clone()),
         reason,
-        base_id: delta.index.base.id.clone(),
-        fingerprint: Some(delta.index.base.fingerprint.clone()),
-        swapped,
+        expected: Box::new(ExpectedBase {
+            swapped,
+            ..*ExpectedBase::of(&delta.index.base)
+        }),
     };
     let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into(), false))?;
     let shape: Vec<u64> = b.shape.iter().map(|&d| d as u64).collect();
@@ -846,9 +847,7 @@ impl Ctx<'_> {
             path: self.chain.base.root.clone(),
             part,
             reason,
-            base_id: index.base.id.clone(),
-            fingerprint: Some(index.base.fingerprint.clone()),
-            swapped: false,
+            expected: ExpectedBase::of(&index.base),
         }
     }
 
@@ -1047,9 +1046,11 @@ impl Ctx<'_> {
         }
         if size != a.size || hash::hex(hasher.finalize().as_bytes()) != a.hash {
             return Err(match &a.blob {
-                Blob::SameAsBase { path } => {
-                    self.wrong_below(lvl, BasePart::File(path.clone()), "differs from the file the delta expects")
-                }
+                Blob::SameAsBase { path } => self.wrong_below(
+                    lvl,
+                    BasePart::File(path.clone()),
+                    "differs from the file the delta expects",
+                ),
                 Blob::Zstd { .. } => {
                     Error::corrupt(&delta.path, format!("file {} does not match its fingerprint", a.path))
                 }

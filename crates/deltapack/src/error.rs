@@ -59,8 +59,8 @@ pub enum Error {
     /// The base checkpoint does not match the fingerprint recorded in the delta.
     #[error(
         "wrong base {path}: {part} {reason}; this is not the base the delta was made from{}{}",
-        expects(.base_id, .fingerprint),
-        swap_hint(*.swapped)
+        expects(&.expected.id, &.expected.fingerprint),
+        swap_hint(.expected.swapped)
     )]
     WrongBase {
         /// The base checkpoint given.
@@ -69,14 +69,8 @@ pub enum Error {
         part: BasePart,
         /// How it differs.
         reason: String,
-        /// Where the right base comes from, if the delta records it.
-        base_id: Option<String>,
-        /// The base fingerprint the delta records (see [`crate::make::base_fingerprint`]),
-        /// where the delta has one; shown shortened, to compare with `inspect` of the delta.
-        fingerprint: Option<String>,
-        /// The base given has, where the delta expects the base's tensor, the tensor the delta
-        /// rebuilds: the base and the fine-tune were likely swapped.
-        swapped: bool,
+        /// Which base the delta expects (boxed: errors travel in every `Result`).
+        expected: Box<ExpectedBase>,
     },
     /// The base lacks files the delta was made against (configs, tokenizers, or, for deltas
     /// of older writers, shard headers): the base's tensors may well be right, but it is given
@@ -159,6 +153,30 @@ impl std::fmt::Display for BasePart {
     }
 }
 
+/// What a delta records of the base it expects, for [`Error::WrongBase`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpectedBase {
+    /// Where the right base comes from, if the delta records it.
+    pub id: Option<String>,
+    /// The base fingerprint the delta records (see [`crate::make::base_fingerprint`]), where
+    /// the delta has one; shown shortened, to compare with `inspect` of the delta.
+    pub fingerprint: Option<String>,
+    /// The base given has, where the delta expects the base's tensor, the tensor the delta
+    /// rebuilds: the base and the fine-tune were likely swapped.
+    pub swapped: bool,
+}
+
+impl ExpectedBase {
+    /// The base a deltapack delta records, as its index has it.
+    pub fn of(base: &crate::container::index::BaseInfo) -> Box<ExpectedBase> {
+        Box::new(ExpectedBase {
+            id: base.id.clone(),
+            fingerprint: Some(base.fingerprint.clone()),
+            swapped: false,
+        })
+    }
+}
+
 /// A base file a delta needs but the base given lacks ([`Error::MissingBaseFiles`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MissingFile {
@@ -184,7 +202,9 @@ fn expects(base_id: &Option<String>, fingerprint: &Option<String>) -> String {
 
 fn swap_hint(swapped: bool) -> &'static str {
     match swapped {
-        true => "; the base given looks like the fine-tune this delta rebuilds: were the base and the fine-tune swapped?",
+        true => {
+            "; the base given looks like the fine-tune this delta rebuilds: were the base and the fine-tune swapped?"
+        }
         false => "",
     }
 }

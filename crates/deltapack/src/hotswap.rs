@@ -107,7 +107,7 @@ use crate::dtype::{self, ElementLayout, FloatLayout};
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
 use crate::tune::TensorPlan;
-use crate::{BasePart, Error, Result};
+use crate::{BasePart, Error, ExpectedBase, Result};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// A model held in memory: a base checkpoint, switchable in place to any fine-tune delta of it.
@@ -863,9 +863,10 @@ impl Resident {
             path: self.root.clone(),
             part: BasePart::Tensor(s.name.clone()),
             reason,
-            base_id: d.index.base.id.clone(),
-            fingerprint: Some(d.index.base.fingerprint.clone()),
-            swapped,
+            expected: Box::new(ExpectedBase {
+                swapped,
+                ..*ExpectedBase::of(&d.index.base)
+            }),
         };
         let wrong = |reason: String| wrong_or_swapped(reason, false);
         let i = *self.by_name.get(&s.name).ok_or_else(|| wrong("is missing".into()))?;

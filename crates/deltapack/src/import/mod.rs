@@ -137,9 +137,7 @@ fn match_base<'a>(w: &'a Wdelta, base: &Checkpoint) -> Result<HashMap<String, &'
             path: base.root.clone(),
             part: BasePart::Tensor(t.name.clone()),
             reason,
-            base_id: None,
-            fingerprint: None,
-            swapped: false,
+            expected: Box::default(),
         };
         let b = base
             .tensor(&t.name)
