@@ -668,14 +668,12 @@ impl<'a> Ctx<'a> {
             return Ok(());
         }
         match src {
-            Src::Base(b) => {
-                let reason = "has different values (fingerprint mismatch)".into();
-                let mut e = self.wrong_base(BasePart::Tensor(b.name.clone()), reason);
-                if let Error::WrongBase { expected, .. } = &mut e {
-                    expected.swapped = self.rebuilds(&b.name, &got);
-                }
-                Err(e)
-            }
+            Src::Base(b) => Err(Error::WrongBase {
+                path: self.chain.base.root.clone(),
+                part: BasePart::Tensor(b.name.clone()),
+                reason: "has different values (fingerprint mismatch)".into(),
+                expected: ExpectedBase::of(&self.levels[0].delta.index.base).swapped(self.rebuilds(&b.name, &got)),
+            }),
             // The parent's rebuilt tensor is checked whole, which names the broken link.
             Src::Parent(j) => {
                 self.check_rebuilt(lvl - 1, j)?;
@@ -711,10 +709,7 @@ fn resolve_in_base<'a>(
         path: base.root.clone(),
         part: BasePart::Tensor(s.name.clone()),
         reason,
-        expected: Box::new(ExpectedBase {
-            swapped,
-            ..*ExpectedBase::of(&delta.index.base)
-        }),
+        expected: ExpectedBase::of(&delta.index.base).swapped(swapped),
     };
     let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into(), false))?;
     let shape: Vec<u64> = b.shape.iter().map(|&d| d as u64).collect();

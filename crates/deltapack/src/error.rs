@@ -175,6 +175,12 @@ impl ExpectedBase {
             swapped: false,
         })
     }
+
+    /// The same, with [`ExpectedBase::swapped`] set to `swapped`.
+    pub fn swapped(mut self: Box<Self>, swapped: bool) -> Box<ExpectedBase> {
+        self.swapped = swapped;
+        self
+    }
 }
 
 /// A base file a delta needs but the base given lacks ([`Error::MissingBaseFiles`]).

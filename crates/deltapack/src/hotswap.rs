@@ -863,10 +863,7 @@ impl Resident {
             path: self.root.clone(),
             part: BasePart::Tensor(s.name.clone()),
             reason,
-            expected: Box::new(ExpectedBase {
-                swapped,
-                ..*ExpectedBase::of(&d.index.base)
-            }),
+            expected: ExpectedBase::of(&d.index.base).swapped(swapped),
         };
         let wrong = |reason: String| wrong_or_swapped(reason, false);
         let i = *self.by_name.get(&s.name).ok_or_else(|| wrong("is missing".into()))?;
