@@ -60,7 +60,7 @@ use crate::container::index::{AuxEntry, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
-use crate::{dtype, Error, Result};
+use crate::{dtype, BasePart, Error, Result};
 
 /// Elements per unit of parallel work.
 const CHUNK_ELEMS: usize = 1 << 20;
@@ -430,9 +430,9 @@ fn plan_apply<'a>(base: &'a Checkpoint, delta: &'a Checkpoint, od: Dtype) -> Res
         }
         let wrong = |reason: String| Error::WrongBase {
             path: base.root.clone(),
-            tensor: d.name.clone(),
+            part: BasePart::Tensor(d.name.clone()),
             reason,
-            base_id: None,
+            expected: Box::default(),
         };
         let b = base
             .tensor(&d.name)
@@ -760,9 +760,9 @@ impl ExportSink<'_> {
     fn begin_tensor(&mut self, t: &TensorEntry) -> Result<()> {
         let b = self.base.tensor(&t.name).ok_or_else(|| Error::WrongBase {
             path: self.base.root.clone(),
-            tensor: t.name.clone(),
+            part: BasePart::Tensor(t.name.clone()),
             reason: "is missing".into(),
-            base_id: None,
+            expected: Box::default(),
         })?;
         self.current = Some((self.next, b));
         self.next += 1;

@@ -27,7 +27,7 @@ use crate::pair::{self, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
 use crate::tune::{QualitySums, TensorPlan};
-use crate::{dtype, Error, Result};
+use crate::{dtype, BasePart, Error, ExpectedBase, MissingFile, Result};
 
 /// Options of [`apply`].
 #[derive(Debug, Clone, Default)]
@@ -683,9 +683,9 @@ impl<'a> Ctx<'a> {
         match src {
             Src::Base(b) => Err(Error::WrongBase {
                 path: self.chain.base.root.clone(),
-                tensor: b.name.clone(),
+                part: BasePart::Tensor(b.name.clone()),
                 reason: "has different values (fingerprint mismatch)".into(),
-                base_id: self.levels[0].delta.index.base.id.clone(),
+                expected: ExpectedBase::of(&self.levels[0].delta.index.base).swapped(self.rebuilds(&b.name, &got)),
             }),
             // The parent's rebuilt tensor is checked whole, which names the broken link.
             Src::Parent(j) => {
@@ -693,6 +693,11 @@ impl<'a> Ctx<'a> {
                 Err(self.corrupt(lvl, t, "its source in the parent does not match its fingerprint".into()))
             }
         }
+    }
+
+    /// Whether a delta of the chain rebuilds tensor `name` with fingerprint `fingerprint`.
+    fn rebuilds(&self, name: &str, fingerprint: &str) -> bool {
+        self.levels.iter().any(|l| l.delta.index.rebuilds(name, fingerprint))
     }
 
     fn check_tensor(&self, lvl: usize, i: usize, target_hashes: &[Digest], source_hashes: &[Digest]) -> Result<()> {
@@ -713,22 +718,37 @@ fn resolve_in_base<'a>(
     s: &crate::container::index::SourceTensor,
 ) -> Result<&'a TensorRef> {
     let base = &chain.base;
-    let wrong = |reason: String| Error::WrongBase {
+    let wrong = |reason: String, swapped: bool| Error::WrongBase {
         path: base.root.clone(),
-        tensor: s.name.clone(),
+        part: BasePart::Tensor(s.name.clone()),
         reason,
-        base_id: delta.index.base.id.clone(),
+        expected: ExpectedBase::of(&delta.index.base).swapped(swapped),
     };
-    let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into()))?;
+    let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into(), false))?;
     let shape: Vec<u64> = b.shape.iter().map(|&d| d as u64).collect();
     if dtype::name(b.dtype) != s.dtype || shape != s.shape {
-        return Err(wrong(format!(
+        let reason = format!(
             "is {} {:?}, the delta expects {} {:?}",
             dtype::name(b.dtype),
             shape,
             s.dtype,
             s.shape
-        )));
+        );
+        // A base tensor of the fine-tune's dtype and shape (a resized or converted tensor) may
+        // be the fine-tune's own: hashing this one tensor, on the way to an error, tells.
+        let rebuilt_like = |d: &Delta| {
+            d.index
+                .tensors()
+                .any(|t| t.name == s.name && t.dtype == dtype::name(b.dtype) && t.shape == shape)
+        };
+        let swapped = chain.deltas.iter().any(rebuilt_like) && {
+            let cb = delta.index.chunk_bytes as usize;
+            let chunks: Vec<Digest> = base.bytes(b).chunks(cb).map(hash::chunk).collect();
+            let print = hash::hex(&hash::tensor(b.len() as u64, cb as u64, &chunks));
+            base.release(b, 0..b.len());
+            chain.deltas.iter().any(|d| d.index.rebuilds(&s.name, &print))
+        };
+        return Err(wrong(reason, swapped));
     }
     Ok(b)
 }
@@ -780,6 +800,7 @@ pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
 
 /// Rebuilds the model of `ctx` into `sink`, checking every fingerprint on the way.
 pub(crate) fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
+    ctx.check_base_files()?;
     let top = ctx.top();
     let delta = ctx.levels[top].delta;
     let files = &delta.index.files;
@@ -828,48 +849,106 @@ pub(crate) fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -
 
 /// Files: shard headers and auxiliary files, resolved through the chain.
 impl Ctx<'_> {
-    fn base_id(&self) -> Option<String> {
-        self.levels[0].delta.index.base.id.clone()
-    }
-
-    fn wrong_base(&self, what: &str, reason: String) -> Error {
+    fn wrong_base(&self, part: BasePart, reason: String) -> Error {
+        let index = &self.levels[0].delta.index;
         Error::WrongBase {
             path: self.chain.base.root.clone(),
-            tensor: what.to_string(),
+            part,
             reason,
-            base_id: self.base_id(),
+            expected: ExpectedBase::of(&index.base),
         }
     }
 
     /// The error for a file level `lvl` expects from below but does not find as recorded.
-    fn wrong_below(&self, lvl: usize, what: &str, reason: &str) -> Error {
+    fn wrong_below(&self, lvl: usize, part: BasePart, reason: &str) -> Error {
         match lvl {
-            0 => self.wrong_base(what, reason.to_string()),
+            0 => self.wrong_base(part, reason.to_string()),
             _ => Error::WrongParent {
                 path: self.levels[lvl].delta.path.clone(),
                 reason: format!(
-                    "{what} {reason} in the parent {}",
+                    "{part} {reason} in the parent {}",
                     self.levels[lvl - 1].delta.path.display()
                 ),
             },
         }
     }
 
+    /// The error for base files the model rebuilt needs but the base lacks: bad input, not a
+    /// wrong base, since the same tensors come in other layouts and without their files.
+    fn missing_base(&self, files: Vec<MissingFile>) -> Error {
+        let root = &self.chain.base.root;
+        Error::MissingBaseFiles {
+            path: root.clone(),
+            files,
+            single_file: !root.is_dir(),
+        }
+    }
+
+    /// Fails, before anything is rebuilt, with every base file that the shard headers and
+    /// auxiliary files of the model rebuilt need (followed through the chain) and the base
+    /// lacks, so that one run names them all. Their contents are checked as they are read.
+    fn check_base_files(&self) -> Result<()> {
+        let top = self.top();
+        let index = &self.levels[top].delta.index;
+        let mut needed = BTreeSet::new();
+        for f in &index.files {
+            self.base_needs(top, &f.header, true, &mut needed);
+        }
+        for a in &index.aux {
+            self.base_needs(top, &a.blob, false, &mut needed);
+        }
+        let base = &self.chain.base;
+        let missing: Vec<MissingFile> = needed
+            .into_iter()
+            .filter(|(path, header)| match header {
+                true => !base.shards.iter().any(|s| &s.rel == path),
+                false => !(base.root.is_dir() && base.root.join(path).is_file()),
+            })
+            .map(|(path, header)| MissingFile { path, header })
+            .collect();
+        match missing.is_empty() {
+            true => Ok(()),
+            false => Err(self.missing_base(missing)),
+        }
+    }
+
+    /// Adds to `out` the base files (path, whether only its shard header) that `blob` of level
+    /// `lvl` reads: itself if identical, or its dictionary; through the levels below for a
+    /// link of a chain. A file a link misses below is left to the error of reading it.
+    fn base_needs(&self, lvl: usize, blob: &Blob, header: bool, out: &mut BTreeSet<(String, bool)>) {
+        let path = match blob {
+            Blob::SameAsBase { path } => path,
+            Blob::Zstd { dict: Some(p), .. } => p,
+            Blob::Zstd { dict: None, .. } | Blob::External => return,
+        };
+        if lvl == 0 {
+            out.insert((path.clone(), header));
+            return;
+        }
+        let below = &self.levels[lvl - 1].delta.index;
+        let blob = match header {
+            true => below.files.iter().find(|f| &f.path == path).map(|f| &f.header),
+            false => below.aux.iter().find(|a| &a.path == path).map(|a| &a.blob),
+        };
+        if let Some(b) = blob {
+            self.base_needs(lvl - 1, b, header, out);
+        }
+    }
+
     /// The header of shard `path` of the model below level `lvl`.
     fn parent_header(&self, lvl: usize, path: &str) -> Result<Vec<u8>> {
         if lvl == 0 {
-            return self
-                .chain
-                .base
-                .shards
-                .iter()
-                .find(|s| s.rel == path)
-                .map(|s| s.header_bytes().to_vec())
-                .ok_or_else(|| self.wrong_base(path, "(a shard header) is missing".into()));
+            let shard = self.chain.base.shards.iter().find(|s| s.rel == path);
+            return shard.map(|s| s.header_bytes().to_vec()).ok_or_else(|| {
+                self.missing_base(vec![MissingFile {
+                    path: path.to_string(),
+                    header: true,
+                }])
+            });
         }
         let below = &self.levels[lvl - 1].delta.index;
         let f = below.files.iter().find(|f| f.path == path);
-        let f = f.ok_or_else(|| self.wrong_below(lvl, path, "(a shard header) is missing"))?;
+        let f = f.ok_or_else(|| self.wrong_below(lvl, BasePart::ShardHeader(path.into()), "is missing"))?;
         self.header_bytes(lvl - 1, f)
     }
 
@@ -877,11 +956,11 @@ impl Ctx<'_> {
     fn parent_file(&self, lvl: usize, path: &str) -> Result<Vec<u8>> {
         if lvl == 0 {
             let p = self.base_file(path)?;
-            return std::fs::read(&p).map_err(|e| self.wrong_base(path, format!("cannot be read from the base: {e}")));
+            return std::fs::read(&p).map_err(|e| self.unreadable_base_file(path, &p, e));
         }
         let below = &self.levels[lvl - 1].delta.index;
         let a = below.aux.iter().find(|a| a.path == path);
-        let a = a.ok_or_else(|| self.wrong_below(lvl, path, "is missing"))?;
+        let a = a.ok_or_else(|| self.wrong_below(lvl, BasePart::File(path.into()), "is missing"))?;
         let mut out = Vec::with_capacity(a.size as usize);
         self.stream_aux(lvl - 1, a, &mut |b| {
             out.extend_from_slice(b);
@@ -890,13 +969,28 @@ impl Ctx<'_> {
         Ok(out)
     }
 
+    /// Where the base's file `p` is (checked up front by [`Ctx::check_base_files`]; a file
+    /// gone since is still named as missing).
     fn base_file(&self, p: &str) -> Result<PathBuf> {
         let base = &self.chain.base;
         if !base.root.is_dir() {
-            let why = "is needed from the base directory, but the base is a single file (or make the delta with --self-contained)";
-            return Err(self.wrong_base(p, why.into()));
+            return Err(self.missing_base(vec![MissingFile {
+                path: p.to_string(),
+                header: false,
+            }]));
         }
         Ok(base.root.join(p))
+    }
+
+    /// The error for a base file that cannot be opened: missing, or an I/O failure.
+    fn unreadable_base_file(&self, rel: &str, path: &Path, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => self.missing_base(vec![MissingFile {
+                path: rel.to_string(),
+                header: false,
+            }]),
+            _ => Error::io("reading", path, e),
+        }
     }
 
     /// The header bytes of a weight file of level `lvl`, checked against the index.
@@ -906,8 +1000,12 @@ impl Ctx<'_> {
             self.parent_header(lvl, p)
         })?;
         if hash::hex(&hash::bytes(&bytes)) != f.header_hash {
-            return Err(match f.header {
-                Blob::SameAsBase { .. } => self.wrong_below(lvl, &f.path, "has a different header"),
+            return Err(match &f.header {
+                Blob::SameAsBase { path } => self.wrong_below(
+                    lvl,
+                    BasePart::ShardHeader(path.clone()),
+                    "differs from the one the delta expects",
+                ),
                 _ => Error::corrupt(
                     &delta.path,
                     format!("header of {} does not match its fingerprint", f.path),
@@ -932,16 +1030,20 @@ impl Ctx<'_> {
         match &a.blob {
             Blob::SameAsBase { path } if lvl == 0 => {
                 let p = self.base_file(path)?;
-                let f = std::fs::File::open(&p)
-                    .map_err(|e| self.wrong_base(path, format!("cannot be read from the base: {e}")))?;
+                let f = std::fs::File::open(&p).map_err(|e| self.unreadable_base_file(path, &p, e))?;
                 copy_pieces(f.take(a.size.saturating_add(1)), &mut emit, |e| {
                     Error::io("reading", &p, e)
                 })?;
             }
             Blob::SameAsBase { path } => emit(&self.parent_file(lvl, path)?)?,
-            Blob::Zstd { .. } => {
-                self.unzstd_blob(lvl, &a.blob, a.size, &a.path, |p| self.parent_file(lvl, p), &mut emit)?
-            }
+            Blob::Zstd { .. } => self.unzstd_blob(
+                lvl,
+                &a.blob,
+                (a.size, &a.path),
+                BasePart::File,
+                |p| self.parent_file(lvl, p),
+                &mut emit,
+            )?,
             Blob::External => {
                 let p = self.external_path(lvl, a)?;
                 let f = std::fs::File::open(&p).map_err(|e| Error::io("reading", &p, e))?;
@@ -952,7 +1054,11 @@ impl Ctx<'_> {
         }
         if size != a.size || hash::hex(hasher.finalize().as_bytes()) != a.hash {
             return Err(match &a.blob {
-                Blob::SameAsBase { .. } => self.wrong_below(lvl, &a.path, "differs from the file the delta expects"),
+                Blob::SameAsBase { path } => self.wrong_below(
+                    lvl,
+                    BasePart::File(path.clone()),
+                    "differs from the file the delta expects",
+                ),
                 Blob::Zstd { .. } => {
                     Error::corrupt(&delta.path, format!("file {} does not match its fingerprint", a.path))
                 }
@@ -977,12 +1083,13 @@ impl Ctx<'_> {
         }
     }
 
-    /// The zstd dictionary a blob was compressed with, checked against its recorded fingerprint.
+    /// The zstd dictionary a blob was compressed with (the `part` of the model below that
+    /// `dict` names), checked against its recorded fingerprint.
     fn load_dict(
         &self,
         lvl: usize,
-        dict: &Option<String>,
-        dict_hash: &Option<String>,
+        (dict, dict_hash): (&Option<String>, &Option<String>),
+        part: fn(String) -> BasePart,
         from_below: impl Fn(&str) -> Result<Vec<u8>>,
     ) -> Result<Option<Vec<u8>>> {
         let (Some(p), Some(h)) = (dict, dict_hash) else {
@@ -990,7 +1097,7 @@ impl Ctx<'_> {
         };
         let d = from_below(p)?;
         if &hash::hex(&hash::bytes(&d)) != h {
-            return Err(self.wrong_below(lvl, p, "differs from the file the delta was made with"));
+            return Err(self.wrong_below(lvl, part(p.clone()), "differs from the one the delta was made with"));
         }
         Ok(Some(d))
     }
@@ -1008,7 +1115,7 @@ impl Ctx<'_> {
             Blob::SameAsBase { path } => from_below(path),
             Blob::Zstd { .. } => {
                 let mut out = Vec::new();
-                self.unzstd_blob(lvl, blob, size, what, from_below, &mut |b| {
+                self.unzstd_blob(lvl, blob, (size, what), BasePart::ShardHeader, from_below, &mut |b| {
                     out.extend_from_slice(b);
                     Ok(())
                 })?;
@@ -1018,14 +1125,14 @@ impl Ctx<'_> {
         }
     }
 
-    /// Decompresses a `zstd` blob of level `lvl` to `emit`, with its dictionary (a file of the
-    /// model below, from `from_below`) checked first.
+    /// Decompresses a `zstd` blob of level `lvl` (`size` bytes of `what`) to `emit`, with its
+    /// dictionary (a `part` of the model below, from `from_below`) checked first.
     fn unzstd_blob(
         &self,
         lvl: usize,
         blob: &Blob,
-        size: u64,
-        what: &str,
+        (size, what): (u64, &str),
+        part: fn(String) -> BasePart,
         from_below: impl Fn(&str) -> Result<Vec<u8>>,
         emit: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
@@ -1039,7 +1146,7 @@ impl Ctx<'_> {
             unreachable!("called for zstd blobs only");
         };
         let delta = self.levels[lvl].delta;
-        let dict = self.load_dict(lvl, dict, dict_hash, from_below)?;
+        let dict = self.load_dict(lvl, (dict, dict_hash), part, from_below)?;
         unzstd(delta, delta.range(*offset, *len), dict.as_deref(), size, what, emit)
     }
 }

@@ -57,16 +57,33 @@ pub enum Error {
         reason: String,
     },
     /// The base checkpoint does not match the fingerprint recorded in the delta.
-    #[error("wrong base {path}: tensor '{tensor}' {reason}; this is not the base the delta was made from{}", hint(.base_id))]
+    #[error(
+        "wrong base {path}: {part} {reason}; this is not the base the delta was made from{}{}",
+        expects(&.expected.id, &.expected.fingerprint),
+        swap_hint(.expected.swapped)
+    )]
     WrongBase {
         /// The base checkpoint given.
         path: PathBuf,
-        /// The first tensor found to differ.
-        tensor: String,
+        /// The first tensor or file found to differ.
+        part: BasePart,
         /// How it differs.
         reason: String,
-        /// Where the right base comes from, if the delta records it.
-        base_id: Option<String>,
+        /// Which base the delta expects (boxed: errors travel in every `Result`).
+        expected: Box<ExpectedBase>,
+    },
+    /// The base lacks files the delta was made against (configs, tokenizers, or, for deltas
+    /// of older writers, shard headers): the base's tensors may well be right, but it is given
+    /// as a single file or a directory in another form.
+    #[error("{}", missing_files(.path, .files, *.single_file))]
+    MissingBaseFiles {
+        /// The base checkpoint given.
+        path: PathBuf,
+        /// Every missing file, by its path relative to the base directory, with what it is
+        /// needed for.
+        files: Vec<MissingFile>,
+        /// The base was given as a single safetensors file.
+        single_file: bool,
     },
     /// A delta of a chain does not continue the delta before it (or the first one is not
     /// made against the base).
@@ -115,11 +132,110 @@ fn tensor_suffix(tensor: &Option<String>) -> String {
     }
 }
 
-fn hint(base_id: &Option<String>) -> String {
-    match base_id {
-        Some(id) => format!(" (it was made from {id})"),
-        None => String::new(),
+/// A part of a base checkpoint that a delta reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BasePart {
+    /// A tensor, by name.
+    Tensor(String),
+    /// A file other than a safetensors file (config, tokenizer), by relative path.
+    File(String),
+    /// The header of a safetensors file, by the file's relative path.
+    ShardHeader(String),
+}
+
+impl std::fmt::Display for BasePart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BasePart::Tensor(t) => write!(f, "tensor '{t}'"),
+            BasePart::File(p) => write!(f, "file '{p}'"),
+            BasePart::ShardHeader(p) => write!(f, "the header of '{p}'"),
+        }
     }
+}
+
+/// What a delta records of the base it expects, for [`Error::WrongBase`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpectedBase {
+    /// Where the right base comes from, if the delta records it.
+    pub id: Option<String>,
+    /// The base fingerprint the delta records (see [`crate::make::base_fingerprint`]), where
+    /// the delta has one; shown shortened, to compare with `inspect` of the delta.
+    pub fingerprint: Option<String>,
+    /// The base given has, where the delta expects the base's tensor, the tensor the delta
+    /// rebuilds: the base and the fine-tune were likely swapped.
+    pub swapped: bool,
+}
+
+impl ExpectedBase {
+    /// The base a deltapack delta records, as its index has it.
+    pub fn of(base: &crate::container::index::BaseInfo) -> Box<ExpectedBase> {
+        Box::new(ExpectedBase {
+            id: base.id.clone(),
+            fingerprint: Some(base.fingerprint.clone()),
+            swapped: false,
+        })
+    }
+
+    /// The same, with [`ExpectedBase::swapped`] set to `swapped`.
+    pub fn swapped(mut self: Box<Self>, swapped: bool) -> Box<ExpectedBase> {
+        self.swapped = swapped;
+        self
+    }
+}
+
+/// A base file a delta needs but the base given lacks ([`Error::MissingBaseFiles`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingFile {
+    /// Path relative to the base directory.
+    pub path: String,
+    /// Only the file's safetensors header is needed (deltas of older writers coded shard
+    /// headers against the base's): the base was in another shard layout.
+    pub header: bool,
+}
+
+/// Characters of a fingerprint shown in messages: enough to tell bases apart at a glance.
+const SHORT_FINGERPRINT: usize = 16;
+
+fn expects(base_id: &Option<String>, fingerprint: &Option<String>) -> String {
+    let short = fingerprint.as_deref().map(|f| &f[..f.len().min(SHORT_FINGERPRINT)]);
+    match (base_id, short) {
+        (Some(id), Some(fp)) => format!(" (it was made from {id}, base fingerprint {fp})"),
+        (Some(id), None) => format!(" (it was made from {id})"),
+        (None, Some(fp)) => format!(" (it was made from a base of fingerprint {fp})"),
+        (None, None) => String::new(),
+    }
+}
+
+fn swap_hint(swapped: bool) -> &'static str {
+    match swapped {
+        true => {
+            "; the base given looks like the fine-tune this delta rebuilds: were the base and the fine-tune swapped?"
+        }
+        false => "",
+    }
+}
+
+fn missing_files(path: &std::path::Path, files: &[MissingFile], single_file: bool) -> String {
+    let list = files
+        .iter()
+        .map(|f| match f.header {
+            true => format!("{} (its safetensors header)", f.path),
+            false => f.path.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let headers = match files.iter().any(|f| f.header) {
+        true => " (a delta of an older deltapack refers to the base's shard headers, so it needs the base in the shard layout it was made against; one made again does not)",
+        false => "",
+    };
+    let give = match single_file {
+        true => "the base is given as a single safetensors file: give its directory, which has them",
+        false => "give a base directory that has them",
+    };
+    format!(
+        "base {} lacks files the delta needs from it: {list}{headers}; {give}, or use a delta made self-contained (`deltapack make --self-contained`), which needs only the base's tensors",
+        path.display()
+    )
 }
 
 impl Error {
@@ -127,7 +243,10 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Io,
-            Error::BadCheckpoint { .. } | Error::OutputExists { .. } | Error::InvalidArgument(_) => ErrorKind::BadInput,
+            Error::BadCheckpoint { .. }
+            | Error::MissingBaseFiles { .. }
+            | Error::OutputExists { .. }
+            | Error::InvalidArgument(_) => ErrorKind::BadInput,
             Error::CorruptDelta { .. } => ErrorKind::CorruptDelta,
             Error::WrongBase { .. } | Error::WrongParent { .. } | Error::WrongParentHash { .. } => ErrorKind::WrongBase,
             Error::Mismatch { .. } => ErrorKind::Mismatch,

@@ -107,7 +107,7 @@ use crate::dtype::{self, ElementLayout, FloatLayout};
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
 use crate::tune::TensorPlan;
-use crate::{Error, Result};
+use crate::{BasePart, Error, ExpectedBase, Result};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// A model held in memory: a base checkpoint, switchable in place to any fine-tune delta of it.
@@ -859,12 +859,13 @@ impl Resident {
     }
 
     fn source_slot(&self, d: &Delta, s: &SourceTensor, prints: &[Vec<ChunkPrint>], cb: usize) -> Result<usize> {
-        let wrong = |reason: String| Error::WrongBase {
+        let wrong_or_swapped = |reason: String, swapped: bool| Error::WrongBase {
             path: self.root.clone(),
-            tensor: s.name.clone(),
+            part: BasePart::Tensor(s.name.clone()),
             reason,
-            base_id: d.index.base.id.clone(),
+            expected: ExpectedBase::of(&d.index.base).swapped(swapped),
         };
+        let wrong = |reason: String| wrong_or_swapped(reason, false);
         let i = *self.by_name.get(&s.name).ok_or_else(|| wrong("is missing".into()))?;
         let slot = &self.slots[i];
         let shape: Vec<u64> = slot.shape.iter().map(|&x| x as u64).collect();
@@ -878,8 +879,13 @@ impl Resident {
             )));
         }
         let digests = prints[i].iter().map(|p| &p.digest);
-        if hash::hex(&hash::tensor(slot.len as u64, cb as u64, digests)) != s.hash {
-            return Err(wrong("has different values (fingerprint mismatch)".into()));
+        let got = hash::hex(&hash::tensor(slot.len as u64, cb as u64, digests));
+        if got != s.hash {
+            let swapped = d.index.rebuilds(&s.name, &got);
+            return Err(wrong_or_swapped(
+                "has different values (fingerprint mismatch)".into(),
+                swapped,
+            ));
         }
         Ok(i)
     }

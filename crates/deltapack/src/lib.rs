@@ -12,7 +12,7 @@ pub mod codec;
 pub mod dtype;
 pub mod error;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{BasePart, Error, ErrorKind, ExpectedBase, MissingFile, Result};
 pub mod additive;
 pub mod apply;
 pub mod chain;

@@ -244,6 +244,24 @@ fn a_delta_of_another_base_is_refused_and_nothing_changes() {
     }
 }
 
+/// The fine-tune loaded in the base's place: a switch to its own delta asks whether the two
+/// were swapped, and says which base the delta expects.
+#[test]
+fn a_fine_tune_loaded_as_the_base_is_asked_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, _) = models(dir.path());
+    let da = dir.path().join("a.dpk");
+    make_delta(&base, &a, &da, 1 << 21, "exact");
+    let fingerprint = Delta::open(&da).unwrap().index.base.fingerprint.clone();
+    let mut r = Resident::load(&a).unwrap();
+    let e = r.switch_to(Some(&da)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WrongBase, "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("were the base and the fine-tune swapped?"), "{msg}");
+    assert!(msg.contains(&fingerprint[..16]), "{msg}");
+    assert_eq!(r.active(), None);
+}
+
 #[test]
 fn a_corrupt_chunk_mid_switch_leaves_the_model_where_it_was() {
     let dir = tempfile::tempdir().unwrap();

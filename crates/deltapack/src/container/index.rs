@@ -315,6 +315,12 @@ impl Index {
         self.files.iter().flat_map(|f| f.tensors.iter())
     }
 
+    /// Whether this delta rebuilds a tensor `name` of fingerprint `fingerprint`: a base whose
+    /// tensor does is likely the fine-tune, given in the base's place.
+    pub fn rebuilds(&self, name: &str, fingerprint: &str) -> bool {
+        self.tensors().any(|t| t.name == name && t.hash == fingerprint)
+    }
+
     /// Checks every field; `payload` is the byte range chunks and blobs may occupy.
     pub fn validate(&self, payload: std::ops::Range<u64>) -> Result<(), String> {
         if self.format != "deltapack" {

@@ -49,13 +49,18 @@ impl ContainerWriter {
         Ok((at, compressed.len() as u64))
     }
 
+    /// `data` zstd-compressed as [`ContainerWriter::append_zstd_file`] would store it (with
+    /// `dict` as a raw-content dictionary), for a writer that compares codings first.
+    pub fn compress(data: &[u8], dict: Option<&[u8]>) -> std::io::Result<Vec<u8>> {
+        compress_level(data, dict, file_level(data.len() as u64))
+    }
+
     /// Streams a file into the container zstd-compressed; returns (offset, len, size, digest).
     pub fn append_zstd_file(&mut self, path: &Path, dict: Option<&[u8]>) -> Result<(u64, u64, u64, hash::Digest)> {
         let at = self.pos;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let size = f.metadata().map_err(|e| Error::io("reading", path, e))?.len();
-        // Level 19 runs at a few MB/s: worth it for configs and tokenizers, not for big blobs.
-        let level = if size <= 32 << 20 { ZSTD_LEVEL } else { 6 };
+        let level = file_level(size);
         let mut counter = Counter {
             inner: self,
             written: 0,
@@ -91,6 +96,16 @@ impl ContainerWriter {
         let size = self.pos;
         self.out.commit(sync)?;
         Ok(size)
+    }
+}
+
+/// zstd level for a stored file of `size` bytes: level 19 runs at a few MB/s, worth it for
+/// configs and tokenizers, not for big blobs.
+fn file_level(size: u64) -> i32 {
+    if size <= 32 << 20 {
+        ZSTD_LEVEL
+    } else {
+        6
     }
 }
 

@@ -19,7 +19,7 @@ use memmap2::Mmap;
 
 use crate::checkpoint::{check_output_disjoint, check_overwrite, Checkpoint, ScratchDir, TensorRef};
 use crate::progress::Progress;
-use crate::{make, Error, MakeOptions, MakeReport, Result};
+use crate::{make, BasePart, Error, MakeOptions, MakeReport, Result};
 
 /// Options of [`import_wdelta`].
 #[derive(Debug, Clone)]
@@ -136,9 +136,9 @@ fn match_base<'a>(w: &'a Wdelta, base: &Checkpoint) -> Result<HashMap<String, &'
     for t in &w.layout.tensors {
         let wrong = |reason: String| Error::WrongBase {
             path: base.root.clone(),
-            tensor: t.name.clone(),
+            part: BasePart::Tensor(t.name.clone()),
             reason,
-            base_id: None,
+            expected: Box::default(),
         };
         let b = base
             .tensor(&t.name)
