@@ -93,8 +93,8 @@ enum Command {
         /// fsync the output before it is renamed into place.
         #[arg(long)]
         sync: bool,
-        /// Store configs, tokenizers and shard headers whole instead of against the base's
-        /// files, so that applying needs only the base's tensors, in any file layout.
+        /// Store configs and tokenizers whole instead of against the base's files, so that
+        /// applying needs only the base's tensors (shard headers never depend on the base).
         #[arg(long)]
         self_contained: bool,
         /// Print every tensor's codec, size and error (lossy deltas; by default a summary).
