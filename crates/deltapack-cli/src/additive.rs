@@ -10,7 +10,7 @@ use deltapack::progress::Progress;
 use deltapack::{AdditiveOptions, AdditiveReport, ExportOptions};
 use serde_json::json;
 
-use crate::report::human;
+use crate::report::{count, human};
 
 /// The formats `export` writes.
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -240,13 +240,13 @@ fn print(json_out: bool, out: &Path, r: &AdditiveReport, took: Duration) -> Resu
         return print_json(out, r, took, None);
     }
     out!(
-        "wrote {} in {:.2} s: {} safetensors files ({}), {} other files, {} tensors",
+        "wrote {} in {:.2} s: {} ({}), {}, {}",
         out.display(),
         took.as_secs_f64(),
-        r.weight_files,
+        count(r.weight_files as u64, "safetensors file"),
         human(r.bytes),
-        r.aux_files,
-        r.tensors.len()
+        count(r.aux_files as u64, "other file"),
+        count(r.tensors.len() as u64, "tensor")
     );
     let (what, le) = if r.bound {
         ("worst-case error against the fine-tune (fp16 rounding)", "<=")
