@@ -11,6 +11,7 @@
 #            torch) compress and decompress the same pairs in the same run, in memory, and the
 #            sizes they reach are recorded in scripts/peer_sizes.csv. Peers not run here are
 #            taken from that file (a peer's size does not depend on deltapack's build).
+#            PEER_REPEATS (default REPEATS) runs per peer measurement.
 #   MODELS   the real checkpoints (default: ../shared/models).
 #   REF=0    skip the reference pair (generated, ~2 GB; most of the run's time).
 #   TABLES=1 write the `headline` table of README.md and the `exact` table of
@@ -58,7 +59,7 @@ peers() {
   [ -n "${PEER_PY:-}" ] || { echo '{}'; return; }
   local z
   z=$("$PEER_PY" scripts/peer_zipnn.py "$2" "$3" --peers "$PEERS" \
-      --threads "$(nproc)" --repeat "$REPEATS" --json 2>/dev/null)
+      --threads "$(nproc)" --repeat "${PEER_REPEATS:-$REPEATS}" --json 2>/dev/null)
   python3 - "$1" "$z" <<'PY'
 import csv, datetime, json, sys
 pair, report = sys.argv[1], json.loads(sys.argv[2])
@@ -92,6 +93,7 @@ if [ "${REF:-1}" != 0 ]; then
     echo "generating the reference pair (Qwen2.5-0.5B shapes, bf16, W~N(0,0.02), E~N(0,0.001)) in $ref"
     "$BIN" dev synth --preset reference "$ref"
   fi
+  load=$(cut -d' ' -f1 /proc/loadavg)
   echo "== reference pair: order-0 entropy bounds of the integer difference (expect 2.33x and 2.57x)"
   bounds=$("$BIN" dev bounds --base "$ref/base" --finetuned "$ref/finetuned")
   echo "  $bounds"
@@ -118,13 +120,14 @@ if [ "${REF:-1}" != 0 ]; then
   [ -n "${PEER_PY:-}" ] || echo "  (set PEER_PY to a Python with the peers to measure them side by side)"
   record pair=reference ft_bytes="$ft_bytes" weight_bytes="$(cat "$ref"/finetuned/*.safetensors | wc -c)" \
     delta_bytes="$delta_bytes" make_s="$make_s" apply_s="$apply_s" verify_s="$verify_s" cat_s="$cat_s" cp_s="$cp_s" \
-    make_rss="$make_rss" apply_rss="$apply_rss" verify_rss="$verify_rss" bounds="$bounds" peers="$p"
+    make_rss="$make_rss" apply_rss="$apply_rss" verify_rss="$verify_rss" bounds="$bounds" peers="$p" load="$load"
 fi
 
 if [ -d "$MODELS/minilm-base-bf16" ]; then
   echo "== real pairs in $MODELS (medians of $REPEATS)"
   for ft in ft-a-bf16 ft-b-bf16-sharded; do
     d="$WORK/$ft.dpk"
+    load=$(cut -d' ' -f1 /proc/loadavg)
     cat "$MODELS/minilm-base-bf16"/* "$MODELS/$ft"/* >/dev/null
     read -r cat_s _ < <(median_of true sh -c "cat '$MODELS/minilm-base-bf16'/*.safetensors '$MODELS/$ft'/*.safetensors >/dev/null")
     read -r cp_s _ < <(median_of "rm -rf '$WORK/cp'" cp -r "$MODELS/$ft" "$WORK/cp")
@@ -143,13 +146,13 @@ if [ -d "$MODELS/minilm-base-bf16" ]; then
     fi
     record pair="$ft" ft_bytes="$ft_bytes" weight_bytes="$(cat "$MODELS/$ft"/*.safetensors | wc -c)" \
       delta_bytes="$(stat -c %s "$d")" make_s="$ms" apply_s="$as" verify_s="$vs" cat_s="$cat_s" cp_s="$cp_s" \
-      make_rss="$mr" apply_rss="$ar" verify_rss="$vr" bounds="$bounds" peers="$p"
+      make_rss="$mr" apply_rss="$ar" verify_rss="$vr" bounds="$bounds" peers="$p" load="$load"
   done
 fi
 
 [ "${TABLES:-0}" = 1 ] || exit 0
 args="scripts/bench.sh WORKDIR $REPEATS"
-[ -n "${PEER_PY:-}" ] && args="PEER_PY=... PEERS=$PEERS $args"
+[ -n "${PEER_PY:-}" ] && args="PEER_PY=... PEERS=$PEERS PEER_REPEATS=${PEER_REPEATS:-$REPEATS} $args"
 [ "${REF:-1}" = 0 ] && args="REF=0 $args"
 python3 scripts/bench_tables.py "$RESULTS" headline | python3 scripts/update_tables.py --from "$args" headline README.md
 python3 scripts/bench_tables.py "$RESULTS" exact | python3 scripts/update_tables.py --from "$args" exact docs/BENCHMARKS.md

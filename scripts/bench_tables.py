@@ -55,6 +55,17 @@ def load(path: str):
     return rows
 
 
+def load_note(rows) -> str:
+    """The machine's load when the pairs were measured, since it is shared."""
+    loads = [float(r["load"]) for r in rows if "load" in r]
+    if not loads:
+        return ""
+    lo, hi = min(loads), max(loads)
+    span = f"{lo:.1f}" if hi - lo < 0.1 else f"{lo:.1f} to {hi:.1f}"
+    busy = " (other work was running, so the times are inflated)" if hi > 2.5 else ""
+    return f"Load average {span} at the start of each pair, on {os.cpu_count()} cores{busy}. "
+
+
 def headline(rows) -> str:
     out = [
         "| pair | fine-tune | deltapack (exact) | " + " | ".join(n for _, n in PEERS) + " | vs best peer | make | apply |",
@@ -78,7 +89,7 @@ def headline(rows) -> str:
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append(
-        "Ratios are the fine-tune's size over the compressed size. The peers compress the weights file "
+        load_note(rows) + "Ratios are the fine-tune's size over the compressed size. The peers compress the weights file "
         "alone (`model.safetensors`; they need one file of the same layout on both sides), deltapack "
         "every file of the fine-tune; \"vs best peer\" compares the peer's output for the weights with "
         "deltapack's delta for everything. make and apply: medians, 2-core VM, warm page cache; apply "
@@ -107,7 +118,8 @@ def exact(rows) -> str:
         cells = [
             LABELS.get(r["pair"], r["pair"]),
             f'**{r["ft_bytes"] / r["delta_bytes"]:.3f}x** ({mb(r["delta_bytes"])})',
-            f'{b["exponent_context_ratio"]:.2f}x',
+            f'{b["exponent_context_ratio"]:.2f}x'
+            + (" (same-shape tensors only)" if b["bytes"] < 0.9 * r["weight_bytes"] else ""),
             f'{100 * b["unchanged"]:.0f} %',
             f'{r["make_s"]:.2f} s ({r["make_s"] / r["cat_s"]:.1f}x)' if r["cat_s"] > 0 else f'{r["make_s"]:.2f} s',
             f'{r["apply_s"]:.2f} s ({r["apply_s"] / r["cp_s"]:.1f}x)' if r["cp_s"] > 0 else f'{r["apply_s"]:.2f} s',
@@ -116,6 +128,7 @@ def exact(rows) -> str:
             "; ".join(peers) or "-",
         ]
         out.append("| " + " | ".join(cells) + " |")
+    out += ["", load_note(rows).strip()]
     return "\n".join(out) + "\n"
 
 

@@ -28,6 +28,7 @@ root="$(dirname "$here")"
 base="$1" ft="$2" work="$3"
 shift 3
 specs=("$@")
+given="${specs[*]}"
 [ ${#specs[@]} -gt 0 ] || specs=(exact sign sign-axis "quant:bits=2" "quant:bits=3" "quant:bits=4" "quant@0.1" "quant@0.05" "sparse:keep=0.1" "dare:keep=0.3" "auto@0.3" "auto@0.1")
 py="${PYTHON:-python3}"
 data="${DATA:-$root/../shared/models/data}"
@@ -75,11 +76,11 @@ print(",".join(str(x) for x in [sys.argv[3], sys.argv[4], round(m["bits_per_para
     printf '| `%s` | %s | %.3f | %.2fx | %.3f | %.4f | %.3f | %s | %.4f |\n' "$c" "${me:--}" "$b" "$ra" "$er" "$a1" "$mr" "$ch" "$cmin" | tee -a "$table"
 done
 if [ -n "${TABLE:-}" ]; then
-    cmd="scripts/eval_codecs.sh"
+    cmd="TABLE=$TABLE scripts/eval_codecs.sh"
     [ "$quality" = 0 ] && cmd="QUALITY=0 $cmd"
     # The command as a reader would type it, with the models' paths relative to the repository.
     rel() { realpath --relative-to="$root" "$1"; }
-    cmd+=" $(rel "$base") $(rel "$ft") WORKDIR ${specs[*]}"
+    cmd+=" $(rel "$base") $(rel "$ft") WORKDIR${given:+ $given}"
     # shellcheck disable=SC2086  # TABLE_FILES is a list of paths
     (cd "$root" && python3 scripts/update_tables.py --from "$cmd" "$TABLE" ${TABLE_FILES:-README.md} < "$table")
 fi

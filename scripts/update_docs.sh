@@ -5,12 +5,17 @@
 #   1. the README's `codecs` table: QUALITY=0 TABLE=codecs scripts/eval_codecs.sh on ft-a-bf16
 #   2. docs/sweep-ft-a.csv and docs/sweep-ft-a.svg: deltapack sweep on ft-a-bf16
 #   3. the README's `headline` table and docs/BENCHMARKS.md's `exact` table: TABLES=1 scripts/bench.sh
-#      (PEER_PY, PEERS and REF=0 pass through; see its header)
+#      (PEER_PY, PEERS, PEER_REPEATS and REF=0 pass through; see its header); it generates the
+#      reference pair in WORKDIR/ref (2 GB) if missing
+#   4. docs/BENCHMARKS.md's `lossy-ref` table: TABLES=1 scripts/bench_lossy.sh (reference pair)
+#   5. docs/BENCHMARKS.md's `hotswap` tables: TABLES=1 scripts/bench_hotswap.sh (REPEATS x 4 rounds)
 #
 # Usage: scripts/update_docs.sh [WORKDIR]   (default bench-out, git-ignored; ~5 GB with the
-#        reference pair). About 15 minutes on 2 cores, most of it the sweep and the `auto` rows.
-# Environment: MODELS (default ../shared/models), REPEATS (default 3), SKIP="codecs sweep bench"
-# leaves steps out.
+#        reference pair). About 10 to 15 minutes on 2 cores, most of it the reference pair.
+# Environment: MODELS (default ../shared/models), REPEATS (default 3), SKIP="codecs sweep bench
+# lossy hotswap" leaves steps out. The task-quality tables need PyTorch: see
+# scripts/eval_codecs.sh. Times are only as good as the machine is quiet: bench.sh notes the
+# load average in its tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-bench-out}
@@ -38,5 +43,14 @@ fi
 if [[ "$SKIP" != *" bench "* ]]; then
   echo "== exact codec against the peers (README.md headline, docs/BENCHMARKS.md exact)"
   MODELS="$MODELS" TABLES=1 scripts/bench.sh "$WORK" "$REPEATS"
+fi
+if [[ "$SKIP" != *" lossy "* ]]; then
+  echo "== lossy codecs on the reference pair (docs/BENCHMARKS.md lossy-ref)"
+  TABLES=1 scripts/bench_lossy.sh "$WORK" "$REPEATS"
+fi
+
+if [[ "$SKIP" != *" hotswap "* ]]; then
+  echo "== hot swap against apply (docs/BENCHMARKS.md hotswap)"
+  MODELS="$MODELS" TABLES=1 scripts/bench_hotswap.sh "$WORK" $((REPEATS * 4 - 1))
 fi
 git --no-pager diff --stat -- README.md docs
