@@ -28,6 +28,7 @@ H="$WORK/hotswap"
 mkdir -p "$H"
 LOG="$H/bench.log" # what the runs print, for the table
 : >"$LOG"
+echo "# load $(cut -d' ' -f1 /proc/loadavg) $(nproc)" >>"$LOG"
 cargo build --release -q -p deltapack-cli
 cargo build --release -q -p deltapack --example bench_hotswap
 BIN="$TARGET/release/deltapack"

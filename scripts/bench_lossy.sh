@@ -19,6 +19,7 @@ reps="${2:-3}"
 dp="${DELTAPACK:-$root/target/release/deltapack}"
 ref="$work/ref"
 [ -d "$ref/base" ] || "$dp" dev synth --preset reference "$ref"
+load="$(cut -d' ' -f1 /proc/loadavg)"
 timer=()
 if /usr/bin/time -f %M true 2>/dev/null; then timer=(/usr/bin/time -f "%e %M" -o "$work/time"); fi
 run() { # codec [max-error] -> prints "bits error seconds rss"
@@ -77,7 +78,7 @@ if [ -z "${SKIP_BUDGETS:-}" ]; then
 fi
 if [ "${TABLES:-0}" = 1 ]; then
     echo "" >>"$table"
-    echo "Fixed settings: make time as the median of $reps runs interleaved with the exact codec's; budgeted settings: one run each." >>"$table"
+    echo "Fixed settings: make time as the median of $reps runs interleaved with the exact codec's; budgeted settings: one run each. Load average $load at the start, on $(nproc) cores." >>"$table"
     cmd="scripts/bench_lossy.sh WORKDIR $reps"
     [ -n "${SKIP_BUDGETS:-}" ] && cmd="SKIP_BUDGETS=1 $cmd"
     (cd "$root" && python3 scripts/update_tables.py --from "$cmd" lossy-ref docs/BENCHMARKS.md <"$table")

@@ -22,13 +22,15 @@ DELTA = re.compile(r"^  delta A ([0-9.]+) MB; undo held at A ([0-9.]+) MB")
 
 def name(path: str) -> str:
     stem = os.path.basename(path).removesuffix(".dpk")
-    return {"ref-a": "reference pair"}.get(stem, stem)
+    return {"ref-a": "reference pair", "ft-a": "ft-a-bf16", "ft-b": "ft-b-bf16-sharded"}.get(stem, stem)
 
 
 def parse(text: str):
-    runs, cur = [], None
+    runs, cur, load = [], None, None
     for line in text.splitlines():
-        if line.startswith("== "):
+        if line.startswith("# load "):
+            load = line.split()[2:4]
+        elif line.startswith("== "):
             m = re.match(r"^== (\S+) with (\S+) \(", line)
             cur = {"a": name(m.group(2)), "rows": {}, "b_part": False}
             runs.append(cur)
@@ -47,13 +49,13 @@ def parse(text: str):
             cur["b_bytes"], cur["b_on_a_bytes"] = (int(x) for x in line.split()[2:4])
         elif m := DELTA.match(line):
             cur["delta_mb"], cur["undo_mb"] = float(m.group(1)), float(m.group(2))
-    return runs
+    return runs, load
 
 
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
-    runs = parse(open(sys.argv[1]).read())
+    runs, load = parse(open(sys.argv[1]).read())
     if not runs:
         raise SystemExit("hotswap_tables.py: no runs in " + sys.argv[1])
     out = [
@@ -87,7 +89,10 @@ def main() -> None:
             cells.append(f"{back[0]:.3f} s ({back[1]:.2f}x)" if back else "-")
             cells.append(f'{r["b_bytes"] / 1e6:.1f} MB, {r["b_on_a_bytes"] / 1e6:.1f} MB' if "b_bytes" in r else "-")
             out.append("| " + " | ".join(cells) + " |")
-    out += ["", "Times: medians; \"faster\" is against `apply` in the same run (which writes every file to disk)."]
+    note = "Times: medians; \"faster\" is against `apply` in the same run (which writes every file to disk)."
+    if load:
+        note += f" Load average {load[0]} at the start, on {load[1]} cores."
+    out += ["", note]
     sys.stdout.write("\n".join(out) + "\n")
 
 
