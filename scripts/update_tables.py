@@ -13,7 +13,8 @@ Each FILE must hold exactly one pair of marker lines::
 
 Everything between the two lines is replaced by standard input (the marker lines stay as they
 are). With ``--from COMMAND`` a last line says which command made the table, on which build
-(the short commit of HEAD, ``+changes`` when the Rust sources differ from it) and on which day.
+(the last commit that changed the Rust sources, ``+changes`` when the work tree's differ from
+it) and on which day.
 If any FILE lacks the markers, or holds them more than once or in the wrong order,
 nothing is written and the exit status is 1. Each file is rewritten through a temporary file
 and a rename, so a failure never leaves it half-written.
@@ -44,17 +45,22 @@ def replace(text: str, name: str, table: str, path: str) -> str:
     return text[: b[0].end()] + table + text[e[0].start() :]
 
 
+SOURCES = ["crates", "Cargo.toml", "Cargo.lock"]
+
+
 def build() -> str:
-    """The short commit of HEAD, with "+changes" when the Rust sources differ from it."""
+    """The last commit that changed the Rust sources (so commits of docs alone do not change
+    it), with "+changes" when the work tree's sources differ from it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = ["git", "-C", root]
     try:
-        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(git + ["status", "--porcelain", "--", "crates", "Cargo.toml", "Cargo.lock"],
+        head = subprocess.run(git + ["log", "-1", "--format=%h", "--"] + SOURCES,
+                              capture_output=True, text=True, check=True)
+        dirty = subprocess.run(git + ["status", "--porcelain", "--"] + SOURCES,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    return (head.stdout.strip() or "unknown") + ("+changes" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
