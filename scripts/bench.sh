@@ -120,7 +120,7 @@ if [ "${REF:-1}" != 0 ]; then
   [ -n "${PEER_PY:-}" ] || echo "  (set PEER_PY to a Python with the peers to measure them side by side)"
   record pair=reference ft_bytes="$ft_bytes" weight_bytes="$(cat "$ref"/finetuned/*.safetensors | wc -c)" \
     delta_bytes="$delta_bytes" make_s="$make_s" apply_s="$apply_s" verify_s="$verify_s" cat_s="$cat_s" cp_s="$cp_s" \
-    make_rss="$make_rss" apply_rss="$apply_rss" verify_rss="$verify_rss" bounds="$bounds" peers="$p" load="$load"
+    make_rss="$make_rss" apply_rss="$apply_rss" verify_rss="$verify_rss" bounds="$bounds" peers="$p" load="$load" peer_repeats="${PEER_REPEATS:-$REPEATS}"
 fi
 
 if [ -d "$MODELS/minilm-base-bf16" ]; then
@@ -146,7 +146,7 @@ if [ -d "$MODELS/minilm-base-bf16" ]; then
     fi
     record pair="$ft" ft_bytes="$ft_bytes" weight_bytes="$(cat "$MODELS/$ft"/*.safetensors | wc -c)" \
       delta_bytes="$(stat -c %s "$d")" make_s="$ms" apply_s="$as" verify_s="$vs" cat_s="$cat_s" cp_s="$cp_s" \
-      make_rss="$mr" apply_rss="$ar" verify_rss="$vr" bounds="$bounds" peers="$p" load="$load"
+      make_rss="$mr" apply_rss="$ar" verify_rss="$vr" bounds="$bounds" peers="$p" load="$load" peer_repeats="${PEER_REPEATS:-$REPEATS}"
   done
 fi
 

@@ -87,7 +87,23 @@ def headline(rows) -> str:
         cells.append(f'**{best / r["delta_bytes"]:.2f}x** smaller' if best else "-")
         cells += [f'{r["make_s"]:.2f} s', f'{r["apply_s"]:.2f} s']
         out.append("| " + " | ".join(cells) + " |")
+    speed = []
+    for r in rows:
+        for name, label in PEERS:
+            if name in r["peers"]:
+                p = r["peers"][name]
+                runs = int(r.get("peer_repeats", 0))
+                runs = "one run" if runs == 1 else f"medians of {runs}" if runs else "medians"
+                speed.append(
+                    f'on {"the reference pair" if r["pair"] == "reference" else r["pair"]}, {label} compressed in '
+                    f'{p["compress_s"]:.2f} s and decompressed in {p["decompress_s"]:.2f} s, in memory ({runs}), so '
+                    f'make was {p["compress_s"] / r["make_s"]:.1f}x faster and apply, which also writes the files, '
+                    f'{p["decompress_s"] / r["apply_s"]:.1f}x'
+                )
     out.append("")
+    if speed:
+        out.append("In the same run, " + "; ".join(speed) + ".")
+        out.append("")
     out.append(
         load_note(rows) + "Ratios are the fine-tune's size over the compressed size. The peers compress the weights file "
         "alone (`model.safetensors`; they need one file of the same layout on both sides), deltapack "
