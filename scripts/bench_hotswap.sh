@@ -10,6 +10,8 @@
 #   MODELS   the real checkpoints (default: ../shared/models)
 #   REF      the reference pair, REF/base and REF/finetuned (default: WORKDIR/ref, which
 #            scripts/bench.sh generates); skipped when absent
+#   TABLES=1 write the `hotswap` table of docs/BENCHMARKS.md from this run
+#            (scripts/hotswap_tables.py, through scripts/update_tables.py)
 #
 # Pairs: (a) minilm-base-bf16 with A = ft-a-bf16 and B = ft-b-bf16-sharded, then the other way
 # round; (b) the reference pair with A = its fine-tune and B = a second fine-tune of its base
@@ -24,6 +26,9 @@ REF=${REF:-$WORK/ref}
 TARGET=${CARGO_TARGET_DIR:-target}
 H="$WORK/hotswap"
 mkdir -p "$H"
+LOG="$H/bench.log" # what the runs print, for the table
+: >"$LOG"
+echo "# load $(cut -d' ' -f1 /proc/loadavg) $(nproc)" >>"$LOG"
 cargo build --release -q -p deltapack-cli
 cargo build --release -q -p deltapack --example bench_hotswap
 BIN="$TARGET/release/deltapack"
@@ -38,8 +43,10 @@ if [ -d "$MODELS/minilm-base-bf16" ]; then
   delta "$MODELS/minilm-base-bf16" "$MODELS/ft-b-bf16-sharded" "$H/ft-b.dpk"
   delta "$MODELS/minilm-base-bf16" "$MODELS/ft-b-bf16-sharded" "$H/ft-b-on-a.dpk" "$H/ft-a.dpk"
   delta "$MODELS/minilm-base-bf16" "$MODELS/ft-a-bf16" "$H/ft-a-on-b.dpk" "$H/ft-b.dpk"
-  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-a.dpk" "$H/ft-b.dpk" "$H/ft-b-on-a.dpk"
-  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-b.dpk" "$H/ft-a.dpk" "$H/ft-a-on-b.dpk"
+  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-a.dpk" "$H/ft-b.dpk" "$H/ft-b-on-a.dpk" | tee -a "$LOG"
+  echo "# B $(stat -c %s "$H/ft-b.dpk") $(stat -c %s "$H/ft-b-on-a.dpk")" >>"$LOG"
+  "$BENCH" run "$MODELS/minilm-base-bf16" "$H/out" "$REPEATS" "$H/ft-b.dpk" "$H/ft-a.dpk" "$H/ft-a-on-b.dpk" | tee -a "$LOG"
+  echo "# B $(stat -c %s "$H/ft-a.dpk") $(stat -c %s "$H/ft-a-on-b.dpk")" >>"$LOG"
 else
   echo "$MODELS/minilm-base-bf16 not found; real pair skipped"
 fi
@@ -49,8 +56,13 @@ if [ -f "$REF/base/model.safetensors" ] && [ -f "$REF/finetuned/model.safetensor
   delta "$REF/base" "$REF/finetuned" "$H/ref-a.dpk"
   delta "$REF/base" "$H/ref-ft2" "$H/ref-b.dpk"
   delta "$REF/base" "$H/ref-ft2" "$H/ref-b-on-a.dpk" "$H/ref-a.dpk"
-  "$BENCH" run "$REF/base" "$H/out" "$REPEATS" "$H/ref-a.dpk" "$H/ref-b.dpk" "$H/ref-b-on-a.dpk"
+  "$BENCH" run "$REF/base" "$H/out" "$REPEATS" "$H/ref-a.dpk" "$H/ref-b.dpk" "$H/ref-b-on-a.dpk" | tee -a "$LOG"
+  echo "# B $(stat -c %s "$H/ref-b.dpk") $(stat -c %s "$H/ref-b-on-a.dpk")" >>"$LOG"
 else
   echo "reference pair not found in $REF (scripts/bench.sh generates it); skipped"
 fi
 rm -rf "$H/out"
+if [ "${TABLES:-0}" = 1 ]; then
+  args="scripts/bench_hotswap.sh WORKDIR $REPEATS"
+  python3 scripts/hotswap_tables.py "$LOG" | python3 scripts/update_tables.py --from "$args" hotswap docs/BENCHMARKS.md
+fi

@@ -4,6 +4,7 @@
 Usage::
 
     python peer_zipnn.py BASE.safetensors FT.safetensors [--threads 2] [--repeat 3] [--json] [--z4ai]
+                         [--peers zipnn,z4ai]
 
 Both files are read into memory first (not timed). Then, for each repetition:
 
@@ -11,7 +12,10 @@ Both files are read into memory first (not timed). Then, for each repetition:
   threads=N, delta_compressed_type="byte")``; ``compress(ft, delta_second_data=base)`` and
   ``decompress(blob, delta_second_data=base)``. ``compress`` mutates its inputs, so every call
   gets fresh ``bytearray`` copies, made outside the timed region.
-* z4ai 0.2.0 (with ``--z4ai``): ``z4ai.model_delta.compress(ft, base, threads=N)`` and
+``--peers`` names the peers to run (default ``zipnn``; ``--z4ai`` adds z4ai). z4ai needs only
+numpy and zstandard, so ``--peers z4ai`` runs without torch.
+
+* z4ai 0.2.0 (with ``--z4ai`` or ``--peers z4ai``): ``z4ai.model_delta.compress(ft, base, threads=N)`` and
   ``decompress(blob, base)`` on immutable ``bytes``.
 
 Each decompressed output is checked byte for byte against the fine-tune (outside the timed
@@ -126,18 +130,23 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported (default 3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--z4ai", action="store_true", help="also measure z4ai.model_delta")
+    ap.add_argument("--peers", default="zipnn", help="comma-separated peers to run: zipnn, z4ai (default zipnn)")
     args = ap.parse_args()
     if args.repeat < 1 or args.threads < 1:
         ap.error("--repeat and --threads must be >= 1")
+    names = [p for p in args.peers.split(",") if p]
+    if args.z4ai and "z4ai" not in names:
+        names.append("z4ai")
+    runners = {"zipnn": run_zipnn, "z4ai": run_z4ai}
+    if not names or any(p not in runners for p in names):
+        ap.error(f"--peers: expected a comma-separated list of {', '.join(runners)}")
 
     base = args.base.read_bytes()
     ft = args.ft.read_bytes()
     if len(base) != len(ft):
         sys.exit(f"files differ in length ({len(base)} vs {len(ft)}); zipnn's byte delta needs the same layout")
 
-    peers = {"zipnn": run_zipnn(base, ft, args.threads, args.repeat)}
-    if args.z4ai:
-        peers["z4ai"] = run_z4ai(base, ft, args.threads, args.repeat)
+    peers = {p: runners[p](base, ft, args.threads, args.repeat) for p in names}
 
     report = {
         "base": str(args.base),
