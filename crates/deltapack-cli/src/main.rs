@@ -407,7 +407,7 @@ fn main() -> ExitCode {
             if json_out {
                 let text = e.to_string();
                 let first = text.lines().next().unwrap_or_default();
-                print_error_json(first.trim_start_matches("error: "), "usage", 2);
+                print_error_json(first.trim_start_matches("error: "), "usage", 2, None);
             }
             e.exit()
         }
@@ -420,12 +420,37 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = exit_code(&e);
             let msg = message(&e);
+            let hint = hint(&e);
             eprintln!("error: {msg}");
+            if let Some(h) = hint {
+                eprintln!("hint: {h}");
+            }
             if json_out {
-                print_error_json(&msg, kind_name(&e), code);
+                print_error_json(&msg, kind_name(&e), code, hint);
             }
             ExitCode::from(code)
         }
+    }
+}
+
+/// What to type next, for the errors a flag answers. The library's messages name no flags
+/// (the same errors reach Python, where keyword arguments answer them), so the CLI adds them.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use deltapack::Error;
+    match e.chain().find_map(|c| c.downcast_ref::<Error>())? {
+        Error::OutputExists { .. } => Some("pass --force to replace it"),
+        Error::WrongParentHash { .. } => Some("pass --no-base-check only if you are sure this is the right base"),
+        Error::MissingBaseFiles { .. } => {
+            Some("`deltapack make --self-contained` makes a delta that needs only the base's tensors")
+        }
+        Error::WrongBase { expected, .. } if expected.swapped => {
+            Some("check the order: --base takes the base, the fine-tune goes to `make --finetuned`")
+        }
+        Error::InvalidArgument(m) if m.contains("reparenting them") => {
+            Some("`deltapack store rm --reparent` re-codes them against its parent")
+        }
+        Error::InvalidArgument(m) if m.contains("give the base a name") => Some("pass --name"),
+        _ => None,
     }
 }
 
@@ -455,8 +480,8 @@ fn message(e: &anyhow::Error) -> String {
 }
 
 /// With `--json`, a failure is a JSON document on stdout too, so scripts parse one thing.
-fn print_error_json(msg: &str, kind: &str, exit_code: u8) {
-    let v = serde_json::json!({"error": msg, "kind": kind, "exit_code": exit_code});
+fn print_error_json(msg: &str, kind: &str, exit_code: u8, hint: Option<&str>) {
+    let v = serde_json::json!({"error": msg, "kind": kind, "exit_code": exit_code, "hint": hint});
     out!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 

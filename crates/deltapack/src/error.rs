@@ -24,7 +24,12 @@ pub enum ErrorKind {
 }
 
 /// Everything that can go wrong in deltapack.
+///
+/// Messages name the files and tensors involved and say what to do in the library's terms;
+/// they name no command-line flag or keyword argument: front ends add those hints (the CLI
+/// through the variant, see `deltapack-cli`). New variants may be added.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An operating-system I/O call failed on `path`.
     #[error("{op} {path}: {source}")]
@@ -95,7 +100,7 @@ pub enum Error {
         reason: String,
     },
     /// The base does not hash to the `parent_hash` a deltatensors `.wdelta` records.
-    #[error("wrong base {path}: it does not hash to the parent_hash {expected} that {} records, in any of the forms deltatensors hashes a base; this is not the base the delta was made from (pass --no-base-check only if you are sure it is)", .wdelta.display())]
+    #[error("wrong base {path}: it does not hash to the parent_hash {expected} that {} records, in any of the forms deltatensors hashes a base; this is not the base the delta was made from (skip this check only for a base known to be right)", .wdelta.display())]
     WrongParentHash {
         /// The base checkpoint given.
         path: PathBuf,
@@ -115,7 +120,7 @@ pub enum Error {
         reason: String,
     },
     /// The output exists and overwriting was not allowed.
-    #[error("{path} already exists; pass --force to overwrite it")]
+    #[error("{path} already exists")]
     OutputExists {
         /// The output path.
         path: PathBuf,
@@ -233,7 +238,7 @@ fn missing_files(path: &std::path::Path, files: &[MissingFile], single_file: boo
         false => "give a base directory that has them",
     };
     format!(
-        "base {} lacks files the delta needs from it: {list}{headers}; {give}, or use a delta made self-contained (`deltapack make --self-contained`), which needs only the base's tensors",
+        "base {} lacks files the delta needs from it: {list}{headers}; {give}, or use a delta made self-contained, which needs only the base's tensors",
         path.display()
     )
 }

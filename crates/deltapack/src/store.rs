@@ -143,7 +143,12 @@ impl Store {
             None => base
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| Error::InvalidArgument("give the base a --name".into()))?,
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{} has no directory name to name the base by: give the base a name",
+                        base.display()
+                    ))
+                })?,
         };
         check_name(&name)?;
         if m.bases.iter().any(|b| b.name == name) {
@@ -288,7 +293,7 @@ impl Store {
         if !children.is_empty() && !reparent {
             let names: Vec<&str> = children.iter().map(|c| c.name.as_str()).collect();
             return Err(Error::InvalidArgument(format!(
-                "entry '{name}' is the parent of {}; pass --reparent to re-code them against its parent",
+                "entry '{name}' is the parent of {}; remove them first, or remove it reparenting them (they are re-coded against its parent)",
                 names.join(", ")
             )));
         }

@@ -443,7 +443,7 @@ pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Res
     }
     match (spec, budget) {
         (CodecSpec::Auto, None) => Err(Error::InvalidArgument(
-            "codec 'auto' needs --max-error to choose within".into(),
+            "codec 'auto' needs an error budget (the largest error of each tensor) to choose within".into(),
         )),
         (CodecSpec::Auto, Some(e)) => auto(t, &stats, e, calib),
         (s, None) => Ok(fixed(s, t, &stats, calib, seed_salt)),
@@ -1004,7 +1004,7 @@ fn budgeted(
         }
         CodecSpec::Dare { .. } => {
             return Err(Error::InvalidArgument(
-                "codec 'dare' keeps the delta only in expectation; it takes no --max-error".into(),
+                "codec 'dare' keeps the delta only in expectation; it takes no error budget".into(),
             ))
         }
         CodecSpec::Exact | CodecSpec::Auto => None,

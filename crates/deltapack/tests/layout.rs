@@ -157,7 +157,7 @@ fn a_base_without_the_files_a_delta_needs_is_told_them_all() {
         }
         let msg = err.to_string();
         assert!(
-            msg.contains("--self-contained") && !msg.contains("tensor '") && !msg.contains("wrong"),
+            msg.contains("made self-contained") && !msg.contains("tensor '") && !msg.contains("wrong"),
             "{msg}"
         );
         assert!(!out.exists());

@@ -255,7 +255,7 @@ fn self_contained_deltas_need_only_the_base_tensors() {
     .unwrap_err();
     assert_eq!(err.kind(), deltapack::ErrorKind::BadInput, "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("config.json") && msg.contains("--self-contained"), "{msg}");
+    assert!(msg.contains("config.json") && msg.contains("self-contained"), "{msg}");
     let self_contained = MakeOptions {
         self_contained: true,
         force: true,
