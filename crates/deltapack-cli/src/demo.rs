@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::synth::{self, Spec};
 use anyhow::{Context, Result};
-use deltapack::synth::{self, Spec};
 use serde_json::json;
 
 use crate::progress::Bars;

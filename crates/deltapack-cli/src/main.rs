@@ -22,6 +22,7 @@ mod progress;
 mod report;
 mod store;
 mod sweep;
+mod synth;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -744,12 +745,12 @@ fn dev(cmd: Dev) -> Result<()> {
     match cmd {
         Dev::Synth { preset, shards, dir } => {
             let spec = match preset.as_str() {
-                "reference" => deltapack::synth::Spec::reference(),
-                "demo" => deltapack::synth::Spec::demo(),
+                "reference" => synth::Spec::reference(),
+                "demo" => synth::Spec::demo(),
                 other => anyhow::bail!("unknown preset '{other}' (use reference or demo)"),
             };
-            deltapack::synth::write_model(&spec, &dir.join("base"), false, shards)?;
-            deltapack::synth::write_model(&spec, &dir.join("finetuned"), true, shards)?;
+            synth::write_model(&spec, &dir.join("base"), false, shards)?;
+            synth::write_model(&spec, &dir.join("finetuned"), true, shards)?;
             Ok(())
         }
         Dev::Bounds { base, finetuned } => {

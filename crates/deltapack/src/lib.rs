@@ -32,7 +32,6 @@ pub use chain::Chain;
 pub use make::{make, MakeOptions, MakeReport, TensorReport};
 pub mod stats;
 pub mod store;
-pub mod synth;
 pub mod tune;
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Synthetic checkpoint pairs for the demo, tests and benchmarks.
+//! Synthetic checkpoint pairs for the demo, the CLI tests and the benchmarks (`dev synth`).
 //!
 //! A base holds `bf16(W)` and its fine-tune `bf16(W + E)`, with `W ~ N(0, weight_std)` and
 //! `E ~ N(0, delta_std)` drawn in f32 from fixed seeds, per tensor and chunk, so any machine
@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::{Error, Result};
+use deltapack::{Error, Result};
 
 /// Shapes and distributions of a synthetic decoder-only model pair.
 #[derive(Debug, Clone)]
@@ -101,14 +101,6 @@ impl Spec {
             v.push(("lm_head.weight".to_string(), vec![vocab, h]));
         }
         v
-    }
-
-    /// Number of values in the base.
-    pub fn base_values(&self) -> usize {
-        self.tensors(false)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
     }
 }
 
@@ -233,7 +225,8 @@ mod tests {
     fn reference_has_qwen_shapes() {
         let s = Spec::reference();
         assert_eq!(s.tensors(false).len(), 290);
-        assert_eq!(s.base_values(), 494_032_768);
+        let values: usize = s.tensors(false).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert_eq!(values, 494_032_768);
     }
 
     #[test]
