@@ -182,6 +182,15 @@ fn store_get_into_the_store_is_refused() {
     let o = run(&["store", "get", s(&store), "ft", "-o", &format!("{}/bases/x", s(&store))]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("never writes into its inputs"));
+    let inner = dir.path().join("ft-copy");
+    std::fs::create_dir(&inner).unwrap();
+    for e in std::fs::read_dir(&ft).unwrap().flatten() {
+        std::fs::copy(e.path(), inner.join(e.file_name())).unwrap();
+    }
+    let nested = inner.join("store");
+    ok(&run(&["store", "init", s(&nested), "--base", s(&base)]));
+    let o = run(&["store", "add", s(&nested), "x", s(&inner)]);
+    assert_eq!(code(&o), 2, "a store inside the fine-tune: {}", stderr(&o));
 }
 
 // 3. Interrupted runs leave nothing behind; a dead process's leftovers are removed.

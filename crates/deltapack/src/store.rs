@@ -197,6 +197,9 @@ impl Store {
         progress: &dyn Progress,
     ) -> Result<(Entry, MakeReport)> {
         check_name(name)?;
+        // A fine-tune inside the store could be cleaned away under it; a store inside the
+        // fine-tune's directory would be read as the fine-tune's files.
+        crate::checkpoint::check_output_disjoint(&self.root, &[("fine-tune", ft)])?;
         let _lock = self.lock(true)?;
         let mut m = self.read_manifest()?;
         self.clean(&m)?;
