@@ -2,23 +2,9 @@
 //! JSON reports and exit codes.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deltapack"))
-        .args(args)
-        .output()
-        .expect("deltapack runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert_eq!(code(o), 0, "stderr: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
-}
+mod common;
+use common::*;
 
 /// The values of an F32 tensor of `rows` rows of 8 columns, from `seed`.
 fn values(rows: usize, seed: u16) -> Vec<f32> {
@@ -107,10 +93,6 @@ fn difference(dir: &Path, tensors: &[(&str, usize, u16)]) {
         })
         .collect();
     write_model(dir, &v);
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

@@ -1,24 +1,10 @@
 //! The `deltapack` binary: commands, JSON output and documented exit codes.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_deltapack"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("deltapack runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert_eq!(code(o), 0, "stderr: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
-}
+mod common;
+use common::*;
 
 /// The demo pair, made by the binary itself: DIR/base and DIR/finetuned, and DIR/ft.dpk.
 fn pair(dir: &Path) -> (String, String, String) {

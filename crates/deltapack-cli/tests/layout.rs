@@ -2,31 +2,10 @@
 //! against (re-sharded, a single file), and the messages for bases that do not fit.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deltapack"))
-        .args(args)
-        .output()
-        .expect("deltapack runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: &Output) {
-    assert_eq!(code(o), 0, "stderr: {}", stderr(o));
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::*;
 
 /// Every file below `dir`, by relative path.
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -38,12 +17,6 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         out.insert(name, std::fs::read(&p).unwrap());
     }
     out
-}
-
-/// The synthetic demo pair, made by the binary itself: DIR/base and DIR/finetuned.
-fn demo_pair(dir: &Path) -> (PathBuf, PathBuf) {
-    ok(&run(&["dev", "synth", "--preset", "demo", s(dir)]));
-    (dir.join("base"), dir.join("finetuned"))
 }
 
 /// Copies a model directory of one `model.safetensors` into `out` as two shards and a

@@ -3,47 +3,15 @@
 //! failed before its fix.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::*;
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_deltapack"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("deltapack runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn ok(o: &Output) -> String {
-    assert_eq!(code(o), 0, "stderr: {}", stderr(o));
-    stdout(o)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// The demo pair in `dir`: (base, fine-tune), made by the binary itself.
-fn pair(dir: &Path) -> (PathBuf, PathBuf) {
-    ok(&run(&["dev", "synth", "--preset", "demo", s(dir)]));
-    (dir.join("base"), dir.join("finetuned"))
-}
 
 /// The pair and an exact delta of it, `dir/ft.dpk`.
 fn pair_and_delta(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (base, ft) = pair(dir);
+    let (base, ft) = demo_pair(dir);
     let delta = dir.join("ft.dpk");
     ok(&run(&[
         "make",
@@ -175,7 +143,7 @@ fn force_replaces_a_previous_output_but_never_other_files() {
 #[test]
 fn store_get_into_the_store_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let store = dir.path().join("store");
     ok(&run(&["store", "init", s(&store), "--base", s(&base)]));
     ok(&run(&["store", "add", s(&store), "ft", s(&ft)]));
@@ -249,7 +217,7 @@ fn slow_make<'a>(base: &'a str, ft: &'a str, out: &'a str) -> Vec<&'a str> {
 #[test]
 fn sigterm_and_sigint_remove_the_temporary_output() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let outdir = dir.path().join("o");
     std::fs::create_dir(&outdir).unwrap();
     let out = outdir.join("ft.dpk");
@@ -271,7 +239,7 @@ fn sigterm_and_sigint_remove_the_temporary_output() {
 #[test]
 fn a_killed_runs_temporary_is_removed_by_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let outdir = dir.path().join("o");
     std::fs::create_dir(&outdir).unwrap();
     let out = outdir.join("ft.dpk");
@@ -344,7 +312,7 @@ fn every_command_creates_missing_parents_only_when_it_succeeds() {
 #[test]
 fn sweep_checks_inputs_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let out = dir.path().join("sweep");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("sweep.csv"), b"mine").unwrap();
@@ -370,7 +338,7 @@ fn store_init_with_a_bad_base_leaves_nothing() {
 #[test]
 fn max_error_with_the_exact_codec_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let out = dir.path().join("x.dpk");
     let o = run(&[
         "make",
@@ -446,7 +414,7 @@ fn one_shard_given_as_the_finetune_is_warned_about() {
 #[test]
 fn store_add_says_when_an_entry_is_identical_to_its_parent() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let store = dir.path().join("store");
     ok(&run(&["store", "init", s(&store), "--base", s(&base)]));
     ok(&run(&["store", "add", s(&store), "a", s(&ft)]));
@@ -468,7 +436,7 @@ fn store_add_says_when_an_entry_is_identical_to_its_parent() {
 #[test]
 fn urls_are_refused_before_anything_is_created() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, _) = pair(dir.path());
+    let (base, _) = demo_pair(dir.path());
     let o = bin()
         .current_dir(dir.path())
         .args(["store", "init", "s3://bucket/store", "--base", s(&base)])
@@ -486,7 +454,7 @@ fn urls_are_refused_before_anything_is_created() {
 #[test]
 fn a_pickle_only_directory_says_how_to_convert() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, _) = pair(dir.path());
+    let (base, _) = demo_pair(dir.path());
     let pt = dir.path().join("pt");
     std::fs::create_dir(&pt).unwrap();
     std::fs::write(pt.join("pytorch_model.bin"), b"not read").unwrap();
@@ -511,7 +479,7 @@ fn a_pickle_only_directory_says_how_to_convert() {
 #[test]
 fn invalid_settings_give_their_valid_range() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let out = dir.path().join("x.dpk");
     for (args, range) in [
         (vec!["--codec", "quant", "--bits", "12"], "from 2 to 8"),
@@ -560,7 +528,7 @@ fn inspect_explains_links_and_directories() {
 #[test]
 fn lossy_make_prints_a_summary_unless_asked_for_the_table() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let out = dir.path().join("x.dpk");
     let lossy = ["--codec", "quant", "--bits", "4", "--force"];
     let mut a = vec!["make", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out)];
@@ -579,7 +547,7 @@ fn lossy_make_prints_a_summary_unless_asked_for_the_table() {
 #[test]
 fn quiet_sweep_prints_nothing_on_stderr() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
     let out = dir.path().join("sweep");
     let o = run(&["sweep", "-q", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out)]);
     ok(&o);
