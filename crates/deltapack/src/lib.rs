@@ -5,6 +5,21 @@
 //! codes chunks of tensors, [`container`] is the delta file, [`make`](mod@make) and [`apply`](mod@apply) drive the
 //! whole pipeline in bounded memory.
 //! [`hotswap`] holds a base in memory and switches it between fine-tunes in place.
+//!
+//! The verbs are at the crate root (the README's example, compiled here):
+//!
+//! ```no_run
+//! use deltapack::{apply, make, progress::NoProgress, ApplyOptions, MakeOptions};
+//! use std::path::Path;
+//!
+//! let report = make(Path::new("base/"), Path::new("ft/"), Path::new("ft.dpk"), &MakeOptions::default(), &NoProgress)?;
+//! println!("ratio {:.2}x", report.ratio);
+//! apply(Path::new("base/"), Path::new("ft.dpk"), Path::new("rebuilt/"), &ApplyOptions::default(), &NoProgress)?;
+//! // Random access: one tensor, without rebuilding the rest (every fingerprint checked).
+//! let chain = deltapack::Chain::open(Path::new("base/"), &[Path::new("ft.dpk").to_path_buf()])?;
+//! let bytes = deltapack::rebuild_tensor(&chain, "model.embed_tokens.weight")?;
+//! # Ok::<(), deltapack::Error>(())
+//! ```
 
 #![warn(missing_docs)]
 
@@ -26,10 +41,17 @@ pub mod pair;
 pub mod progress;
 mod schedule;
 
+// The verbs, with the options they take and the reports they return.
 pub use additive::{apply_additive, export_additive, AdditiveOptions, AdditiveReport, ExportOptions};
-pub use apply::{apply, apply_chain, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor, RebuildReport};
-pub use chain::Chain;
+pub use apply::{
+    apply, apply_chain, rebuild_tensor, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor, RebuildReport,
+};
+pub use chain::{make_child, rebase, squash, Chain};
+pub use checkpoint::remove_temporaries;
+pub use hotswap::Resident;
+pub use import::{import_wdelta, ImportOptions};
 pub use make::{make, MakeOptions, MakeReport, TensorReport};
+pub use store::Store;
 pub mod stats;
 pub mod store;
 pub mod tune;
