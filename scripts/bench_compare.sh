@@ -37,7 +37,7 @@ echo "|---|---|---|---|"
 for ft in ft-a-bf16 ft-b-bf16-sharded; do
   fdir="$models/$ft"
   [ -d "$fdir" ] || continue
-  "$old/target/release/deltapack" make -q --base "$base" --finetuned "$fdir" -o "$work/$ft.dpk"
+  "$old/target/release/deltapack" make -q --base "$base" --finetuned "$fdir" -o "$work/$ft.dpk" >/dev/null
   for step in make apply; do
     : >"$work/old.t"
     : >"$work/new.t"
