@@ -1,17 +1,42 @@
-//! Codecs: how one chunk of a fine-tune tensor is coded against its prediction.
+//! deltapack's codecs: how one chunk of a fine-tune tensor is coded against its prediction,
+//! and decoded back.
+//!
+//! A leaf crate: it knows element layouts and bytes, nothing of checkpoints, containers or
+//! files, so the engine, its tools and the fuzz targets share one copy of the codec knowledge.
 
-pub(crate) mod avx512;
+#![warn(missing_docs)]
+
+pub mod avx512;
 mod bits;
 pub mod changes;
 pub mod exact;
 pub mod float;
 pub mod ints;
+pub mod layout;
 pub mod lossy;
 pub mod rans;
 mod simd;
+#[cfg(test)]
+mod testdata;
 
-use crate::container::index::ChunkCodec;
-use crate::dtype::ElementLayout;
+use serde::{Deserialize, Serialize};
+
+use crate::layout::ElementLayout;
+
+/// How a chunk is stored: the on-disk name of its codec (the container's index stores it,
+/// so its serde names are part of the format).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkCodec {
+    /// Equal to the prediction; no payload.
+    Same,
+    /// The exact codec ([`exact`]).
+    Exact,
+    /// The exact codec for few changes ([`changes`]): positions and differences.
+    Changes,
+    /// The tensor's lossy codec ([`lossy`]).
+    Lossy,
+}
 
 /// Decodes a chunk of one of the two exact chunk codecs into `out`: `changes`, or (for any
 /// other `codec`, which callers keep to `exact`) the dense [`exact`] coder.

@@ -14,7 +14,7 @@
 
 use super::bits::{BitReader, BitWriter};
 use super::rans::{self, DecoderTables, EncoderTables, Model};
-use crate::dtype::ElementLayout;
+use crate::layout::ElementLayout;
 
 /// Most exponent contexts one chunk may use; rarer exponents share the edge contexts.
 pub(super) const MAX_CONTEXTS: usize = 40;
@@ -593,7 +593,7 @@ pub(super) fn read_u16(input: &mut &[u8]) -> Result<u16, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::layout;
+    use crate::layout::layout;
     use proptest::prelude::*;
     use safetensors::Dtype;
 

@@ -17,7 +17,7 @@ use super::exact::{
     W16, W32, W64, W8,
 };
 use super::{ints, rans};
-use crate::dtype::ElementLayout;
+use crate::layout::ElementLayout;
 
 /// Chunks with at most this share of changed elements (in percent) use this codec.
 pub const MAX_CHANGED_PERCENT: usize = 30;
@@ -249,7 +249,7 @@ fn differences_impl<W: Word, const FLOAT: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype;
+    use crate::layout as dtype;
     use proptest::prelude::*;
 
     fn round_trip(dt: safetensors::Dtype, pred: &[u8], target: &[u8]) {
