@@ -212,45 +212,8 @@ pub fn lossy_capable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
 }
 
-/// Defines `$name::<E>(args)`, which runs `$body::<E>(args)` compiled for AVX-512 (F, BW, VL,
-/// DQ) or else AVX2 when the CPU has it, else as is. The builds target baseline x86-64 (SSE2),
-/// where the f64 loops of the lossy codecs vectorise two values wide at best; `$body` and what
-/// it inlines get wider registers and conversions (AVX-512 made a `quant` make 10 % faster than
-/// AVX2). The arithmetic is the same IEEE operations in every build (no fused multiply-add),
-/// so results are identical bit for bit.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __simd_dispatch {
-    ($(#[$m:meta])* fn $name:ident => $body:ident($($arg:ident: $t:ty),*) -> $ret:ty) => {
-        $(#[$m])*
-        fn $name<E: $crate::float::Elem>($($arg: $t),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-                fn wider<E: $crate::float::Elem>($($arg: $t),*) -> $ret {
-                    $body::<E>($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("avx512vl")
-                    && std::is_x86_feature_detected!("avx512dq")
-                {
-                    // SAFETY: the CPU has these AVX-512 subsets, checked just above.
-                    return unsafe { wider::<E>($($arg),*) };
-                }
-                #[target_feature(enable = "avx2")]
-                fn wide<E: $crate::float::Elem>($($arg: $t),*) -> $ret {
-                    $body::<E>($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2, checked just above.
-                    return unsafe { wide::<E>($($arg),*) };
-                }
-            }
-            $body::<E>($($arg),*)
-        }
-    };
-}
+/// Defines `$name::<E>(args)`: `$body::<E>(args)` compiled for the widest vector
+/// instructions the CPU has (the macro lives with the kernels, see `kernels`).
 #[doc(inline)]
 pub use crate::__simd_dispatch as simd_dispatch;
 

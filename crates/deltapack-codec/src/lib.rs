@@ -6,16 +6,15 @@
 
 #![warn(missing_docs)]
 
-pub mod avx512;
 mod bits;
 pub mod changes;
 pub mod exact;
 pub mod float;
 pub mod ints;
+pub mod kernels;
 pub mod layout;
 pub mod lossy;
 pub mod rans;
-mod simd;
 #[cfg(test)]
 mod testdata;
 

@@ -4,11 +4,13 @@
 //! tables and a serialisable model (constriction has no table serialisation, zstd's FSE and
 //! huff0 are not exposed). The construction is ryg's `rans_word`: 32-bit states, 16-bit
 //! renormalisation, 12-bit probabilities. Sixteen independent states hide the latency of
-//! each symbol's table lookups; the AVX2 decoder (`simd`) runs them as four vectors.
+//! each symbol's table lookups; the AVX2 decoder (`kernels`) runs them as four vectors.
 //!
 //! The decoder treats its input as hostile: tables are validated when read, reads past the
 //! end of the word stream yield zeros and are reported by [`WordReader::finish`], and no
 //! index can go out of bounds.
+
+use crate::kernels::{self, Kernel};
 
 /// Probability resolution: frequencies of one context sum to `1 << SCALE_BITS`.
 pub const SCALE_BITS: u32 = 12;
@@ -212,7 +214,7 @@ pub fn encode(
     symbols: &[u8],
     contexts: &[u8],
     words: &mut Vec<u16>,
-    allow_simd: bool,
+    kernel: Kernel,
 ) -> ([u32; STATES], usize) {
     assert_eq!(symbols.len(), contexts.len());
     let n = symbols.len();
@@ -229,18 +231,17 @@ pub fn encode(
         let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
         e.put(&mut st[i % STATES], words, &mut len);
     }
-    #[cfg(target_arch = "x86_64")]
-    if allow_simd && super::avx512::available() {
-        super::avx512::encode_groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st);
+    if kernels::rans_encode_groups(
+        kernel,
+        tables,
+        &symbols[..full],
+        &contexts[..full],
+        words,
+        &mut len,
+        &mut st,
+    ) {
         return (st, len);
     }
-    #[cfg(target_arch = "x86_64")]
-    if allow_simd && super::simd::available() {
-        super::simd::encode_groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st);
-        return (st, len);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = allow_simd;
     for i in (0..full).rev() {
         let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
         e.put(&mut st[i % STATES], words, &mut len);
@@ -411,10 +412,17 @@ mod tests {
 
     fn stream(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u8> {
         let mut words = Vec::new();
-        let (states, len) = encode(tables, symbols, contexts, &mut words, true);
-        let mut portable = Vec::new();
-        assert_eq!(encode(tables, symbols, contexts, &mut portable, false), (states, len));
-        assert_eq!(portable[..len], words[..len]);
+        let (states, len) = encode(tables, symbols, contexts, &mut words, Kernel::Portable);
+        // Every kernel path writes the portable path's states and words.
+        for kernel in [Kernel::Avx2, Kernel::Avx512] {
+            let mut vector = Vec::new();
+            assert_eq!(
+                encode(tables, symbols, contexts, &mut vector, kernel),
+                (states, len),
+                "{kernel:?}"
+            );
+            assert_eq!(vector[..len], words[..len], "{kernel:?}");
+        }
         let mut out = Vec::new();
         write_stream(states, &words[..len], &mut out);
         assert_eq!(out.len(), 2 * stream_words(len));

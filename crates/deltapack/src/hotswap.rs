@@ -100,7 +100,7 @@ use safetensors::Dtype;
 
 use crate::apply::plan_of;
 use crate::checkpoint::Checkpoint;
-use crate::codec::{changes, decode_exact, exact, lossy};
+use crate::codec::{changes, decode_exact, exact, kernels, lossy};
 use crate::container::index::{Chunk, ChunkCodec, SourceTensor, TensorEntry};
 use crate::container::Delta;
 use crate::dtype::{self, ElementLayout, FloatLayout};
@@ -1603,17 +1603,15 @@ fn fixes_impl<L: Lane>(fix: &mut FixWriter, first: usize, old: &[u8], new: &[u8]
     // At most 64 fixes of at most 1 + 10 + 10 bytes each, gathered here before one copy (only
     // the bytes written are read, so the buffer is set once, not per block).
     let mut buf = [0u8; 64 * 21];
-    #[cfg(target_arch = "x86_64")]
-    let vector = L::W == 2 && crate::codec::avx512::bw_available();
+    let vector = L::W == 2 && kernels::differing16_available();
     // Which elements of a block of 64 differ in their exponent fields: bit j for element j.
     // One compare of 64 lanes where the CPU has AVX-512BW for 16-bit floats; else eight bytes
     // at a time without branches: lanes whose fields differ get their top bit set (a nonzero
     // low part carries into it), gathered into the mask. Its bits are then visited: one
     // mispredicted branch per 64 elements, not per hit.
     let differing = |ob: &[u8], nb: &[u8]| -> u64 {
-        #[cfg(target_arch = "x86_64")]
         if vector && ob.len() == 128 {
-            return crate::codec::avx512::differing16(ob, nb, field as u16);
+            return kernels::differing16(ob, nb, field as u16);
         }
         let mut m = 0u64;
         for (k, (a, b)) in ob.chunks_exact(8).zip(nb.chunks_exact(8)).enumerate() {
