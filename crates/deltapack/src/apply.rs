@@ -19,14 +19,14 @@ use serde::Serialize;
 use crate::chain::Chain;
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
 use crate::codec::exact::DecodeError;
-use crate::codec::{decode_exact, decode_exact_in_place, lossy};
+use crate::codec::plan::{QualitySums, TensorPlan};
+use crate::codec::{decode_chunk, decode_exact_in_place};
 use crate::container::index::{AuxEntry, Blob, Chunk, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
-use crate::tune::{QualitySums, TensorPlan};
 use crate::{dtype, BasePart, Error, ExpectedBase, MissingFile, Result};
 
 /// Options of [`apply`].
@@ -592,23 +592,13 @@ impl<'a> Ctx<'a> {
             None => pair::predict(t.relation, sdt, tdt, &[], range.clone(), &mut buf),
         };
         let mut bytes = vec![0u8; range.len()];
-        match c.codec {
-            ChunkCodec::Same => bytes.copy_from_slice(pred),
-            ChunkCodec::Lossy => {
-                let payload = level.delta.chunk_payload(&t.name, c)?;
-                let first = (range.start / (tdt.bitsize() / 8)) as u64;
-                let params = level.plans[i]
-                    .chunk_params(first)
-                    .expect("validated: lossy chunks have a codec");
-                let decoded = lossy::decode(tdt, &params, pred, payload, &mut bytes);
-                decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
-            }
-            ChunkCodec::Exact | ChunkCodec::Changes => {
-                let payload = level.delta.chunk_payload(&t.name, c)?;
-                let decoded = decode_exact(c.codec, dtype::layout(tdt), pred, payload, &mut bytes);
-                decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
-            }
-        }
+        let payload = match c.codec {
+            ChunkCodec::Same => &[][..],
+            _ => level.delta.chunk_payload(&t.name, c)?,
+        };
+        let first = (range.start / (tdt.bitsize() / 8)) as u64;
+        let decoded = decode_chunk(c.codec, tdt, &level.plans[i], first, pred, payload, &mut bytes);
+        decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
         Ok((Cow::Owned(bytes), hashes, need))
     }
 
@@ -788,7 +778,7 @@ pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
             }
             Ok(TensorPlan {
                 codec: Some(c.clone()),
-                axis: crate::tune::axis_scales(c, bytes),
+                axis: crate::codec::plan::axis_scales(c, bytes),
             })
         }
         (codec, _) => Ok(TensorPlan {

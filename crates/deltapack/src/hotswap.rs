@@ -100,13 +100,14 @@ use safetensors::Dtype;
 
 use crate::apply::plan_of;
 use crate::checkpoint::Checkpoint;
-use crate::codec::{changes, decode_exact, exact, kernels, lossy};
+use crate::codec;
+use crate::codec::plan::TensorPlan;
+use crate::codec::{changes, decode_exact, exact, kernels};
 use crate::container::index::{Chunk, ChunkCodec, SourceTensor, TensorEntry};
 use crate::container::Delta;
 use crate::dtype::{self, ElementLayout, FloatLayout};
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
-use crate::tune::TensorPlan;
 use crate::{BasePart, Error, ExpectedBase, Result};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -1257,24 +1258,13 @@ fn finish(d: &Delta, p: &Planned, cb: usize, chunks: &[Rebuilt]) -> Result<Rewri
 /// Decodes chunk `k` of a tensor from its prediction into `out`, its payload checked.
 fn decode_chunk(d: &Delta, p: &Planned, k: usize, cb: usize, pred: &[u8], out: &mut [u8]) -> Result<()> {
     let c = &p.t.chunks[k];
-    let fail = |e: &str| corrupt(d, p.t, format!("chunk {k} does not decode: {e}"));
-    let decoded = match c.codec {
-        ChunkCodec::Same => {
-            out.copy_from_slice(pred);
-            return Ok(());
-        }
-        ChunkCodec::Exact | ChunkCodec::Changes => {
-            let payload = d.chunk_payload(&p.t.name, c)?;
-            decode_exact(c.codec, dtype::layout(p.dtype), pred, payload, out)
-        }
-        ChunkCodec::Lossy => {
-            let payload = d.chunk_payload(&p.t.name, c)?;
-            let first = (k * cb / (p.dtype.bitsize() / 8)) as u64;
-            let params = p.plan.chunk_params(first).ok_or_else(|| fail("no codec"))?;
-            lossy::decode(p.dtype, &params, pred, payload, out)
-        }
+    let payload = match c.codec {
+        ChunkCodec::Same => &[][..],
+        _ => d.chunk_payload(&p.t.name, c)?,
     };
-    decoded.map_err(|e| fail(e.0))
+    let first = (k * cb / (p.dtype.bitsize() / 8)) as u64;
+    let decoded = codec::decode_chunk(c.codec, p.dtype, &p.plan, first, pred, payload, out);
+    decoded.map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))
 }
 
 /// Rewrites chunk `k` of a base tensor in place (`cur` holds the prediction: the base's bytes,

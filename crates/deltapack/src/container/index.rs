@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{is_safe_rel_path, Skipped};
 use crate::codec::float::lossy_capable;
 use crate::codec::lossy::TensorCodec;
+use crate::codec::plan::Quality;
 /// How a chunk is stored: defined with the codecs, whose dispatch reads it.
 pub use crate::codec::ChunkCodec;
 use crate::dtype;
 use crate::hash;
 use crate::pair::{self, Relation};
-use crate::tune::Quality;
 
 /// Top-level index of a delta file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
