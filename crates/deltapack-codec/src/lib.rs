@@ -17,6 +17,7 @@ pub mod layout;
 pub mod lossy;
 pub mod plan;
 pub mod rans;
+pub mod replay;
 #[cfg(test)]
 mod testdata;
 

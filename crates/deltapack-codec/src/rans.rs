@@ -371,31 +371,8 @@ impl<'a> WordReader<'a> {
 /// Number of interleaved states: symbol `i` uses state `i % STATES`.
 pub const INTERLEAVE: usize = STATES;
 
-/// Appends an unsigned LEB128 varint.
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads an unsigned LEB128 varint, rejecting overlong or truncated encodings.
-pub fn get_varint(input: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for i in 0..10 {
-        let (&b, rest) = input.split_first()?;
-        *input = rest;
-        if i == 9 && b > 1 {
-            return None;
-        }
-        v |= ((b & 0x7F) as u64) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
+/// The varints of the rANS streams are the crate's one LEB128 (see `bits`).
+pub use crate::bits::{get_varint, put_varint};
 
 #[cfg(test)]
 mod tests {

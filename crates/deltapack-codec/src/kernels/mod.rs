@@ -243,7 +243,7 @@ pub(crate) fn changes_contexts16(
 
 /// Whether [`differing16`] runs on this CPU.
 #[inline]
-pub fn differing16_available() -> bool {
+pub(crate) fn differing16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         avx512::bw_available()
@@ -257,7 +257,7 @@ pub fn differing16_available() -> bool {
 /// Which of 64 16-bit elements differ between `a` and `b` in the bits of `field`: bit `j`
 /// of the result for element `j`. Both hold 128 bytes; only where [`differing16_available`].
 #[inline]
-pub fn differing16(a: &[u8], b: &[u8], field: u16) -> u64 {
+pub(crate) fn differing16(a: &[u8], b: &[u8], field: u16) -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
         avx512::differing16(a, b, field)
