@@ -596,7 +596,8 @@ impl<'a> Ctx<'a> {
             ChunkCodec::Same => &[][..],
             _ => level.delta.chunk_payload(&t.name, c)?,
         };
-        let first = (range.start / (tdt.bitsize() / 8)) as u64;
+        // Only float tensors of whole bytes per element are ever lossy (F4 packs two a byte).
+        let first = (range.start / (tdt.bitsize() / 8).max(1)) as u64;
         let decoded = decode_chunk(c.codec, tdt, &level.plans[i], first, pred, payload, &mut bytes);
         decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
         Ok((Cow::Owned(bytes), hashes, need))

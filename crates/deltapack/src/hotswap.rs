@@ -1263,7 +1263,8 @@ fn decode_chunk(d: &Delta, p: &Planned, k: usize, cb: usize, pred: &[u8], out: &
         ChunkCodec::Same => &[][..],
         _ => d.chunk_payload(&p.t.name, c)?,
     };
-    let first = (k * cb / (p.dtype.bitsize() / 8)) as u64;
+    // Only float tensors of whole bytes per element are ever lossy (F4 packs two a byte).
+    let first = (k * cb / (p.dtype.bitsize() / 8).max(1)) as u64;
     let decoded = codec::decode_chunk(c.codec, p.dtype, &p.plan, first, pred, payload, out);
     decoded.map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))
 }
