@@ -14,6 +14,7 @@
 
 use super::bits::{BitReader, BitWriter};
 use super::rans::{self, DecoderTables, EncoderTables, Model};
+use crate::error::verdict;
 use crate::kernels::{self, Kernel};
 use crate::layout::ElementLayout;
 
@@ -22,9 +23,7 @@ pub(super) const MAX_CONTEXTS: usize = 40;
 /// Values below this are tokens by themselves.
 const DIRECT: u64 = 16;
 
-/// Why a chunk payload could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeError(pub &'static str);
+pub use crate::error::DecodeError;
 
 /// Reusable buffers for encoding, one set per worker thread.
 #[derive(Default)]
@@ -356,7 +355,13 @@ fn encode_impl<W: Word, const FLOAT: bool>(
     }
     let model = Model::from_counts(&counts);
     let tables = EncoderTables::new(&model);
-    let (states, len) = rans::encode(&tables, &scratch.symbols, &scratch.contexts, &mut scratch.words, kernel);
+    let (states, len) = rans::encode(
+        &tables,
+        &scratch.symbols,
+        &scratch.contexts,
+        &mut scratch.words,
+        kernels::rans_groups(kernel),
+    );
     let raw = bits.finish();
     let mut out = Vec::with_capacity(16 + 2 * rans::stream_words(len) + raw.len() + 4 * 64 * cmap.count());
     out.extend_from_slice(&lo.to_le_bytes());
@@ -504,17 +509,6 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         W::store(from_ordered(v, W::BITS, FLOAT), o);
     }
     verdict(bad != 0, reader.finish(st) && bits.finish())
-}
-
-/// The end-of-chunk checks, shared by the scalar and vector decoders.
-pub(super) fn verdict(bad_context: bool, consumed_exactly: bool) -> Result<(), DecodeError> {
-    if bad_context {
-        return Err(DecodeError("element in a context with no table"));
-    }
-    if !consumed_exactly {
-        return Err(DecodeError("payload length does not match its content"));
-    }
-    Ok(())
 }
 
 /// Token -> (value without its raw bits, number of raw bits), for all 256 tokens.

@@ -153,7 +153,7 @@ fn finish(symbols: &[u8], ctxs: &[u8], counts: &[[u32; 256]], raw: &[u8], out: &
     let model = Model::from_counts(counts);
     let tables = EncoderTables::new(&model);
     let mut words = Vec::new();
-    let (states, len) = rans::encode(&tables, symbols, ctxs, &mut words, Kernel::WIDEST);
+    let (states, len) = rans::encode(&tables, symbols, ctxs, &mut words, kernels::rans_groups(Kernel::WIDEST));
     rans::put_varint(out, rans::stream_words(len) as u64);
     rans::put_varint(out, raw.len() as u64);
     model.write(out);
@@ -224,7 +224,7 @@ pub fn decode_with(
         let (base, nbits) = expand.get(tables.step(c, &mut st[i % rans::INTERLEAVE], &mut reader, &mut bad));
         *o = base | bits.get(nbits);
     }
-    super::exact::verdict(bad != 0, reader.finish(st) && bits.finish())
+    crate::error::verdict(bad != 0, reader.finish(st) && bits.finish())
 }
 
 /// Decodes a stream of `count` gaps (the elements skipped before each position) into the

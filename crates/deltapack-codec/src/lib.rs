@@ -9,6 +9,7 @@
 mod bits;
 pub mod changes;
 mod dispatch;
+mod error;
 pub mod exact;
 pub mod float;
 pub mod ints;

@@ -10,8 +10,6 @@
 //! end of the word stream yield zeros and are reported by [`WordReader::finish`], and no
 //! index can go out of bounds.
 
-use crate::kernels::{self, Kernel};
-
 /// Probability resolution: frequencies of one context sum to `1 << SCALE_BITS`.
 pub const SCALE_BITS: u32 = 12;
 const SCALE: u32 = 1 << SCALE_BITS;
@@ -209,12 +207,18 @@ impl EncoderTables {
 /// `words` is scratch space, reused across calls so that no chunk pays for a fresh buffer.
 /// Every (context, symbol) pair must have a nonzero frequency in the model the tables came
 /// from; that holds when the model was built from these very symbols.
+///
+/// `groups` is a vector encoder of whole groups of sixteen (`kernels::rans_groups`): given
+/// the tables, the symbols and contexts of the groups, the words, their length and the
+/// states, it codes them as the scalar loop would and returns true, or touches nothing and
+/// returns false (then the scalar loop runs). Passed in, so that `rans` needs nothing of the
+/// kernels that need its tables.
 pub fn encode(
     tables: &EncoderTables,
     symbols: &[u8],
     contexts: &[u8],
     words: &mut Vec<u16>,
-    kernel: Kernel,
+    groups: impl FnOnce(&EncoderTables, &[u8], &[u8], &mut [u16], &mut usize, &mut [u32; STATES]) -> bool,
 ) -> ([u32; STATES], usize) {
     assert_eq!(symbols.len(), contexts.len());
     let n = symbols.len();
@@ -231,15 +235,7 @@ pub fn encode(
         let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
         e.put(&mut st[i % STATES], words, &mut len);
     }
-    if kernels::rans_encode_groups(
-        kernel,
-        tables,
-        &symbols[..full],
-        &contexts[..full],
-        words,
-        &mut len,
-        &mut st,
-    ) {
+    if groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st) {
         return (st, len);
     }
     for i in (0..full).rev() {
@@ -389,12 +385,18 @@ mod tests {
 
     fn stream(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u8> {
         let mut words = Vec::new();
-        let (states, len) = encode(tables, symbols, contexts, &mut words, Kernel::Portable);
+        let (states, len) = encode(tables, symbols, contexts, &mut words, |_, _, _, _, _, _| false);
         // Every kernel path writes the portable path's states and words.
-        for kernel in [Kernel::Avx2, Kernel::Avx512] {
+        for kernel in [crate::kernels::Kernel::Avx2, crate::kernels::Kernel::Avx512] {
             let mut vector = Vec::new();
             assert_eq!(
-                encode(tables, symbols, contexts, &mut vector, kernel),
+                encode(
+                    tables,
+                    symbols,
+                    contexts,
+                    &mut vector,
+                    crate::kernels::rans_groups(kernel)
+                ),
                 (states, len),
                 "{kernel:?}"
             );

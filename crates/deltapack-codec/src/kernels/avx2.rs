@@ -16,7 +16,7 @@ use super::tables::{
     next_state, with_tables, Contexts, PackedTables, Parts, BIAS_MASK, BIAS_SHIFT, FREQ_SHIFT, SYMBOL_MASK,
 };
 use crate::bits::{BitReader, BitWriter};
-use crate::exact::{verdict, DecodeError};
+use crate::error::{verdict, DecodeError};
 use crate::rans::{EncoderTables, INTERLEAVE as STATES, SCALE_BITS};
 
 const SCALE: usize = 1 << SCALE_BITS;

@@ -24,7 +24,7 @@ mod tables;
 pub(crate) use tables::{Contexts, Parts};
 
 use crate::bits::BitWriter;
-use crate::exact::DecodeError;
+use crate::error::DecodeError;
 use crate::rans::{EncoderTables, Model, INTERLEAVE as STATES};
 
 /// The widest family of vector code a call may run; every family gives the same bytes.
@@ -176,6 +176,19 @@ pub(crate) fn rans_encode_groups(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (kernel, tables, symbols, contexts, words, len, st);
     false
+}
+
+/// The group encoder [`rans::encode`](crate::rans::encode) takes, for `kernel`:
+/// [`rans_encode_groups`].
+// The closure's type is spelled out where `rans::encode` takes it; an alias would hide it.
+#[allow(clippy::type_complexity)]
+#[inline]
+pub(crate) fn rans_groups(
+    kernel: Kernel,
+) -> impl FnOnce(&EncoderTables, &[u8], &[u8], &mut [u16], &mut usize, &mut [u32; STATES]) -> bool {
+    move |tables, symbols, contexts, words, len, st| {
+        rans_encode_groups(kernel, tables, symbols, contexts, words, len, st)
+    }
 }
 
 /// Decodes an `ints` stream's values with the vector decoder where `kernel`, the CPU and the
