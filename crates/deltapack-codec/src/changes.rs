@@ -13,12 +13,11 @@
 //! exponent context of the predicted value, as in [`super::exact`]). Nothing may follow.
 
 use super::exact::{
-    choose_context_range, dispatch, from_ordered, mask, to_ordered, unzigzag, zigzag, ContextMap, DecodeError, Word,
-    W16, W32, W64, W8,
+    choose_context_range, dispatch, from_ordered, mask, to_ordered, unzigzag, zigzag, ContextMap, DecodeError,
 };
 use super::{ints, rans};
 use crate::kernels::{self, Kernel};
-use crate::layout::ElementLayout;
+use crate::layout::{Element, ElementLayout};
 
 /// Chunks with at most this share of changed elements (in percent) use this codec.
 pub const MAX_CHANGED_PERCENT: usize = 30;
@@ -28,7 +27,7 @@ pub fn suits(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
     dispatch!(layout, suits_impl(layout, pred, target))
 }
 
-fn suits_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
+fn suits_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
     let w = layout.width;
     let n = target.len() / w;
     let limit = n * MAX_CHANGED_PERCENT / 100;
@@ -56,7 +55,7 @@ pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Vec<u8> {
     dispatch!(layout, encode_impl(layout, pred, target))
 }
 
-fn encode_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Vec<u8> {
+fn encode_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Vec<u8> {
     let w = layout.width;
     let (lo, hi) = choose_context_range::<W>(layout, pred);
     let cmap = ContextMap::new(layout, lo, hi);
@@ -181,7 +180,7 @@ impl Changes {
     }
 }
 
-fn shift_impl<W: Word, const FLOAT: bool>(
+fn shift_impl<W: Element, const FLOAT: bool>(
     kernel: Kernel,
     layout: ElementLayout,
     c: &Changes,
@@ -214,7 +213,7 @@ fn shift_impl<W: Word, const FLOAT: bool>(
 }
 
 /// The context of the element of `pred` at each of `positions` (all inside it), into `out`.
-fn contexts_at<W: Word, const FLOAT: bool>(
+fn contexts_at<W: Element, const FLOAT: bool>(
     kernel: Kernel,
     cmap: &ContextMap,
     pred: &[u8],
@@ -247,7 +246,7 @@ pub fn differences(layout: ElementLayout, pred: &[u8], payload: &[u8]) -> Result
     Ok(c)
 }
 
-fn differences_impl<W: Word, const FLOAT: bool>(
+fn differences_impl<W: Element, const FLOAT: bool>(
     kernel: Kernel,
     layout: ElementLayout,
     pred: &[u8],

@@ -16,7 +16,7 @@ use super::bits::{BitReader, BitWriter};
 use super::rans::{self, DecoderTables, EncoderTables, Model};
 use crate::error::verdict;
 use crate::kernels::{self, Kernel};
-use crate::layout::ElementLayout;
+use crate::layout::{Element, ElementLayout};
 
 /// Most exponent contexts one chunk may use; rarer exponents share the edge contexts.
 pub(super) const MAX_CONTEXTS: usize = 40;
@@ -35,34 +35,6 @@ pub struct Scratch {
     words: Vec<u16>,
     bits: Vec<u8>,
 }
-
-pub(super) trait Word: Copy {
-    const BITS: u32;
-    fn load(b: &[u8]) -> u64;
-    fn store(v: u64, b: &mut [u8]);
-}
-
-macro_rules! word {
-    ($name:ident, $t:ty) => {
-        #[derive(Clone, Copy)]
-        pub(super) struct $name;
-        impl Word for $name {
-            const BITS: u32 = <$t>::BITS;
-            #[inline(always)]
-            fn load(b: &[u8]) -> u64 {
-                <$t>::from_le_bytes(b.try_into().expect("element width")) as u64
-            }
-            #[inline(always)]
-            fn store(v: u64, b: &mut [u8]) {
-                b.copy_from_slice(&(v as $t).to_le_bytes());
-            }
-        }
-    };
-}
-word!(W8, u8);
-word!(W16, u16);
-word!(W32, u32);
-word!(W64, u64);
 
 #[inline(always)]
 pub(super) fn mask(bits: u32) -> u64 {
@@ -184,7 +156,7 @@ impl ContextMap {
 
 /// Chooses the exponent range that gets its own contexts: rare exponents at either end
 /// would cost more in table bytes than they save, so they join the nearest kept one.
-pub(super) fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
+pub(super) fn choose_context_range<W: Element>(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
     let Some(f) = layout.float else { return (0, 0) };
     let w = layout.width;
     let mut hist = vec![0u64; f.exponent_mask as usize + 1];
@@ -223,18 +195,18 @@ pub(super) fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) 
     (lo as u16, hi as u16)
 }
 
-/// Calls `$f::<Word, FLOAT>(args)` monomorphised for the layout's width and float-ness.
+/// Calls `$f::<Element, FLOAT>(args)` monomorphised for the layout's width and float-ness.
 macro_rules! dispatch {
     ($layout:expr, $f:ident($($arg:expr),*)) => {
         match ($layout.width, $layout.float.is_some()) {
-            (1, false) => $f::<W8, false>($($arg),*),
-            (1, true) => $f::<W8, true>($($arg),*),
-            (2, false) => $f::<W16, false>($($arg),*),
-            (2, true) => $f::<W16, true>($($arg),*),
-            (4, false) => $f::<W32, false>($($arg),*),
-            (4, true) => $f::<W32, true>($($arg),*),
-            (8, false) => $f::<W64, false>($($arg),*),
-            _ => $f::<W64, true>($($arg),*),
+            (1, false) => $f::<u8, false>($($arg),*),
+            (1, true) => $f::<u8, true>($($arg),*),
+            (2, false) => $f::<u16, false>($($arg),*),
+            (2, true) => $f::<u16, true>($($arg),*),
+            (4, false) => $f::<u32, false>($($arg),*),
+            (4, true) => $f::<u32, true>($($arg),*),
+            (8, false) => $f::<u64, false>($($arg),*),
+            _ => $f::<u64, true>($($arg),*),
         }
     };
 }
@@ -266,7 +238,7 @@ pub fn encode_with(
     dispatch!(layout, encode_impl(layout, pred, target, scratch, kernel))
 }
 
-fn encode_impl<W: Word, const FLOAT: bool>(
+fn encode_impl<W: Element, const FLOAT: bool>(
     layout: ElementLayout,
     pred: &[u8],
     target: &[u8],
@@ -463,7 +435,7 @@ fn parse(layout: ElementLayout, bits_per_value: u32, payload: &[u8]) -> Result<P
     })
 }
 
-fn decode_impl<W: Word, const FLOAT: bool>(
+fn decode_impl<W: Element, const FLOAT: bool>(
     layout: ElementLayout,
     pred: &[u8],
     payload: &[u8],

@@ -58,3 +58,87 @@ pub fn layout(dtype: Dtype) -> ElementLayout {
     };
     ElementLayout { width, float }
 }
+
+/// An element as the codecs see it: a native unsigned integer of its width (u8, u16, u32,
+/// u64), so that loops over chunks vectorise. The one element trait of the integer codecs
+/// (exact, changes) and hot swap's replay; the lossy codecs' float view is `float::Elem`.
+pub(crate) trait Element: Copy {
+    /// Bytes per element.
+    const WIDTH: usize;
+    /// Bits per element.
+    const BITS: u32;
+    /// The element at the start of `b` (exactly `W` bytes), little-endian.
+    fn get(b: &[u8]) -> Self;
+    /// Writes the element into `b` (exactly `W` bytes), little-endian.
+    fn put(self, b: &mut [u8]);
+    /// The element's bits, zero-extended.
+    fn bits(self) -> u64;
+    /// The element of the low `W` bytes of `v`.
+    fn of_bits(v: u64) -> Self;
+    /// The codec's order-preserving map of a float's bit pattern (sign-magnitude to offset).
+    fn ordered(self) -> Self;
+    /// The inverse of [`Element::ordered`].
+    fn unordered(self) -> Self;
+    /// Wrapping difference.
+    fn wrapping_sub(self, o: Self) -> Self;
+    /// Wrapping sum.
+    fn wrapping_add(self, o: Self) -> Self;
+
+    /// The element at the start of `b` (exactly `WIDTH` bytes), zero-extended.
+    #[inline(always)]
+    fn load(b: &[u8]) -> u64 {
+        Self::get(b).bits()
+    }
+
+    /// Writes the low `WIDTH` bytes of `v` into `b` (exactly `WIDTH` bytes).
+    #[inline(always)]
+    fn store(v: u64, b: &mut [u8]) {
+        Self::of_bits(v).put(b)
+    }
+}
+
+macro_rules! element {
+    ($t:ty, $s:ty) => {
+        impl Element for $t {
+            const WIDTH: usize = std::mem::size_of::<$t>();
+            const BITS: u32 = <$t>::BITS;
+            #[inline(always)]
+            fn get(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().expect("element width"))
+            }
+            #[inline(always)]
+            fn put(self, b: &mut [u8]) {
+                b.copy_from_slice(&self.to_le_bytes());
+            }
+            #[inline(always)]
+            fn bits(self) -> u64 {
+                self as u64
+            }
+            #[inline(always)]
+            fn of_bits(v: u64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn ordered(self) -> Self {
+                // All ones for a negative value (flip every bit), else the sign bit alone.
+                self ^ (((self as $s) >> (<$t>::BITS - 1)) as $t | (1 << (<$t>::BITS - 1)))
+            }
+            #[inline(always)]
+            fn unordered(self) -> Self {
+                self ^ (!((self as $s) >> (<$t>::BITS - 1)) as $t | (1 << (<$t>::BITS - 1)))
+            }
+            #[inline(always)]
+            fn wrapping_sub(self, o: Self) -> Self {
+                <$t>::wrapping_sub(self, o)
+            }
+            #[inline(always)]
+            fn wrapping_add(self, o: Self) -> Self {
+                <$t>::wrapping_add(self, o)
+            }
+        }
+    };
+}
+element!(u8, i8);
+element!(u16, i16);
+element!(u32, i32);
+element!(u64, i64);

@@ -12,7 +12,7 @@ use crate::changes::Changes;
 use crate::dispatch::decode_exact;
 use crate::ints::{unzigzag, zigzag};
 use crate::kernels;
-use crate::layout::{ElementLayout, FloatLayout};
+use crate::layout::{Element, ElementLayout, FloatLayout};
 use crate::ChunkCodec;
 
 /// Turns the fine-tune's bytes `cur` of a chunk back into the base's, from the chunk's forward
@@ -53,73 +53,6 @@ pub fn replay(
     true
 }
 
-/// An element of the exact codec as a native integer, so that loops over chunks vectorise.
-pub(crate) trait Lane: Copy {
-    /// Bytes per element.
-    const W: usize;
-    /// The element at the start of `b` (exactly `W` bytes), little-endian.
-    fn get(b: &[u8]) -> Self;
-    /// Writes the element into `b` (exactly `W` bytes), little-endian.
-    fn put(self, b: &mut [u8]);
-    /// The element's bits, zero-extended.
-    fn bits(self) -> u64;
-    /// The element of the low `W` bytes of `v`.
-    fn of_bits(v: u64) -> Self;
-    /// The codec's order-preserving map of a float's bit pattern (sign-magnitude to offset).
-    fn ordered(self) -> Self;
-    /// The inverse of [`Lane::ordered`].
-    fn unordered(self) -> Self;
-    /// Wrapping difference.
-    fn wrapping_sub(self, o: Self) -> Self;
-    /// Wrapping sum.
-    fn wrapping_add(self, o: Self) -> Self;
-}
-
-macro_rules! lane {
-    ($t:ty, $s:ty) => {
-        impl Lane for $t {
-            const W: usize = std::mem::size_of::<$t>();
-            #[inline(always)]
-            fn get(b: &[u8]) -> Self {
-                <$t>::from_le_bytes(b.try_into().expect("element width"))
-            }
-            #[inline(always)]
-            fn put(self, b: &mut [u8]) {
-                b.copy_from_slice(&self.to_le_bytes());
-            }
-            #[inline(always)]
-            fn bits(self) -> u64 {
-                self as u64
-            }
-            #[inline(always)]
-            fn of_bits(v: u64) -> Self {
-                v as $t
-            }
-            #[inline(always)]
-            fn ordered(self) -> Self {
-                // All ones for a negative value (flip every bit), else the sign bit alone.
-                self ^ (((self as $s) >> (<$t>::BITS - 1)) as $t | (1 << (<$t>::BITS - 1)))
-            }
-            #[inline(always)]
-            fn unordered(self) -> Self {
-                self ^ (!((self as $s) >> (<$t>::BITS - 1)) as $t | (1 << (<$t>::BITS - 1)))
-            }
-            #[inline(always)]
-            fn wrapping_sub(self, o: Self) -> Self {
-                <$t>::wrapping_sub(self, o)
-            }
-            #[inline(always)]
-            fn wrapping_add(self, o: Self) -> Self {
-                <$t>::wrapping_add(self, o)
-            }
-        }
-    };
-}
-lane!(u8, i8);
-lane!(u16, i16);
-lane!(u32, i32);
-lane!(u64, i64);
-
 macro_rules! by_width {
     ($w:expr, $f:ident($($arg:expr),*)) => {
         match $w {
@@ -136,10 +69,10 @@ fn exponent_of(f: FloatLayout, bits: u64) -> u64 {
     (bits >> f.mantissa_bits) & f.exponent_mask as u64
 }
 
-fn fixes_impl<L: Lane>(fix: &mut FixWriter, first: usize, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+fn fixes_impl<L: Element>(fix: &mut FixWriter, first: usize, old: &[u8], new: &[u8], out: &mut Vec<u8>) {
     let f = fix.f;
-    let lane_bits = 8 * L::W;
-    let lanes = 8 / L::W;
+    let lane_bits = 8 * L::WIDTH;
+    let lanes = 8 / L::WIDTH;
     // Masks replicated over the lanes of a 64-bit word: the exponent field, and each lane's top bit.
     let replicate = |v: u64| (0..lanes).fold(0u64, |acc, k| acc | v << (k * lane_bits));
     let field = replicate(f.exponent_field());
@@ -152,7 +85,7 @@ fn fixes_impl<L: Lane>(fix: &mut FixWriter, first: usize, old: &[u8], new: &[u8]
     // At most 64 fixes of at most 1 + 10 + 10 bytes each, gathered here before one copy (only
     // the bytes written are read, so the buffer is set once, not per block).
     let mut buf = [0u8; 64 * 21];
-    let vector = L::W == 2 && kernels::differing16_available();
+    let vector = L::WIDTH == 2 && kernels::differing16_available();
     // Which elements of a block of 64 differ in their exponent fields: bit j for element j.
     // One compare of 64 lanes where the CPU has AVX-512BW for 16-bit floats; else eight bytes
     // at a time without branches: lanes whose fields differ get their top bit set (a nonzero
@@ -169,19 +102,19 @@ fn fixes_impl<L: Lane>(fix: &mut FixWriter, first: usize, old: &[u8], new: &[u8]
             m |= ((hits >> (lane_bits - 1)).wrapping_mul(gather) >> high) << (k * lanes);
         }
         // The elements of a last partial word, one by one.
-        for j in ob.len() / 8 * lanes..ob.len() / L::W {
-            let at = j * L::W..(j + 1) * L::W;
+        for j in ob.len() / 8 * lanes..ob.len() / L::WIDTH {
+            let at = j * L::WIDTH..(j + 1) * L::WIDTH;
             m |= u64::from((L::get(&ob[at.clone()]).bits() ^ L::get(&nb[at]).bits()) & field != 0) << j;
         }
         m
     };
-    for (blk, (ob, nb)) in old.chunks(64 * L::W).zip(new.chunks(64 * L::W)).enumerate() {
+    for (blk, (ob, nb)) in old.chunks(64 * L::WIDTH).zip(new.chunks(64 * L::WIDTH)).enumerate() {
         let mut m = differing(ob, nb);
         let mut len = 0;
         while m != 0 {
             let j = m.trailing_zeros() as usize;
             m &= m - 1;
-            let at = j * L::W..(j + 1) * L::W;
+            let at = j * L::WIDTH..(j + 1) * L::WIDTH;
             let (o, n) = (L::get(&ob[at.clone()]).bits(), L::get(&nb[at]).bits());
             len += fix.put(first + blk * 64 + j, o, n, &mut buf[len..]);
         }
@@ -275,13 +208,13 @@ pub fn restore_saved(width: usize, saved: &[(usize, u64)], buf: &mut [u8]) {
     by_width!(width, restore_impl(saved, buf))
 }
 
-fn restore_impl<L: Lane>(saved: &[(usize, u64)], buf: &mut [u8]) {
+fn restore_impl<L: Element>(saved: &[(usize, u64)], buf: &mut [u8]) {
     for &(i, bits) in saved {
-        L::of_bits(bits).put(&mut buf[i * L::W..(i + 1) * L::W]);
+        L::of_bits(bits).put(&mut buf[i * L::WIDTH..(i + 1) * L::WIDTH]);
     }
 }
 
-fn patch_impl<L: Lane>(f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mut Vec<(usize, u64)>) {
+fn patch_impl<L: Element>(f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mut Vec<(usize, u64)>) {
     let field = f.exponent_field();
     let (mut rest, mut next) = (fixes, 0usize);
     // Fixes are made in memory by `FixWriter`, never read from a file: a bad one is a bug.
@@ -298,7 +231,7 @@ fn patch_impl<L: Lane>(f: FloatLayout, fixes: &[u8], pred: &mut [u8], saved: &mu
         }
         let i = next + gap as usize;
         next = i + 1;
-        let e = &mut pred[i * L::W..(i + 1) * L::W];
+        let e = &mut pred[i * L::WIDTH..(i + 1) * L::WIDTH];
         let v = L::get(e).bits();
         saved.push((i, v));
         let exp = (exponent_of(f, v) as i64 + unzigzag(zz)) as u64;
@@ -316,7 +249,7 @@ pub fn subtract_differences(layout: ElementLayout, cur: &mut [u8], out: &[u8], s
     if layout.float.is_some() {
         by_width!(
             layout.width,
-            subtract_impl(cur, out, saved, Lane::ordered, Lane::unordered)
+            subtract_impl(cur, out, saved, Element::ordered, Element::unordered)
         )
     } else {
         by_width!(layout.width, subtract_impl(cur, out, saved, |x| x, |x| x))
@@ -324,8 +257,14 @@ pub fn subtract_differences(layout: ElementLayout, cur: &mut [u8], out: &[u8], s
 }
 
 #[inline(always)]
-fn subtract_impl<L: Lane>(cur: &mut [u8], out: &[u8], saved: &mut [(usize, u64)], ord: fn(L) -> L, unord: fn(L) -> L) {
-    let at = |i: usize| i * L::W..(i + 1) * L::W;
+fn subtract_impl<L: Element>(
+    cur: &mut [u8],
+    out: &[u8],
+    saved: &mut [(usize, u64)],
+    ord: fn(L) -> L,
+    unord: fn(L) -> L,
+) {
+    let at = |i: usize| i * L::WIDTH..(i + 1) * L::WIDTH;
     // The patched elements first, while `cur` still holds their prediction.
     for (i, bits) in saved.iter_mut() {
         let fine = ord(L::of_bits(*bits));
@@ -334,7 +273,7 @@ fn subtract_impl<L: Lane>(cur: &mut [u8], out: &[u8], saved: &mut [(usize, u64)]
             .wrapping_add(ord(L::get(&cur[at(*i)])));
         *bits = unord(v).bits();
     }
-    for (c, o) in cur.chunks_exact_mut(L::W).zip(out.chunks_exact(L::W)) {
+    for (c, o) in cur.chunks_exact_mut(L::WIDTH).zip(out.chunks_exact(L::WIDTH)) {
         let p = ord(L::get(c));
         unord(p.wrapping_add(p).wrapping_sub(ord(L::get(o)))).put(c);
     }
