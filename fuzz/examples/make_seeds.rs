@@ -8,9 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use deltapack::codec::exact::{self, Scratch};
 use deltapack::dtype;
 use deltapack::synth::{self, Spec};
+use deltapack_codec::exact::{self, Scratch};
 
 /// Must match the selector table in `fuzz_targets/exact_decode.rs`.
 const DTYPES: &[&str] = &[

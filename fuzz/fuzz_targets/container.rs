@@ -9,10 +9,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use deltapack::codec::exact;
 use deltapack::container::index::ChunkCodec;
 use deltapack::container::Delta;
 use deltapack::dtype;
+use deltapack_codec::exact;
 use libfuzzer_sys::fuzz_target;
 
 const MAX_TENSOR: u64 = 1 << 20;

@@ -5,7 +5,7 @@
 //! the base bytes and the chunk's place in the tensor are the fuzzer's.
 #![no_main]
 
-use deltapack::codec::lossy::{self, AxisScales, ChunkParams, Domain, TensorCodec};
+use deltapack_codec::lossy::{self, AxisScales, ChunkParams, Domain, TensorCodec};
 use libfuzzer_sys::fuzz_target;
 use safetensors::Dtype;
 

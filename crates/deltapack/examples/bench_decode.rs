@@ -18,11 +18,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use deltapack::checkpoint::Checkpoint;
-use deltapack::codec::changes::Changes;
-use deltapack::codec::{decode_exact, exact};
 use deltapack::container::index::ChunkCodec;
 use deltapack::container::Delta;
 use deltapack::dtype::{self, ElementLayout};
+use deltapack_codec::changes::Changes;
+use deltapack_codec::{decode_exact, exact};
 
 /// One coded chunk: its codec, element layout, base bytes and payload.
 struct Job<'a> {

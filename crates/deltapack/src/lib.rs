@@ -1,8 +1,8 @@
 //! deltapack: store fine-tuned models as compact deltas against their base model, and rebuild them.
 //!
 //! The modules follow the data: [`checkpoint`] reads (and writes) Hugging Face safetensors
-//! checkpoints, [`pair`] matches fine-tune tensors with their base counterparts, [`codec`]
-//! codes chunks of tensors, [`container`] is the delta file, [`make`](mod@make) and [`apply`](mod@apply) drive the
+//! checkpoints, [`pair`] matches fine-tune tensors with their base counterparts, the
+//! `deltapack-codec` crate codes chunks of tensors, [`container`] is the delta file, [`make`](mod@make) and [`apply`](mod@apply) drive the
 //! whole pipeline in bounded memory.
 //! [`hotswap`] holds a base in memory and switches it between fine-tunes in place.
 //!
@@ -23,7 +23,8 @@
 
 #![warn(missing_docs)]
 
-pub mod codec;
+// The codecs live in their own leaf crate; the engine names them by their old path.
+use deltapack_codec as codec;
 pub mod dtype;
 pub mod error;
 

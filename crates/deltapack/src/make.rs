@@ -7,7 +7,8 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
-use crate::codec::{changes, exact, lossy};
+use crate::codec::plan::{QualitySums, TensorPlan};
+use crate::codec::{encode_exact_chunk, exact, lossy};
 use crate::container::index::{
     self, AuxEntry, BaseInfo, Blob, Chunk, ChunkCodec, Index, Payload, RemovedTensor, SourceTensor, TensorEntry,
     WeightFile,
@@ -17,7 +18,7 @@ use crate::hash::{self, Digest};
 use crate::pair::{self, Pairing, Plan, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
-use crate::tune::{self, CodecPolicy, QualitySums, TensorPlan, TensorView};
+use crate::tune::{self, CodecPolicy, TensorView};
 use crate::{dtype, Error, Result};
 
 /// Largest base file used as a compression dictionary for the fine-tune's file of the same name.
@@ -513,22 +514,9 @@ impl Ctx<'_> {
             let quality =
                 (self.measure && p.relation == Relation::Direct && crate::codec::float::lossy_capable(t.dtype))
                     .then(|| QualitySums::chunk(t.dtype, pred, target, target));
-            if p.relation != Relation::New && pred == target {
-                return (None, ChunkCodec::Same, quality);
-            }
-            let layout = dtype::layout(t.dtype);
-            if changes::suits(layout, pred, target) {
-                return (
-                    Some(changes::encode(layout, pred, target)),
-                    ChunkCodec::Changes,
-                    quality,
-                );
-            }
-            (
-                Some(exact::encode(layout, pred, target, scratch)),
-                ChunkCodec::Exact,
-                quality,
-            )
+            let same = p.relation != Relation::New;
+            let (codec, payload) = encode_exact_chunk(dtype::layout(t.dtype), pred, target, same, scratch);
+            (payload, codec, quality)
         });
         Encoded {
             rebuilt_hash: xxh3_64(target),

@@ -14,14 +14,14 @@ use safetensors::Dtype;
 use crate::chain::Chain;
 use crate::checkpoint::TensorRef;
 use crate::codec::exact::DecodeError;
-use crate::codec::{decode_exact, decode_exact_in_place, lossy};
+use crate::codec::plan::TensorPlan;
+use crate::codec::{decode_chunk, decode_exact_in_place};
 use crate::container::index::{Chunk, ChunkCodec, TensorEntry, WeightFile};
 use crate::container::Delta;
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
-use crate::tune::TensorPlan;
 use crate::{dtype, BasePart, Error, ExpectedBase, Result};
 
 use super::{RebuildReport, Sink};
@@ -311,23 +311,14 @@ impl<'a> Ctx<'a> {
             None => pair::predict(t.relation, sdt, tdt, &[], range.clone(), &mut buf),
         };
         let mut bytes = vec![0u8; range.len()];
-        match c.codec {
-            ChunkCodec::Same => bytes.copy_from_slice(pred),
-            ChunkCodec::Lossy => {
-                let payload = level.delta.chunk_payload(&t.name, c)?;
-                let first = (range.start / (tdt.bitsize() / 8)) as u64;
-                let params = level.plans[i]
-                    .chunk_params(first)
-                    .expect("validated: lossy chunks have a codec");
-                let decoded = lossy::decode(tdt, &params, pred, payload, &mut bytes);
-                decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
-            }
-            ChunkCodec::Exact | ChunkCodec::Changes => {
-                let payload = level.delta.chunk_payload(&t.name, c)?;
-                let decoded = decode_exact(c.codec, dtype::layout(tdt), pred, payload, &mut bytes);
-                decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
-            }
-        }
+        let payload = match c.codec {
+            ChunkCodec::Same => &[][..],
+            _ => level.delta.chunk_payload(&t.name, c)?,
+        };
+        // Only float tensors of whole bytes per element are ever lossy (F4 packs two a byte).
+        let first = (range.start / (tdt.bitsize() / 8).max(1)) as u64;
+        let decoded = decode_chunk(c.codec, tdt, &level.plans[i], first, pred, payload, &mut bytes);
+        decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
         Ok((Cow::Owned(bytes), hashes, need))
     }
 
@@ -507,7 +498,7 @@ pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
             }
             Ok(TensorPlan {
                 codec: Some(c.clone()),
-                axis: crate::tune::axis_scales(c, bytes),
+                axis: crate::codec::plan::axis_scales(c, bytes),
             })
         }
         (codec, _) => Ok(TensorPlan {

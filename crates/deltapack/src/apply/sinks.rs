@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 use std::io::{BufWriter, Read, Write};
 
 use crate::checkpoint::{Checkpoint, OutputDir, TensorRef};
+use crate::codec::plan::QualitySums;
 use crate::container::index::{AuxEntry, TensorEntry, WeightFile};
 use crate::container::Delta;
-use crate::tune::QualitySums;
 use crate::{dtype, Error, Result};
 
 use super::{Ctx, MeasuredTensor, RebuildReport, Sink};

@@ -7,10 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{is_safe_rel_path, Skipped};
 use crate::codec::float::lossy_capable;
 use crate::codec::lossy::TensorCodec;
+use crate::codec::plan::Quality;
+/// How a chunk is stored: defined with the codecs, whose dispatch reads it.
+pub use crate::codec::ChunkCodec;
 use crate::dtype;
 use crate::hash;
 use crate::pair::{self, Relation};
-use crate::tune::Quality;
 
 /// Top-level index of a delta file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -195,20 +197,6 @@ pub struct SourceTensor {
     pub shape: Vec<u64>,
     /// Fingerprint, checked when the delta is applied.
     pub hash: String,
-}
-
-/// How a chunk is stored.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ChunkCodec {
-    /// Equal to the prediction; no payload.
-    Same,
-    /// The exact codec (`codec::exact`).
-    Exact,
-    /// The exact codec for few changes (`codec::changes`): positions and differences.
-    Changes,
-    /// The tensor's lossy codec (`codec::lossy`).
-    Lossy,
 }
 
 /// One coded chunk.

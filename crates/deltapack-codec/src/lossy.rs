@@ -1309,7 +1309,7 @@ mod tests {
             // AVX2 where the CPU has it.
             assert_eq!(
                 payload,
-                encode_impl::<crate::codec::float::Bf16>(&p, &b, &t, &mut base),
+                encode_impl::<crate::float::Bf16>(&p, &b, &t, &mut base),
                 "{c:?}"
             );
             assert_eq!(wide, base, "{c:?}");

@@ -14,16 +14,16 @@
 
 use super::bits::{BitReader, BitWriter};
 use super::rans::{self, DecoderTables, EncoderTables, Model};
-use crate::dtype::ElementLayout;
+use crate::error::verdict;
+use crate::kernels::{self, Kernel};
+use crate::layout::{Element, ElementLayout};
 
 /// Most exponent contexts one chunk may use; rarer exponents share the edge contexts.
 pub(super) const MAX_CONTEXTS: usize = 40;
 /// Values below this are tokens by themselves.
 const DIRECT: u64 = 16;
 
-/// Why a chunk payload could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeError(pub &'static str);
+pub use crate::error::DecodeError;
 
 /// Reusable buffers for encoding, one set per worker thread.
 #[derive(Default)]
@@ -35,34 +35,6 @@ pub struct Scratch {
     words: Vec<u16>,
     bits: Vec<u8>,
 }
-
-pub(super) trait Word: Copy {
-    const BITS: u32;
-    fn load(b: &[u8]) -> u64;
-    fn store(v: u64, b: &mut [u8]);
-}
-
-macro_rules! word {
-    ($name:ident, $t:ty) => {
-        #[derive(Clone, Copy)]
-        pub(super) struct $name;
-        impl Word for $name {
-            const BITS: u32 = <$t>::BITS;
-            #[inline(always)]
-            fn load(b: &[u8]) -> u64 {
-                <$t>::from_le_bytes(b.try_into().expect("element width")) as u64
-            }
-            #[inline(always)]
-            fn store(v: u64, b: &mut [u8]) {
-                b.copy_from_slice(&(v as $t).to_le_bytes());
-            }
-        }
-    };
-}
-word!(W8, u8);
-word!(W16, u16);
-word!(W32, u32);
-word!(W64, u64);
 
 #[inline(always)]
 pub(super) fn mask(bits: u32) -> u64 {
@@ -166,9 +138,8 @@ impl ContextMap {
     }
 
     /// The same mapping, for the vector code paths.
-    #[cfg(target_arch = "x86_64")]
-    pub(super) fn vector_params(&self) -> super::simd::Contexts {
-        super::simd::Contexts {
+    pub(crate) fn vector_params(&self) -> kernels::Contexts {
+        kernels::Contexts {
             lo: self.lo,
             hi: self.hi,
             mantissa_bits: self.shift,
@@ -185,7 +156,7 @@ impl ContextMap {
 
 /// Chooses the exponent range that gets its own contexts: rare exponents at either end
 /// would cost more in table bytes than they save, so they join the nearest kept one.
-pub(super) fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
+pub(super) fn choose_context_range<W: Element>(layout: ElementLayout, pred: &[u8]) -> (u16, u16) {
     let Some(f) = layout.float else { return (0, 0) };
     let w = layout.width;
     let mut hist = vec![0u64; f.exponent_mask as usize + 1];
@@ -224,18 +195,18 @@ pub(super) fn choose_context_range<W: Word>(layout: ElementLayout, pred: &[u8]) 
     (lo as u16, hi as u16)
 }
 
-/// Calls `$f::<Word, FLOAT>(args)` monomorphised for the layout's width and float-ness.
+/// Calls `$f::<Element, FLOAT>(args)` monomorphised for the layout's width and float-ness.
 macro_rules! dispatch {
     ($layout:expr, $f:ident($($arg:expr),*)) => {
         match ($layout.width, $layout.float.is_some()) {
-            (1, false) => $f::<W8, false>($($arg),*),
-            (1, true) => $f::<W8, true>($($arg),*),
-            (2, false) => $f::<W16, false>($($arg),*),
-            (2, true) => $f::<W16, true>($($arg),*),
-            (4, false) => $f::<W32, false>($($arg),*),
-            (4, true) => $f::<W32, true>($($arg),*),
-            (8, false) => $f::<W64, false>($($arg),*),
-            _ => $f::<W64, true>($($arg),*),
+            (1, false) => $f::<u8, false>($($arg),*),
+            (1, true) => $f::<u8, true>($($arg),*),
+            (2, false) => $f::<u16, false>($($arg),*),
+            (2, true) => $f::<u16, true>($($arg),*),
+            (4, false) => $f::<u32, false>($($arg),*),
+            (4, true) => $f::<u32, true>($($arg),*),
+            (8, false) => $f::<u64, false>($($arg),*),
+            _ => $f::<u64, true>($($arg),*),
         }
     };
 }
@@ -245,22 +216,34 @@ pub(super) use dispatch;
 pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
     assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
     assert_eq!(target.len() % layout.width, 0, "partial element");
-    dispatch!(layout, encode_impl(layout, pred, target, scratch, true))
+    dispatch!(layout, encode_impl(layout, pred, target, scratch, Kernel::WIDEST))
 }
 
 /// [`encode`] without CPU-specific code paths; its output is identical.
 pub fn encode_portable(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
-    assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
-    assert_eq!(target.len() % layout.width, 0, "partial element");
-    dispatch!(layout, encode_impl(layout, pred, target, scratch, false))
+    encode_with(Kernel::Portable, layout, pred, target, scratch)
 }
 
-fn encode_impl<W: Word, const FLOAT: bool>(
+/// [`encode`] with the vector code paths of `kernel` at most; every kernel writes the same
+/// bytes.
+pub fn encode_with(
+    kernel: Kernel,
     layout: ElementLayout,
     pred: &[u8],
     target: &[u8],
     scratch: &mut Scratch,
-    allow_simd: bool,
+) -> Vec<u8> {
+    assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
+    assert_eq!(target.len() % layout.width, 0, "partial element");
+    dispatch!(layout, encode_impl(layout, pred, target, scratch, kernel))
+}
+
+fn encode_impl<W: Element, const FLOAT: bool>(
+    layout: ElementLayout,
+    pred: &[u8],
+    target: &[u8],
+    scratch: &mut Scratch,
+    kernel: Kernel,
 ) -> Vec<u8> {
     let w = layout.width;
     let n = target.len() / w;
@@ -276,50 +259,22 @@ fn encode_impl<W: Word, const FLOAT: bool>(
     let mut bits = BitWriter::with_buffer(std::mem::take(&mut scratch.bits), n * 3 / 2);
     let (syms, ctxs) = (&mut scratch.symbols[..], &mut scratch.contexts[..]);
     let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if allow_simd && FLOAT && W::BITS == 16 && super::avx512::available() {
-        done = n / rans::INTERLEAVE * rans::INTERLEAVE;
-        scratch.bins.resize(done, 0);
-        let bins = &mut scratch.bins[..];
-        super::avx512::front16(&cmap.vector_params(), pred, target, syms, ctxs, bins, stride, &mut bits);
-        let rows = nctx * stride;
-        for b4 in bins.chunks_exact(4) {
-            for (j, &b) in b4.iter().enumerate() {
-                sub[j * rows + b as usize] += 1;
-            }
-        }
-    } else if allow_simd && FLOAT && W::BITS == 16 && super::simd::available() {
-        // Tokens, contexts and raw bits eight at a time, in blocks that stay in L1; the
-        // histogram and the bit packing stay scalar.
-        const BLOCK: usize = 256;
+    if FLOAT && W::BITS == 16 {
         let contexts = cmap.vector_params();
-        let (mut raw, mut nb) = ([0u16; BLOCK], [0u8; BLOCK]);
-        done = n / BLOCK * BLOCK;
-        for b in (0..done).step_by(BLOCK) {
-            let (s, c) = (&mut syms[b..b + BLOCK], &mut ctxs[b..b + BLOCK]);
-            super::simd::tokens16(
-                &contexts,
-                &pred[2 * b..2 * (b + BLOCK)],
-                &target[2 * b..2 * (b + BLOCK)],
-                s,
-                c,
-                &mut raw,
-                &mut nb,
-            );
-            for g in 0..BLOCK / 4 {
-                let (mut acc, mut nbits) = (0u64, 0u32);
-                for j in 0..4 {
-                    let i = 4 * g + j;
-                    sub[(j * nctx + c[i] as usize) * stride + s[i] as usize] += 1;
-                    acc |= (raw[i] as u64) << nbits;
-                    nbits += nb[i] as u32;
-                }
-                bits.put(acc, nbits);
-            }
-        }
+        done = kernels::exact_front16(
+            kernel,
+            &contexts,
+            pred,
+            target,
+            syms,
+            ctxs,
+            &mut scratch.bins,
+            &mut sub,
+            nctx,
+            stride,
+            &mut bits,
+        );
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = allow_simd;
     // One element: token, context and raw bits; `lane` picks the sub-histogram.
     let mut element = |lane: usize, p: &[u8], t: &[u8], sym: &mut u8, ctx: &mut u8| -> (u64, u32) {
         let p = W::load(p);
@@ -377,7 +332,7 @@ fn encode_impl<W: Word, const FLOAT: bool>(
         &scratch.symbols,
         &scratch.contexts,
         &mut scratch.words,
-        allow_simd,
+        kernels::rans_groups(kernel),
     );
     let raw = bits.finish();
     let mut out = Vec::with_capacity(16 + 2 * rans::stream_words(len) + raw.len() + 4 * 64 * cmap.count());
@@ -396,7 +351,7 @@ fn encode_impl<W: Word, const FLOAT: bool>(
 /// `out.len()` must equal `pred.len()`; the payload is untrusted and any inconsistency is
 /// an error, never a panic. Uses the AVX2 decoder for 16-bit floats where the CPU has it.
 pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
-    decode_with(Decoder::Widest, layout, pred, payload, out)
+    decode_with(Kernel::WIDEST, layout, pred, payload, out)
 }
 
 /// [`decode`] over the prediction itself: `buf` holds the prediction and ends as the output
@@ -404,10 +359,9 @@ pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]
 /// AVX-512; elsewhere it decodes from a copy of the prediction.
 pub fn decode_in_place(layout: ElementLayout, payload: &[u8], buf: &mut [u8]) -> Result<(), DecodeError> {
     assert_eq!(buf.len() % layout.width, 0, "partial element");
-    #[cfg(target_arch = "x86_64")]
-    if layout.width == 2 && layout.float.is_some() && super::avx512::available() {
+    if layout.width == 2 && layout.float.is_some() && kernels::exact_decode16_in_place_available() {
         let parsed = parse(layout, 16, payload)?;
-        return super::avx512::decode16_in_place(&parsed.parts(&TokenTable::new()), buf);
+        return kernels::exact_decode16_in_place(&parsed.parts(&TokenTable::new()), buf);
     }
     let pred = buf.to_vec();
     decode(layout, &pred, payload, buf)
@@ -415,23 +369,14 @@ pub fn decode_in_place(layout: ElementLayout, payload: &[u8], buf: &mut [u8]) ->
 
 /// [`decode`] without CPU-specific code paths: the reference the vector decoders are held to.
 pub fn decode_portable(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
-    decode_with(Decoder::Portable, layout, pred, payload, out)
+    decode_with(Kernel::Portable, layout, pred, payload, out)
 }
 
-/// Which decoder runs 16-bit float chunks; every choice gives the same output and verdict.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Decoder {
-    /// The scalar loop, on any CPU.
-    Portable,
-    /// Four quads of four lanes, where the CPU has AVX2.
-    #[cfg_attr(not(test), allow(dead_code))]
-    Avx2,
-    /// The widest the CPU has: AVX-512, else AVX2, else portable.
-    Widest,
-}
-
-fn decode_with(
-    decoder: Decoder,
+/// [`decode`] with the vector decoders of `kernel` at most (for 16-bit float chunks: four
+/// quads of four lanes with AVX2, one vector of sixteen with AVX-512); every kernel gives the
+/// same output and verdict.
+pub fn decode_with(
+    kernel: Kernel,
     layout: ElementLayout,
     pred: &[u8],
     payload: &[u8],
@@ -439,7 +384,7 @@ fn decode_with(
 ) -> Result<(), DecodeError> {
     assert_eq!(pred.len(), out.len(), "prediction and output lengths differ");
     assert_eq!(out.len() % layout.width, 0, "partial element");
-    dispatch!(layout, decode_impl(layout, pred, payload, out, decoder))
+    dispatch!(layout, decode_impl(layout, pred, payload, out, kernel))
 }
 
 /// The parts of an exact payload, validated: what every decoder reads.
@@ -452,9 +397,8 @@ struct Payload<'p> {
 
 impl Payload<'_> {
     /// The same parts, as the vector decoders take them.
-    #[cfg(target_arch = "x86_64")]
-    fn parts<'s>(&'s self, expand: &'s TokenTable) -> super::simd::Parts<'s> {
-        super::simd::Parts {
+    fn parts<'s>(&'s self, expand: &'s TokenTable) -> kernels::Parts<'s> {
+        kernels::Parts {
             contexts: self.cmap.vector_params(),
             model: &self.model,
             words: self.words,
@@ -491,26 +435,19 @@ fn parse(layout: ElementLayout, bits_per_value: u32, payload: &[u8]) -> Result<P
     })
 }
 
-fn decode_impl<W: Word, const FLOAT: bool>(
+fn decode_impl<W: Element, const FLOAT: bool>(
     layout: ElementLayout,
     pred: &[u8],
     payload: &[u8],
     out: &mut [u8],
-    decoder: Decoder,
+    kernel: Kernel,
 ) -> Result<(), DecodeError> {
     let w = layout.width;
     let parsed = parse(layout, W::BITS, payload)?;
     let expand = TokenTable::new();
-    #[cfg(target_arch = "x86_64")]
-    if decoder != Decoder::Portable && FLOAT && W::BITS == 16 && super::simd::available() {
-        let parts = parsed.parts(&expand);
-        if decoder == Decoder::Widest && super::avx512::available() {
-            return super::avx512::decode16(&parts, pred, out);
-        }
-        return super::simd::decode16(&parts, pred, out);
+    if FLOAT && W::BITS == 16 && kernels::exact_decode16_available(kernel) {
+        return kernels::exact_decode16(kernel, &parsed.parts(&expand), pred, out);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = decoder;
     let Payload {
         cmap,
         model,
@@ -544,17 +481,6 @@ fn decode_impl<W: Word, const FLOAT: bool>(
         W::store(from_ordered(v, W::BITS, FLOAT), o);
     }
     verdict(bad != 0, reader.finish(st) && bits.finish())
-}
-
-/// The end-of-chunk checks, shared by the scalar and vector decoders.
-pub(super) fn verdict(bad_context: bool, consumed_exactly: bool) -> Result<(), DecodeError> {
-    if bad_context {
-        return Err(DecodeError("element in a context with no table"));
-    }
-    if !consumed_exactly {
-        return Err(DecodeError("payload length does not match its content"));
-    }
-    Ok(())
 }
 
 /// Token -> (value without its raw bits, number of raw bits), for all 256 tokens.
@@ -593,7 +519,7 @@ pub(super) fn read_u16(input: &mut &[u8]) -> Result<u16, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::layout;
+    use crate::layout::layout;
     use proptest::prelude::*;
     use safetensors::Dtype;
 
@@ -691,7 +617,7 @@ mod tests {
             let (mut a, mut b, mut c) = (vec![0u8; pred.len()], vec![0u8; pred.len()], vec![0u8; pred.len()]);
             let ra = decode(l, &pred, &payload, &mut a);
             let rb = decode_portable(l, &pred, &payload, &mut b);
-            let rc = decode_with(Decoder::Avx2, l, &pred, &payload, &mut c);
+            let rc = decode_with(Kernel::Avx2, l, &pred, &payload, &mut c);
             let mut d = pred.clone();
             let rd = decode_in_place(l, &payload, &mut d);
             prop_assert_eq!(&ra, &rb);

@@ -13,11 +13,11 @@
 //! exponent context of the predicted value, as in [`super::exact`]). Nothing may follow.
 
 use super::exact::{
-    choose_context_range, dispatch, from_ordered, mask, to_ordered, unzigzag, zigzag, ContextMap, DecodeError, Word,
-    W16, W32, W64, W8,
+    choose_context_range, dispatch, from_ordered, mask, to_ordered, unzigzag, zigzag, ContextMap, DecodeError,
 };
 use super::{ints, rans};
-use crate::dtype::ElementLayout;
+use crate::kernels::{self, Kernel};
+use crate::layout::{Element, ElementLayout};
 
 /// Chunks with at most this share of changed elements (in percent) use this codec.
 pub const MAX_CHANGED_PERCENT: usize = 30;
@@ -27,7 +27,7 @@ pub fn suits(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
     dispatch!(layout, suits_impl(layout, pred, target))
 }
 
-fn suits_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
+fn suits_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
     let w = layout.width;
     let n = target.len() / w;
     let limit = n * MAX_CHANGED_PERCENT / 100;
@@ -55,7 +55,7 @@ pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Vec<u8> {
     dispatch!(layout, encode_impl(layout, pred, target))
 }
 
-fn encode_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Vec<u8> {
+fn encode_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Vec<u8> {
     let w = layout.width;
     let (lo, hi) = choose_context_range::<W>(layout, pred);
     let cmap = ContextMap::new(layout, lo, hi);
@@ -85,12 +85,28 @@ fn encode_impl<W: Word, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], t
 ///
 /// The payload is untrusted: any inconsistency is an error, never a panic.
 pub fn decode(layout: ElementLayout, pred: &[u8], payload: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    decode_with(Kernel::WIDEST, layout, pred, payload, out)
+}
+
+/// [`decode`] with the vector code paths of `kernel` at most; every kernel gives the same
+/// output and verdict.
+pub fn decode_with(
+    kernel: Kernel,
+    layout: ElementLayout,
+    pred: &[u8],
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
     if pred.len() != out.len() {
         return Err(DecodeError("prediction and output lengths differ"));
     }
-    let changes = differences(layout, pred, payload)?;
+    let mut changes = Changes::default();
+    changes.decode_with(kernel, layout, pred, payload)?;
     out.copy_from_slice(pred);
-    changes.add_to(layout, out);
+    dispatch!(
+        layout,
+        shift_impl(kernel, layout, &changes, out, false, 0, |_, _, _| {})
+    );
     Ok(())
 }
 
@@ -117,10 +133,20 @@ impl Changes {
     /// [`differences`] into `self`, reusing its buffers: a caller decoding chunk after chunk
     /// allocates once. On error, the contents are unspecified.
     pub fn decode(&mut self, layout: ElementLayout, pred: &[u8], payload: &[u8]) -> Result<(), DecodeError> {
+        self.decode_with(Kernel::WIDEST, layout, pred, payload)
+    }
+
+    fn decode_with(
+        &mut self,
+        kernel: Kernel,
+        layout: ElementLayout,
+        pred: &[u8],
+        payload: &[u8],
+    ) -> Result<(), DecodeError> {
         if !pred.len().is_multiple_of(layout.width) {
             return Err(DecodeError("partial element"));
         }
-        dispatch!(layout, differences_impl(layout, pred, payload, self))
+        dispatch!(layout, differences_impl(kernel, layout, pred, payload, self))
     }
 
     /// Adds the differences to the elements of `buf` (the prediction) at their positions.
@@ -138,17 +164,24 @@ impl Changes {
         field: u64,
         seen: impl FnMut(usize, u64, u64),
     ) {
-        dispatch!(layout, shift_impl(layout, self, buf, false, field, seen))
+        dispatch!(
+            layout,
+            shift_impl(Kernel::WIDEST, layout, self, buf, false, field, seen)
+        )
     }
 
     /// Subtracts the differences from the elements of `buf` at their positions: undoes
     /// [`Changes::add_to`].
     pub fn subtract_from(&self, layout: ElementLayout, buf: &mut [u8]) {
-        dispatch!(layout, shift_impl(layout, self, buf, true, 0, |_, _, _| {}))
+        dispatch!(
+            layout,
+            shift_impl(Kernel::WIDEST, layout, self, buf, true, 0, |_, _, _| {})
+        )
     }
 }
 
-fn shift_impl<W: Word, const FLOAT: bool>(
+fn shift_impl<W: Element, const FLOAT: bool>(
+    kernel: Kernel,
     layout: ElementLayout,
     c: &Changes,
     buf: &mut [u8],
@@ -158,9 +191,8 @@ fn shift_impl<W: Word, const FLOAT: bool>(
 ) {
     let w = layout.width;
     let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if FLOAT && w == 2 && super::avx512::f_available() {
-        done = super::avx512::shift16(&c.positions, &c.diffs, buf, back, field as u16, &mut seen);
+    if FLOAT && w == 2 {
+        done = kernels::changes_shift16(kernel, &c.positions, &c.diffs, buf, back, field as u16, &mut seen);
     }
     for (&pos, &z) in c.positions[done..].iter().zip(&c.diffs[done..]) {
         let at = pos as usize * w;
@@ -181,12 +213,20 @@ fn shift_impl<W: Word, const FLOAT: bool>(
 }
 
 /// The context of the element of `pred` at each of `positions` (all inside it), into `out`.
-fn contexts_at<W: Word, const FLOAT: bool>(cmap: &ContextMap, pred: &[u8], positions: &[u32], out: &mut Vec<u8>) {
+fn contexts_at<W: Element, const FLOAT: bool>(
+    kernel: Kernel,
+    cmap: &ContextMap,
+    pred: &[u8],
+    positions: &[u32],
+    out: &mut Vec<u8>,
+) {
     let w = W::BITS as usize / 8;
     out.clear();
-    #[cfg(target_arch = "x86_64")]
-    if FLOAT && w == 2 && pred.len() >= 4 && super::avx512::available() {
-        super::avx512::contexts16(&cmap.vector_params(), pred, positions, out);
+    if FLOAT
+        && w == 2
+        && pred.len() >= 4
+        && kernels::changes_contexts16(kernel, &cmap.vector_params(), pred, positions, out)
+    {
         return;
     }
     out.extend(
@@ -206,7 +246,8 @@ pub fn differences(layout: ElementLayout, pred: &[u8], payload: &[u8]) -> Result
     Ok(c)
 }
 
-fn differences_impl<W: Word, const FLOAT: bool>(
+fn differences_impl<W: Element, const FLOAT: bool>(
+    kernel: Kernel,
     layout: ElementLayout,
     pred: &[u8],
     mut input: &[u8],
@@ -233,13 +274,13 @@ fn differences_impl<W: Word, const FLOAT: bool>(
         return Err(DecodeError("bad context range"));
     }
     let cmap = ContextMap::new(layout, lo, hi);
-    contexts_at::<W, FLOAT>(&cmap, pred, &c.positions, &mut c.contexts);
+    contexts_at::<W, FLOAT>(kernel, &cmap, pred, &c.positions, &mut c.contexts);
     debug_assert_eq!(
         c.diffs.len(),
         c.positions.len(),
         "one gap, now one difference, a position"
     );
-    ints::decode(&mut input, cmap.count(), W::BITS, &c.contexts, &mut c.diffs)?;
+    ints::decode_with(kernel, &mut input, cmap.count(), W::BITS, &c.contexts, &mut c.diffs)?;
     if !input.is_empty() {
         return Err(DecodeError("bytes after the payload"));
     }
@@ -249,7 +290,7 @@ fn differences_impl<W: Word, const FLOAT: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype;
+    use crate::layout as dtype;
     use proptest::prelude::*;
 
     fn round_trip(dt: safetensors::Dtype, pred: &[u8], target: &[u8]) {

@@ -5,7 +5,7 @@
 //!
 //! The sixteen interleaved rANS states are the sixteen lanes of one vector, so a group of
 //! sixteen elements is coded without a scalar step. Every path reads and writes the same
-//! bytes as the scalar code in `exact`, `rans` and `ints` and the AVX2 code in `simd`, and
+//! bytes as the scalar code in `exact`, `rans` and `ints` and the AVX2 code in `avx2`, and
 //! gives the same verdict on every payload, hostile ones included; property tests hold them
 //! to that. What AVX2 could not do in vectors, the decoder does:
 //! - the renormalisation hands the next words to the lanes that need them with one expand
@@ -24,12 +24,12 @@
 
 use std::arch::x86_64::*;
 
-use super::bits::BitWriter;
-use super::exact::{verdict, DecodeError};
-use super::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
-use super::simd::{
+use super::tables::{
     next_state, with_tables, Contexts, PackedTables, Parts, BIAS_MASK, BIAS_SHIFT, FREQ_SHIFT, SYMBOL_MASK,
 };
+use crate::bits::BitWriter;
+use crate::error::{verdict, DecodeError};
+use crate::rans::{EncoderTables, Model, INTERLEAVE as STATES, SCALE_BITS};
 
 const SCALE: usize = 1 << SCALE_BITS;
 const RANS_L: u32 = 1 << 16;
@@ -944,12 +944,14 @@ fn shift16_avx512(
 }
 
 /// True if this CPU can run [`differing16`].
+#[inline]
 pub fn bw_available() -> bool {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
 }
 
 /// Which of 64 16-bit elements differ between `a` and `b` in the bits of `field`: bit `j`
 /// of the result for element `j`. Both hold 128 bytes.
+#[inline]
 pub fn differing16(a: &[u8], b: &[u8], field: u16) -> u64 {
     assert!(bw_available(), "differing16 needs AVX-512BW");
     assert!(a.len() == 128 && b.len() == 128);
@@ -984,7 +986,7 @@ mod tests {
             counts in proptest::collection::vec(proptest::collection::vec(0u32..50, 1..64), 1..6),
             picks in proptest::collection::vec((any::<u16>(), any::<u16>()), 0..40),
         ) {
-            if !available() || !super::super::simd::available() {
+            if !available() || !super::super::avx2::available() {
                 return Ok(());
             }
             // A model from the counts (every context gets at least one symbol), then symbols
@@ -1011,7 +1013,7 @@ mod tests {
             let (mut la, mut lb) = (0, 0);
             let (mut sa, mut sb) = (init, init);
             encode_groups(&tables, &symbols, &contexts, &mut wa, &mut la, &mut sa);
-            super::super::simd::encode_groups(&tables, &symbols, &contexts, &mut wb, &mut lb, &mut sb);
+            super::super::avx2::encode_groups(&tables, &symbols, &contexts, &mut wb, &mut lb, &mut sb);
             prop_assert_eq!(sa, sb);
             prop_assert_eq!(&wa[..la], &wb[..lb]);
         }

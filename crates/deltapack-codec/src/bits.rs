@@ -1,4 +1,5 @@
-//! Little-endian bit packing for the raw low bits that follow each token.
+//! Little-endian bit packing for the raw low bits that follow each token, and the one varint
+//! (unsigned LEB128) of every stream and record the codecs write.
 
 /// Appends bit fields LSB-first to a byte vector, without data-dependent branches.
 #[derive(Default)]
@@ -143,6 +144,49 @@ impl<'a> BitReader<'a> {
         let consumed = (self.pos as u64 * 8).saturating_sub(self.n as u64);
         self.pos as u64 * 8 >= self.n as u64 && consumed <= total && total - consumed < 8
     }
+}
+
+/// Appends an unsigned LEB128 varint.
+#[inline]
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads an unsigned LEB128 varint, rejecting overlong or truncated encodings.
+#[inline]
+pub fn get_varint(input: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let (&b, rest) = input.split_first()?;
+        *input = rest;
+        if i == 9 && b > 1 {
+            return None;
+        }
+        v |= ((b & 0x7F) as u64) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Writes `v` as an unsigned LEB128 varint at the start of `out` (room for 10 bytes),
+/// returning its length: [`put_varint`] into a fixed buffer, for writers that gather bytes on
+/// the stack.
+#[inline]
+pub fn write_varint(out: &mut [u8], mut v: u64) -> usize {
+    let mut len = 0;
+    while v >= 0x80 {
+        out[len] = v as u8 | 0x80;
+        v >>= 7;
+        len += 1;
+    }
+    out[len] = v as u8;
+    len + 1
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! tables and a serialisable model (constriction has no table serialisation, zstd's FSE and
 //! huff0 are not exposed). The construction is ryg's `rans_word`: 32-bit states, 16-bit
 //! renormalisation, 12-bit probabilities. Sixteen independent states hide the latency of
-//! each symbol's table lookups; the AVX2 decoder (`simd`) runs them as four vectors.
+//! each symbol's table lookups; the AVX2 decoder (`kernels`) runs them as four vectors.
 //!
 //! The decoder treats its input as hostile: tables are validated when read, reads past the
 //! end of the word stream yield zeros and are reported by [`WordReader::finish`], and no
@@ -207,12 +207,18 @@ impl EncoderTables {
 /// `words` is scratch space, reused across calls so that no chunk pays for a fresh buffer.
 /// Every (context, symbol) pair must have a nonzero frequency in the model the tables came
 /// from; that holds when the model was built from these very symbols.
+///
+/// `groups` is a vector encoder of whole groups of sixteen (`kernels::rans_groups`): given
+/// the tables, the symbols and contexts of the groups, the words, their length and the
+/// states, it codes them as the scalar loop would and returns true, or touches nothing and
+/// returns false (then the scalar loop runs). Passed in, so that `rans` needs nothing of the
+/// kernels that need its tables.
 pub fn encode(
     tables: &EncoderTables,
     symbols: &[u8],
     contexts: &[u8],
     words: &mut Vec<u16>,
-    allow_simd: bool,
+    groups: impl FnOnce(&EncoderTables, &[u8], &[u8], &mut [u16], &mut usize, &mut [u32; STATES]) -> bool,
 ) -> ([u32; STATES], usize) {
     assert_eq!(symbols.len(), contexts.len());
     let n = symbols.len();
@@ -229,18 +235,9 @@ pub fn encode(
         let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
         e.put(&mut st[i % STATES], words, &mut len);
     }
-    #[cfg(target_arch = "x86_64")]
-    if allow_simd && super::avx512::available() {
-        super::avx512::encode_groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st);
+    if groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st) {
         return (st, len);
     }
-    #[cfg(target_arch = "x86_64")]
-    if allow_simd && super::simd::available() {
-        super::simd::encode_groups(tables, &symbols[..full], &contexts[..full], words, &mut len, &mut st);
-        return (st, len);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = allow_simd;
     for i in (0..full).rev() {
         let e = &tables.entries[contexts[i] as usize * tables.stride + symbols[i] as usize];
         e.put(&mut st[i % STATES], words, &mut len);
@@ -370,31 +367,8 @@ impl<'a> WordReader<'a> {
 /// Number of interleaved states: symbol `i` uses state `i % STATES`.
 pub const INTERLEAVE: usize = STATES;
 
-/// Appends an unsigned LEB128 varint.
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads an unsigned LEB128 varint, rejecting overlong or truncated encodings.
-pub fn get_varint(input: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for i in 0..10 {
-        let (&b, rest) = input.split_first()?;
-        *input = rest;
-        if i == 9 && b > 1 {
-            return None;
-        }
-        v |= ((b & 0x7F) as u64) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
+/// The varints of the rANS streams are the crate's one LEB128 (see `bits`).
+pub use crate::bits::{get_varint, put_varint};
 
 #[cfg(test)]
 mod tests {
@@ -411,10 +385,23 @@ mod tests {
 
     fn stream(tables: &EncoderTables, symbols: &[u8], contexts: &[u8]) -> Vec<u8> {
         let mut words = Vec::new();
-        let (states, len) = encode(tables, symbols, contexts, &mut words, true);
-        let mut portable = Vec::new();
-        assert_eq!(encode(tables, symbols, contexts, &mut portable, false), (states, len));
-        assert_eq!(portable[..len], words[..len]);
+        let (states, len) = encode(tables, symbols, contexts, &mut words, |_, _, _, _, _, _| false);
+        // Every kernel path writes the portable path's states and words.
+        for kernel in [crate::kernels::Kernel::Avx2, crate::kernels::Kernel::Avx512] {
+            let mut vector = Vec::new();
+            assert_eq!(
+                encode(
+                    tables,
+                    symbols,
+                    contexts,
+                    &mut vector,
+                    crate::kernels::rans_groups(kernel)
+                ),
+                (states, len),
+                "{kernel:?}"
+            );
+            assert_eq!(vector[..len], words[..len], "{kernel:?}");
+        }
         let mut out = Vec::new();
         write_stream(states, &words[..len], &mut out);
         assert_eq!(out.len(), 2 * stream_words(len));

@@ -7,7 +7,7 @@
 use safetensors::Dtype;
 
 /// A float dtype the lossy codecs can code.
-pub(crate) trait Elem: Copy + Send + Sync + 'static {
+pub trait Elem: Copy + Send + Sync + 'static {
     /// Bytes per element.
     const WIDTH: usize;
     /// Mantissa bits.
@@ -65,8 +65,9 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     }
 }
 
+/// bfloat16.
 #[derive(Clone, Copy)]
-pub(crate) struct Bf16;
+pub struct Bf16;
 impl Elem for Bf16 {
     const WIDTH: usize = 2;
     const MANT: u32 = 7;
@@ -102,8 +103,9 @@ pub(crate) fn f32_to_bf16(x: f32) -> u16 {
     (if x & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded }) as u16
 }
 
+/// IEEE half precision.
 #[derive(Clone, Copy)]
-pub(crate) struct F16;
+pub struct F16;
 impl Elem for F16 {
     const WIDTH: usize = 2;
     const MANT: u32 = 10;
@@ -122,8 +124,9 @@ impl Elem for F16 {
     }
 }
 
+/// IEEE single precision.
 #[derive(Clone, Copy)]
-pub(crate) struct F32;
+pub struct F32;
 impl Elem for F32 {
     const WIDTH: usize = 4;
     const MANT: u32 = 23;
@@ -142,8 +145,9 @@ impl Elem for F32 {
     }
 }
 
+/// IEEE double precision.
 #[derive(Clone, Copy)]
-pub(crate) struct F64;
+pub struct F64;
 impl Elem for F64 {
     const WIDTH: usize = 8;
     const MANT: u32 = 52;
@@ -163,14 +167,14 @@ impl Elem for F64 {
 }
 
 /// Elements per block of [`blocks`].
-pub(crate) const BLOCK: usize = 256;
+pub const BLOCK: usize = 256;
 
 /// Calls `f(first, values)` for consecutive blocks of up to [`BLOCK`] elements of `K`
 /// arrays of the same length, `values[a]` holding array `a`'s values in f64. `BLOCK` is a
 /// multiple of four, so an element's position in its block has the same remainder mod 4
 /// as its index: sums in four lanes by index can run over blocks.
 #[inline(always)]
-pub(crate) fn blocks<E: Elem, const K: usize>(arrays: [&[u8]; K], mut f: impl FnMut(usize, [&[f64]; K])) {
+pub fn blocks<E: Elem, const K: usize>(arrays: [&[u8]; K], mut f: impl FnMut(usize, [&[f64]; K])) {
     let w = E::WIDTH;
     let n = arrays[0].len() / w;
     let mut buf = [[0f64; BLOCK]; K];
@@ -193,13 +197,13 @@ fn pow2(k: i32) -> f64 {
 }
 
 /// Number of [`magnitude_bin`] bins.
-pub(crate) const MAGNITUDE_BINS: usize = 1 << 15;
+pub const MAGNITUDE_BINS: usize = 1 << 15;
 
 /// Histogram bin of a change's magnitude: the top 16 bits of `|d|` as an f32, sign dropped
 /// (so 2^15 bins, 128 per octave). Thresholds on bin edges are exact: `|d| as f32 >=
 /// f32::from_bits(b << 16)` holds exactly for the bins from `b` up.
 #[inline(always)]
-pub(crate) fn magnitude_bin(d: f64) -> usize {
+pub fn magnitude_bin(d: f64) -> usize {
     ((d.abs() as f32).to_bits() >> 16) as usize & (MAGNITUDE_BINS - 1)
 }
 
@@ -208,58 +212,27 @@ pub fn lossy_capable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
 }
 
-/// Defines `$name::<E>(args)`, which runs `$body::<E>(args)` compiled for AVX-512 (F, BW, VL,
-/// DQ) or else AVX2 when the CPU has it, else as is. The builds target baseline x86-64 (SSE2),
-/// where the f64 loops of the lossy codecs vectorise two values wide at best; `$body` and what
-/// it inlines get wider registers and conversions (AVX-512 made a `quant` make 10 % faster than
-/// AVX2). The arithmetic is the same IEEE operations in every build (no fused multiply-add),
-/// so results are identical bit for bit.
-macro_rules! simd_dispatch {
-    ($(#[$m:meta])* fn $name:ident => $body:ident($($arg:ident: $t:ty),*) -> $ret:ty) => {
-        $(#[$m])*
-        fn $name<E: $crate::codec::float::Elem>($($arg: $t),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-                fn wider<E: $crate::codec::float::Elem>($($arg: $t),*) -> $ret {
-                    $body::<E>($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("avx512vl")
-                    && std::is_x86_feature_detected!("avx512dq")
-                {
-                    // SAFETY: the CPU has these AVX-512 subsets, checked just above.
-                    return unsafe { wider::<E>($($arg),*) };
-                }
-                #[target_feature(enable = "avx2")]
-                fn wide<E: $crate::codec::float::Elem>($($arg: $t),*) -> $ret {
-                    $body::<E>($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2, checked just above.
-                    return unsafe { wide::<E>($($arg),*) };
-                }
-            }
-            $body::<E>($($arg),*)
-        }
-    };
-}
-pub(crate) use simd_dispatch;
+/// Defines `$name::<E>(args)`: `$body::<E>(args)` compiled for the widest vector
+/// instructions the CPU has (the macro lives with the kernels, see `kernels`).
+#[doc(inline)]
+pub use crate::__simd_dispatch as simd_dispatch;
 
 /// Calls `$f::<Elem>(args)` for a lossy-capable dtype; other dtypes are a caller bug.
-macro_rules! with_elem {
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __with_elem {
     ($dtype:expr, $f:ident($($arg:expr),*)) => {
         match $dtype {
-            safetensors::Dtype::BF16 => $f::<$crate::codec::float::Bf16>($($arg),*),
-            safetensors::Dtype::F16 => $f::<$crate::codec::float::F16>($($arg),*),
-            safetensors::Dtype::F32 => $f::<$crate::codec::float::F32>($($arg),*),
-            safetensors::Dtype::F64 => $f::<$crate::codec::float::F64>($($arg),*),
+            safetensors::Dtype::BF16 => $f::<$crate::float::Bf16>($($arg),*),
+            safetensors::Dtype::F16 => $f::<$crate::float::F16>($($arg),*),
+            safetensors::Dtype::F32 => $f::<$crate::float::F32>($($arg),*),
+            safetensors::Dtype::F64 => $f::<$crate::float::F64>($($arg),*),
             d => unreachable!("lossy codec on {d:?}"),
         }
     };
 }
-pub(crate) use with_elem;
+#[doc(inline)]
+pub use crate::__with_elem as with_elem;
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@
 use super::bits::{BitReader, BitWriter};
 use super::exact::{max_token, tokenize, DecodeError, TokenTable};
 use super::rans::{self, DecoderTables, EncoderTables, Model};
+use crate::kernels::{self, Kernel};
 
 /// Most contexts one stream may use.
 pub const MAX_CONTEXTS: usize = 64;
@@ -152,7 +153,7 @@ fn finish(symbols: &[u8], ctxs: &[u8], counts: &[[u32; 256]], raw: &[u8], out: &
     let model = Model::from_counts(counts);
     let tables = EncoderTables::new(&model);
     let mut words = Vec::new();
-    let (states, len) = rans::encode(&tables, symbols, ctxs, &mut words, true);
+    let (states, len) = rans::encode(&tables, symbols, ctxs, &mut words, kernels::rans_groups(Kernel::WIDEST));
     rans::put_varint(out, rans::stream_words(len) as u64);
     rans::put_varint(out, raw.len() as u64);
     model.write(out);
@@ -173,13 +174,13 @@ pub fn decode(
     contexts: &[u8],
     out: &mut [u64],
 ) -> Result<(), DecodeError> {
-    decode_with(true, input, n_ctx, max_bits, contexts, out)
+    decode_with(Kernel::WIDEST, input, n_ctx, max_bits, contexts, out)
 }
 
-/// [`decode`], with the vector decoder where the CPU and the stream allow it (`vector`) or
-/// never (the reference it is held to).
-fn decode_with(
-    vector: bool,
+/// [`decode`], with the vector decoder where `kernel`, the CPU and the stream allow it (with
+/// [`Kernel::Portable`]: never, the reference it is held to).
+pub fn decode_with(
+    kernel: Kernel,
     input: &mut &[u8],
     n_ctx: usize,
     max_bits: u32,
@@ -210,12 +211,9 @@ fn decode_with(
     if contexts.iter().any(|&c| c as usize >= n_ctx) {
         return Err(DecodeError("context out of range"));
     }
-    #[cfg(target_arch = "x86_64")]
-    if vector && super::avx512::available() && super::avx512::model_fits(&model) {
-        return super::avx512::decode_values(&model, contexts, words, raw, out);
+    if let Some(done) = kernels::ints_decode_values(kernel, &model, contexts, words, raw, out) {
+        return done;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = vector;
     let tables = DecoderTables::new(&model);
     let expand = TokenTable::new();
     let mut bits = BitReader::new(raw);
@@ -226,7 +224,7 @@ fn decode_with(
         let (base, nbits) = expand.get(tables.step(c, &mut st[i % rans::INTERLEAVE], &mut reader, &mut bad));
         *o = base | bits.get(nbits);
     }
-    super::exact::verdict(bad != 0, reader.finish(st) && bits.finish())
+    crate::error::verdict(bad != 0, reader.finish(st) && bits.finish())
 }
 
 /// Decodes a stream of `count` gaps (the elements skipped before each position) into the
@@ -344,8 +342,8 @@ mod tests {
             for ctx in [&contexts[..], &[]] {
                 let (mut a, mut b) = (vec![0u64; values.len()], vec![0u64; values.len()]);
                 let (mut ia, mut ib) = (&stream[..], &stream[..]);
-                let ra = decode_with(true, &mut ia, 6, 64, ctx, &mut a);
-                let rb = decode_with(false, &mut ib, 6, 64, ctx, &mut b);
+                let ra = decode_with(Kernel::WIDEST, &mut ia, 6, 64, ctx, &mut a);
+                let rb = decode_with(Kernel::Portable, &mut ib, 6, 64, ctx, &mut b);
                 prop_assert_eq!(&ra, &rb);
                 prop_assert_eq!(ia.len(), ib.len());
                 if ra.is_ok() {
