@@ -7,7 +7,9 @@
 # OLD_ROOT and NEW_ROOT are checkouts whose release builds are done:
 #   cargo build --release -p deltapack-cli && cargo build --release -p deltapack --example prof_switch
 # (e.g. `git worktree add --detach /tmp/old 6915cbf` for the old one). RUNS (default 11)
-# interleaved runs of each step; MODELS defaults to ../shared/models. Prints, per pair and
+# interleaved runs of each step. With REF=DIR (a pair from `deltapack dev synth DIR`, 2 GB),
+# make and apply of the reference pair too.
+# MODELS defaults to ../shared/models. Prints, per pair and
 # step, the median seconds of each build and new/old. The deltas are made by the old build
 # and used by both, so apply and the switch read the same files.
 set -euo pipefail
@@ -34,8 +36,11 @@ report() { # label old-times-file new-times-file
 
 echo "| step | old | new | new/old |"
 echo "|---|---|---|---|"
-for ft in ft-a-bf16 ft-b-bf16-sharded; do
-  fdir="$models/$ft"
+pairs=(ft-a-bf16 ft-b-bf16-sharded)
+[ -n "${REF:-}" ] && pairs+=(reference)
+for ft in "${pairs[@]}"; do
+  base="$models/minilm-base-bf16" fdir="$models/$ft"
+  [ "$ft" = reference ] && base="$REF/base" fdir="$REF/finetuned"
   [ -d "$fdir" ] || continue
   "$old/target/release/deltapack" make -q --base "$base" --finetuned "$fdir" -o "$work/$ft.dpk" >/dev/null
   for step in make apply; do
@@ -55,6 +60,8 @@ for ft in ft-a-bf16 ft-b-bf16-sharded; do
     done
     report "$ft $step" "$work/old.t" "$work/new.t"
   done
+  rm -rf "$work/out" "$work/old.dpk" "$work/new.dpk"
+  [ "$ft" = reference ] && continue # hot swap of the reference pair: scripts/bench_hotswap.sh
   # Hot swap: each build's own loop reports the median of its switches; interleave the loops.
   : >"$work/old.t"
   : >"$work/new.t"
