@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs deltapack's cargo-fuzz targets (fuzz/), each for a bounded time.
+# Runs deltapack's cargo-fuzz targets, each for a bounded time: the engine's (fuzz/) and the
+# codec crate's (fuzz/codec, built against deltapack-codec alone).
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60)
 #
-# Targets (fuzz/fuzz_targets/):
+# Targets (fuzz/fuzz_targets/ and fuzz/codec/fuzz_targets/):
 #   container     arbitrary bytes as a .dpk delta file: Delta::open, Delta::read_index, and
 #                 exact::decode of every chunk against a zero prediction
 #   exact_decode  codec::exact::decode on (dtype selector, prediction, payload) split from the input
@@ -14,15 +15,15 @@
 #
 # - Installs cargo-fuzz if missing (`cargo install --locked cargo-fuzz`).
 # - The toolchain is stable: RUSTC_BOOTSTRAP=1 lets cargo-fuzz use its nightly-only flags.
-# - Seeds fuzz/corpus/<target>/ (gitignored) once, with fuzz/examples/make_seeds.rs: a valid
-#   13 KB delta of a tiny synthetic pair (the 1.8 MB `deltapack demo` delta would exceed
-#   libFuzzer's 1 MiB max_len and be truncated), a safetensors header, and exact-codec
-#   payloads of several dtypes. Delete fuzz/corpus/container/seed-tiny.dpk to remake them.
+# - Seeds the corpora (gitignored) once: the container and header targets with the committed
+#   compatibility fixtures (crates/deltapack/tests/data/compat: 23 KB deltas, under libFuzzer's
+#   1 MiB max_len, and a fine-tune's safetensors header), exact_decode with exact-codec payloads
+#   of several dtypes from fuzz/codec/examples/make_seeds.rs. Delete fuzz/corpus to remake them.
 # - One libFuzzer process per target (no -jobs/-workers). Extra libFuzzer flags can be given
 #   in FUZZ_ARGS, e.g. FUZZ_ARGS="-rss_limit_mb=4096".
 # - Exits non-zero if any target fails (crash, leak, timeout, or build error); crashing
 #   inputs are under fuzz/artifacts/<target>/. Reproduce one with
-#   RUSTC_BOOTSTRAP=1 cargo fuzz run <target> fuzz/artifacts/<target>/<file>
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz[/codec] <target> <artifact file>
 set -euo pipefail
 
 secs="${1:-60}"
@@ -33,7 +34,9 @@ fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 fuzz_dir="$root/fuzz"
-targets=(container exact_decode header lossy_decode wdelta)
+codec_dir="$root/fuzz/codec"
+# target:fuzz dir
+targets=(container:"$fuzz_dir" header:"$fuzz_dir" wdelta:"$fuzz_dir" exact_decode:"$codec_dir" lossy_decode:"$codec_dir")
 cd "$root"
 
 export RUSTC_BOOTSTRAP=1
@@ -47,30 +50,35 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/deltapack-fuzz.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-# Seed corpus (made once): a valid tiny delta, a safetensors header and real exact-codec
-# payloads, written by fuzz/examples/make_seeds.rs (a normal build, not a fuzz target).
-if [[ ! -e "$fuzz_dir/corpus/container/seed-tiny.dpk" ]]; then
-    echo "== making seed inputs (fuzz/examples/make_seeds.rs)"
-    (cd "$fuzz_dir" && cargo run --release --quiet --example make_seeds -- "$fuzz_dir/corpus")
-fi
-
-if [[ ! -d "$fuzz_dir/corpus/wdelta" ]]; then
-    mkdir -p "$fuzz_dir/corpus/wdelta"
+# Seed corpora (made once).
+fixtures="$root/crates/deltapack/tests/data/compat"
+if [[ ! -d "$fuzz_dir/corpus/container" ]]; then
+    echo "== seeding the engine targets from $fixtures"
+    mkdir -p "$fuzz_dir/corpus/container" "$fuzz_dir/corpus/header" "$fuzz_dir/corpus/wdelta"
+    cp "$fixtures"/*.dpk "$fuzz_dir/corpus/container/"
+    st="$fixtures/finetuned/model.safetensors"
+    n=$(od -An -t u8 -N 8 "$st" | tr -d ' ')
+    head -c $((8 + n)) "$st" >"$fuzz_dir/corpus/header/seed-finetuned.bin"
     cp "$root"/crates/deltapack/tests/data/wdelta/*.wdelta "$fuzz_dir/corpus/wdelta/"
+fi
+if [[ ! -d "$codec_dir/corpus/exact_decode" ]]; then
+    echo "== making seed inputs (fuzz/codec/examples/make_seeds.rs)"
+    (cd "$codec_dir" && cargo run --release --quiet --example make_seeds -- "$codec_dir/corpus")
 fi
 
 failed=()
-for t in "${targets[@]}"; do
+for entry in "${targets[@]}"; do
+    t=${entry%%:*} dir=${entry#*:}
     echo "== fuzzing $t for ${secs}s"
     # shellcheck disable=SC2086  # FUZZ_ARGS is a list of flags
-    if ! TMPDIR="$work" cargo fuzz run --fuzz-dir "$fuzz_dir" "$t" -- \
+    if ! TMPDIR="$work" cargo fuzz run --fuzz-dir "$dir" "$t" -- \
         -max_total_time="$secs" -timeout=30 -print_final_stats=1 ${FUZZ_ARGS:-}; then
         failed+=("$t")
     fi
 done
 
 if ((${#failed[@]})); then
-    echo "FAILED: ${failed[*]} (inputs under fuzz/artifacts/<target>/)" >&2
+    echo "FAILED: ${failed[*]} (inputs under fuzz/artifacts/<target>/ or fuzz/codec/artifacts/<target>/)" >&2
     exit 1
 fi
 echo "all fuzz targets ran ${secs}s without a crash"
