@@ -1,10 +1,11 @@
 //! deltapack: store fine-tuned models as compact deltas against their base model, and rebuild them.
 //!
 //! The modules follow the data: [`checkpoint`] reads (and writes) Hugging Face safetensors
-//! checkpoints, [`pair`] matches fine-tune tensors with their base counterparts, the
-//! `deltapack-codec` crate codes chunks of tensors, [`container`] is the delta file, [`make`](mod@make) and [`apply`](mod@apply) drive the
-//! whole pipeline in bounded memory.
+//! checkpoints, `pair` matches fine-tune tensors with their base counterparts, the
+//! `deltapack-codec` crate codes chunks of tensors, [`container`] is the delta file,
+//! [`make`](mod@make) and [`apply`](mod@apply) drive the whole pipeline in bounded memory.
 //! [`hotswap`] holds a base in memory and switches it between fine-tunes in place.
+//! `docs/ARCHITECTURE.md` is the map.
 //!
 //! The verbs are at the crate root (the README's example, compiled here):
 //!
@@ -34,11 +35,11 @@ pub mod apply;
 pub mod chain;
 pub mod checkpoint;
 pub mod container;
-pub mod hash;
+mod hash;
 pub mod hotswap;
 pub mod import;
 pub mod make;
-pub mod pair;
+mod pair;
 pub mod progress;
 mod schedule;
 

@@ -5,8 +5,8 @@ mod common;
 use std::path::Path;
 
 use common::{bf16_pair, files, noise, small_pair, t, write_st};
+use deltapack::container::index::Relation;
 use deltapack::container::Delta;
-use deltapack::pair::Relation;
 use deltapack::progress::NoProgress;
 use deltapack::{apply, make, verify, ApplyOptions, MakeOptions};
 

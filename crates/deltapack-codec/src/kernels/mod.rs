@@ -7,11 +7,11 @@
 //! then runs its portable loop: on other targets every function here reports "none". The
 //! vector paths give the bytes and verdicts of the portable ones, hostile payloads included.
 //!
-//! - [`avx2`]: the exact codec's 16-bit float decoder, encoder front end and rANS group
+//! - `avx2`: the exact codec's 16-bit float decoder, encoder front end and rANS group
 //!   encoder for AVX2;
-//! - [`avx512`]: the same for AVX-512F and VBMI, the `ints` decoder and the helpers of
+//! - `avx512`: the same for AVX-512F and VBMI, the `ints` decoder and the helpers of
 //!   `changes` and hot swap's exponent fixes;
-//! - [`tables`]: the plain-Rust decode tables and parameter types both vector files share;
+//! - `tables`: the plain-Rust decode tables and parameter types both vector files share;
 //! - [`simd_dispatch!`](crate::float::simd_dispatch): the lossy codecs' loops compiled for
 //!   AVX-512 or AVX2 where the CPU has them.
 

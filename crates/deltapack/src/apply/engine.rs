@@ -611,7 +611,7 @@ impl Assembler<'_> {
 /// Random access to the tensors of the model a chain rebuilds, chunk by chunk.
 ///
 /// Reads decode only the chunks they cover, through every link; they check payload
-/// checksums but not fingerprints (a whole-tensor property): use [`verify_chain`] for that.
+/// checksums but not fingerprints (a whole-tensor property): use [`crate::verify_chain`] for that.
 pub struct ChainReader<'a> {
     ctx: Ctx<'a>,
 }

@@ -6,11 +6,11 @@
 //! and so on down to the base; no intermediate model is written. A chunk a link left
 //! unchanged passes through without a copy.
 //!
-//! - [`engine`]: the chain resolved level by level, windows of chunk decodes, every
-//!   fingerprint checked ([`engine::Ctx`], [`engine::rebuild`]); its `files` child resolves
+//! - `engine`: the chain resolved level by level, windows of chunk decodes, every
+//!   fingerprint checked (`engine::Ctx`, `engine::rebuild`); its `files` child resolves
 //!   shard headers and other files through the chain and names what the base lacks;
-//! - [`sinks`]: where rebuilt bytes go: files ([`sinks::DirSink`]) or a comparison with the
-//!   fine-tune ([`sinks::CompareSink`]); hot swap and the additive export have their own.
+//! - `sinks`: where rebuilt bytes go: files (`sinks::DirSink`) or a comparison with the
+//!   fine-tune (`sinks::CompareSink`); hot swap and the additive export have their own.
 
 mod engine;
 mod sinks;

@@ -12,7 +12,9 @@ use crate::codec::plan::Quality;
 pub use crate::codec::ChunkCodec;
 use crate::dtype;
 use crate::hash;
-use crate::pair::{self, Relation};
+use crate::pair;
+/// How a tensor relates to the base tensor that predicts it (recorded per tensor).
+pub use crate::pair::Relation;
 
 /// Top-level index of a delta file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -498,7 +498,7 @@ impl Resident {
 
     /// Switches the model to the fine-tune of the delta at `delta`, or back to the base with `None`.
     ///
-    /// The delta must have been made from this base ([`Error::WrongBase`] otherwise); a delta
+    /// The delta must have been made from this base ([`Error::WrongBase`](crate::Error::WrongBase) otherwise); a delta
     /// made against another delta needs its chain ([`Resident::switch_to_chain`]). On any
     /// error the model is not left half-switched (see the module documentation).
     pub fn switch_to(&mut self, delta: Option<&Path>) -> Result<SwitchReport> {
@@ -511,10 +511,10 @@ impl Resident {
     /// Links the model already holds, from the first on, are kept: a switch from a chain to
     /// its continuation applies only the new links, and one back to a shorter chain only
     /// reverts. Each link is checked against the model it continues, as `apply` checks it
-    /// ([`Error::WrongParent`]). A link after the first may only rewrite, in place and in
+    /// ([`Error::WrongParent`](crate::Error::WrongParent)). A link after the first may only rewrite, in place and in
     /// the same dtype (its first dimension may be resized), tensors the model before it
     /// holds as base tensors of that dtype, at the same chunk size as the first, and keeps
-    /// every tensor ([`Error::InvalidArgument`] otherwise, found when that link is reached).
+    /// every tensor ([`Error::InvalidArgument`](crate::Error::InvalidArgument) otherwise, found when that link is reached).
     /// On an error the model is taken back to the links it held before (best effort:
     /// [`Resident::active_chain`] tells where it is).
     ///
