@@ -590,7 +590,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let t = std::time::Instant::now();
-            let r = deltapack::chain::make_child(&base, &parents, &finetuned, &output, &opts, None, &bars)
+            let r = deltapack::make_child(&base, &parents, &finetuned, &output, &opts, None, &bars)
                 .with_context(|| format!("making {}", output.display()))?;
             report::make(g.json, &output, &r, t.elapsed(), tensors || g.verbose)
         }
@@ -673,7 +673,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let t = std::time::Instant::now();
-            let r = deltapack::chain::squash(&base, &deltas, &output, &opts, &bars)
+            let r = deltapack::squash(&base, &deltas, &output, &opts, &bars)
                 .with_context(|| format!("squashing {}", names(&deltas)))?;
             report::make(g.json, &output, &r, t.elapsed(), g.verbose)
         }
@@ -693,7 +693,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let t = std::time::Instant::now();
-            let r = deltapack::chain::rebase(&base, &deltas, &onto, &output, &opts, &bars)
+            let r = deltapack::rebase(&base, &deltas, &onto, &output, &opts, &bars)
                 .with_context(|| format!("rebasing {}", names(&deltas)))?;
             report::make(g.json, &output, &r, t.elapsed(), g.verbose)
         }

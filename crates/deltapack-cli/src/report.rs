@@ -240,7 +240,7 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             "path": path, "size": size, "format_version": index.version, "created_by": index.created_by,
             "base": index.base, "finetuned_bytes": ft, "ratio": ft as f64 / size as f64,
             "chunk_bytes": index.chunk_bytes,
-            "bits_per_param": bits_per_param(index, size), "error": deltapack::make::model_error(index),
+            "bits_per_param": bits_per_param(index, size), "error": index.model_error(),
             "files": index.files.iter().map(|f| json!({"path": f.path, "size": f.size, "tensors": f.tensors.len()})).collect::<Vec<_>>(),
             "tensors": t, "aux": aux, "removed": index.removed, "skipped": index.skipped,
         }));
@@ -305,7 +305,7 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
             "lossy:     {}; {:.3} bits per parameter; model error {:.5}",
             count(lossy as u64, "tensor"),
             bits_per_param(index, size),
-            deltapack::make::model_error(index)
+            index.model_error()
         );
     }
     for f in &index.files {

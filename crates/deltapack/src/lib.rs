@@ -3,7 +3,7 @@
 //! The modules follow the data: [`checkpoint`] reads (and writes) Hugging Face safetensors
 //! checkpoints, `pair` matches fine-tune tensors with their base counterparts, the
 //! `deltapack-codec` crate codes chunks of tensors, [`container`] is the delta file,
-//! [`make`](mod@make) and [`apply`](mod@apply) drive the whole pipeline in bounded memory.
+//! [`make()`] and [`apply()`] drive the whole pipeline in bounded memory.
 //! [`hotswap`] holds a base in memory and switches it between fine-tunes in place.
 //! `docs/ARCHITECTURE.md` is the map.
 //!
@@ -31,14 +31,14 @@ pub mod error;
 
 pub use error::{BasePart, Error, ErrorKind, ExpectedBase, MissingFile, Result};
 pub mod additive;
-pub mod apply;
-pub mod chain;
+mod apply;
+mod chain;
 pub mod checkpoint;
 pub mod container;
 mod hash;
 pub mod hotswap;
 pub mod import;
-pub mod make;
+mod make;
 mod pair;
 pub mod progress;
 mod schedule;
@@ -46,13 +46,14 @@ mod schedule;
 // The verbs, with the options they take and the reports they return.
 pub use additive::{apply_additive, export_additive, AdditiveOptions, AdditiveReport, ExportOptions};
 pub use apply::{
-    apply, apply_chain, rebuild_tensor, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor, RebuildReport,
+    apply, apply_chain, rebuild_chain, rebuild_tensor, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor,
+    RebuildReport,
 };
 pub use chain::{make_child, rebase, squash, Chain};
 pub use checkpoint::remove_temporaries;
 pub use hotswap::Resident;
 pub use import::{import_wdelta, ImportOptions};
-pub use make::{make, MakeOptions, MakeReport, TensorReport};
+pub use make::{base_fingerprint, make, MakeOptions, MakeReport, TensorReport};
 pub use store::Store;
 pub mod stats;
 pub mod store;

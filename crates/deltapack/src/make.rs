@@ -55,7 +55,7 @@ pub struct MakeOptions {
     /// Keep auxiliary files out of the delta as [`Blob::External`] references by content
     /// (a store keeps them once for all its entries).
     pub external_aux: bool,
-    /// Set when `base` is the reconstruction of another delta (see [`crate::chain`]).
+    /// Set when `base` is the reconstruction of another delta (see [`crate::make_child`]).
     pub parent: Option<index::ParentLink>,
 }
 

@@ -5,12 +5,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{files, noise, t, write_st};
-use deltapack::chain::{make_child, rebase, squash};
 use deltapack::checkpoint::Checkpoint;
 use deltapack::progress::NoProgress;
 use deltapack::store::Store;
 use deltapack::tune::{CodecPolicy, CodecSpec};
 use deltapack::{apply_chain, verify_chain, ApplyOptions, Chain, Error, MakeOptions};
+use deltapack::{make_child, rebase, squash};
 
 const N: usize = 20_000;
 

@@ -373,7 +373,7 @@ fn child_of_a(root: &Path, a: &Path, name: &str, added: bool) -> PathBuf {
 }
 
 fn make_child(base: &Path, parent: &Path, ft: &Path, out: &Path) {
-    deltapack::chain::make_child(base, &[parent.to_path_buf()], ft, out, &chunks_4k(), None, &NoProgress).unwrap();
+    deltapack::make_child(base, &[parent.to_path_buf()], ft, out, &chunks_4k(), None, &NoProgress).unwrap();
 }
 
 #[test]
@@ -748,7 +748,7 @@ fn shrink_shrink_grow_along_three_links() {
         &[t("w", "BF16", &[300, 32], wd), t("v", "BF16", &[64, 32], vd)],
     );
     let dd = root.join("d.dpk");
-    deltapack::chain::make_child(
+    deltapack::make_child(
         &base,
         &[da.clone(), dc.clone()],
         &d,

@@ -6,9 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{bf16_pair, files, small_pair, t, with_index, write_st};
-use deltapack::chain::make_child;
 use deltapack::container::index::Blob;
 use deltapack::container::Delta;
+use deltapack::make_child;
 use deltapack::progress::NoProgress;
 use deltapack::{apply, make, verify, ApplyOptions, BasePart, Error, ErrorKind, MakeOptions, MissingFile};
 

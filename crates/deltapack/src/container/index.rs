@@ -268,6 +268,12 @@ pub fn quick_hex(h: u64) -> String {
 }
 
 impl Index {
+    /// The relative RMS error of the whole model's delta, `||D'-D|| / ||D||`, from the
+    /// tensors' recorded quality (0 for an exact delta).
+    pub fn model_error(&self) -> f64 {
+        crate::make::model_error(self)
+    }
+
     /// Total size of the fine-tune's files (weights and auxiliary files).
     pub fn finetuned_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum::<u64>() + self.aux.iter().map(|a| a.size).sum::<u64>()

@@ -6,7 +6,7 @@
 //! delta changes and reading only the delta; `switch_to(None)` turns it back into the base, bit
 //! for bit, without reading the base again. Going from one fine-tune to another reverts the
 //! first, then applies the second. [`Resident::switch_to_chain`] holds the model a chain of
-//! deltas rebuilds (see [`crate::chain`]): the links it shares with the chain held are kept,
+//! deltas rebuilds (see [`Chain`](crate::Chain) and [`make_child`](crate::make_child)): the links it shares with the chain held are kept,
 //! so going from a model to a child of it (the next checkpoint of a training run, or a
 //! fine-tune coded against another with `make --parent`) applies one link, and going back
 //! reverts one. A serving loop reads the weights with [`Resident::tensor`].
