@@ -11,7 +11,6 @@ use std::sync::OnceLock;
 
 use deltapack::container::index::ChunkCodec;
 use deltapack::container::Delta;
-use deltapack::dtype;
 use deltapack_codec::exact;
 use libfuzzer_sys::fuzz_target;
 
@@ -31,12 +30,12 @@ fuzz_target!(|data: &[u8]| {
     let mut pred = Vec::new();
     let mut out = Vec::new();
     for t in delta.index.tensors() {
-        let Some(dt) = dtype::parse(&t.dtype) else { continue };
+        let Some(dt) = t.element_dtype() else { continue };
         let len = t.len();
         if len > MAX_TENSOR {
             continue;
         }
-        let layout = dtype::layout(dt);
+        let layout = deltapack_codec::layout::layout(dt);
         for (i, c) in t.chunks.iter().enumerate() {
             // Chunk `i` covers bytes [i * cb, min((i + 1) * cb, len)) of the tensor.
             let start = (i as u64).saturating_mul(cb);

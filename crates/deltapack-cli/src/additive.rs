@@ -28,11 +28,11 @@ pub enum OutDtype {
 }
 
 impl OutDtype {
-    fn name(self) -> &'static str {
+    fn dtype(self) -> deltapack::Dtype {
         match self {
-            OutDtype::F16 => "F16",
-            OutDtype::Bf16 => "BF16",
-            OutDtype::F32 => "F32",
+            OutDtype::F16 => deltapack::Dtype::F16,
+            OutDtype::Bf16 => deltapack::Dtype::BF16,
+            OutDtype::F32 => deltapack::Dtype::F32,
         }
     }
 }
@@ -42,7 +42,7 @@ pub fn options(force: bool, sync: bool, dtype: Option<OutDtype>) -> AdditiveOpti
     AdditiveOptions {
         force,
         sync,
-        dtype: dtype.map(|d| deltapack::dtype::parse(d.name()).expect("a safetensors dtype name")),
+        dtype: dtype.map(OutDtype::dtype),
     }
 }
 

@@ -20,8 +20,8 @@ use std::time::Instant;
 use deltapack::checkpoint::Checkpoint;
 use deltapack::container::index::ChunkCodec;
 use deltapack::container::Delta;
-use deltapack::dtype::{self, ElementLayout};
 use deltapack_codec::changes::Changes;
+use deltapack_codec::layout::{layout, ElementLayout};
 use deltapack_codec::{decode_exact, exact};
 
 /// One coded chunk: its codec, element layout, base bytes and payload.
@@ -76,7 +76,7 @@ fn jobs<'a>(base: &'a Checkpoint, delta: &'a Delta) -> Result<Vec<Job<'a>>, Box<
         if pred.len() as u64 != t.data_offsets[1] - t.data_offsets[0] {
             continue;
         }
-        let layout = dtype::layout(dtype::parse(&t.dtype).ok_or("unknown dtype")?);
+        let layout = layout(t.element_dtype().ok_or("unknown dtype")?);
         for (k, c) in t.chunks.iter().enumerate() {
             if matches!(c.codec, ChunkCodec::Exact | ChunkCodec::Changes) {
                 jobs.push(Job {

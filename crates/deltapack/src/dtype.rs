@@ -3,7 +3,7 @@
 
 use safetensors::Dtype;
 
-pub use deltapack_codec::layout::{layout, ElementLayout, FloatLayout};
+pub use deltapack_codec::layout::{layout, ElementLayout};
 
 /// Size in bytes of a tensor of `dtype` and `shape`, or `None` on overflow or a partial byte.
 pub fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {

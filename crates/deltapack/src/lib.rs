@@ -26,10 +26,12 @@
 
 // The codecs live in their own leaf crate; the engine names them by their old path.
 use deltapack_codec as codec;
-pub mod dtype;
+mod dtype;
 pub mod error;
 
 pub use error::{BasePart, Error, ErrorKind, ExpectedBase, MissingFile, Result};
+/// The safetensors dtype, as the options and reports name it.
+pub use safetensors::Dtype;
 pub mod additive;
 mod apply;
 mod chain;

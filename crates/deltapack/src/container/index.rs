@@ -161,6 +161,12 @@ pub struct Payload {
 }
 
 impl TensorEntry {
+    /// The tensor's dtype, parsed from its recorded name (`None` for a name safetensors does
+    /// not know, which validation rejects on read).
+    pub fn element_dtype(&self) -> Option<safetensors::Dtype> {
+        crate::dtype::parse(&self.dtype)
+    }
+
     /// Size in bytes.
     pub fn len(&self) -> u64 {
         self.data_offsets[1] - self.data_offsets[0]
