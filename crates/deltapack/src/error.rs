@@ -163,7 +163,7 @@ impl std::fmt::Display for BasePart {
 pub struct ExpectedBase {
     /// Where the right base comes from, if the delta records it.
     pub id: Option<String>,
-    /// The base fingerprint the delta records (see [`crate::make::base_fingerprint`]), where
+    /// The base fingerprint the delta records (see [`crate::base_fingerprint`]), where
     /// the delta has one; shown shortened, to compare with `inspect` of the delta.
     pub fingerprint: Option<String>,
     /// The base given has, where the delta expects the base's tensor, the tensor the delta
@@ -172,15 +172,6 @@ pub struct ExpectedBase {
 }
 
 impl ExpectedBase {
-    /// The base a deltapack delta records, as its index has it.
-    pub fn of(base: &crate::container::index::BaseInfo) -> Box<ExpectedBase> {
-        Box::new(ExpectedBase {
-            id: base.id.clone(),
-            fingerprint: Some(base.fingerprint.clone()),
-            swapped: false,
-        })
-    }
-
     /// The same, with [`ExpectedBase::swapped`] set to `swapped`.
     pub fn swapped(mut self: Box<Self>, swapped: bool) -> Box<ExpectedBase> {
         self.swapped = swapped;

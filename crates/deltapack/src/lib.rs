@@ -40,6 +40,7 @@ pub mod container;
 mod hash;
 pub mod hotswap;
 pub mod import;
+mod lineage;
 mod make;
 mod pair;
 pub mod progress;
@@ -51,10 +52,11 @@ pub use apply::{
     apply, apply_chain, rebuild_chain, rebuild_tensor, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor,
     RebuildReport,
 };
-pub use chain::{make_child, rebase, squash, Chain};
+pub use chain::Chain;
 pub use checkpoint::remove_temporaries;
 pub use hotswap::Resident;
 pub use import::{import_wdelta, ImportOptions};
+pub use lineage::{make_child, rebase, squash};
 pub use make::{base_fingerprint, make, MakeOptions, MakeReport, TensorReport};
 pub use store::Store;
 pub mod stats;

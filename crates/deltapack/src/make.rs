@@ -284,7 +284,7 @@ fn report(index: &Index) -> MakeReport {
             .count(),
         skipped: index.skipped.iter().map(|s| s.path.clone()).collect(),
         lossy: index.tensors().filter(|t| t.codec.is_some()).count(),
-        error: model_error(index),
+        error: index.model_error(),
         bits_per_param: 0.0,
         tensors: index.tensors().filter_map(TensorReport::of).collect(),
         warnings: Vec::new(),
@@ -326,20 +326,6 @@ fn dropped_tensors_warning(finetuned: &Path, base_tensors: usize, removed: usize
         _ => {}
     }
     Some(w)
-}
-
-/// The relative RMS error of the whole model's delta, from the tensors' recorded quality.
-pub fn model_error(index: &Index) -> f64 {
-    let (mut err, mut norm) = (0.0, 0.0);
-    for q in index.tensors().filter_map(|t| t.quality) {
-        err += (q.error * q.delta_norm).powi(2);
-        norm += q.delta_norm.powi(2);
-    }
-    if norm > 0.0 {
-        (err / norm).sqrt()
-    } else {
-        0.0
-    }
 }
 
 fn removed(t: &TensorRef) -> RemovedTensor {

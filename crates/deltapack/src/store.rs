@@ -22,11 +22,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::apply::{apply_chain, verify_chain, ApplyOptions, ChainReader};
-use crate::chain::{make_child, Chain};
+use crate::chain::Chain;
 use crate::checkpoint::Checkpoint;
 use crate::codec::exact;
 use crate::container::index::Blob;
 use crate::container::Delta;
+use crate::lineage::make_child;
 use crate::make::{MakeOptions, MakeReport};
 use crate::progress::Progress;
 use crate::{dtype, hash, Error, Result};

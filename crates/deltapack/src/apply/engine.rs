@@ -22,7 +22,7 @@ use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
 use crate::progress::Progress;
 use crate::schedule::{self, Job};
-use crate::{dtype, BasePart, Error, ExpectedBase, Result};
+use crate::{dtype, BasePart, Error, Result};
 
 use super::{RebuildReport, Sink};
 
@@ -395,7 +395,12 @@ impl<'a> Ctx<'a> {
                 path: self.chain.base.root.clone(),
                 part: BasePart::Tensor(b.name.clone()),
                 reason: "has different values (fingerprint mismatch)".into(),
-                expected: ExpectedBase::of(&self.levels[0].delta.index.base).swapped(self.rebuilds(&b.name, &got)),
+                expected: self.levels[0]
+                    .delta
+                    .index
+                    .base
+                    .expected()
+                    .swapped(self.rebuilds(&b.name, &got)),
             }),
             // The parent's rebuilt tensor is checked whole, which names the broken link.
             Src::Parent(j) => {
@@ -432,7 +437,7 @@ fn resolve_in_base<'a>(
         path: base.root.clone(),
         part: BasePart::Tensor(s.name.clone()),
         reason,
-        expected: ExpectedBase::of(&delta.index.base).swapped(swapped),
+        expected: delta.index.base.expected().swapped(swapped),
     };
     let b = base.tensor(&s.name).ok_or_else(|| wrong("is missing".into(), false))?;
     let shape: Vec<u64> = b.shape.iter().map(|&d| d as u64).collect();

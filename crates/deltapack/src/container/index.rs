@@ -15,6 +15,7 @@ use crate::hash;
 use crate::pair;
 /// How a tensor relates to the base tensor that predicts it (recorded per tensor).
 pub use crate::pair::Relation;
+use crate::ExpectedBase;
 
 /// Top-level index of a delta file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,6 +73,17 @@ pub struct BaseInfo {
     pub tensors: u64,
     /// Size of the base's safetensors files in bytes.
     pub bytes: u64,
+}
+
+impl BaseInfo {
+    /// What an error says of this base when another one is given ([`crate::Error::WrongBase`]).
+    pub fn expected(&self) -> Box<ExpectedBase> {
+        Box::new(ExpectedBase {
+            id: self.id.clone(),
+            fingerprint: Some(self.fingerprint.clone()),
+            swapped: false,
+        })
+    }
 }
 
 /// Where a stored byte string lives.
@@ -277,7 +289,16 @@ impl Index {
     /// The relative RMS error of the whole model's delta, `||D'-D|| / ||D||`, from the
     /// tensors' recorded quality (0 for an exact delta).
     pub fn model_error(&self) -> f64 {
-        crate::make::model_error(self)
+        let (mut err, mut norm) = (0.0, 0.0);
+        for q in self.tensors().filter_map(|t| t.quality) {
+            err += (q.error * q.delta_norm).powi(2);
+            norm += q.delta_norm.powi(2);
+        }
+        if norm > 0.0 {
+            (err / norm).sqrt()
+        } else {
+            0.0
+        }
     }
 
     /// Total size of the fine-tune's files (weights and auxiliary files).

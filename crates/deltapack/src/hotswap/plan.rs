@@ -11,7 +11,7 @@ use crate::container::Delta;
 use crate::dtype;
 use crate::hash;
 use crate::pair::Relation;
-use crate::{BasePart, Error, ExpectedBase, Result};
+use crate::{BasePart, Error, Result};
 
 use super::*;
 
@@ -157,7 +157,7 @@ impl Resident {
             path: self.root.clone(),
             part: BasePart::Tensor(s.name.clone()),
             reason,
-            expected: ExpectedBase::of(&d.index.base).swapped(swapped),
+            expected: d.index.base.expected().swapped(swapped),
         };
         let wrong = |reason: String| wrong_or_swapped(reason, false);
         let i = *self.by_name.get(&s.name).ok_or_else(|| wrong("is missing".into()))?;

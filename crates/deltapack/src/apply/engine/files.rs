@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::container::index::{AuxEntry, Blob, WeightFile};
 use crate::container::Delta;
 use crate::hash;
-use crate::{dtype, BasePart, Error, ExpectedBase, MissingFile, Result};
+use crate::{dtype, BasePart, Error, MissingFile, Result};
 
 use super::Ctx;
 
@@ -21,7 +21,7 @@ impl Ctx<'_> {
             path: self.chain.base.root.clone(),
             part,
             reason,
-            expected: ExpectedBase::of(&index.base),
+            expected: index.base.expected(),
         }
     }
 
