@@ -17,6 +17,7 @@ macro_rules! out {
 }
 
 mod additive;
+mod bounds;
 mod demo;
 mod progress;
 mod report;
@@ -756,7 +757,7 @@ fn dev(cmd: Dev) -> Result<()> {
         Dev::Bounds { base, finetuned } => {
             let b = deltapack::checkpoint::Checkpoint::open(&base)?;
             let f = deltapack::checkpoint::Checkpoint::open(&finetuned)?;
-            out!("{}", serde_json::to_string(&deltapack::stats::bounds(&b, &f))?);
+            out!("{}", serde_json::to_string(&bounds::bounds(&b, &f))?);
             Ok(())
         }
     }

@@ -59,7 +59,6 @@ pub use import::{import_wdelta, ImportOptions};
 pub use lineage::{make_child, rebase, squash};
 pub use make::{base_fingerprint, make, MakeOptions, MakeReport, TensorReport};
 pub use store::Store;
-pub mod stats;
 pub mod store;
 pub mod tune;
 

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
+use deltapack::checkpoint::Checkpoint;
 
 /// Entropy bounds of a pair, as compression ratios of the weight bytes they cover.
 #[derive(Debug, Clone, Serialize)]
@@ -41,8 +41,8 @@ pub fn bounds(base: &Checkpoint, ft: &Checkpoint) -> Bounds {
             continue;
         };
         let mant = match t.dtype {
-            safetensors::Dtype::BF16 => 7,
-            safetensors::Dtype::F16 => 10,
+            deltapack::Dtype::BF16 => 7,
+            deltapack::Dtype::F16 => 10,
             _ => continue,
         };
         if b.dtype != t.dtype || b.shape != t.shape {
