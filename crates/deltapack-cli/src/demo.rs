@@ -53,9 +53,9 @@ pub fn run(dir: Option<PathBuf>, json_out: bool, bars: &Bars) -> Result<()> {
         report::make(false, &delta, &made, t.elapsed(), false)?;
     }
     say(format!("\n== deltapack inspect {}", delta.display()));
-    let (index, size) = deltapack::container::Delta::read_index(&delta)?;
+    let inspection = deltapack::inspect(&delta)?;
     if !json_out {
-        report::inspect(false, &delta, &index, size, false)?;
+        report::inspect(false, &delta, &inspection, false)?;
     }
     say(format!(
         "\n== deltapack apply --base {} {} -o {}",

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use deltapack::container::index::{Blob, Index};
+use deltapack::container::index::Blob;
 use deltapack::{MakeReport, RebuildReport};
 use serde_json::json;
 
@@ -216,34 +216,12 @@ pub fn rebuild(
 }
 
 /// Prints what a delta holds.
-pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tensors: bool) -> Result<()> {
+pub fn inspect(json_out: bool, path: &Path, inspection: &deltapack::Inspection, list_tensors: bool) -> Result<()> {
+    let (index, size) = (&inspection.index, inspection.size);
     let ft = index.finetuned_bytes();
     let tensors: Vec<_> = index.tensors().collect();
     if json_out {
-        let t: Vec<_> = tensors
-            .iter()
-            .map(|t| {
-                json!({"name": t.name, "dtype": t.dtype, "shape": t.shape, "relation": t.relation,
-                       "unchanged": t.unchanged(), "bytes": t.len(), "stored_bytes": t.stored_bytes(),
-                       "source": t.source.as_ref().map(|s| &s.name),
-                       "codec": t.codec.as_ref().map_or("exact", |c| c.name()),
-                       "setting": t.codec.as_ref().map(|c| c.setting()),
-                       "quality": t.quality})
-            })
-            .collect();
-        let aux: Vec<_> = index
-            .aux
-            .iter()
-            .map(|a| json!({"path": a.path, "size": a.size, "same_as_base": matches!(a.blob, Blob::SameAsBase{..})}))
-            .collect();
-        return print_json(&json!({
-            "path": path, "size": size, "format_version": index.version, "created_by": index.created_by,
-            "base": index.base, "finetuned_bytes": ft, "ratio": ft as f64 / size as f64,
-            "chunk_bytes": index.chunk_bytes,
-            "bits_per_param": bits_per_param(index, size), "error": index.model_error(),
-            "files": index.files.iter().map(|f| json!({"path": f.path, "size": f.size, "tensors": f.tensors.len()})).collect::<Vec<_>>(),
-            "tensors": t, "aux": aux, "removed": index.removed, "skipped": index.skipped,
-        }));
+        return print_json(&inspection.to_json(path));
     }
     out!(
         "{}: deltapack format v{}, {} ({})",
@@ -304,7 +282,7 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
         out!(
             "lossy:     {}; {:.3} bits per parameter; model error {:.5}",
             count(lossy as u64, "tensor"),
-            bits_per_param(index, size),
+            inspection.bits_per_param(),
             index.model_error()
         );
     }
@@ -379,9 +357,4 @@ pub fn inspect(json_out: bool, path: &Path, index: &Index, size: u64, list_tenso
 /// The first 16 hex digits of a fingerprint, as people compare them.
 fn short(fingerprint: &str) -> &str {
     fingerprint.get(..16).unwrap_or(fingerprint)
-}
-
-/// 8 x delta size / number of fine-tune values.
-fn bits_per_param(index: &Index, size: u64) -> f64 {
-    8.0 * size as f64 / index.tensors().map(|t| t.numel()).sum::<u64>().max(1) as f64
 }

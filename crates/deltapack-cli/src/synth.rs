@@ -174,25 +174,15 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 }
 
 fn write_safetensors(spec: &Spec, path: &Path, tensors: &[(String, Vec<usize>)], finetuned: bool) -> Result<()> {
-    let mut header = String::from(r#"{"__metadata__":{"format":"pt"}"#);
-    let mut offset = 0usize;
-    for (name, shape) in tensors {
-        let len = shape.iter().product::<usize>() * 2;
-        header.push_str(&format!(
-            r#","{name}":{{"dtype":"BF16","shape":{shape:?},"data_offsets":[{offset},{}]}}"#,
-            offset + len
-        ));
-        offset += len;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
+    let layout: Vec<(&str, deltapack::Dtype, &[usize])> = tensors
+        .iter()
+        .map(|(name, shape)| (name.as_str(), deltapack::Dtype::BF16, shape.as_slice()))
+        .collect();
+    let (header, _) = deltapack::checkpoint::header::build(Some(serde_json::json!({"format": "pt"})), &layout)?;
     let file = std::fs::File::create(path).map_err(|e| Error::io("creating", path, e))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let io = |e| Error::io("writing", path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(header.as_bytes()).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
     for (name, shape) in tensors {
         let n: usize = shape.iter().product();
         // An untied head starts from the embedding it was tied to, as in real fine-tunes.

@@ -183,7 +183,8 @@ pub fn apply_additive(
             .iter()
             .map(|p| (p.delta.name.as_str(), p.out, p.delta.shape.as_slice()))
             .collect();
-        let (header, data_len) = build_header(unmarked(metadata_of(shard.header_bytes())), &layout)?;
+        let (header, data_len) =
+            crate::checkpoint::header::build(unmarked(metadata_of(shard.header_bytes())), &layout)?;
         let mut w = Writer::create(&dir, &shard.rel, header.len() as u64 + data_len)?;
         w.write(&header)?;
         for (p, s) in tensors
@@ -592,32 +593,6 @@ fn unmarked(metadata: Option<serde_json::Value>) -> Option<serde_json::Value> {
     Some(metadata)
 }
 
-/// A safetensors header for tensors stored in this order, with `metadata` as its
-/// `__metadata__`, padded with spaces to 8 bytes as Hugging Face writers do; and the length
-/// of the data it describes.
-fn build_header(metadata: Option<serde_json::Value>, tensors: &[(&str, Dtype, &[usize])]) -> Result<(Vec<u8>, u64)> {
-    let mut json = serde_json::Map::new();
-    if let Some(m) = metadata {
-        json.insert("__metadata__".into(), m);
-    }
-    let mut offset = 0u64;
-    for &(name, dt, shape) in tensors {
-        let len = dtype::byte_len(dt, shape)
-            .ok_or_else(|| Error::InvalidArgument(format!("tensor '{name}' of shape {shape:?} is too large")))?;
-        let end = offset + len as u64;
-        let entry = serde_json::json!({"dtype": dtype::name(dt), "shape": shape, "data_offsets": [offset, end]});
-        json.insert(name.to_string(), entry);
-        offset = end;
-    }
-    let mut text = serde_json::to_string(&json).expect("a JSON map serializes");
-    while !text.len().is_multiple_of(8) {
-        text.push(' ');
-    }
-    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(text.as_bytes());
-    Ok((bytes, offset))
-}
-
 /// The shard index with `metadata.total_size` set to `total`, or `None` when it already says
 /// so or has no such field (it is then copied as it is).
 fn patched_index(bytes: &[u8], total: u64) -> Option<Vec<u8>> {
@@ -787,7 +762,7 @@ impl Sink for ExportSink<'_> {
                 (t.name.as_str(), out_dtype(dt, Dtype::F16), s.as_slice())
             })
             .collect();
-        let (header, data_len) = build_header(Some(marked(metadata_of(header))), &layout)?;
+        let (header, data_len) = crate::checkpoint::header::build(Some(marked(metadata_of(header))), &layout)?;
         let mut w = Writer::create(&self.dir, &f.path, header.len() as u64 + data_len)?;
         w.write(&header)?;
         self.out = Some(w);
@@ -912,7 +887,7 @@ mod tests {
     fn headers_parse_back_with_their_metadata() {
         let meta = serde_json::json!({"format": "pt"});
         let tensors: [(&str, Dtype, &[usize]); 2] = [("b\"odd", Dtype::F16, &[3, 2]), ("a", Dtype::I64, &[5])];
-        let (h, len) = build_header(Some(meta.clone()), &tensors).unwrap();
+        let (h, len) = crate::checkpoint::header::build(Some(meta.clone()), &tensors).unwrap();
         assert_eq!((len, h.len() % 8), (12 + 40, 0));
         let parsed = crate::checkpoint::header::parse(&h, Some(h.len() as u64 + len)).unwrap();
         let names: Vec<_> = parsed.tensors.iter().map(|t| (t.name.as_str(), t.dtype)).collect();

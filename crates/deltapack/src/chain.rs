@@ -31,14 +31,21 @@ impl Chain {
     /// Opens `base` and `deltas` (in order from the base) and checks that each delta
     /// continues the one before it.
     pub fn open(base: &Path, deltas: &[PathBuf]) -> Result<Chain> {
-        if deltas.is_empty() {
-            return Err(Error::InvalidArgument("no delta given".into()));
-        }
-        let deltas = deltas.iter().map(|p| Delta::open(p)).collect::<Result<Vec<_>>>()?;
-        check_links(&deltas)?;
+        let deltas = open_deltas(deltas)?;
         Ok(Chain {
             base: Checkpoint::open(base)?,
             deltas,
+            aux_store: None,
+        })
+    }
+
+    /// [`Chain::open`] on a base already opened: one on disk or held in memory
+    /// ([`Checkpoint::from_memory`]; the base's other files are then not at hand, so deltas
+    /// that store files against the base's cannot rebuild those).
+    pub fn on(base: Checkpoint, deltas: &[PathBuf]) -> Result<Chain> {
+        Ok(Chain {
+            base,
+            deltas: open_deltas(deltas)?,
             aux_store: None,
         })
     }
@@ -52,6 +59,15 @@ impl Chain {
             file: last.path.file_name().map(|n| n.to_string_lossy().into_owned()),
         }
     }
+}
+
+fn open_deltas(deltas: &[PathBuf]) -> Result<Vec<Delta>> {
+    if deltas.is_empty() {
+        return Err(Error::InvalidArgument("no delta given".into()));
+    }
+    let deltas = deltas.iter().map(|p| Delta::open(p)).collect::<Result<Vec<_>>>()?;
+    check_links(&deltas)?;
+    Ok(deltas)
 }
 
 /// Each delta must continue the one before it; the first must be made against a base.

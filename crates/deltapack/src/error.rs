@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Io,
     /// A reconstruction does not match the fine-tune it was compared to.
     Mismatch,
+    /// The caller stopped the operation (see [`crate::progress::Progress::cancelled`]).
+    Interrupted,
 }
 
 /// Everything that can go wrong in deltapack.
@@ -128,6 +130,9 @@ pub enum Error {
     /// An argument or option value is not acceptable.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller stopped the operation; nothing was written.
+    #[error("interrupted; nothing was written")]
+    Interrupted,
 }
 
 fn tensor_suffix(tensor: &Option<String>) -> String {
@@ -246,6 +251,7 @@ impl Error {
             Error::CorruptDelta { .. } => ErrorKind::CorruptDelta,
             Error::WrongBase { .. } | Error::WrongParent { .. } | Error::WrongParentHash { .. } => ErrorKind::WrongBase,
             Error::Mismatch { .. } => ErrorKind::Mismatch,
+            Error::Interrupted => ErrorKind::Interrupted,
         }
     }
 

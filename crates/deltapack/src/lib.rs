@@ -40,6 +40,7 @@ pub mod container;
 mod hash;
 pub mod hotswap;
 pub mod import;
+mod inspect;
 mod lineage;
 mod make;
 mod pair;
@@ -49,15 +50,16 @@ mod schedule;
 // The verbs, with the options they take and the reports they return.
 pub use additive::{apply_additive, export_additive, AdditiveOptions, AdditiveReport, ExportOptions};
 pub use apply::{
-    apply, apply_chain, rebuild_chain, rebuild_tensor, verify, verify_chain, ApplyOptions, ChainReader, MeasuredTensor,
-    RebuildReport,
+    apply, apply_chain, load_chain, rebuild_chain, rebuild_tensor, verify, verify_chain, ApplyOptions, ChainReader,
+    LoadedFile, LoadedModel, LoadedTensor, MeasuredTensor, RebuildReport,
 };
 pub use chain::Chain;
 pub use checkpoint::remove_temporaries;
 pub use hotswap::Resident;
 pub use import::{import_wdelta, ImportOptions};
-pub use lineage::{make_child, rebase, squash};
-pub use make::{base_fingerprint, make, MakeOptions, MakeReport, TensorReport};
+pub use inspect::{inspect, Inspection};
+pub use lineage::{make_child, make_child_from, rebase, squash};
+pub use make::{base_fingerprint, make, make_from, MakeOptions, MakeReport, TensorReport};
 pub use store::Store;
 pub mod store;
 pub mod tune;

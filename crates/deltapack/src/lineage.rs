@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use crate::apply::{rebuild_chain, ApplyOptions};
 use crate::chain::Chain;
-use crate::checkpoint::{check_output_disjoint, check_overwrite, ScratchDir};
-use crate::make::{make, MakeOptions, MakeReport};
+use crate::checkpoint::{check_output_disjoint, check_overwrite, Checkpoint, ScratchDir};
+use crate::make::{make, make_from, MakeOptions, MakeReport};
 use crate::progress::Progress;
 use crate::Result;
 
@@ -41,7 +41,25 @@ pub fn make_child(
     if parents.is_empty() {
         return make(base, finetuned, out, opts, progress);
     }
-    let mut inputs = vec![("base", base), ("fine-tune", finetuned)];
+    check_output_disjoint(out, &[("fine-tune", finetuned)])?;
+    let ft = Checkpoint::open(finetuned)?;
+    make_child_from(base, parents, &ft, out, opts, aux_store, progress)
+}
+
+/// [`make_child`] of an opened fine-tune (on disk or in memory).
+pub fn make_child_from(
+    base: &Path,
+    parents: &[PathBuf],
+    finetuned: &Checkpoint,
+    out: &Path,
+    opts: &MakeOptions,
+    aux_store: Option<&Path>,
+    progress: &dyn Progress,
+) -> Result<MakeReport> {
+    if parents.is_empty() {
+        return make_from(&Checkpoint::open(base)?, finetuned, out, opts, progress);
+    }
+    let mut inputs = vec![("base", base), ("fine-tune", finetuned.root.as_path())];
     inputs.extend(parents.iter().map(|p| ("parent delta", p.as_path())));
     check_output_disjoint(out, &inputs)?;
     check_overwrite(out, opts.force)?;
@@ -58,7 +76,7 @@ pub fn make_child(
     }
     let (_scratch, model) = rebuild_next_to(&chain, out, progress)?;
     drop(chain);
-    make(&model, finetuned, out, &opts, progress)
+    make_from(&Checkpoint::open(&model)?, finetuned, out, &opts, progress)
 }
 
 /// Turns the chain `deltas` on `base` into one delta against `base` that rebuilds the same

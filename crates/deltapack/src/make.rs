@@ -168,22 +168,42 @@ pub fn make(
     opts: &MakeOptions,
     progress: &dyn Progress,
 ) -> Result<MakeReport> {
-    if !opts.chunk_bytes.is_power_of_two() || !(1 << 12..=1 << 30).contains(&opts.chunk_bytes) {
-        return Err(Error::InvalidArgument(format!(
-            "chunk size {} is not a power of two in 4 KiB..1 GiB",
-            opts.chunk_bytes
-        )));
-    }
+    check_chunk_bytes(opts.chunk_bytes)?;
     crate::checkpoint::check_output_disjoint(out, &[("base", base), ("fine-tune", finetuned)])?;
     let base_ck = Checkpoint::open(base)?;
     let ft_ck = Checkpoint::open(finetuned)?;
-    let plan = pair::plan(&base_ck, &ft_ck);
+    make_from(&base_ck, &ft_ck, out, opts, progress)
+}
+
+fn check_chunk_bytes(chunk_bytes: usize) -> Result<()> {
+    if !chunk_bytes.is_power_of_two() || !(1 << 12..=1 << 30).contains(&chunk_bytes) {
+        return Err(Error::InvalidArgument(format!(
+            "chunk size {chunk_bytes} is not a power of two in 4 KiB..1 GiB"
+        )));
+    }
+    Ok(())
+}
+
+/// [`make`] of opened checkpoints, each on disk or held in memory
+/// ([`Checkpoint::from_memory`]); the delta is the same either way for the same tensors,
+/// headers and files.
+pub fn make_from(
+    base_ck: &Checkpoint,
+    ft_ck: &Checkpoint,
+    out: &Path,
+    opts: &MakeOptions,
+    progress: &dyn Progress,
+) -> Result<MakeReport> {
+    check_chunk_bytes(opts.chunk_bytes)?;
+    crate::checkpoint::check_output_disjoint(out, &[("base", &base_ck.root), ("fine-tune", &ft_ck.root)])?;
+    let finetuned = ft_ck.root.as_path();
+    let plan = pair::plan(base_ck, ft_ck);
     let mut w = ContainerWriter::create(out, opts.force)?;
     let mut files = Vec::new();
     // A link of a chain is made against its parent's model, whose files (and so shard layout)
     // the parent delta fixes: its headers may refer to the parent's. A base's layout is not
     // fixed: the same tensors come re-sharded, converted or saved with another shard size.
-    let below = (opts.parent.is_some() && !opts.self_contained).then_some(&base_ck);
+    let below = (opts.parent.is_some() && !opts.self_contained).then_some(base_ck);
     for shard in &ft_ck.shards {
         let (header, header_hash) = store_header(&mut w, below, &shard.rel, shard.header_bytes())?;
         files.push(WeightFile {
@@ -195,7 +215,7 @@ pub fn make(
             tensors: Vec::new(),
         });
     }
-    let tensors = encode_tensors(&mut w, &base_ck, &ft_ck, &plan, opts, progress)?;
+    let tensors = encode_tensors(&mut w, base_ck, ft_ck, &plan, opts, progress)?;
     for (entry, p) in tensors.into_iter().zip(&plan.pairings) {
         let t = &ft_ck.tensors[p.target];
         let f = &mut files[t.shard];
@@ -209,7 +229,7 @@ pub fn make(
         .iter()
         .map(|a| match opts.external_aux {
             true => external_aux(a),
-            false => store_aux(&mut w, (!opts.self_contained).then_some(&base_ck), a, min_dict_gain),
+            false => store_aux(&mut w, (!opts.self_contained).then_some(base_ck), a, min_dict_gain),
         })
         .collect::<Result<Vec<_>>>()?;
     let index = Index {
@@ -581,6 +601,9 @@ fn plan_codecs(
             _ => exact(),
         };
         progress.advance(t.len() as u64);
+        if progress.cancelled() {
+            return Err(Error::Interrupted);
+        }
         out.push(decided);
     }
     progress.finish();
@@ -676,6 +699,9 @@ impl Collector<'_> {
         self.source_hashes.extend(enc.source_hashes);
         ctx.release(job);
         progress.advance(job.range.len() as u64);
+        if progress.cancelled() {
+            return Err(Error::Interrupted);
+        }
         if job.last {
             let chunks = std::mem::take(&mut self.chunks);
             let mut entry = ctx.entry(job.tensor, chunks, &self.target_hashes, &self.source_hashes);

@@ -8,6 +8,12 @@ pub trait Progress: Sync {
     fn advance(&self, _bytes: u64) {}
     /// The current phase ended.
     fn finish(&self) {}
+    /// True when the caller wants the operation stopped (a Python front end's Ctrl-C). Long
+    /// operations ask between chunks, from the thread that called them, and then fail with
+    /// [`crate::Error::Interrupted`], leaving no output behind.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.

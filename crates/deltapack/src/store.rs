@@ -274,6 +274,15 @@ impl Store {
         self.checked_chain(&self.read_manifest()?, name)
     }
 
+    /// The chain of entry `name`, opened, with the store's files at hand: what
+    /// [`crate::load_chain`], [`crate::ChainReader`] and [`crate::verify_chain`] take.
+    pub fn open_chain(&self, name: &str) -> Result<crate::Chain> {
+        let (base, deltas) = self.chain(name)?;
+        let mut chain = crate::Chain::open(&base, &deltas)?;
+        chain.aux_store = Some(self.aux_dir());
+        Ok(chain)
+    }
+
     /// [`Store::chain`] under a lock the caller holds.
     fn checked_chain(&self, m: &Manifest, name: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
         let e = find(m, name)?;

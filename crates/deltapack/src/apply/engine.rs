@@ -604,6 +604,9 @@ impl Assembler<'_> {
         self.sh.extend(d.source_hashes);
         ctx.release(top, job.tensor, job.chunk, d.source_span);
         progress.advance(job.range.len() as u64);
+        if progress.cancelled() {
+            return Err(Error::Interrupted);
+        }
         if job.last {
             ctx.check_tensor(top, job.tensor, &self.th, &self.sh)?;
             self.th.clear();
@@ -613,10 +616,11 @@ impl Assembler<'_> {
     }
 }
 
-/// Random access to the tensors of the model a chain rebuilds, chunk by chunk.
+/// Random access to the tensors and files of the model a chain rebuilds.
 ///
-/// Reads decode only the chunks they cover, through every link; they check payload
-/// checksums but not fingerprints (a whole-tensor property): use [`crate::verify_chain`] for that.
+/// [`ChainReader::tensor`] rebuilds one whole tensor and checks it as `apply` does (its base
+/// tensor's fingerprint and its own); [`ChainReader::read`] decodes only the chunks a byte
+/// range covers, checking payload checksums but not fingerprints (a whole-tensor property).
 pub struct ChainReader<'a> {
     ctx: Ctx<'a>,
 }
@@ -632,12 +636,23 @@ impl<'a> ChainReader<'a> {
         self.ctx.levels[self.ctx.top()].tensors.iter().map(|(t, _)| *t)
     }
 
+    /// The tensor called `name`, if the model has one.
+    pub fn entry(&self, name: &str) -> Option<&'a TensorEntry> {
+        let top = &self.ctx.levels[self.ctx.top()];
+        top.by_name.get(name).map(|&i| top.tensors[i].0)
+    }
+
+    fn position(&self, name: &str) -> Result<usize> {
+        let top = &self.ctx.levels[self.ctx.top()];
+        top.by_name.get(name).copied().ok_or_else(|| {
+            Error::InvalidArgument(format!("the delta {} has no tensor '{name}'", top.delta.path.display()))
+        })
+    }
+
     /// Bytes `range` of tensor `name` of the rebuilt model.
     pub fn read(&self, name: &str, range: Range<usize>) -> Result<Cow<'a, [u8]>> {
+        let i = self.position(name)?;
         let top = self.ctx.top();
-        let Some(&i) = self.ctx.levels[top].by_name.get(name) else {
-            return Err(Error::InvalidArgument(format!("the model has no tensor '{name}'")));
-        };
         let len = self.ctx.levels[top].tensors[i].0.len() as usize;
         if range.start > range.end || range.end > len {
             return Err(Error::InvalidArgument(format!(
@@ -646,29 +661,66 @@ impl<'a> ChainReader<'a> {
         }
         self.ctx.read(top, i, range)
     }
+
+    /// Rebuilds tensor `name` whole, its chunks decoded in parallel, and checks its
+    /// fingerprint and its base tensor's.
+    pub fn tensor(&self, name: &str) -> Result<Vec<u8>> {
+        let idx = self.position(name)?;
+        let ctx = &self.ctx;
+        let top = ctx.top();
+        let jobs = ctx.jobs_of(idx);
+        let parts = jobs.par_iter().map(|j| ctx.decode(j)).collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(ctx.levels[top].tensors[idx].0.len() as usize);
+        let (mut th, mut sh) = (Vec::new(), Vec::new());
+        for (j, d) in jobs.iter().zip(parts) {
+            out.extend_from_slice(&d.bytes);
+            if !j.range.is_empty() {
+                th.push(d.target_hash);
+            }
+            sh.extend(d.source_hashes);
+            ctx.release(top, j.tensor, j.chunk, d.source_span);
+        }
+        ctx.check_tensor(top, idx, &th, &sh)?;
+        Ok(out)
+    }
+
+    /// The `__metadata__` of the model's weight files, merged in file order.
+    pub fn metadata(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let top = self.ctx.top();
+        let mut merged = serde_json::Map::new();
+        for f in &self.ctx.levels[top].delta.index.files {
+            merged.extend(super::header_metadata(&self.ctx.header_bytes(top, f)?));
+        }
+        Ok(merged)
+    }
+
+    /// The paths of the model's other files (config, tokenizer, ...).
+    pub fn files(&self) -> impl Iterator<Item = &'a str> + '_ {
+        let top = self.ctx.levels[self.ctx.top()].delta;
+        top.index.aux.iter().map(|a| a.path.as_str())
+    }
+
+    /// The contents of the model's file `path`, checked against its recorded hash.
+    pub fn file(&self, path: &str) -> Result<Vec<u8>> {
+        let top = self.ctx.top();
+        let delta = self.ctx.levels[top].delta;
+        let Some(a) = delta.index.aux.iter().find(|a| a.path == path) else {
+            return Err(Error::InvalidArgument(format!(
+                "the delta {} carries no file '{path}'",
+                delta.path.display()
+            )));
+        };
+        let mut out = Vec::with_capacity(a.size as usize);
+        self.ctx.stream_aux(top, a, &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
+    }
 }
 
-/// Rebuilds one tensor's bytes (random access into a delta or chain).
+/// Rebuilds one tensor's bytes (random access into a delta or chain), checked as
+/// [`ChainReader::tensor`] checks it.
 pub fn rebuild_tensor(chain: &Chain, name: &str) -> Result<Vec<u8>> {
-    let ctx = Ctx::new(chain)?;
-    let top = ctx.top();
-    let idx = ctx.levels[top].by_name.get(name).copied().ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "the delta {} has no tensor '{name}'",
-            ctx.levels[top].delta.path.display()
-        ))
-    })?;
-    let jobs = ctx.jobs_of(idx);
-    let parts = jobs.par_iter().map(|j| ctx.decode(j)).collect::<Result<Vec<_>>>()?;
-    let mut out = Vec::with_capacity(ctx.levels[top].tensors[idx].0.len() as usize);
-    let (mut th, mut sh) = (Vec::new(), Vec::new());
-    for (j, d) in jobs.iter().zip(parts) {
-        out.extend_from_slice(&d.bytes);
-        if !j.range.is_empty() {
-            th.push(d.target_hash);
-        }
-        sh.extend(d.source_hashes);
-    }
-    ctx.check_tensor(top, idx, &th, &sh)?;
-    Ok(out)
+    ChainReader::new(chain)?.tensor(name)
 }

@@ -27,7 +27,7 @@ use crate::Result;
 
 pub(crate) use engine::{plan_of, rebuild, Ctx};
 pub use engine::{rebuild_tensor, ChainReader};
-use sinks::{CompareSink, DirSink};
+use sinks::{CompareSink, DirSink, MemorySink};
 
 /// Options of [`apply`].
 #[derive(Debug, Clone, Default)]
@@ -145,6 +145,73 @@ pub fn verify_chain(chain: &Chain, finetuned: Option<&Path>, progress: &dyn Prog
     let mut report = rebuild(&ctx, &mut sink, progress)?;
     sink.finish_report(&mut report)?;
     Ok(report)
+}
+
+/// One tensor of a model rebuilt in memory by [`load_chain`].
+#[derive(Debug, Clone)]
+pub struct LoadedTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: crate::Dtype,
+    /// Shape, outermost dimension first.
+    pub shape: Vec<usize>,
+    /// Its bytes, little-endian and contiguous, exactly as a safetensors file holds them.
+    pub bytes: Vec<u8>,
+}
+
+/// A non-weight file (config, tokenizer, ...) of a model rebuilt in memory.
+#[derive(Debug, Clone)]
+pub struct LoadedFile {
+    /// Path relative to the model directory, with `/` separators.
+    pub path: String,
+    /// Its contents.
+    pub bytes: Vec<u8>,
+}
+
+/// A fine-tune rebuilt in memory by [`load_chain`]: what `apply` would write, as buffers.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    /// Every tensor, in file order.
+    pub tensors: Vec<LoadedTensor>,
+    /// The other files the delta carries.
+    pub files: Vec<LoadedFile>,
+    /// The `__metadata__` of the weight files, merged in file order.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// What was rebuilt and checked.
+    pub report: RebuildReport,
+}
+
+/// Rebuilds the model of `chain` into memory, with every check [`apply`] makes (base and
+/// rebuilt fingerprints, headers, files); nothing is written.
+///
+/// Peak memory is the model's bytes plus the decode window, as each tensor is rebuilt
+/// straight into a buffer of its exact size.
+pub fn load_chain(chain: &Chain, progress: &dyn Progress) -> Result<LoadedModel> {
+    let ctx = Ctx::new(chain)?;
+    let mut sink = MemorySink::default();
+    let report = rebuild(&ctx, &mut sink, progress)?;
+    let mut metadata = serde_json::Map::new();
+    for m in sink.metadata {
+        metadata.extend(m);
+    }
+    Ok(LoadedModel {
+        tensors: sink.tensors,
+        files: sink.files,
+        metadata,
+        report,
+    })
+}
+
+/// The `__metadata__` of a safetensors header (empty when it has none or it is no map of
+/// strings, which the header's validation already refused).
+pub(crate) fn header_metadata(header: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+    let json = header.get(8..).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
+    match v.get("__metadata__") {
+        Some(serde_json::Value::Object(m)) => m.clone(),
+        _ => serde_json::Map::new(),
+    }
 }
 
 /// Where rebuilt bytes go.

@@ -284,3 +284,55 @@ impl Sink for CompareSink<'_> {
         Ok(())
     }
 }
+
+/// Keeps the rebuilt model in memory: each tensor in a buffer of its own, each other file
+/// whole (for loading into a framework without writing a directory).
+#[derive(Default)]
+pub(super) struct MemorySink {
+    pub(super) tensors: Vec<super::LoadedTensor>,
+    pub(super) files: Vec<super::LoadedFile>,
+    /// Each weight file's `__metadata__`, in file order.
+    pub(super) metadata: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Sink for MemorySink {
+    fn begin_file(&mut self, f: &WeightFile, header: &[u8]) -> Result<()> {
+        self.metadata.push(super::header_metadata(header));
+        for t in &f.tensors {
+            self.tensors.push(super::LoadedTensor {
+                name: t.name.clone(),
+                // Reading the index rejected unknown dtypes; U8 is never reached.
+                dtype: t.element_dtype().unwrap_or(crate::Dtype::U8),
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+                bytes: Vec::with_capacity(t.len() as usize),
+            });
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, i: usize, _: &TensorEntry, _: usize, bytes: &[u8]) -> Result<()> {
+        self.tensors[i].bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn begin_aux(&mut self, a: &AuxEntry) -> Result<()> {
+        self.files.push(super::LoadedFile {
+            path: a.path.clone(),
+            bytes: Vec::with_capacity(a.size as usize),
+        });
+        Ok(())
+    }
+
+    fn aux_data(&mut self, bytes: &[u8]) -> Result<()> {
+        self.files
+            .last_mut()
+            .expect("begin_aux came first")
+            .bytes
+            .extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn end_aux(&mut self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -41,6 +41,40 @@ impl Header {
     }
 }
 
+/// The safetensors header (the 8-byte length and the JSON) for tensors stored in this order, with `metadata` as its
+/// `__metadata__`, padded with spaces to 8 bytes as Hugging Face writers do; and the length
+/// of the data it describes.
+pub fn build(
+    metadata: Option<serde_json::Value>,
+    tensors: &[(&str, Dtype, &[usize])],
+) -> crate::Result<(Vec<u8>, u64)> {
+    let mut json = serde_json::Map::new();
+    if let Some(m) = metadata {
+        json.insert("__metadata__".into(), m);
+    }
+    let mut offset = 0u64;
+    for &(name, dt, shape) in tensors {
+        let len = crate::dtype::byte_len(dt, shape)
+            .ok_or_else(|| crate::Error::InvalidArgument(format!("tensor '{name}' of shape {shape:?} is too large")))?;
+        let end = offset + len as u64;
+        let entry = serde_json::json!({"dtype": crate::dtype::name(dt), "shape": shape, "data_offsets": [offset, end]});
+        json.insert(name.to_string(), entry);
+        offset = end;
+    }
+    let mut text = serde_json::to_string(&json).expect("a JSON map serializes");
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(text.as_bytes());
+    Ok((bytes, offset))
+}
+
+/// The dtype a safetensors header names `name` ("BF16", "F32", ...), if it is one.
+pub fn parse_dtype(name: &str) -> Option<Dtype> {
+    crate::dtype::parse(name)
+}
+
 /// Reads the 8-byte header length from the start of a file.
 pub fn json_len(prefix: &[u8]) -> Result<u64, String> {
     let Some(n) = prefix.get(..8) else {

@@ -6,6 +6,6 @@ pub mod hub;
 mod read;
 mod write;
 
-pub use read::{is_safe_rel_path, AuxFile, Checkpoint, Shard, Skipped, TensorRef};
+pub use read::{is_safe_rel_path, AuxFile, Checkpoint, MemoryTensor, Shard, Skipped, TensorBytes, TensorRef};
 pub use write::{check_output_disjoint, remove_temporaries, OutputDir, OutputFile};
 pub(crate) use write::{check_overwrite, ScratchDir};

@@ -15,22 +15,75 @@ const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Files that may hold pickled Python objects: never read, reported as skipped.
 const PICKLE_EXTENSIONS: [&str; 6] = ["bin", "pt", "pth", "pkl", "pickle", "ckpt"];
 
-/// One memory-mapped safetensors file of a checkpoint.
+/// One safetensors file of a checkpoint: memory-mapped, or held in memory by the caller.
 pub struct Shard {
     /// Path relative to the checkpoint root, with `/` separators.
     pub rel: String,
-    /// Path on disk.
+    /// Path on disk (for a checkpoint in memory, the label it was given joined with `rel`,
+    /// used only in messages).
     pub path: PathBuf,
     /// Bytes before the data section (8-byte length plus JSON header).
     pub prefix_len: usize,
-    map: Mmap,
+    data: ShardData,
+}
+
+/// The bytes of one tensor held in memory by whoever built a [`Checkpoint::from_memory`]
+/// (a Python tensor's buffer, say); they must not change while the checkpoint is in use.
+pub type TensorBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
+
+enum ShardData {
+    /// A file, memory-mapped whole (header and data).
+    Mapped(Mmap),
+    /// A header built in memory, and each tensor's bytes apart, by data offset.
+    Memory {
+        header: Vec<u8>,
+        tensors: Vec<(usize, TensorBytes)>,
+    },
 }
 
 impl Shard {
     /// The header exactly as stored: the 8-byte length and the JSON.
     pub fn header_bytes(&self) -> &[u8] {
-        &self.map[..self.prefix_len]
+        match &self.data {
+            ShardData::Mapped(map) => &map[..self.prefix_len],
+            ShardData::Memory { header, .. } => header,
+        }
     }
+
+    /// The shard's size in bytes, as a file.
+    fn len(&self) -> u64 {
+        match &self.data {
+            ShardData::Mapped(map) => map.len() as u64,
+            ShardData::Memory { header, tensors } => {
+                header.len() as u64 + tensors.iter().map(|(_, b)| (**b).as_ref().len() as u64).sum::<u64>()
+            }
+        }
+    }
+
+    /// Bytes `range` of the data section; for a shard in memory, `range` lies within one
+    /// tensor (as every tensor's does).
+    fn data(&self, range: std::ops::Range<usize>) -> &[u8] {
+        match &self.data {
+            ShardData::Mapped(map) => &map[self.prefix_len + range.start..self.prefix_len + range.end],
+            ShardData::Memory { tensors, .. } => {
+                let i = tensors.partition_point(|(start, _)| *start <= range.start) - 1;
+                let (start, bytes) = &tensors[i];
+                &(**bytes).as_ref()[range.start - start..range.end - start]
+            }
+        }
+    }
+}
+
+/// A tensor handed to [`Checkpoint::from_memory`].
+pub struct MemoryTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape, outermost dimension first.
+    pub shape: Vec<usize>,
+    /// Its bytes, little-endian and contiguous, `shape` x the dtype's size long.
+    pub bytes: TensorBytes,
 }
 
 /// Where a tensor lives in a checkpoint.
@@ -127,11 +180,69 @@ impl Checkpoint {
         Ok(ck)
     }
 
+    /// A checkpoint of tensors held in memory (a training process's state dict, say), as
+    /// one shard `model.safetensors` laid out as the safetensors writers lay it out (by
+    /// dtype, widest first, then by name) with `metadata` as its `__metadata__`; and with
+    /// the non-weight files of `files` (a model directory: config, tokenizer; its
+    /// `.safetensors` files and shard index are left out) as its other files.
+    ///
+    /// `label` names the checkpoint in messages. Every tensor's byte length must match its
+    /// dtype and shape, and names must be distinct.
+    pub fn from_memory(
+        label: &Path,
+        mut tensors: Vec<MemoryTensor>,
+        metadata: Option<serde_json::Value>,
+        files: Option<&Path>,
+    ) -> Result<Checkpoint> {
+        const SHARD: &str = "model.safetensors";
+        tensors.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+        for w in tensors.windows(2) {
+            if w[0].name == w[1].name {
+                return Err(Error::bad_tensor(label, &w[0].name, "given twice"));
+            }
+        }
+        let mut layout = Vec::with_capacity(tensors.len());
+        for t in &tensors {
+            let len = (*t.bytes).as_ref().len();
+            if crate::dtype::byte_len(t.dtype, &t.shape) != Some(len) {
+                return Err(Error::bad_tensor(
+                    label,
+                    &t.name,
+                    format!("{len} bytes do not hold a {:?} tensor of shape {:?}", t.dtype, t.shape),
+                ));
+            }
+            layout.push((t.name.as_str(), t.dtype, t.shape.as_slice()));
+        }
+        let (header, _) = header::build(metadata, &layout)?;
+        let mut offset = 0;
+        let mut data = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let len = (*t.bytes).as_ref().len();
+            data.push((offset, t.bytes));
+            offset += len;
+        }
+        let shard = Shard {
+            rel: SHARD.into(),
+            path: label.join(SHARD),
+            prefix_len: header.len(),
+            data: ShardData::Memory { header, tensors: data },
+        };
+        let (aux, skipped) = match files {
+            Some(dir) => {
+                let (aux, skipped) = list_aux(dir, &[])?;
+                let weights = |rel: &str| rel.ends_with(".safetensors") || rel == INDEX_FILE;
+                (aux.into_iter().filter(|a| !weights(&a.rel)).collect(), skipped)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        Checkpoint::assemble(label, vec![shard], aux, skipped)
+    }
+
     fn assemble(root: &Path, shards: Vec<Shard>, aux: Vec<AuxFile>, skipped: Vec<Skipped>) -> Result<Checkpoint> {
         let mut tensors = Vec::new();
         let mut by_name = HashMap::new();
         for (i, shard) in shards.iter().enumerate() {
-            let h = header::parse(&shard.map, Some(shard.map.len() as u64))
+            let h = header::parse(shard.header_bytes(), Some(shard.len()))
                 .map_err(|r| Error::bad_checkpoint(&shard.path, r))?;
             for t in h.tensors {
                 if by_name.insert(t.name.clone(), tensors.len()).is_some() {
@@ -199,14 +310,16 @@ impl Checkpoint {
 
     /// The bytes of a tensor (memory-mapped; touching them faults pages in).
     pub fn bytes(&self, t: &TensorRef) -> &[u8] {
-        let shard = &self.shards[t.shard];
-        &shard.map[shard.prefix_len + t.data_offsets.0..shard.prefix_len + t.data_offsets.1]
+        self.shards[t.shard].data(t.data_offsets.0..t.data_offsets.1)
     }
 
     /// Tells the kernel that `range` of a tensor's bytes will not be needed again soon, so
     /// the pages stop counting towards this process's resident memory.
     pub fn release(&self, t: &TensorRef, range: std::ops::Range<usize>) {
         let shard = &self.shards[t.shard];
+        let ShardData::Mapped(map) = &shard.data else {
+            return;
+        };
         if range.is_empty() {
             return;
         }
@@ -215,16 +328,12 @@ impl Checkpoint {
         // MADV_DONTNEED only drops clean page-cache pages from our page tables; any later
         // read faults the same file contents back in. No Rust reference observes a change.
         // A failure only means the pages stay resident, so it is ignored.
-        let _ = unsafe {
-            shard
-                .map
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, range.len())
-        };
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, range.len()) };
     }
 
     /// Total size of all shards in bytes.
     pub fn weight_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.map.len() as u64).sum()
+        self.shards.iter().map(Shard::len).sum()
     }
 }
 
@@ -243,7 +352,7 @@ fn open_shard(path: &Path, rel: String) -> Result<Shard> {
         rel,
         path: path.to_path_buf(),
         prefix_len: 8 + n as usize,
-        map,
+        data: ShardData::Mapped(map),
     })
 }
 
