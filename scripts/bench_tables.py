@@ -68,13 +68,18 @@ def load_note(rows) -> str:
 
 def headline(rows) -> str:
     out = [
-        "| pair | fine-tune | deltapack (exact) | " + " | ".join(n for _, n in PEERS) + " | vs best peer | make | apply |",
+        "| pair | fine-tune | deltapack (exact) | "
+        + " | ".join(n for _, n in PEERS)
+        + " | vs best peer | make | apply |",
         "|---|---|---|" + "---|" * len(PEERS) + "---|---|---|",
     ]
     recorded = False
     for r in rows:
-        cells = [LABELS.get(r["pair"], r["pair"]), mb(r["ft_bytes"]),
-                 f'{mb(r["delta_bytes"])} (**{r["ft_bytes"] / r["delta_bytes"]:.2f}x**)']
+        cells = [
+            LABELS.get(r["pair"], r["pair"]),
+            mb(r["ft_bytes"]),
+            f"{mb(r['delta_bytes'])} (**{r['ft_bytes'] / r['delta_bytes']:.2f}x**)",
+        ]
         best = None
         for name, _ in PEERS:
             if name not in r["peer_sizes"]:
@@ -84,8 +89,8 @@ def headline(rows) -> str:
             recorded |= not measured
             cells.append(f"{ratio:.2f}x" + ("" if measured else " †"))
             best = size if best is None else min(best, size)
-        cells.append(f'**{best / r["delta_bytes"]:.2f}x** smaller' if best else "-")
-        cells += [f'{r["make_s"]:.2f} s', f'{r["apply_s"]:.2f} s']
+        cells.append(f"**{best / r['delta_bytes']:.2f}x** smaller" if best else "-")
+        cells += [f"{r['make_s']:.2f} s", f"{r['apply_s']:.2f} s"]
         out.append("| " + " | ".join(cells) + " |")
     speed = []
     for r in rows:
@@ -95,23 +100,28 @@ def headline(rows) -> str:
                 runs = int(r.get("peer_repeats", 0))
                 runs = "one run" if runs == 1 else f"medians of {runs}" if runs else "medians"
                 speed.append(
-                    f'on {"the reference pair" if r["pair"] == "reference" else r["pair"]}, {label} compressed in '
-                    f'{p["compress_s"]:.2f} s and decompressed in {p["decompress_s"]:.2f} s, in memory ({runs}), so '
-                    f'make was {p["compress_s"] / r["make_s"]:.1f}x faster and apply, which also writes the files, '
-                    f'{p["decompress_s"] / r["apply_s"]:.1f}x'
+                    f"on {'the reference pair' if r['pair'] == 'reference' else r['pair']}, {label} compressed in "
+                    f"{p['compress_s']:.2f} s and decompressed in {p['decompress_s']:.2f} s, in memory ({runs}), so "
+                    f"make was {p['compress_s'] / r['make_s']:.1f}x faster and apply, which also writes the files, "
+                    f"{p['decompress_s'] / r['apply_s']:.1f}x"
                 )
     out.append("")
     if speed:
         out.append("In the same run, " + "; ".join(speed) + ".")
         out.append("")
     out.append(
-        load_note(rows) + "Ratios are the fine-tune's size over the compressed size. The peers compress the weights file "
+        load_note(rows)
+        + "Ratios are the fine-tune's size over the compressed size. The peers compress the weights file "
         "alone (`model.safetensors`; they need one file of the same layout on both sides), deltapack "
-        "every file of the fine-tune; \"vs best peer\" compares the peer's output for the weights with "
+        'every file of the fine-tune; "vs best peer" compares the peer\'s output for the weights with '
         "deltapack's delta for everything. make and apply: medians, 2-core VM, warm page cache; apply "
         "checks every fingerprint and writes every file."
-        + (" † From `scripts/peer_sizes.csv` (a peer's size does not depend on deltapack's build), "
-           "not measured in this run." if recorded else "")
+        + (
+            " † From `scripts/peer_sizes.csv` (a peer's size does not depend on deltapack's build), "
+            "not measured in this run."
+            if recorded
+            else ""
+        )
     )
     return "\n".join(out) + "\n"
 
@@ -128,19 +138,19 @@ def exact(rows) -> str:
         for name, label in PEERS:
             if name in r["peers"]:
                 p = r["peers"][name]
-                peers.append(f'{label} {p["ratio"]:.2f}x, {p["compress_s"]:.2f} / {p["decompress_s"]:.2f} s')
+                peers.append(f"{label} {p['ratio']:.2f}x, {p['compress_s']:.2f} / {p['decompress_s']:.2f} s")
             elif name in r["peer_sizes"]:
-                peers.append(f'{label} {r["peer_sizes"][name][0]:.2f}x (recorded)')
+                peers.append(f"{label} {r['peer_sizes'][name][0]:.2f}x (recorded)")
         cells = [
             LABELS.get(r["pair"], r["pair"]),
-            f'**{r["ft_bytes"] / r["delta_bytes"]:.3f}x** ({mb(r["delta_bytes"])})',
-            f'{b["exponent_context_ratio"]:.2f}x'
+            f"**{r['ft_bytes'] / r['delta_bytes']:.3f}x** ({mb(r['delta_bytes'])})",
+            f"{b['exponent_context_ratio']:.2f}x"
             + (" (same-shape tensors only)" if b["bytes"] < 0.9 * r["weight_bytes"] else ""),
-            f'{100 * b["unchanged"]:.0f} %',
-            f'{r["make_s"]:.2f} s ({r["make_s"] / r["cat_s"]:.1f}x)' if r["cat_s"] > 0 else f'{r["make_s"]:.2f} s',
-            f'{r["apply_s"]:.2f} s ({r["apply_s"] / r["cp_s"]:.1f}x)' if r["cp_s"] > 0 else f'{r["apply_s"]:.2f} s',
-            f'{r["verify_s"]:.2f} s',
-            f'{r["make_rss"] // 1024} / {r["apply_rss"] // 1024} / {r["verify_rss"] // 1024} MB',
+            f"{100 * b['unchanged']:.0f} %",
+            f"{r['make_s']:.2f} s ({r['make_s'] / r['cat_s']:.1f}x)" if r["cat_s"] > 0 else f"{r['make_s']:.2f} s",
+            f"{r['apply_s']:.2f} s ({r['apply_s'] / r['cp_s']:.1f}x)" if r["cp_s"] > 0 else f"{r['apply_s']:.2f} s",
+            f"{r['verify_s']:.2f} s",
+            f"{r['make_rss'] // 1024} / {r['apply_rss'] // 1024} / {r['verify_rss'] // 1024} MB",
             "; ".join(peers) or "-",
         ]
         out.append("| " + " | ".join(cells) + " |")

@@ -10,7 +10,9 @@ name, as the checkpoint names it, to a float32 vector of length in_features: wha
 `deltapack make --codec sign-axis --calibration OUT.safetensors` weights its fit with, so
 that the columns fed by large activations are fitted best. Needs torch, transformers, safetensors.
 """
-import argparse, json
+
+import argparse
+import json
 
 import torch
 from safetensors.torch import save_file
@@ -46,6 +48,7 @@ def hook(name):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         sums[name] = sums.get(name, 0) + (x * x).sum(0)
         counts[name] = counts.get(name, 0) + x.shape[0]
+
     return record
 
 
@@ -56,6 +59,6 @@ for name, module in model.named_modules():
         module.register_forward_hook(hook(f"{name}.weight"))
 with torch.no_grad():
     for i in range(0, len(texts), 32):
-        model(**tok(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        model(**tok(texts[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
 save_file({k: (v / counts[k]).contiguous() for k, v in sums.items()}, a.out)
 print(f"{len(sums)} linear layers, {len(texts)} texts -> {a.out}")

@@ -12,6 +12,7 @@ APPLIED is measured against FINETUNED: the largest absolute error and ||error|| 
 with delta = FINETUNED - BASE in float64.
 Prints one JSON line. Needs torch and safetensors.
 """
+
 import glob
 import json
 import os
@@ -78,13 +79,17 @@ def main():
         max_abs = max(max_abs, float(err.abs().max()))
         err_sq += float((err * err).sum())
         delta_sq += float((exact * exact).sum())
-    print(json.dumps({
-        "tensors": len(ft),
-        "delta_identical_to_torch": delta_same,
-        "result_identical_to_torch": apply_same,
-        "max_abs_error": max_abs,
-        "relative_error": (err_sq / delta_sq) ** 0.5 if delta_sq else 0.0,
-    }))
+    print(
+        json.dumps(
+            {
+                "tensors": len(ft),
+                "delta_identical_to_torch": delta_same,
+                "result_identical_to_torch": apply_same,
+                "max_abs_error": max_abs,
+                "relative_error": (err_sq / delta_sq) ** 0.5 if delta_sq else 0.0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

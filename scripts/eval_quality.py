@@ -8,7 +8,10 @@ Prints one JSON line: acc1, mrr, changed (queries whose answer differs from --re
 emb_cos_min and emb_cos_mean (embeddings against --ref's).
 Needs torch, transformers, safetensors.
 """
-import argparse, json, os
+
+import argparse
+import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ ap.add_argument("--data", required=True)
 ap.add_argument("--n", type=int, default=400)
 a = ap.parse_args()
 torch.set_num_threads(max(1, os.cpu_count() or 1))
-rows = [json.loads(l) for l in open(os.path.join(a.data, "test.jsonl"))][: a.n]
+rows = [json.loads(line) for line in open(os.path.join(a.data, "test.jsonl"))][: a.n]
 
 
 @torch.no_grad()
@@ -32,7 +35,7 @@ def run(path):
     def embed(texts):
         outs = []
         for i in range(0, len(texts), 64):
-            b = tok(texts[i:i + 64], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            b = tok(texts[i : i + 64], padding=True, truncation=True, max_length=64, return_tensors="pt")
             h = model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).float()
             outs.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
@@ -52,11 +55,15 @@ def run(path):
 
 m, r = run(a.model), run(a.ref)
 cos = (m["emb"] * r["emb"]).sum(1)
-print(json.dumps({
-    "model": a.model,
-    "acc1": m["acc1"],
-    "mrr": m["mrr"],
-    "changed": int((m["top1"] != r["top1"]).sum()),
-    "emb_cos_min": float(cos.min()),
-    "emb_cos_mean": float(cos.mean()),
-}))
+print(
+    json.dumps(
+        {
+            "model": a.model,
+            "acc1": m["acc1"],
+            "mrr": m["mrr"],
+            "changed": int((m["top1"] != r["top1"]).sum()),
+            "emb_cos_min": float(cos.min()),
+            "emb_cos_mean": float(cos.mean()),
+        }
+    )
+)

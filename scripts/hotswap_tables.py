@@ -6,8 +6,9 @@ Usage::
     scripts/hotswap_tables.py WORKDIR/hotswap/bench.log
 
 Each run (`bench_hotswap run BASE OUT REPEATS A [B [B_ON_A]]`) prints a block that starts with
-`== BASE with A (...)`, and bench_hotswap.sh adds `# B BYTES_OF_B BYTES_OF_B_ON_A` after it; the first table compares switching to A with `apply` of A, the second
-switching from A to B with `apply` of B. bench_hotswap.sh calls this with TABLES=1.
+`== BASE with A (...)`, and bench_hotswap.sh adds `# B BYTES_OF_B BYTES_OF_B_ON_A` after it;
+the first table compares switching to A with `apply` of A, the second switching from A to B
+with `apply` of B. bench_hotswap.sh calls this with TABLES=1.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def main() -> None:
     for r in runs:
         ap, up, down = r["rows"]["apply A"], r["rows"]["switch base -> A"], r["rows"]["switch A -> base"]
         out.append(
-            f'| {r["a"]} | {ap[0]:.3f} s | {up[0]:.3f} s (**{up[1]:.2f}x** faster) | {down[0]:.3f} s ({down[1]:.2f}x) '
-            f'| {r["undo_mb"]:.1f} MB ({r["delta_mb"]:.1f} MB) | {up[2]:.0f} MB |'
+            f"| {r['a']} | {ap[0]:.3f} s | {up[0]:.3f} s (**{up[1]:.2f}x** faster) | {down[0]:.3f} s ({down[1]:.2f}x) "
+            f"| {r['undo_mb']:.1f} MB ({r['delta_mb']:.1f} MB) | {up[2]:.0f} MB |"
         )
     rows_b = [r for r in runs if "apply B" in r["rows"]]
     if rows_b:
@@ -83,13 +84,13 @@ def main() -> None:
         for r in rows_b:
             rw = r["rows"]
             ab = rw["switch A -> B (revert A, apply B)"]
-            cells = [r["a"], f'{rw["apply B"][0]:.3f} s', f"{ab[0]:.3f} s ({ab[1]:.2f}x)"]
+            cells = [r["a"], f"{rw['apply B'][0]:.3f} s", f"{ab[0]:.3f} s ({ab[1]:.2f}x)"]
             link, back = rw.get("switch A -> B as A's child (a link)"), rw.get("switch back to A (revert the link)")
             cells.append(f"{link[0]:.3f} s (**{link[1]:.2f}x** faster)" if link else "-")
             cells.append(f"{back[0]:.3f} s ({back[1]:.2f}x)" if back else "-")
-            cells.append(f'{r["b_bytes"] / 1e6:.1f} MB, {r["b_on_a_bytes"] / 1e6:.1f} MB' if "b_bytes" in r else "-")
+            cells.append(f"{r['b_bytes'] / 1e6:.1f} MB, {r['b_on_a_bytes'] / 1e6:.1f} MB" if "b_bytes" in r else "-")
             out.append("| " + " | ".join(cells) + " |")
-    note = "Times: medians; \"faster\" is against `apply` in the same run (which writes every file to disk)."
+    note = 'Times: medians; "faster" is against `apply` in the same run (which writes every file to disk).'
     if load:
         note += f" Load average {load[0]} at the start, on {load[1]} cores."
     out += ["", note]

@@ -61,6 +61,7 @@ HIDDEN, INTER, VOCAB, ADDED = 32, 96, 128, 8
 
 def pair(rng):
     """Base and fine-tune tensors, as (name, dtype, shape, values)."""
+
     def normal(n, std):
         return [rng.gauss(0.0, std) for _ in range(n)]
 
@@ -84,13 +85,33 @@ def pair(rng):
     emb = moved("model.embed_tokens.weight", 0.002) + normal(ADDED * HIDDEN, 0.02)
     ft = {
         "model.embed_tokens.weight": ("BF16", [VOCAB + ADDED, HIDDEN], emb),
-        "model.layers.0.input_layernorm.weight": ("F32", [HIDDEN], moved("model.layers.0.input_layernorm.weight", 0.01)),
-        "model.layers.0.self_attn.q_proj.weight": ("BF16", [HIDDEN, HIDDEN], moved("model.layers.0.self_attn.q_proj.weight", 0.002)),
+        "model.layers.0.input_layernorm.weight": (
+            "F32",
+            [HIDDEN],
+            moved("model.layers.0.input_layernorm.weight", 0.01),
+        ),
+        "model.layers.0.self_attn.q_proj.weight": (
+            "BF16",
+            [HIDDEN, HIDDEN],
+            moved("model.layers.0.self_attn.q_proj.weight", 0.002),
+        ),
         # Converted: the fine-tune keeps this one in f32.
-        "model.layers.0.self_attn.o_proj.weight": ("F32", [HIDDEN, HIDDEN], moved("model.layers.0.self_attn.o_proj.weight", 0.001)),
-        "model.layers.0.mlp.up_proj.weight": ("BF16", [INTER, HIDDEN], moved("model.layers.0.mlp.up_proj.weight", 0.002)),
+        "model.layers.0.self_attn.o_proj.weight": (
+            "F32",
+            [HIDDEN, HIDDEN],
+            moved("model.layers.0.self_attn.o_proj.weight", 0.001),
+        ),
+        "model.layers.0.mlp.up_proj.weight": (
+            "BF16",
+            [INTER, HIDDEN],
+            moved("model.layers.0.mlp.up_proj.weight", 0.002),
+        ),
         # Few changes: the `changes` chunk codec.
-        "model.layers.0.mlp.down_proj.weight": ("BF16", [HIDDEN, INTER], moved("model.layers.0.mlp.down_proj.weight", 0.01, 0.01)),
+        "model.layers.0.mlp.down_proj.weight": (
+            "BF16",
+            [HIDDEN, INTER],
+            moved("model.layers.0.mlp.down_proj.weight", 0.01, 0.01),
+        ),
         "model.norm.weight": ("BF16", [HIDDEN], stored["model.norm.weight"][2]),
         # New: only in the fine-tune.
         "model.layers.0.adapter.weight": ("BF16", [8, HIDDEN], normal(8 * HIDDEN, 0.02)),
@@ -114,8 +135,14 @@ def write_model(d, tensors, config, tokenizer):
 
 
 def config(vocab, tie):
-    return {"architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTER,
-            "vocab_size": vocab, "tie_word_embeddings": tie, "torch_dtype": "bfloat16"}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tie,
+        "torch_dtype": "bfloat16",
+    }
 
 
 def tokenizer(n):
@@ -174,8 +201,22 @@ def main():
         subprocess.run([binary, "make", "--base", b, "--finetuned", f, "-o", dpk, *common, *args], check=True)
         expected[fname] = {"make": args, "chain": [fname]}
     link = os.path.join(out, "link.dpk")
-    subprocess.run([binary, "make", "--base", b, "--parent", os.path.join(out, "exact.dpk"),
-                    "--finetuned", os.path.join(out, "child"), "-o", link, "-q"], check=True)
+    subprocess.run(
+        [
+            binary,
+            "make",
+            "--base",
+            b,
+            "--parent",
+            os.path.join(out, "exact.dpk"),
+            "--finetuned",
+            os.path.join(out, "child"),
+            "-o",
+            link,
+            "-q",
+        ],
+        check=True,
+    )
     expected["link.dpk"] = {"make": None, "chain": ["exact.dpk", "link.dpk"]}
     for fname, e in expected.items():
         rebuilt = os.path.join(out, "rebuilt-" + fname)

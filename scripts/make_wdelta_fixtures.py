@@ -17,18 +17,22 @@ importer must keep it unchanged. int4 and sparse get the arrays as a numpy user 
 (bf16 widened to float32, the rest as stored); quantized gets every tensor as float32, as
 `{k: v.float().numpy()}` gives them. The base's parent_hash differs accordingly.
 """
+
 import json
 import os
 import struct
 import sys
 
-import numpy as np
 import deltatensors as dt
+import numpy as np
 
 assert dt.__version__ == "0.2.0", f"needs deltatensors 0.2.0, found {dt.__version__}"
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-    os.path.dirname(__file__), "..", "crates", "deltapack", "tests", "data", "wdelta")
+OUT = (
+    sys.argv[1]
+    if len(sys.argv) > 1
+    else os.path.join(os.path.dirname(__file__), "..", "crates", "deltapack", "tests", "data", "wdelta")
+)
 ST_DTYPE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I64": np.int64}
 
 
@@ -109,15 +113,16 @@ def main():
     with open(os.path.join(OUT, "base", "config.json"), "w") as f:
         f.write('{"model_type": "tiny", "torch_dtype": "bfloat16"}\n')
     write_safetensors(os.path.join(OUT, "finetuned", "model.safetensors"), ft)
-    runs = [("int4", False, {"outlier_fraction": 0.05}), ("sparse", False, {"sparsity": 0.75}),
-            ("quantized", True, {})]
+    runs = [("int4", False, {"outlier_fraction": 0.05}), ("sparse", False, {"sparsity": 0.75}), ("quantized", True, {})]
     for strategy, all_f32, kwargs in runs:
         b, f = as_numpy(base, all_f32), as_numpy(ft, all_f32)
         path = os.path.join(OUT, f"{strategy}.wdelta")
         dt.save_delta(path, f, b, strategy=strategy, use_gpu=False, **kwargs)
         got = dt.load_delta(path, b)
-        write_safetensors(os.path.join(OUT, f"{strategy}.expected.safetensors"),
-                          {k: ("F32", v.astype(np.float32)) for k, v in sorted(got.items())})
+        write_safetensors(
+            os.path.join(OUT, f"{strategy}.expected.safetensors"),
+            {k: ("F32", v.astype(np.float32)) for k, v in sorted(got.items())},
+        )
     for root, _, files in sorted(os.walk(OUT)):
         for n in sorted(files):
             p = os.path.join(root, n)

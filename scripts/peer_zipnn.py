@@ -162,7 +162,9 @@ def main() -> None:
     print(f"ft {args.ft} ({len(ft)} B), threads={args.threads}, repeat={args.repeat}")
     print(f"{'peer':<8}{'compressed B':>14}{'ratio':>9}{'compress s':>12}{'decompress s':>14}")
     for name, r in peers.items():
-        print(f"{name:<8}{r['compressed_bytes']:>14}{r['ratio']:>9.3f}{r['compress_s']:>12.3f}{r['decompress_s']:>14.3f}")
+        print(
+            f"{name:<8}{r['compressed_bytes']:>14}{r['ratio']:>9.3f}{r['compress_s']:>12.3f}{r['decompress_s']:>14.3f}"
+        )
 
 
 if __name__ == "__main__":

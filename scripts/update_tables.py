@@ -54,10 +54,12 @@ def build() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = ["git", "-C", root]
     try:
-        head = subprocess.run(git + ["log", "-1", "--format=%h", "--"] + SOURCES,
-                              capture_output=True, text=True, check=True)
-        dirty = subprocess.run(git + ["status", "--porcelain", "--"] + SOURCES,
-                               capture_output=True, text=True, check=True)
+        head = subprocess.run(
+            git + ["log", "-1", "--format=%h", "--"] + SOURCES, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            git + ["status", "--porcelain", "--"] + SOURCES, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return (head.stdout.strip() or "unknown") + ("+changes" if dirty.stdout.strip() else "")

@@ -119,6 +119,25 @@ impl Store {
         run(py, None, |_| self.inner.chain(&name))
     }
 
+    /// Rebuilds entry `name` in memory and checks it (against the checkpoint `finetuned`,
+    /// byte for byte, where given); returns the verify report as JSON.
+    #[pyo3(signature = (name, finetuned=None, threads=None))]
+    fn verify(
+        &self,
+        py: Python<'_>,
+        name: String,
+        finetuned: Option<String>,
+        threads: Option<usize>,
+    ) -> PyResult<String> {
+        let finetuned = finetuned.map(|f| resolve(&f).map(|r| r.0)).transpose().to_py()?;
+        run(py, threads, |s| {
+            let t = Instant::now();
+            let chain = self.inner.open_chain(&name)?;
+            let r = deltapack::verify_chain(&chain, finetuned.as_deref(), s)?;
+            Ok(rebuild_json(&r, None, t.elapsed()))
+        })
+    }
+
     /// The manifest and totals, as the CLI's `store list --json`.
     fn list(&self, py: Python<'_>) -> PyResult<String> {
         run(py, None, |_| {

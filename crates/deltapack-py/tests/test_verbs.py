@@ -63,9 +63,7 @@ def test_inspect_matches_the_cli(delta_a):
 def test_lossy_options(base, ft_a, tmp_path):
     report = deltapack.make(base, ft_a, tmp_path / "q.dpk", codec="auto", max_error=0.1)
     assert 0 < report["error"] <= 0.1
-    rules = deltapack.make(
-        base, ft_a, tmp_path / "r.dpk", tensor_codecs={"*.attention.*": "quant:bits=4"}, threads=1
-    )
+    rules = deltapack.make(base, ft_a, tmp_path / "r.dpk", tensor_codecs={"*.attention.*": "quant:bits=4"}, threads=1)
     assert rules["lossy"] > 0
 
 

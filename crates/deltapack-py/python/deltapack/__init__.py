@@ -121,9 +121,7 @@ def make(
     against the model they rebuild). ``threads`` defaults to all cores; the bytes written
     do not depend on it. Returns the report ``deltapack make --json`` prints.
     """
-    args = _make_args(
-        codec, max_error, tensor_codecs, force, base_id, self_contained, chunk_bytes, sync, calibration
-    )
+    args = _make_args(codec, max_error, tensor_codecs, force, base_id, self_contained, chunk_bytes, sync, calibration)
     report = _native.make(_path(base), _path(finetuned), _path(out), _parents(parent), args, threads)
     return json.loads(report)
 
@@ -251,9 +249,7 @@ def save(
     kept = _dedupe_shared(state_dict, base_names)
     tensors = [torch_bytes(name, t) for name, t in kept.items()]
     meta = {"format": "pt"} if metadata is None else dict(metadata)
-    args = _make_args(
-        codec, max_error, tensor_codecs, force, base_id, self_contained, chunk_bytes, sync, calibration
-    )
+    args = _make_args(codec, max_error, tensor_codecs, force, base_id, self_contained, chunk_bytes, sync, calibration)
     report = _native.save(
         _path(base),
         tensors,
@@ -290,7 +286,7 @@ class safe_open:  # noqa: N801 - named after safetensors.safe_open, whose shape 
         self._device = device
         self._info = {name: (dtype, shape) for name, dtype, shape in self._reader.tensors()}
 
-    def __enter__(self) -> "safe_open":
+    def __enter__(self) -> safe_open:
         return self
 
     def __exit__(self, *exc: object) -> None:

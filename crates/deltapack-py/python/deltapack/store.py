@@ -18,13 +18,13 @@ class Store:
     method takes the store's lock, so several processes may use one store on a local disk.
     """
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:  # noqa: F821
+    def __init__(self, path: Union[str, os.PathLike[str]]) -> None:  # noqa: F821
         import os
 
         self._native = _native.Store(os.fspath(path))
 
     @classmethod
-    def init(cls, path, base, *, name: Optional[str] = None) -> "Store":
+    def init(cls, path, base, *, name: Optional[str] = None) -> Store:
         """Create a store at ``path`` (if needed) holding ``base`` (named ``name``)."""
         import os
 
@@ -71,6 +71,17 @@ class Store:
         raw, _files, _meta, _report = self._native.load(name, threads)
         return {n: convert(framework, dtype, shape, data, device) for n, dtype, shape, data in raw}
 
+    def verify(self, name: str, *, finetuned=None, threads: Optional[int] = None) -> Dict[str, Any]:
+        """Rebuild entry ``name`` in memory and check it, writing nothing.
+
+        With ``finetuned`` (a model directory), every rebuilt byte is compared with it; a
+        difference raises :class:`deltapack.MismatchError`.
+        """
+        import os
+
+        ft = None if finetuned is None else os.fspath(finetuned)
+        return json.loads(self._native.verify(name, ft, threads))
+
     def chain(self, name: str) -> Tuple[str, List[str]]:
         """The base directory and the delta files of entry ``name``, in order from the base."""
         base, deltas = self._native.chain(name)
@@ -85,9 +96,11 @@ class Store:
         return [e["name"] for e in self.list()["manifest"]["entries"]]
 
     def remove(self, name: str, *, reparent: bool = False) -> List[str]:
-        """Remove entry ``name``; with ``reparent``, entries coded against it are re-coded
-        against its parent (else removing an entry others depend on is an error). Returns
-        the names of the entries re-coded."""
+        """Remove entry ``name``; returns the names of the entries re-coded.
+
+        With ``reparent``, entries coded against it are re-coded against its parent (else
+        removing an entry others depend on is an error).
+        """
         return self._native.remove(name, reparent)
 
     def fsck(self) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ import os
 import tempfile
 from typing import Any, Optional
 
-from deltapack import _deltas, _path, _tensors_of, _native
+from deltapack import _deltas, _native, _path, _tensors_of
 from deltapack.errors import BadInputError
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -35,8 +35,11 @@ class _Rebuilt:
 
 
 def _config(files: dict):
-    """The fine-tune's config, from the ``config.json`` its delta carries (read in memory,
-    as ``AutoConfig.from_pretrained`` reads it: the class its ``model_type`` names)."""
+    """The fine-tune's config, from the ``config.json`` its delta carries.
+
+    It is read in memory, as ``AutoConfig.from_pretrained`` reads it: by the config class
+    its ``model_type`` names.
+    """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -65,9 +68,11 @@ def _model_class(config):
 
 
 def _concrete(cls, config):
-    """An Auto class (``AutoModel``, ``AutoModelForCausalLM``...) resolved to the model
-    class it picks for ``config``, as its ``from_pretrained`` would (Auto classes load only
-    from a name or directory, so they are resolved here)."""
+    """An Auto class resolved to the model class it picks for ``config``.
+
+    ``AutoModel``, ``AutoModelForCausalLM``... load only from a name or directory, so they
+    are resolved here, as their ``from_pretrained`` would.
+    """
     mapping = getattr(cls, "_model_mapping", None)
     if mapping is None:
         return cls
@@ -77,8 +82,7 @@ def _concrete(cls, config):
 
 
 def from_pretrained(base, deltas, cls=None, *, threads: Optional[int] = None, **kwargs: Any):
-    """A transformers model with the fine-tune's weights and config, rebuilt from ``base``
-    and ``deltas`` in memory.
+    """A transformers model with the fine-tune's weights and config, rebuilt in memory.
 
     ``cls`` defaults to the class the config's ``architectures`` names (``AutoModel``
     without one). ``kwargs`` go to ``cls.from_pretrained`` (``dtype``, ``device_map``,
