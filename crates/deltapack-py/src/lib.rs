@@ -7,6 +7,7 @@
 
 mod errors;
 mod memory;
+mod resident;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -332,5 +333,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint_tensors, m)?)?;
     memory::register(m)?;
     store::register(m)?;
+    resident::register(m)?;
     Ok(())
 }

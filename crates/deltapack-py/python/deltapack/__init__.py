@@ -328,6 +328,7 @@ class safe_open:  # noqa: N801 - named after safetensors.safe_open, whose shape 
         return self._open().file(path)
 
 
+from deltapack.resident import Resident  # noqa: E402
 from deltapack.store import Store  # noqa: E402 - it uses the verbs above
 
 __all__ = [
@@ -336,6 +337,7 @@ __all__ = [
     "DeltapackError",
     "DeltapackIOError",
     "MismatchError",
+    "Resident",
     "Store",
     "WrongBaseError",
     "apply",

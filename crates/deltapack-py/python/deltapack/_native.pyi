@@ -128,3 +128,19 @@ class Store:
         """Remove an entry; returns the entries re-coded."""
     def fsck(self) -> str:
         """Check every entry; returns JSON."""
+
+class Resident:
+    """A base in memory, switchable in place; tensors as views of its memory."""
+
+    def __init__(self, base: str) -> None: ...
+    def switch_to_chain(self, chain: List[str]) -> str:
+        """Switch to a chain's model (empty: the base); returns the report as JSON."""
+    def active_chain(self) -> List[str]:
+        """The delta files held, from the base."""
+    def undo_bytes(self) -> int:
+        """Memory held to switch back."""
+    def tensors(self) -> List[TensorTuple]:
+        """Every tensor now, as views of the model's memory."""
+
+class Owner:
+    """The numpy base object of views of one buffer of a Resident."""

@@ -126,6 +126,9 @@ pub struct Resident {
     active: Vec<Active>,
     /// Deltas up to this size stay mapped while active (see [`Resident::set_keep_mapped`]).
     keep_mapped: u64,
+    /// With [`Resident::keep_replaced_buffers`]: the buffers a switch replaced or dropped,
+    /// until [`Resident::take_replaced_buffers`].
+    replaced: Option<Vec<Vec<u8>>>,
 }
 
 /// One tensor of a [`Resident`] model, as a serving loop reads it.
@@ -416,7 +419,25 @@ impl Resident {
             prints: BTreeMap::from([(cb, prints)]),
             active: Vec::new(),
             keep_mapped: KEEP_MAPPED,
+            replaced: None,
         })
+    }
+
+    /// Keeps every tensor buffer a switch would free or move (a tensor grown past its
+    /// buffer's capacity, converted to another dtype and back, or only a reverted fine-tune
+    /// had) until [`Resident::take_replaced_buffers`], instead of freeing it.
+    ///
+    /// For callers that hand out views of [`Resident::tensor`]'s bytes which outlive a
+    /// switch (Python tensors sharing memory with the model): a view then never points to
+    /// freed memory, and the caller frees each buffer once no view of it is left. Buffers
+    /// keep their capacity while this is on (a shrunk tensor is not reallocated).
+    pub fn keep_replaced_buffers(&mut self) {
+        self.replaced.get_or_insert_with(Vec::new);
+    }
+
+    /// The buffers kept since the last call (see [`Resident::keep_replaced_buffers`]).
+    pub fn take_replaced_buffers(&mut self) -> Vec<Vec<u8>> {
+        self.replaced.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Sets the size of the largest delta whose pages stay mapped while its fine-tune is

@@ -95,7 +95,10 @@ impl Resident {
                 .collect::<Result<Vec<_>>>()?;
             let (rebuilt, chunks): (Vec<Rebuilt>, Vec<ChunkUndo>) = done.into_iter().unzip();
             let rewritten = finish(d, p, cb, &rebuilt)?;
-            self.slots[i].bytes = buf;
+            let old = std::mem::replace(&mut self.slots[i].bytes, buf);
+            if let Some(kept) = &mut self.replaced {
+                kept.push(old);
+            }
             report.chunks += rebuilt.len();
             active.rewritten.insert(i, rewritten);
             active.undo.push(SlotUndo {
@@ -145,8 +148,17 @@ impl Resident {
             let base_len = slot.bytes.len();
             if p.len > slot.bytes.len() {
                 // Rows beyond the base's are predicted as zeros: grow with them, in place if
-                // the allocator can, and without spare capacity.
-                zeros_to(&mut slot.bytes, p.len, d, p.t)?;
+                // the allocator can, and without spare capacity. Views of the buffer handed
+                // out must stay valid: then the old buffer is kept, and a new one made.
+                match &mut self.replaced {
+                    Some(kept) if slot.bytes.capacity() < p.len => {
+                        let mut grown = Vec::new();
+                        zeros_to(&mut grown, p.len, d, p.t)?;
+                        grown[..slot.bytes.len()].copy_from_slice(&slot.bytes);
+                        kept.push(std::mem::replace(&mut slot.bytes, grown));
+                    }
+                    _ => zeros_to(&mut slot.bytes, p.len, d, p.t)?,
+                }
             }
             let mut known = Vec::with_capacity(p.t.chunks.len());
             for (k, cur) in slot.bytes[..p.len].chunks_mut(cb).enumerate() {
@@ -200,7 +212,10 @@ impl Resident {
 
     /// Restores the bytes every tensor `active` rewrote had before it (the base's, for the
     /// first link), and checks them against the hashes of the model below it.
-    pub(super) fn restore(&mut self, active: Active) -> Result<SwitchReport> {
+    pub(super) fn restore(&mut self, mut active: Active) -> Result<SwitchReport> {
+        if let Some(kept) = &mut self.replaced {
+            kept.append(&mut active.fresh);
+        }
         let cb = active.chunk_bytes();
         let mut report = SwitchReport::default();
         let mut in_place: Vec<(&mut Slot, &SlotUndo)> = Vec::new();
@@ -225,7 +240,10 @@ impl Resident {
                 .into_par_iter()
                 .zip(&u.chunks)
                 .for_each(|(out, c)| unconvert_chunk(u.dtype, slot.dtype, &slot.bytes, c, out));
-            slot.bytes = old;
+            let new = std::mem::replace(&mut slot.bytes, old);
+            if let Some(kept) = &mut self.replaced {
+                kept.push(new);
+            }
         }
         let jobs: Vec<(Dtype, &mut [u8], &ChunkUndo)> = in_place
             .iter_mut()
@@ -246,7 +264,9 @@ impl Resident {
         for (slot, u) in in_place {
             if slot.bytes.len() > u.len_before {
                 slot.bytes.truncate(u.len_before);
-                slot.bytes.shrink_to_fit();
+                if self.replaced.is_none() {
+                    slot.bytes.shrink_to_fit();
+                }
             }
             slot.bytes.extend_from_slice(&u.tail);
         }
