@@ -502,8 +502,9 @@ fn print_error_json(msg: &str, kind: &str, exit_code: u8, hint: Option<&str>) {
 /// time of a `quant` make went from 0.4 to 2.3 s).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
-    // SAFETY: mallopt only sets two of glibc's allocation thresholds, before any other
-    // thread exists; a rejected value leaves the default in place.
+    // SAFETY: mallopt only sets two of glibc's allocation thresholds, under glibc's own
+    // lock (so also in the Python console script, whose interpreter may have threads); a
+    // rejected value leaves the default in place.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
