@@ -52,13 +52,15 @@ impl Signals {
         }
     }
 
-    /// Turns the engine's result into Python's: an interrupted call raises what the signal
-    /// handler raised.
+    /// Turns the engine's result into Python's. A signal handler's exception (Ctrl-C's
+    /// `KeyboardInterrupt`) is raised whenever one was caught, also when the work finished
+    /// before it could stop: the handler already ran, and dropping its exception would
+    /// swallow the Ctrl-C. The output is then complete, never partial.
     fn finish<T>(&self, r: deltapack::Result<T>) -> PyResult<T> {
         let raised = self.raised.lock().ok().and_then(|mut r| r.take());
         match (r, raised) {
-            (Err(Error::Interrupted), Some(e)) => Err(e),
-            (r, _) => r.to_py(),
+            (_, Some(e)) => Err(e),
+            (r, None) => r.to_py(),
         }
     }
 }
