@@ -175,7 +175,10 @@ def test_ctrl_c_stops_a_long_call_and_leaves_nothing(tmp_path):
     _big_pair(tmp_path)
     script = textwrap.dedent(
         f"""
-        import sys, deltapack
+        import signal, sys, deltapack
+        # Python's own Ctrl-C handler, also when this test runs in a background job
+        # (whose children start with SIGINT ignored, and then Python installs none).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print("start", flush=True)
         try:
             deltapack.make({str(tmp_path / "base")!r}, {str(tmp_path / "ft")!r}, {str(tmp_path / "out.dpk")!r},
