@@ -779,3 +779,49 @@ fn shrink_shrink_grow_along_three_links() {
         assert_eq!(r.undo_bytes(), 0);
     }
 }
+
+#[test]
+fn kept_buffers_switch_alike_and_hold_what_views_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, b) = models(dir.path());
+    let (da, db) = (dir.path().join("a.dpk"), dir.path().join("b.dpk"));
+    make_delta(&base, &a, &da, 1 << 12, "exact");
+    make_delta(&base, &b, &db, 1 << 13, "quant:bits=4");
+    let (want_base, want_a, want_b) = (checkpoint_state(&base), applied(&base, &da), applied(&base, &db));
+    let mut r = Resident::load(&base).unwrap();
+    r.keep_replaced_buffers();
+    let steps: [(Option<&Path>, &State); 5] = [
+        (Some(&da), &want_a),
+        (Some(&db), &want_b),
+        (None, &want_base),
+        (Some(&da), &want_a),
+        (None, &want_base),
+    ];
+    let mut replaced_any = false;
+    for (i, (delta, want)) in steps.into_iter().enumerate() {
+        // What views of the model held before the switch: address -> bytes.
+        let seen: BTreeMap<usize, Vec<u8>> = r
+            .tensors()
+            .map(|t| (t.bytes.as_ptr() as usize, t.bytes.to_vec()))
+            .collect();
+        r.switch_to(delta).unwrap();
+        assert_eq!(state(&r), *want, "step {i}");
+        for buf in r.take_replaced_buffers() {
+            replaced_any = true;
+            if let Some(before) = seen.get(&(buf.as_ptr() as usize)) {
+                // A kept buffer is left as its views saw it (its first bytes, at least: a
+                // tensor that grew kept its old rows in place).
+                assert_eq!(
+                    &buf[..before.len().min(buf.len())],
+                    &before[..before.len().min(buf.len())],
+                    "step {i}"
+                );
+            }
+        }
+    }
+    assert!(
+        replaced_any,
+        "the fixture grows, converts and adds tensors: some buffer was replaced"
+    );
+    assert!(r.take_replaced_buffers().is_empty());
+}
