@@ -19,7 +19,11 @@ use crate::errors::PyResultExt;
 use crate::{make_json, paths, resolve, run, MakeArgs};
 
 /// A tensor as Python receives it: name, safetensors dtype name, shape, bytes.
-type PyTensor<'py> = (String, String, Vec<usize>, Bound<'py, PyArray1<u8>>);
+pub(crate) type PyTensor<'py> = (String, String, Vec<usize>, Bound<'py, PyArray1<u8>>);
+
+/// A model rebuilt in memory as Python receives it: tensors, other files, the weight files'
+/// metadata (JSON) and the report (JSON).
+pub(crate) type PyModel<'py> = (Vec<PyTensor<'py>>, Bound<'py, PyDict>, String, String);
 
 fn dtype_name(d: deltapack::Dtype) -> String {
     format!("{d:?}")
@@ -42,18 +46,22 @@ fn open_chain(base: &str, deltas: Vec<String>, aux_store: Option<PathBuf>) -> de
 /// the other files, the weight files' metadata (JSON) and the report (JSON).
 #[pyfunction]
 #[pyo3(signature = (base, deltas, aux_store=None, threads=None))]
-#[allow(clippy::type_complexity)]
 fn load<'py>(
     py: Python<'py>,
     base: String,
     deltas: Vec<String>,
     aux_store: Option<PathBuf>,
     threads: Option<usize>,
-) -> PyResult<(Vec<PyTensor<'py>>, Bound<'py, PyDict>, String, String)> {
+) -> PyResult<PyModel<'py>> {
     let model = run(py, threads, |s| {
         let chain = open_chain(&base, deltas, aux_store)?;
         deltapack::load_chain(&chain, s)
     })?;
+    to_py_model(py, model)
+}
+
+/// A model rebuilt by `load_chain`, handed to Python without copying its tensors.
+pub(crate) fn to_py_model(py: Python<'_>, model: deltapack::LoadedModel) -> PyResult<PyModel<'_>> {
     let files = PyDict::new(py);
     for f in model.files {
         files.set_item(f.path, PyBytes::new(py, &f.bytes))?;

@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use numpy::PyArray1;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
 
 use crate::errors::PyResultExt;
+use crate::memory::{to_py_model, PyModel};
 use crate::{make_json, rebuild_json, resolve, run, MakeArgs};
 
 /// An opened store (the engine of `deltapack.Store`).
@@ -77,41 +76,12 @@ impl Store {
     /// Rebuilds entry `name` in memory: tensors, files, metadata (JSON), report (JSON), as
     /// `load` returns them.
     #[pyo3(signature = (name, threads=None))]
-    #[allow(clippy::type_complexity)]
-    fn load<'py>(
-        &self,
-        py: Python<'py>,
-        name: String,
-        threads: Option<usize>,
-    ) -> PyResult<(
-        Vec<(String, String, Vec<usize>, Bound<'py, PyArray1<u8>>)>,
-        Bound<'py, PyDict>,
-        String,
-        String,
-    )> {
+    fn load<'py>(&self, py: Python<'py>, name: String, threads: Option<usize>) -> PyResult<PyModel<'py>> {
         let model = run(py, threads, |s| {
             let chain = self.inner.open_chain(&name)?;
             deltapack::load_chain(&chain, s)
         })?;
-        let files = PyDict::new(py);
-        for f in model.files {
-            files.set_item(f.path, PyBytes::new(py, &f.bytes))?;
-        }
-        let metadata = serde_json::Value::Object(model.metadata).to_string();
-        let report = rebuild_json(&model.report, None, std::time::Duration::ZERO);
-        let tensors = model
-            .tensors
-            .into_iter()
-            .map(|t| {
-                (
-                    t.name,
-                    format!("{:?}", t.dtype),
-                    t.shape,
-                    PyArray1::from_vec(py, t.bytes),
-                )
-            })
-            .collect();
-        Ok((tensors, files, metadata, report))
+        to_py_model(py, model)
     }
 
     /// The base directory and delta files of entry `name`, in order from the base.

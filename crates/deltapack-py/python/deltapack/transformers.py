@@ -13,7 +13,7 @@ import os
 import tempfile
 from typing import Any, Optional
 
-from deltapack import _deltas, _native, _path, _tensors_of
+from deltapack import _deltas, _native, _path, _tensors_of, safe_open
 from deltapack.errors import BadInputError
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -113,27 +113,15 @@ def tokenizer(base, deltas, **kwargs: Any):
     """
     from transformers import AutoTokenizer
 
-    with _native_reader(base, deltas) as (reader, names):
-        with tempfile.TemporaryDirectory(prefix="deltapack-tokenizer-") as d:
-            for name in names:
-                if name in _WEIGHTS or name.endswith(".safetensors"):
-                    continue
-                target = os.path.join(d, *name.split("/"))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "wb") as f:
-                    f.write(reader.file(name))
-            return AutoTokenizer.from_pretrained(d, **kwargs)
-
-
-class _native_reader:  # noqa: N801 - a context manager used like a function
-    def __init__(self, base, deltas) -> None:
-        self.reader = _native.Reader(_path(base), _deltas(deltas), None)
-
-    def __enter__(self):
-        return self.reader, self.reader.files()
-
-    def __exit__(self, *exc: object) -> None:
-        self.reader = None
+    with safe_open(base, deltas) as reader, tempfile.TemporaryDirectory(prefix="deltapack-tokenizer-") as d:
+        for name in reader.files():
+            if name in _WEIGHTS or name.endswith(".safetensors"):
+                continue
+            target = os.path.join(d, *name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(reader.read_file(name))
+        return AutoTokenizer.from_pretrained(d, **kwargs)
 
 
 __all__ = ["from_pretrained", "tokenizer"]
