@@ -296,3 +296,43 @@ fn a_store_refuses_bad_names_and_a_tampered_delta() {
         Error::CorruptDelta { .. }
     ));
 }
+
+/// The tensors of `dir`'s weight files, by name.
+fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let ck = Checkpoint::open(dir).unwrap();
+    ck.tensors.iter().map(|t| (t.name.clone(), ck.bytes(t).to_vec())).collect()
+}
+
+#[test]
+fn load_chain_rebuilds_in_memory_what_apply_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cks) = history(dir.path());
+    let lossy = MakeOptions {
+        codecs: CodecPolicy {
+            default: CodecSpec::Auto,
+            max_error: Some(0.3),
+            ..Default::default()
+        },
+        ..small_chunks()
+    };
+    for (name, opts) in [("exact", small_chunks()), ("lossy", lossy)] {
+        let work = dir.path().join(name);
+        std::fs::create_dir(&work).unwrap();
+        let d = chain_of(&base, &cks, &work, &opts);
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for k in 1..=d.len() {
+                let out = work.join(format!("out{k}-{threads}"));
+                let written = pool.install(|| {
+                    apply_chain(&base, &d[..k], &out, &ApplyOptions::default(), &NoProgress).unwrap();
+                    tensors_of(&out)
+                });
+                let chain = Chain::open(&base, &d[..k]).unwrap();
+                let model = pool.install(|| deltapack::load_chain(&chain, &NoProgress).unwrap());
+                let loaded: std::collections::BTreeMap<String, Vec<u8>> =
+                    model.tensors.into_iter().map(|t| (t.name, t.bytes)).collect();
+                assert_eq!(loaded, written, "{name} link {k}, {threads} threads");
+            }
+        }
+    }
+}

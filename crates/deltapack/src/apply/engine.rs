@@ -82,6 +82,17 @@ fn narrow(bytes: Cow<'_, [u8]>, offset: usize, r: Range<usize>) -> Cow<'_, [u8]>
     }
 }
 
+/// `bytes`, copied into `dest` when there is one (and then returned empty).
+fn into<'a>(dest: Option<&mut [u8]>, bytes: Cow<'a, [u8]>) -> Cow<'a, [u8]> {
+    match dest {
+        Some(d) => {
+            d.copy_from_slice(&bytes);
+            Cow::Borrowed(&[])
+        }
+        None => bytes,
+    }
+}
+
 /// The smallest range holding both (either may be empty).
 fn span(a: Range<usize>, b: Range<usize>) -> Range<usize> {
     match (a.is_empty(), b.is_empty()) {
@@ -174,14 +185,24 @@ impl<'a> Ctx<'a> {
     }
 
     /// The job of the rebuilt model's chunk: its bytes, fingerprint and source fingerprints.
-    fn decode(&self, job: &Job) -> Result<Decoded<'a>> {
+    ///
+    /// With `dest` (zero-filled, the job's length) the bytes are decoded into it and the
+    /// returned `bytes` are empty: a sink keeping tensors in memory gets them with no copy.
+    fn decode(&self, job: &Job, mut dest: Option<&mut [u8]>) -> Result<Decoded<'a>> {
         let top = self.top();
-        let (bytes, source_hashes, source_span) =
-            self.decode_range(top, job.tensor, job.chunk, job.range.clone(), job.source_chunks.clone())?;
+        let (bytes, source_hashes, source_span) = self.decode_range(
+            top,
+            job.tensor,
+            job.chunk,
+            job.range.clone(),
+            job.source_chunks.clone(),
+            dest.as_deref_mut(),
+        )?;
+        let out: &[u8] = dest.as_deref().unwrap_or(&bytes);
         let t = self.levels[top].tensors[job.tensor].0;
         let recorded = t.chunks.get(job.chunk).and_then(Chunk::rebuilt_hash);
         if let Some(q) = recorded.filter(|_| self.rebuilt_hashes) {
-            if q != xxhash_rust::xxh3::xxh3_64(&bytes) {
+            if q != xxhash_rust::xxh3::xxh3_64(out) {
                 // A wrong base can decode to wrong values without a decoding error: it is
                 // named before the delta is blamed.
                 self.check_source(top, job.tensor)?;
@@ -190,7 +211,7 @@ impl<'a> Ctx<'a> {
             }
         }
         Ok(Decoded {
-            target_hash: hash::chunk(&bytes),
+            target_hash: hash::chunk(out),
             bytes,
             source_hashes,
             source_span,
@@ -207,7 +228,7 @@ impl<'a> Ctx<'a> {
         let (first, end) = (range.start / cb, range.end.div_ceil(cb));
         let chunk = |k: usize| -> Result<Cow<'a, [u8]>> {
             let r = k * cb..((k + 1) * cb).min(len);
-            let (bytes, _, read) = self.decode_range(lvl, i, k, r, 0..0)?;
+            let (bytes, _, read) = self.decode_range(lvl, i, k, r, 0..0, None)?;
             self.release(lvl, i, k, read);
             Ok(bytes)
         };
@@ -255,7 +276,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// Decodes bytes `range` (chunk `chunk`) of tensor `i` of level `lvl`, hashing the source
-    /// chunks `hashed`; returns the bytes, those hashes and the source span read.
+    /// chunks `hashed`; returns the bytes, those hashes and the source span read. With `dest`
+    /// (zero-filled, `range`'s length) the bytes go there and those returned are empty.
     fn decode_range(
         &self,
         lvl: usize,
@@ -263,6 +285,7 @@ impl<'a> Ctx<'a> {
         chunk: usize,
         range: Range<usize>,
         hashed: Range<usize>,
+        dest: Option<&mut [u8]>,
     ) -> Result<DecodedRange<'a>> {
         let level = &self.levels[lvl];
         let t = level.tensors[i].0;
@@ -287,7 +310,8 @@ impl<'a> Ctx<'a> {
         let verbatim = t.relation != Relation::Converted && read.len() == range.len();
         if c.codec == ChunkCodec::Same && verbatim {
             let w = win.expect("a 'same' chunk has a source");
-            return Ok((narrow(w.bytes, w.offset, read), hashes, need));
+            let bytes = narrow(w.bytes, w.offset, read);
+            return Ok((into(dest, bytes), hashes, need));
         }
         // A prediction decoded for this chunk alone (by the link below, in a chain) is decoded
         // over in place: no fresh buffer to fill, no copy.
@@ -299,7 +323,15 @@ impl<'a> Ctx<'a> {
                 ..
             }) if exact && verbatim && offset == read.start && bytes.len() == read.len() => {
                 let payload = level.delta.chunk_payload(&t.name, c)?;
-                let decoded = decode_exact_in_place(c.codec, dtype::layout(tdt), payload, &mut bytes);
+                let layout = dtype::layout(tdt);
+                let decoded = match dest {
+                    Some(d) => {
+                        d.copy_from_slice(&bytes);
+                        bytes = Vec::new();
+                        decode_exact_in_place(c.codec, layout, payload, d)
+                    }
+                    None => decode_exact_in_place(c.codec, layout, payload, &mut bytes),
+                };
                 decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
                 return Ok((Cow::Owned(bytes), hashes, need));
             }
@@ -310,16 +342,23 @@ impl<'a> Ctx<'a> {
             Some(w) => pair::predict_window(t.relation, sdt, tdt, &w.bytes, w.offset, w.len, range.clone(), &mut buf),
             None => pair::predict(t.relation, sdt, tdt, &[], range.clone(), &mut buf),
         };
-        let mut bytes = vec![0u8; range.len()];
+        let mut fresh = Vec::new();
+        let out = match dest {
+            Some(d) => d,
+            None => {
+                fresh.resize(range.len(), 0u8);
+                &mut fresh[..]
+            }
+        };
         let payload = match c.codec {
             ChunkCodec::Same => &[][..],
             _ => level.delta.chunk_payload(&t.name, c)?,
         };
         // Only float tensors of whole bytes per element are ever lossy (F4 packs two a byte).
         let first = (range.start / (tdt.bitsize() / 8).max(1)) as u64;
-        let decoded = decode_chunk(c.codec, tdt, &level.plans[i], first, pred, payload, &mut bytes);
+        let decoded = decode_chunk(c.codec, tdt, &level.plans[i], first, pred, payload, out);
         decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
-        Ok((Cow::Owned(bytes), hashes, need))
+        Ok((Cow::Owned(fresh), hashes, need))
     }
 
     /// The error for chunk `chunk` of tensor `i` of level `lvl` failing to decode. A wrong
@@ -370,7 +409,7 @@ impl<'a> Ctx<'a> {
         let src_len = self.src_meta(lvl, i).map_or(0, |(_, len)| len);
         let (mut th, mut sh) = (Vec::new(), Vec::new());
         for job in schedule::jobs(i, l.tensors[i].0.len() as usize, src_len, l.chunk_bytes) {
-            let (bytes, hashes, _) = self.decode_range(lvl, i, job.chunk, job.range.clone(), job.source_chunks)?;
+            let (bytes, hashes, _) = self.decode_range(lvl, i, job.chunk, job.range.clone(), job.source_chunks, None)?;
             if !job.range.is_empty() {
                 th.push(hash::chunk(&bytes));
             }
@@ -532,18 +571,33 @@ pub(crate) fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -
         .flat_map(|i| ctx.jobs_of(i))
         .collect();
     progress.begin("rebuild", delta.index.tensors().map(|t| t.len()).sum());
+    // A sink keeping tensors in memory gets buffers that workers decode straight into: no
+    // copy, and their pages are first touched by the workers, in parallel.
+    let mut buffers: Vec<Vec<u8>> = match sink.keeps_tensors() {
+        true => delta.index.tensors().map(|t| vec![0u8; t.len() as usize]).collect(),
+        false => Vec::new(),
+    };
+    let direct = !buffers.is_empty();
+    let slots = Slots::new(&jobs, &mut buffers);
     let mut state = Assembler {
-        sink,
+        sink: &mut *sink,
         files,
         headers: &headers,
         file_of: &file_of,
         next_file: 0,
+        direct,
         th: Vec::new(),
         sh: Vec::new(),
     };
-    // Workers decode chunks while this thread hands them to the sink in order.
-    schedule::ordered(&jobs, |j| ctx.decode(j), |j, d| state.consume(ctx, j, d?, progress))?;
+    // Workers decode chunks while this thread checks them, and hands them to the sink, in
+    // order.
+    let work = |j: &Job| ctx.decode(j, slots.take(j));
+    schedule::ordered(&jobs, work, |j, d| state.consume(ctx, j, d?, progress))?;
     state.finish_files()?;
+    drop(slots);
+    if direct {
+        sink.tensors(buffers)?;
+    }
     progress.finish();
     for a in &delta.index.aux {
         sink.begin_aux(a)?;
@@ -562,6 +616,40 @@ pub(crate) fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -
     })
 }
 
+/// Each job's part of the tensor buffers it decodes into, taken once by the worker that runs
+/// it (empty when the sink takes bytes in order instead).
+struct Slots<'b> {
+    parts: Vec<std::sync::Mutex<Option<&'b mut [u8]>>>,
+    /// Position in `parts` of every tensor's first job.
+    first: Vec<usize>,
+}
+
+impl<'b> Slots<'b> {
+    /// Cuts `buffers` (one per tensor, of its length; or none) at `jobs`' ranges.
+    fn new(jobs: &[Job], buffers: &'b mut [Vec<u8>]) -> Self {
+        let mut rest: Vec<&'b mut [u8]> = buffers.iter_mut().map(|b| &mut b[..]).collect();
+        let (mut parts, mut first) = (Vec::new(), Vec::new());
+        if rest.is_empty() {
+            return Slots { parts, first };
+        }
+        for (k, j) in jobs.iter().enumerate() {
+            if j.chunk == 0 {
+                first.push(k);
+            }
+            let (head, tail) = std::mem::take(&mut rest[j.tensor]).split_at_mut(j.range.len());
+            rest[j.tensor] = tail;
+            parts.push(std::sync::Mutex::new(Some(head)));
+        }
+        Slots { parts, first }
+    }
+
+    /// The buffer part of `job`, if the sink keeps tensors.
+    fn take(&self, job: &Job) -> Option<&'b mut [u8]> {
+        let k = *self.first.get(job.tensor)? + job.chunk;
+        self.parts[k].lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
 /// Hands decoded chunks to the sink in job order and checks each finished tensor.
 struct Assembler<'a> {
     sink: &'a mut dyn Sink,
@@ -570,6 +658,8 @@ struct Assembler<'a> {
     /// File index of every tensor.
     file_of: &'a [usize],
     next_file: usize,
+    /// Whether chunks were decoded straight into the sink's buffers (no `data` calls).
+    direct: bool,
     th: Vec<Digest>,
     sh: Vec<Digest>,
 }
@@ -592,12 +682,10 @@ impl Assembler<'_> {
     fn consume(&mut self, ctx: &Ctx, job: &Job, d: Decoded, progress: &dyn Progress) -> Result<()> {
         let top = ctx.top();
         self.begin_files_through(self.file_of[job.tensor])?;
-        self.sink.data(
-            job.tensor,
-            ctx.levels[top].tensors[job.tensor].0,
-            job.range.start,
-            &d.bytes,
-        )?;
+        if !self.direct {
+            let t = ctx.levels[top].tensors[job.tensor].0;
+            self.sink.data(job.tensor, t, job.range.start, &d.bytes)?;
+        }
         if !job.range.is_empty() {
             self.th.push(d.target_hash);
         }
@@ -669,7 +757,7 @@ impl<'a> ChainReader<'a> {
         let ctx = &self.ctx;
         let top = ctx.top();
         let jobs = ctx.jobs_of(idx);
-        let parts = jobs.par_iter().map(|j| ctx.decode(j)).collect::<Result<Vec<_>>>()?;
+        let parts = jobs.par_iter().map(|j| ctx.decode(j, None)).collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(ctx.levels[top].tensors[idx].0.len() as usize);
         let (mut th, mut sh) = (Vec::new(), Vec::new());
         for (j, d) in jobs.iter().zip(parts) {

@@ -222,4 +222,14 @@ pub(crate) trait Sink: Send {
     fn begin_aux(&mut self, a: &AuxEntry) -> Result<()>;
     fn aux_data(&mut self, bytes: &[u8]) -> Result<()>;
     fn end_aux(&mut self) -> Result<()>;
+    /// Whether this sink keeps every tensor in memory: the engine then decodes each chunk
+    /// straight into buffers of the tensors' lengths, in parallel, and hands them over
+    /// through [`Sink::tensors`] instead of calling [`Sink::data`].
+    fn keeps_tensors(&self) -> bool {
+        false
+    }
+    /// Every tensor's bytes, once all are rebuilt and checked (sinks that keep tensors).
+    fn tensors(&mut self, _buffers: Vec<Vec<u8>>) -> Result<()> {
+        Ok(())
+    }
 }

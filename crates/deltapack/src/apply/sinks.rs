@@ -285,8 +285,9 @@ impl Sink for CompareSink<'_> {
     }
 }
 
-/// Keeps the rebuilt model in memory: each tensor in a buffer of its own, each other file
-/// whole (for loading into a framework without writing a directory).
+/// Keeps the rebuilt model in memory: each tensor in a buffer of its own (decoded straight
+/// into by the engine), each other file whole (for loading into a framework without writing
+/// a directory).
 #[derive(Default)]
 pub(super) struct MemorySink {
     pub(super) tensors: Vec<super::LoadedTensor>,
@@ -304,7 +305,8 @@ impl Sink for MemorySink {
                 // Reading the index rejected unknown dtypes; U8 is never reached.
                 dtype: t.element_dtype().unwrap_or(crate::Dtype::U8),
                 shape: t.shape.iter().map(|&d| d as usize).collect(),
-                bytes: Vec::with_capacity(t.len() as usize),
+                // Filled by `tensors`: the engine decodes into buffers of its own.
+                bytes: Vec::new(),
             });
         }
         Ok(())
@@ -333,6 +335,17 @@ impl Sink for MemorySink {
     }
 
     fn end_aux(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn keeps_tensors(&self) -> bool {
+        true
+    }
+
+    fn tensors(&mut self, buffers: Vec<Vec<u8>>) -> Result<()> {
+        for (t, b) in self.tensors.iter_mut().zip(buffers) {
+            t.bytes = b;
+        }
         Ok(())
     }
 }
