@@ -277,6 +277,12 @@ pub fn inspect(json_out: bool, path: &Path, inspection: &deltapack::Inspection, 
         tensors.len(),
         index.removed.len()
     );
+    if let Some((changed, n)) = inspection.changed() {
+        out!(
+            "changed:   {changed} of {n} values (density {:.3} %)",
+            100.0 * changed as f64 / n.max(1) as f64
+        );
+    }
     let lossy = tensors.iter().filter(|t| t.codec.is_some()).count();
     if lossy > 0 {
         out!(
@@ -324,13 +330,14 @@ pub fn inspect(json_out: bool, path: &Path, inspection: &deltapack::Inspection, 
     } else if list_tensors {
         out!();
         out!(
-            "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8}",
+            "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8} {:>9}",
             "tensor",
             "dtype",
             "shape",
             "relation",
             "stored",
-            "bits/el"
+            "bits/el",
+            "density"
         );
         for t in tensors {
             let elems = t.shape.iter().product::<u64>().max(1);
@@ -340,14 +347,18 @@ pub fn inspect(json_out: bool, path: &Path, inspection: &deltapack::Inspection, 
             } else {
                 format!("{:?}", t.relation).to_lowercase()
             };
+            let density = t
+                .changed
+                .map_or("-".to_string(), |c| format!("{:.3} %", 100.0 * c as f64 / elems as f64));
             out!(
-                "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8.3}",
+                "{:<60} {:>6} {:>18} {:>10} {:>10} {:>8.3} {:>9}",
                 t.name,
                 t.dtype,
                 shape,
                 rel,
                 human(t.stored_bytes()),
-                8.0 * t.stored_bytes() as f64 / elems as f64
+                8.0 * t.stored_bytes() as f64 / elems as f64,
+                density
             );
         }
     }

@@ -32,20 +32,39 @@ fn suits_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8],
     let n = target.len() / w;
     let limit = n * MAX_CHANGED_PERCENT / 100;
     let mut changed = 0;
-    // Counted in blocks, compared as integers of the element's width: a slice comparison per
-    // element is a call to memcmp, and stopping at every element keeps the loop scalar.
-    const BLOCK: usize = 256;
     for (p, t) in pred.chunks(BLOCK * w).zip(target.chunks(BLOCK * w)) {
-        changed += p
-            .chunks_exact(w)
-            .zip(t.chunks_exact(w))
-            .filter(|(a, b)| W::load(a) != W::load(b))
-            .count();
+        changed += changed_in::<W>(w, p, t);
         if changed > limit {
             return false;
         }
     }
     n > 0
+}
+
+/// Elements counted per block. Counted in blocks, compared as integers of the element's
+/// width: a slice comparison per element is a call to memcmp, and stopping at every element
+/// keeps the loop scalar.
+const BLOCK: usize = 256;
+
+fn changed_in<W: Element>(w: usize, p: &[u8], t: &[u8]) -> usize {
+    p.chunks_exact(w)
+        .zip(t.chunks_exact(w))
+        .filter(|(a, b)| W::load(a) != W::load(b))
+        .count()
+}
+
+/// Number of elements of `target` that differ from `pred` (same length, whole elements):
+/// what a delta records as a tensor's changed values.
+pub fn count_changed(layout: ElementLayout, pred: &[u8], target: &[u8]) -> u64 {
+    dispatch!(layout, count_changed_impl(layout, pred, target))
+}
+
+fn count_changed_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> u64 {
+    let w = layout.width;
+    pred.chunks(BLOCK * w)
+        .zip(target.chunks(BLOCK * w))
+        .map(|(p, t)| changed_in::<W>(w, p, t) as u64)
+        .sum()
 }
 
 /// Encodes `target` against `pred` (same length, whole elements).
@@ -320,6 +339,8 @@ mod tests {
                     target[i * w + w - 1] ^= (seed >> 8) as u8;
                 }
                 round_trip(dt, &pred, &target);
+                let naive = pred.chunks(w).zip(target.chunks(w)).filter(|(a, b)| a != b).count() as u64;
+                prop_assert_eq!(count_changed(dtype::layout(dt), &pred, &target), naive);
             }
         }
 

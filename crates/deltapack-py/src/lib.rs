@@ -323,6 +323,21 @@ fn checkpoint_tensors(py: Python<'_>, checkpoint: String) -> PyResult<Vec<String
     })
 }
 
+/// The (name, safetensors dtype) of every tensor of a checkpoint (a model directory, a
+/// `.safetensors` file or a hub ID).
+#[pyfunction]
+fn checkpoint_dtypes(py: Python<'_>, checkpoint: String) -> PyResult<Vec<(String, String)>> {
+    run(py, None, |_| {
+        let (path, _) = resolve(&checkpoint)?;
+        let ck = deltapack::checkpoint::Checkpoint::open(&path)?;
+        Ok(ck
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype.to_string()))
+            .collect())
+    })
+}
+
 /// The module `deltapack._native`.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -333,6 +348,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint_tensors, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_dtypes, m)?)?;
     memory::register(m)?;
     store::register(m)?;
     resident::register(m)?;

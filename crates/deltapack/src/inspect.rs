@@ -29,6 +29,16 @@ impl Inspection {
         8.0 * self.size as f64 / self.index.tensors().map(|t| t.numel()).sum::<u64>().max(1) as f64
     }
 
+    /// Elements that differ from the base (their prediction), over all tensors, and the
+    /// elements there are; `None` for a delta older than format 1.4, which does not record it.
+    pub fn changed(&self) -> Option<(u64, u64)> {
+        let mut changed = 0;
+        for t in self.index.tensors() {
+            changed += t.changed?;
+        }
+        Some((changed, self.index.tensors().map(|t| t.numel()).sum()))
+    }
+
     /// The summary the CLI's `inspect --json` prints and Python's `inspect` returns, with
     /// `path` as the delta's name.
     pub fn to_json(&self, path: &Path) -> Value {
@@ -42,7 +52,8 @@ impl Inspection {
                        "source": t.source.as_ref().map(|s| &s.name),
                        "codec": t.codec.as_ref().map_or("exact", |c| c.name()),
                        "setting": t.codec.as_ref().map(|c| c.setting()),
-                       "quality": t.quality})
+                       "quality": t.quality, "changed": t.changed,
+                       "density": t.changed.map(|c| c as f64 / t.numel().max(1) as f64)})
             })
             .collect();
         let aux: Vec<Value> = index
@@ -59,6 +70,8 @@ impl Inspection {
             "path": path, "size": self.size, "format_version": index.version, "created_by": index.created_by,
             "base": index.base, "parent": index.parent, "finetuned_bytes": ft, "ratio": ft as f64 / self.size as f64,
             "chunk_bytes": index.chunk_bytes,
+            "changed": self.changed().map(|c| c.0),
+            "density": self.changed().map(|(c, n)| c as f64 / n.max(1) as f64),
             "bits_per_param": self.bits_per_param(), "error": index.model_error(),
             "files": files, "tensors": tensors, "aux": aux, "removed": index.removed, "skipped": index.skipped,
         })

@@ -7,6 +7,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::checkpoint::{AuxFile, Checkpoint, TensorRef};
+use crate::codec::changes::count_changed;
 use crate::codec::plan::{QualitySums, TensorPlan};
 use crate::codec::{encode_exact_chunk, exact, lossy};
 use crate::container::index::{
@@ -158,6 +159,22 @@ struct Encoded {
     source_hashes: Vec<Digest>,
     /// Error sums of the chunk, in lossy runs.
     quality: Option<QualitySums>,
+    /// Elements whose rebuilt value differs from the prediction.
+    changed: u64,
+}
+
+/// How many elements of `target` differ from `pred`, for the index's `changed` count.
+///
+/// Elements are compared whole: a complex element is one element although the codecs see its
+/// two halves. Dtypes that pack several elements a byte count the bytes that differ.
+fn changed_elements(dt: crate::Dtype, pred: &[u8], target: &[u8]) -> u64 {
+    let layout = dtype::layout(dt);
+    let w = dt.bitsize() / 8;
+    if w == layout.width {
+        return count_changed(layout, pred, target);
+    }
+    let w = w.max(1);
+    pred.chunks(w).zip(target.chunks(w)).filter(|(a, b)| a != b).count() as u64
 }
 
 /// Makes a delta of `finetuned` against `base` and writes it to `out`.
@@ -506,6 +523,7 @@ impl Ctx<'_> {
             let mut recon = vec![0u8; target.len()];
             let payload = lossy::encode(t.dtype, &cp, pred, target, &mut recon);
             return Encoded {
+                changed: changed_elements(t.dtype, pred, &recon),
                 payload: Some(payload),
                 codec: ChunkCodec::Lossy,
                 target_hash: hash::chunk(&recon),
@@ -514,17 +532,23 @@ impl Ctx<'_> {
                 quality: Some(QualitySums::chunk(t.dtype, pred, target, &recon)),
             };
         }
-        let (payload, codec, quality) = SCRATCH.with(|s| {
+        let (payload, codec, quality, changed) = SCRATCH.with(|s| {
             let (scratch, buf) = &mut *s.borrow_mut();
             let pred = pair::predict(p.relation, sdt, t.dtype, src, job.range.clone(), buf);
             let quality =
                 (self.measure && p.relation == Relation::Direct && crate::codec::float::lossy_capable(t.dtype))
                     .then(|| QualitySums::chunk(t.dtype, pred, target, target));
             let same = p.relation != Relation::New;
-            let (codec, payload) = encode_exact_chunk(dtype::layout(t.dtype), pred, target, same, scratch);
-            (payload, codec, quality)
+            let layout = dtype::layout(t.dtype);
+            let (codec, payload) = encode_exact_chunk(layout, pred, target, same, scratch);
+            let changed = match codec {
+                ChunkCodec::Same => 0,
+                _ => changed_elements(t.dtype, pred, target),
+            };
+            (payload, codec, quality, changed)
         });
         Encoded {
+            changed,
             rebuilt_hash: xxh3_64(target),
             payload,
             codec,
@@ -651,6 +675,7 @@ fn encode_tensors(
         target_hashes: Vec::new(),
         source_hashes: Vec::new(),
         quality: None,
+        changed: 0,
         params,
     };
     // Workers encode chunks while this thread writes them in order.
@@ -668,6 +693,8 @@ struct Collector<'w> {
     source_hashes: Vec<Digest>,
     /// Error sums of the current tensor.
     quality: Option<QualitySums>,
+    /// Changed elements of the current tensor.
+    changed: u64,
     /// Each tensor's parameter blob, taken when its entry is made.
     params: Vec<Option<Payload>>,
 }
@@ -697,6 +724,7 @@ impl Collector<'_> {
             self.quality.get_or_insert_with(QualitySums::default).add(q);
         }
         self.source_hashes.extend(enc.source_hashes);
+        self.changed += enc.changed;
         ctx.release(job);
         progress.advance(job.range.len() as u64);
         if progress.cancelled() {
@@ -707,6 +735,7 @@ impl Collector<'_> {
             let mut entry = ctx.entry(job.tensor, chunks, &self.target_hashes, &self.source_hashes);
             entry.codec = ctx.plans[job.tensor].codec.clone();
             entry.params = self.params[job.tensor].take();
+            entry.changed = Some(std::mem::take(&mut self.changed));
             let measured = self.quality.take();
             if ctx.measure {
                 let q = measured.unwrap_or_default();
@@ -748,6 +777,7 @@ impl Ctx<'_> {
             codec: None,
             params: None,
             quality: None,
+            changed: None,
         }
     }
 }

@@ -300,7 +300,10 @@ fn a_store_refuses_bad_names_and_a_tampered_delta() {
 /// The tensors of `dir`'s weight files, by name.
 fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let ck = Checkpoint::open(dir).unwrap();
-    ck.tensors.iter().map(|t| (t.name.clone(), ck.bytes(t).to_vec())).collect()
+    ck.tensors
+        .iter()
+        .map(|t| (t.name.clone(), ck.bytes(t).to_vec()))
+        .collect()
 }
 
 #[test]

@@ -41,6 +41,9 @@ def cli_main(argv: List[str]) -> int:
 def checkpoint_tensors(checkpoint: str) -> List[str]:
     """The tensor names of a checkpoint."""
 
+def checkpoint_dtypes(checkpoint: str) -> List[Tuple[str, str]]:
+    """The (name, safetensors dtype) of every tensor of a checkpoint."""
+
 def load(
     base: str, deltas: List[str], aux_store: Optional[str] = None, threads: Optional[int] = None
 ) -> Tuple[List[TensorTuple], Dict[str, bytes], str, str]:

@@ -409,7 +409,8 @@ impl<'a> Ctx<'a> {
         let src_len = self.src_meta(lvl, i).map_or(0, |(_, len)| len);
         let (mut th, mut sh) = (Vec::new(), Vec::new());
         for job in schedule::jobs(i, l.tensors[i].0.len() as usize, src_len, l.chunk_bytes) {
-            let (bytes, hashes, _) = self.decode_range(lvl, i, job.chunk, job.range.clone(), job.source_chunks, None)?;
+            let (bytes, hashes, _) =
+                self.decode_range(lvl, i, job.chunk, job.range.clone(), job.source_chunks, None)?;
             if !job.range.is_empty() {
                 th.push(hash::chunk(&bytes));
             }
@@ -757,7 +758,10 @@ impl<'a> ChainReader<'a> {
         let ctx = &self.ctx;
         let top = ctx.top();
         let jobs = ctx.jobs_of(idx);
-        let parts = jobs.par_iter().map(|j| ctx.decode(j, None)).collect::<Result<Vec<_>>>()?;
+        let parts = jobs
+            .par_iter()
+            .map(|j| ctx.decode(j, None))
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(ctx.levels[top].tensors[idx].0.len() as usize);
         let (mut th, mut sh) = (Vec::new(), Vec::new());
         for (j, d) in jobs.iter().zip(parts) {

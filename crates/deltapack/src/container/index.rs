@@ -158,6 +158,10 @@ pub struct TensorEntry {
     /// Size and error of the stored tensor, recorded by lossy runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<Quality>,
+    /// (1.4) How many of its elements differ from their prediction (what was a change from
+    /// the base); absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<u64>,
 }
 
 /// A byte range of the payload with its checksum.
@@ -425,6 +429,9 @@ impl Index {
                 return Err(ctx("wrong number of chunks"));
             }
             self.validate_codec(t, dt, ranges)?;
+            if t.changed.is_some_and(|n| n > t.numel()) {
+                return Err(ctx("more changed elements than elements"));
+            }
             for c in &t.chunks {
                 check_checksum(&c.checksum).map_err(&ctx)?;
                 if let Some(q) = &c.rebuilt {

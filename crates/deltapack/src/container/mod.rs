@@ -26,7 +26,7 @@ pub const END_MAGIC: [u8; 8] = *b"DPKINDEX";
 /// Major format version written and accepted by this build.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version written by this build (readers accept any minor of their major).
-pub const VERSION_MINOR: u16 = 3;
+pub const VERSION_MINOR: u16 = 4;
 /// Size of the fixed file header.
 pub const HEADER_LEN: u64 = 16;
 /// Size of the fixed trailer.
