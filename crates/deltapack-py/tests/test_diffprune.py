@@ -159,6 +159,21 @@ def test_tied_weights_share_one_diff_and_stay_tied():
     dp.merge()
     assert emb.weight is head.weight
     assert torch.all(emb.weight != 0)
+    assert emb.weight.requires_grad
+
+
+def test_merge_restores_what_was_frozen():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].bias.requires_grad_(False)
+    dp = DiffPruning(model, density=0.5, method="l1", include=["1.*"])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "parametrizations" not in n)
+    dp.merge()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        "0.weight": True,
+        "0.bias": False,
+        "1.weight": True,
+        "1.bias": True,
+    }
 
 
 @pytest.mark.parametrize("method", ["l0", "l1"])

@@ -133,7 +133,6 @@ class _Target:
     def __init__(self, name: str, param: nn.Parameter, diff: _Diff):
         self.name, self.param, self.diff = name, param, diff
         self.owners: List[Tuple[nn.Module, str]] = []
-        self.requires_grad = param.requires_grad
 
     def theta(self) -> torch.Tensor:
         """θ, the frozen base value (the original the parametrization keeps)."""
@@ -208,6 +207,8 @@ class DiffPruning:
                 if id(p) not in by_param:
                     by_param[id(p)] = _Target(full, p, _Diff(p, self.method, structured, dtype, alpha_init))
                 owners.append((module, name, by_param[id(p)]))
+        # Restored by `merge`: the wrapper freezes every parameter of the model.
+        self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         for p in self.model.parameters():
             p.requires_grad_(False)
         for module, name, target in owners:
@@ -351,8 +352,8 @@ class DiffPruning:
             for module, name in t.owners:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
             t.param.copy_(value)
-        for p in self.model.parameters():
-            p.requires_grad_(True)
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
         self._targets = []
         return self.model
 
