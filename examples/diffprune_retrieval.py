@@ -165,19 +165,18 @@ def main() -> None:
         os.remove(a.out)
     if dp is None:
         state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-        report = deltapack.save(a.base, state, a.out, files=a.base)
-        info = deltapack.inspect(a.out)
-        result["density"] = info["density"]
+        deltapack.save(a.base, state, a.out, files=a.base)
     else:
-        report = dp.save(a.out, base=a.base)
-        result["density"] = report["density"]
+        dp.save(a.out, base=a.base)
         # What `apply` rebuilds is the merged model, bit for bit, in the base's dtype (bf16).
         rebuilt = deltapack.load(a.base, a.out)
         merged = dp.merge().state_dict()
         result["bit_exact"] = rebuilt.keys() == merged.keys() and all(
             torch.equal(t, merged[k].to(t.dtype)) for k, t in rebuilt.items()
         )
-    result["bits_per_param"] = deltapack.inspect(a.out)["bits_per_param"]
+    info = deltapack.inspect(a.out)
+    result["density"] = info["density"]
+    result["bits_per_param"] = info["bits_per_param"]
     result["delta_bytes"] = os.path.getsize(a.out)
     result["peak_rss_mib"] = peak_rss_mib()
     result.update(method="full" if dp is None else a.method, target_density=None if dp is None else a.density)

@@ -50,6 +50,21 @@ def _train(model, tok, rows, dp, steps, lr=1e-3):
         dp.step((step + 1) / steps)
 
 
+def _args(tmp_path, max_steps, learning_rate):
+    """Trainer arguments for a few CPU steps over batches of 8 rows, saving nothing."""
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=learning_rate,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+
+
 def _model(base):
     torch.manual_seed(0)
     return AutoModel.from_pretrained(base, dtype=torch.float32)
@@ -204,17 +219,7 @@ def test_the_trainer_path(base, tok, rows, tmp_path):
             loss = _loss(model, tok, inputs["rows"]) + self.diff_pruning.penalty()
             return (loss, None) if return_outputs else loss
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        remove_unused_columns=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
+    args = _args(tmp_path, max_steps=4, learning_rate=1e-3)
     trainer = Contrastive(
         model=model,
         args=args,
@@ -254,16 +259,7 @@ def test_the_trainer_adds_the_penalty_to_the_model_loss(base, tok, rows, tmp_pat
         def forward(self, rows):
             return {"loss": _loss(self.inner, tok, rows)}
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-4,
-        remove_unused_columns=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-    )
+    args = _args(tmp_path, max_steps=2, learning_rate=1e-4)
     trainer = Recording(
         model=Head(model), args=args, train_dataset=rows, data_collator=lambda b: {"rows": b}, diff_pruning=dp
     )

@@ -158,15 +158,21 @@ fn applied(base: &Path, delta: &Path) -> State {
     checkpoint_state(&out)
 }
 
+/// The base, fine-tune B and deltas of fine-tunes A and B under `dir`: A exact in 4 KiB
+/// chunks, B lossy (4-bit quantised where it can be) in 8 KiB chunks, so both chunk sizes
+/// differ from the one fingerprinted at load.
+fn exact_and_lossy_deltas(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let (base, a, b) = models(dir);
+    let (da, db) = (dir.join("a.dpk"), dir.join("b.dpk"));
+    make_delta(&base, &a, &da, 1 << 12, "exact");
+    make_delta(&base, &b, &db, 1 << 13, "quant:bits=4");
+    (base, b, da, db)
+}
+
 #[test]
 fn switches_match_apply_at_every_step_and_revert_bit_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, a, b) = models(dir.path());
-    let (da, db) = (dir.path().join("a.dpk"), dir.path().join("b.dpk"));
-    // A exact in 4 KiB chunks; B lossy (4-bit quantised where it can be) in 8 KiB chunks, so
-    // both chunk sizes differ from the one fingerprinted at load.
-    make_delta(&base, &a, &da, 1 << 12, "exact");
-    make_delta(&base, &b, &db, 1 << 13, "quant:bits=4");
+    let (base, b, da, db) = exact_and_lossy_deltas(dir.path());
     let d = Delta::open(&da).unwrap();
     let rel = |n: &str| d.index.tensors().find(|t| t.name == n).unwrap().relation;
     assert_eq!(rel("model.embed_tokens.weight"), Relation::Resized);
@@ -783,10 +789,7 @@ fn shrink_shrink_grow_along_three_links() {
 #[test]
 fn kept_buffers_switch_alike_and_hold_what_views_saw() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, a, b) = models(dir.path());
-    let (da, db) = (dir.path().join("a.dpk"), dir.path().join("b.dpk"));
-    make_delta(&base, &a, &da, 1 << 12, "exact");
-    make_delta(&base, &b, &db, 1 << 13, "quant:bits=4");
+    let (base, _, da, db) = exact_and_lossy_deltas(dir.path());
     let (want_base, want_a, want_b) = (checkpoint_state(&base), applied(&base, &da), applied(&base, &db));
     let mut r = Resident::load(&base).unwrap();
     r.keep_replaced_buffers();

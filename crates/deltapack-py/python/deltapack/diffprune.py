@@ -36,6 +36,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -72,7 +73,7 @@ class _Diff(nn.Module):
 
     def __init__(self, theta: torch.Tensor, method: str, structured: Optional[str], dtype, alpha_init: float):
         super().__init__()
-        self.method, self.structured = method, structured
+        self.structured = structured
         self.diff = nn.Parameter(torch.zeros(theta.shape, dtype=dtype, device=theta.device))
         self.log_alpha = None
         self.group_log_alpha = None
@@ -128,15 +129,11 @@ def _group_shape(theta: torch.Tensor, structured: str) -> Tuple[int, ...]:
 
 
 class _Target:
-    """A parameter under diff pruning: its diff, and every (module, name) that holds it."""
+    """A parameter under diff pruning (θ, frozen): its diff, and every (module, name) holding it."""
 
-    def __init__(self, name: str, param: nn.Parameter, diff: _Diff):
-        self.name, self.param, self.diff = name, param, diff
+    def __init__(self, param: nn.Parameter, diff: _Diff):
+        self.param, self.diff = param, diff
         self.owners: List[Tuple[nn.Module, str]] = []
-
-    def theta(self) -> torch.Tensor:
-        """θ, the frozen base value (the original the parametrization keeps)."""
-        return self.param
 
     def merged(self) -> torch.Tensor:
         """θ + Δθ in θ's dtype, with the deterministic gates (no graph).
@@ -205,7 +202,7 @@ class DiffPruning:
                 if not p.is_floating_point() or not _selected(full, include, exclude):
                     continue
                 if id(p) not in by_param:
-                    by_param[id(p)] = _Target(full, p, _Diff(p, self.method, structured, dtype, alpha_init))
+                    by_param[id(p)] = _Target(p, _Diff(p, self.method, structured, dtype, alpha_init))
                 owners.append((module, name, by_param[id(p)]))
         # Restored by `merge`: the wrapper freezes every parameter of the model.
         self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
@@ -245,7 +242,7 @@ class DiffPruning:
         """The sparsity term to add to the task loss (zero once the mask is fixed)."""
         if self.projected:
             return torch.zeros(())
-        total = sum(t.diff.penalty(t.theta()) for t in self._targets)
+        total = sum(t.diff.penalty(t.param) for t in self._targets)
         return self.penalty_weight * total
 
     def step(self, progress: float) -> None:
@@ -285,7 +282,7 @@ class DiffPruning:
 
         Measured in the parameters' dtype, with the gates at their expected value.
         """
-        changed = sum(int((t.merged() != t.theta()).sum()) for t in self._targets)
+        changed = sum(int((t.merged() != t.param).sum()) for t in self._targets)
         return changed / self.total
 
     def merged_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -447,8 +444,7 @@ def _files_for(model: nn.Module, base: Any, files: Any, tmp: str) -> Optional[st
         for name in os.listdir(base_dir):
             src = os.path.join(base_dir, name)
             if os.path.isfile(src) and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
-                with open(src, "rb") as f, open(os.path.join(tmp, name), "wb") as g:
-                    g.write(f.read())
+                shutil.copyfile(src, os.path.join(tmp, name))
     if config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(os.path.join(tmp, "config.json"))
     return tmp
