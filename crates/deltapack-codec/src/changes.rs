@@ -22,12 +22,13 @@ use crate::layout::{Element, ElementLayout};
 /// Chunks with at most this share of changed elements (in percent) use this codec.
 pub const MAX_CHANGED_PERCENT: usize = 30;
 
-/// True when few enough elements of `target` differ from `pred` for this codec.
-pub fn suits(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
-    dispatch!(layout, suits_impl(layout, pred, target))
+/// How many elements of `target` differ from `pred`, when few enough do for this codec
+/// (`None` otherwise, found without counting them all; and for an empty chunk).
+pub fn few_changed(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Option<u64> {
+    dispatch!(layout, few_changed_impl(layout, pred, target))
 }
 
-fn suits_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> bool {
+fn few_changed_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8], target: &[u8]) -> Option<u64> {
     let w = layout.width;
     let n = target.len() / w;
     let limit = n * MAX_CHANGED_PERCENT / 100;
@@ -35,10 +36,10 @@ fn suits_impl<W: Element, const FLOAT: bool>(layout: ElementLayout, pred: &[u8],
     for (p, t) in pred.chunks(BLOCK * w).zip(target.chunks(BLOCK * w)) {
         changed += changed_in::<W>(w, p, t);
         if changed > limit {
-            return false;
+            return None;
         }
     }
-    n > 0
+    (n > 0).then_some(changed as u64)
 }
 
 /// Elements counted per block. Counted in blocks, compared as integers of the element's
@@ -478,10 +479,10 @@ mod tests {
         for i in 0..30 {
             t[2 * i] = 9;
         }
-        assert!(suits(l, &pred, &t));
+        assert_eq!(few_changed(l, &pred, &t), Some(30));
         t[2 * 31] = 9;
-        assert!(!suits(l, &pred, &t));
-        assert!(!suits(l, &[], &[]));
+        assert_eq!(few_changed(l, &pred, &t), None);
+        assert_eq!(few_changed(l, &[], &[]), None);
         // Unchanged chunks round trip to nothing but the header.
         round_trip(safetensors::Dtype::BF16, &pred, &pred);
         let mut wrong = encode(l, &pred, &t);

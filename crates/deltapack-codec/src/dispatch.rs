@@ -68,19 +68,25 @@ pub fn decode_exact_in_place(
 
 /// Encodes a chunk exactly against its prediction, choosing the codec: `same` (no payload)
 /// where `target` equals `pred` and `same` is allowed (a new tensor's zeros are no source to
-/// point at), `changes` where few elements changed, else the dense `exact` coder.
+/// point at), `changes` where few elements changed, else the dense `exact` coder. Also
+/// returns how many elements differ from the prediction, which every path counts anyway.
 pub fn encode_exact_chunk(
     layout: ElementLayout,
     pred: &[u8],
     target: &[u8],
     same: bool,
     scratch: &mut Scratch,
-) -> (ChunkCodec, Option<Vec<u8>>) {
+) -> (ChunkCodec, Option<Vec<u8>>, u64) {
     if same && pred == target {
-        return (ChunkCodec::Same, None);
+        return (ChunkCodec::Same, None, 0);
     }
-    if changes::suits(layout, pred, target) {
-        return (ChunkCodec::Changes, Some(changes::encode(layout, pred, target)));
+    if let Some(changed) = changes::few_changed(layout, pred, target) {
+        return (
+            ChunkCodec::Changes,
+            Some(changes::encode(layout, pred, target)),
+            changed,
+        );
     }
-    (ChunkCodec::Exact, Some(exact::encode(layout, pred, target, scratch)))
+    let (payload, changed) = exact::encode_counting(layout, pred, target, scratch);
+    (ChunkCodec::Exact, Some(payload), changed)
 }

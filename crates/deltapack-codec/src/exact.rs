@@ -214,6 +214,12 @@ pub(super) use dispatch;
 
 /// Encodes `target` against the prediction `pred` (same length, whole elements).
 pub fn encode(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> Vec<u8> {
+    encode_counting(layout, pred, target, scratch).0
+}
+
+/// [`encode`], also returning how many elements differ from the prediction: the symbol
+/// histogram counts the zero differences anyway (token 0 is exactly a zero difference).
+pub fn encode_counting(layout: ElementLayout, pred: &[u8], target: &[u8], scratch: &mut Scratch) -> (Vec<u8>, u64) {
     assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
     assert_eq!(target.len() % layout.width, 0, "partial element");
     dispatch!(layout, encode_impl(layout, pred, target, scratch, Kernel::WIDEST))
@@ -235,7 +241,7 @@ pub fn encode_with(
 ) -> Vec<u8> {
     assert_eq!(pred.len(), target.len(), "prediction and target lengths differ");
     assert_eq!(target.len() % layout.width, 0, "partial element");
-    dispatch!(layout, encode_impl(layout, pred, target, scratch, kernel))
+    dispatch!(layout, encode_impl(layout, pred, target, scratch, kernel)).0
 }
 
 fn encode_impl<W: Element, const FLOAT: bool>(
@@ -244,7 +250,7 @@ fn encode_impl<W: Element, const FLOAT: bool>(
     target: &[u8],
     scratch: &mut Scratch,
     kernel: Kernel,
-) -> Vec<u8> {
+) -> (Vec<u8>, u64) {
     let w = layout.width;
     let n = target.len() / w;
     let (lo, hi) = choose_context_range::<W>(layout, pred);
@@ -325,6 +331,7 @@ fn encode_impl<W: Element, const FLOAT: bool>(
     for (k, x) in sub.iter().enumerate() {
         counts[(k / stride) % nctx][k % stride] += x;
     }
+    let unchanged: u64 = counts.iter().map(|c| c[0] as u64).sum();
     let model = Model::from_counts(&counts);
     let tables = EncoderTables::new(&model);
     let (states, len) = rans::encode(
@@ -343,7 +350,7 @@ fn encode_impl<W: Element, const FLOAT: bool>(
     rans::write_stream(states, &scratch.words[..len], &mut out);
     out.extend_from_slice(&raw);
     scratch.bits = raw;
-    out
+    (out, n as u64 - unchanged)
 }
 
 /// Decodes a payload made by [`encode`] into `out`, given the same prediction.
@@ -525,7 +532,12 @@ mod tests {
 
     fn round_trip(dtype: Dtype, pred: &[u8], target: &[u8]) -> usize {
         let l = layout(dtype);
-        let payload = encode(l, pred, target, &mut Scratch::default());
+        let (payload, changed) = encode_counting(l, pred, target, &mut Scratch::default());
+        assert_eq!(
+            changed,
+            crate::changes::count_changed(l, pred, target),
+            "{dtype:?} count"
+        );
         let mut out = vec![0u8; target.len()];
         decode(l, pred, &payload, &mut out).expect("decodes");
         assert_eq!(out, target, "{dtype:?} round trip");

@@ -540,9 +540,12 @@ impl Ctx<'_> {
                     .then(|| QualitySums::chunk(t.dtype, pred, target, target));
             let same = p.relation != Relation::New;
             let layout = dtype::layout(t.dtype);
-            let (codec, payload) = encode_exact_chunk(layout, pred, target, same, scratch);
+            let (codec, payload, counted) = encode_exact_chunk(layout, pred, target, same, scratch);
+            // The coders count elements of their layout's width, which is the dtype's but for
+            // sub-byte or unusual dtypes coded as bytes.
             let changed = match codec {
                 ChunkCodec::Same => 0,
+                _ if layout.width == t.dtype.bitsize() / 8 => counted,
                 _ => changed_elements(t.dtype, pred, target),
             };
             (payload, codec, quality, changed)
