@@ -375,6 +375,7 @@ impl CodecArgs {
             rules,
             max_error: self.max_error,
             calibration,
+            ..Default::default()
         })
     }
 }

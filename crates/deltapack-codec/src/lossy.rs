@@ -76,7 +76,8 @@ pub enum TensorCodec {
         rows: u64,
         /// Columns (product of the other dimensions).
         cols: u64,
-        /// True when the fit was weighted by activation statistics.
+        /// True when the scales were fitted to data: a fit weighted by activation statistics,
+        /// or scales learned by calibration (informational).
         calibrated: bool,
         /// Unchanged values stay unchanged (a third symbol, coded under the base exponent).
         #[serde(default)]

@@ -5,6 +5,7 @@
 //! Python modules beside it turn them into torch tensors, dicts and exceptions. The work
 //! runs with the GIL released, on rayon's threads, and stops at Ctrl-C (see [`Signals`]).
 
+mod calibrate;
 mod errors;
 mod memory;
 mod resident;
@@ -176,6 +177,7 @@ pub(crate) fn policy(
         rules,
         max_error,
         calibration,
+        ..Default::default()
     })
 }
 
@@ -349,6 +351,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint_dtypes, m)?)?;
+    calibrate::register(m)?;
     memory::register(m)?;
     store::register(m)?;
     resident::register(m)?;

@@ -45,6 +45,7 @@ mod lineage;
 mod make;
 mod pair;
 pub mod progress;
+pub mod rescale;
 mod schedule;
 
 // The verbs, with the options they take and the reports they return.

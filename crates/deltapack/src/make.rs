@@ -495,6 +495,8 @@ struct Ctx<'a> {
     plans: Vec<TensorPlan>,
     /// Whether chunks record their error (any tensor may be lossy).
     measure: bool,
+    /// The plans decided elsewhere, whose chunks are checked as they are written.
+    fixed: &'a std::collections::HashMap<String, tune::FixedPlan>,
 }
 
 impl Ctx<'_> {
@@ -660,6 +662,7 @@ fn encode_tensors(
         chunk_bytes,
         plans,
         measure: !opts.codecs.is_exact(),
+        fixed: &opts.codecs.fixed,
     };
     let jobs: Vec<Job> = plan
         .pairings
@@ -739,6 +742,9 @@ impl Collector<'_> {
             entry.codec = ctx.plans[job.tensor].codec.clone();
             entry.params = self.params[job.tensor].take();
             entry.changed = Some(std::mem::take(&mut self.changed));
+            if let Some(f) = ctx.fixed.get(&entry.name) {
+                check_payloads(&entry, f)?;
+            }
             let measured = self.quality.take();
             if ctx.measure {
                 let q = measured.unwrap_or_default();
@@ -750,6 +756,18 @@ impl Collector<'_> {
         }
         Ok(())
     }
+}
+
+/// Fails when a tensor with a plan decided elsewhere did not come out as that plan's delta
+/// did (a re-made 1-bit delta whose signs differ: another fine-tune).
+fn check_payloads(entry: &TensorEntry, f: &tune::FixedPlan) -> Result<()> {
+    if f.payloads.is_empty() || entry.chunks.iter().map(|c| &c.checksum).eq(f.payloads.iter()) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "tensor '{}' codes differently from the delta its plan came from: the fine-tune is not the one that delta was made from",
+        entry.name
+    )))
 }
 
 impl Ctx<'_> {

@@ -5,6 +5,7 @@
 //! in parallel and adds their results up in block order, so every choice and every stored
 //! number is the same for any thread count.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -17,8 +18,9 @@ use crate::codec::lossy::{self, Domain, TensorCodec};
 use crate::codec::{exact, float};
 use crate::{dtype, Error, Result};
 
+use crate::codec::plan::QualitySums;
+pub use crate::codec::plan::TensorPlan;
 pub use crate::codec::plan::{axis_scales, AxisVectors, Quality};
-use crate::codec::plan::{QualitySums, TensorPlan};
 
 /// A codec as the user names it, settings optional (`quant:bits=4`, `sparse:keep=0.1`, `auto`).
 #[derive(Debug, Clone, PartialEq)]
@@ -244,6 +246,19 @@ pub struct CodecPolicy {
     pub max_error: Option<f64>,
     /// Mean squared input activations per linear layer, for a weighted `sign-axis` fit.
     pub calibration: Option<Calibration>,
+    /// Plans decided elsewhere, by tensor name, used as they are before any rule: a
+    /// delta's own plans with scales learned by calibration (see [`crate::rescale`]).
+    pub fixed: HashMap<String, FixedPlan>,
+}
+
+/// A tensor's plan decided outside the tuner, and what its chunks must come out as.
+#[derive(Debug, Clone)]
+pub struct FixedPlan {
+    /// The codec and its parameters.
+    pub plan: TensorPlan,
+    /// The checksums its chunk payloads must have, in order (empty: not checked): a
+    /// re-made 1-bit delta must reproduce the signs of the delta it came from.
+    pub payloads: Vec<String>,
 }
 
 impl Default for CodecPolicy {
@@ -253,6 +268,7 @@ impl Default for CodecPolicy {
             rules: Vec::new(),
             max_error: None,
             calibration: None,
+            fixed: HashMap::new(),
         }
     }
 }
@@ -260,7 +276,9 @@ impl Default for CodecPolicy {
 impl CodecPolicy {
     /// True when every tensor is coded exactly.
     pub fn is_exact(&self) -> bool {
-        self.default == CodecSpec::Exact && self.rules.iter().all(|r| r.spec == CodecSpec::Exact)
+        self.default == CodecSpec::Exact
+            && self.rules.iter().all(|r| r.spec == CodecSpec::Exact)
+            && self.fixed.values().all(|f| f.plan.codec.is_none())
     }
 
     /// The spec for a tensor and whether a rule named it. 1-D tensors (norms, biases) stay
@@ -366,6 +384,10 @@ impl TensorView<'_> {
 
 /// Decides a tensor's codec and settings.
 pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Result<TensorPlan> {
+    if let Some(f) = policy.fixed.get(t.name) {
+        check_fixed(&f.plan, t)?;
+        return Ok(f.plan.clone());
+    }
     let spec = policy.spec_for(t.name, t.shape.len());
     if *spec == CodecSpec::Exact || !float::lossy_capable(t.dtype) || t.target.is_empty() {
         return Ok(TensorPlan::EXACT);
@@ -400,6 +422,33 @@ pub(crate) fn plan(policy: &CodecPolicy, t: &TensorView, seed_salt: &str) -> Res
         (s, None) => Ok(fixed(s, t, &stats, calib, seed_salt)),
         (s, Some(e)) => Ok(budgeted(s, t, &stats, e, calib)?.map_or(TensorPlan::EXACT, |c| c.plan)),
     }
+}
+
+/// Checks a plan decided elsewhere against the tensor it is for, as a reader would check it.
+fn check_fixed(p: &TensorPlan, t: &TensorView) -> Result<()> {
+    let bad = |m: String| Error::InvalidArgument(format!("tensor '{}': {m}", t.name));
+    let Some(codec) = &p.codec else {
+        return Ok(());
+    };
+    if !float::lossy_capable(t.dtype) {
+        return Err(bad(format!("a lossy codec cannot code a {:?} tensor", t.dtype)));
+    }
+    let need = codec.validate(t.numel()).map_err(bad)?;
+    if let Some((r, c)) = &p.axis {
+        if (r.len() as u64, c.len() as u64) != t.rows_cols() || r.iter().chain(c).any(|x| !x.is_finite() || *x < 0.0) {
+            return Err(bad(
+                "the scales must be finite, non-negative, one per row and one per column".into(),
+            ));
+        }
+    }
+    let blob = p.params().map_or(0, |b| b.len() as u64);
+    if blob != need {
+        return Err(bad(format!(
+            "the {} codec needs {need} bytes of parameters, got {blob}",
+            codec.name()
+        )));
+    }
+    Ok(())
 }
 
 /// Whole-tensor statistics of the delta.
