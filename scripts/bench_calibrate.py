@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from doc_tables import replace_between
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -207,12 +209,7 @@ def main() -> None:
     lines += ["", "`scripts/bench_calibrate.py " + " ".join(sys.argv[1:]) + "`"]
     text = "\n".join(lines) + "\n"
     print(text)
-    start, end = "<!-- calibrate:begin -->", "<!-- calibrate:end -->"
-    if a.docs.exists():
-        doc = a.docs.read_text()
-        if start in doc and end in doc:
-            head, rest = doc.split(start, 1)
-            a.docs.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+    replace_between(a.docs, "calibrate", text)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from doc_tables import replace_between
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "diffprune_retrieval.py"
 
@@ -179,12 +181,7 @@ def main() -> None:
     lines += ["", f"`{cmd}`"]
     text = "\n".join(lines) + "\n"
     print(text)
-    start, end = f"<!-- {a.marker}:begin -->", f"<!-- {a.marker}:end -->"
-    if a.docs.exists():
-        doc = a.docs.read_text()
-        if start in doc and end in doc:
-            head, rest = doc.split(start, 1)
-            a.docs.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+    replace_between(a.docs, a.marker, text)
 
 
 if __name__ == "__main__":

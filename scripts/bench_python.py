@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from doc_tables import replace_between
+
 TENSOR = "model.layers.0.mlp.down_proj.weight"
 
 LOAD_CHILD = r"""
@@ -158,12 +160,7 @@ def main() -> None:
     command = f"scripts/bench_python.py --ref {a.ref} --models {a.models} --cli {a.cli} --repeats {a.repeats}"
     text = "\n".join(table) + f"\n\nMedians; `{command}`.\n"
     print(text)
-    if a.docs.exists():
-        doc = a.docs.read_text()
-        start, end = "<!-- python:begin -->", "<!-- python:end -->"
-        if start in doc and end in doc:
-            head, rest = doc.split(start, 1)
-            a.docs.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+    replace_between(a.docs, "python", text)
 
 
 if __name__ == "__main__":

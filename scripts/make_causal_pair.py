@@ -5,7 +5,7 @@ use, so this recipe makes one (about 15 minutes on 2 cores), for measuring 1-bit
 with learned scales on a causal LM (`scripts/bench_calibrate.py`):
 
 - tokenizer: byte-level BPE (4,096 tokens) trained on CPython's standard library sources;
-- base: a 4-layer Llama (hidden 256, 8 heads, 4 KV heads, SwiGLU 704, 5.3M parameters)
+- base: a 4-layer Llama (hidden 256, 8 heads, 4 KV heads, SwiGLU 704, 5.0M parameters)
   trained from scratch on those sources;
 - fine-tune: every parameter trained further, in float32, on the retrieval task of
   `../shared/models/make_models.py` written as text (`Docstring: ...` then `Code: ...`),
