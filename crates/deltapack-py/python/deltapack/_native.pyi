@@ -45,8 +45,10 @@ def checkpoint_dtypes(checkpoint: str) -> List[Tuple[str, str]]:
     """The (name, safetensors dtype) of every tensor of a checkpoint."""
 
 def delta_scales(delta: str) -> List[Tuple[str, List[int], bool, Any]]:
-    """The (name, shape, zeros, scales) of a delta's sign and sign-axis tensors; scales are a
-    float (sign) or a (rows, cols) pair of lists (sign-axis)."""
+    """The (name, shape, zeros, scales) of a delta's sign and sign-axis tensors.
+
+    Scales are a float (sign) or a (rows, cols) pair of lists (sign-axis).
+    """
 
 def remake_with_scales(
     base: str,
@@ -57,8 +59,10 @@ def remake_with_scales(
     force: bool = False,
     threads: Optional[int] = None,
 ) -> str:
-    """Makes ``delta`` again with new 1-bit scales, every chunk payload (sign) kept; the
-    make report as JSON."""
+    """Makes ``delta`` again with new 1-bit scales, every chunk payload (sign) kept.
+
+    Returns the make report as JSON.
+    """
 
 def load(
     base: str, deltas: List[str], aux_store: Optional[str] = None, threads: Optional[int] = None
