@@ -161,15 +161,41 @@ def test_the_sign_weight_gradient_is_the_formula_s():
     sign = torch.where(torch.rand(7, 5, generator=g) < 0.5, -1, 1).to(torch.int8)
     r = torch.rand(7, generator=g, dtype=torch.float64, requires_grad=True)
     c = torch.rand(5, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda r, c: _sign_weight().apply(base, sign, None, r, c), (r, c))
+    assert torch.autograd.gradcheck(lambda r, c: _sign_weight().apply(base, sign, None, r, c, None), (r, c))
     s = torch.rand((), generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s: _sign_weight().apply(base, sign, None, s, None), (s,))
+    assert torch.autograd.gradcheck(lambda s: _sign_weight().apply(base, sign, None, s, None, None), (s,))
     # With kept zeros, moves are whole ULPs (at least one) of each base value.
     ulp = torch.full((7, 5), 0.25, dtype=torch.float64)
     w = _sign_weight().apply(
-        base, sign, ulp, torch.full((7,), 0.3, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+        base, sign, ulp, torch.full((7,), 0.3, dtype=torch.float64), torch.ones(5, dtype=torch.float64), None
     )
     assert torch.allclose((w - base).abs(), torch.full((7, 5), 0.25, dtype=torch.float64), rtol=0, atol=1e-12)
+    # Halves round away from zero, as the codec's do (not to even): 2.5 ULPs move 3.
+    half = _sign_weight().apply(
+        base, sign, ulp, torch.full((7,), 0.625, dtype=torch.float64), torch.ones(5, dtype=torch.float64), None
+    )
+    assert torch.allclose((half - base).abs(), torch.full((7, 5), 0.75, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_training_sees_what_the_rebuild_gives_in_bf16(tmp_path):
+    """The student's weights are the engine's reconstruction: snapped moves, rounded to bf16."""
+    from deltapack.calibrate import _SignParam
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    model = BertModel(cfg).to(torch.bfloat16)
+    base, ft = _pair(tmp_path, model, lambda n: "noisy")
+    b, f = _weights(base), _weights(ft)
+    for zeros in ("keep", "sign"):
+        delta = tmp_path / f"{zeros}.dpk"
+        deltapack.make(base, ft, delta, codec=f"sign-axis:zeros={zeros}")
+        rebuilt = deltapack.load(base, delta)
+        for name, _shape, kept, scales in _native.delta_scales(str(delta)):
+            assert kept == (zeros == "keep")
+            p = _SignParam(name, name, b[name], f[name].float(), kept, scales)
+            mine = p.weight(p.init).detach().to(torch.bfloat16)
+            # Products of f32 scales are formed in f32 here, in f64 by the codec: a rare tie may differ.
+            assert (mine == rebuilt[name]).float().mean() > 0.999, (zeros, name)
 
 
 def test_causal_lm_logits_are_matched(tmp_path):

@@ -765,7 +765,7 @@ fn check_payloads(entry: &TensorEntry, f: &tune::FixedPlan) -> Result<()> {
         return Ok(());
     }
     Err(Error::InvalidArgument(format!(
-        "tensor '{}' codes differently from the delta its plan came from: the fine-tune is not the one that delta was made from",
+        "tensor '{}' codes differently from the delta its plan came from: the base or the fine-tune is not the one that delta was made from",
         entry.name
     )))
 }

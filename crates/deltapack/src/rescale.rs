@@ -57,6 +57,13 @@ pub fn read_scales(delta: &Path) -> Result<Vec<SignTensor>> {
         let (zeros, scales) = match (&plan.codec, plan.axis) {
             (Some(TensorCodec::Sign { scale, zeros }), _) => (*zeros, Scales::Tensor(*scale)),
             (Some(TensorCodec::SignAxis { zeros, .. }), Some((rows, cols))) => (*zeros, Scales::Axis { rows, cols }),
+            (Some(TensorCodec::SignAxis { .. }), None) => {
+                return Err(Error::CorruptDelta {
+                    path: delta.to_path_buf(),
+                    tensor: Some(t.name.clone()),
+                    reason: "a sign-axis tensor without its scales".into(),
+                })
+            }
             _ => continue,
         };
         out.push(SignTensor {
@@ -114,11 +121,24 @@ pub fn remake_with_scales(
                 }
             }
         }
-        let payloads = t.chunks.iter().map(|c| c.checksum.clone()).collect();
+        // The signs are what must not change: the lossy chunks' payloads. Exact tensors are
+        // coded again as this build codes them.
+        let payloads = match plan.codec {
+            Some(_) => t.chunks.iter().map(|c| c.checksum.clone()).collect(),
+            None => Vec::new(),
+        };
         fixed.insert(t.name.clone(), FixedPlan { plan, payloads });
     }
     if let Some(name) = scales.keys().find(|n| !fixed.contains_key(*n)) {
         return Err(bad(format!("has no tensor '{name}' to give scales to")));
+    }
+    let ft = crate::checkpoint::Checkpoint::open(finetuned)?;
+    let same_names = ft.tensors.len() == fixed.len() && ft.tensors.iter().all(|t| fixed.contains_key(&t.name));
+    if !same_names {
+        return Err(bad(format!(
+            "holds other tensors than the fine-tune {}: give the fine-tune the delta was made from",
+            finetuned.display()
+        )));
     }
     let opts = MakeOptions {
         base_id: d.index.base.id.clone(),
@@ -131,8 +151,5 @@ pub fn remake_with_scales(
         ..Default::default()
     };
     drop(d);
-    crate::make(base, finetuned, out, &opts, progress).map_err(|e| match e {
-        Error::InvalidArgument(m) => bad(m),
-        e => e,
-    })
+    crate::make_from(&crate::checkpoint::Checkpoint::open(base)?, &ft, out, &opts, progress)
 }

@@ -106,6 +106,18 @@ fn another_finetune_is_refused_and_nothing_written() {
     let e = remake_with_scales(&base, &other, &delta, &out, &HashMap::new(), false, &NoProgress).unwrap_err();
     assert!(e.to_string().contains("not the one that delta was made from"), "{e}");
     assert!(!out.exists());
+    // A fine-tune with one more tensor is another fine-tune too.
+    let (_, f1) = bf16_pair(1, 3000);
+    let (b2, _) = bf16_pair(2, 64);
+    let more = [
+        t("w", "BF16", &[100, 30], f1),
+        t("b", "BF16", &[64], b2.clone()),
+        t("x", "BF16", &[64], b2),
+    ];
+    write_st(&other.join("model.safetensors"), &more);
+    let e = remake_with_scales(&base, &other, &delta, &out, &HashMap::new(), false, &NoProgress).unwrap_err();
+    assert!(e.to_string().contains("holds other tensors than the fine-tune"), "{e}");
+    assert!(!out.exists());
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
         .unwrap()
         .file_name()

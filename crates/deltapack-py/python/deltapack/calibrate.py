@@ -10,8 +10,9 @@ paper (the second source document) for per-row or per-column scales:
 1. **Axis** (``axis="auto"``): for each linear layer, the layer's inputs on the calibration
    set give the Gram matrix ``G = XᵀX``; per-row, per-column and per-row-and-column scales are
    each fitted in closed form to minimise the layer's output error ``‖X (W_ft − Ŵ)ᵀ‖²``, and
-   the layer keeps the axis with the fewest scales whose error is within ``tolerance`` of the
-   best (fewer scales overfit a small calibration set less; the container stores a row and a
+   the layer keeps one axis (rows or columns, the better of the two) when its error is within
+   ``tolerance`` of the best, else both (one vector of scales overfits a small calibration set
+   less; the container stores a row and a
    column vector either way, so the choice costs nothing in size). Embedding matrices keep
    row-and-column scales (their "inputs" are token ids).
 2. **Distillation**: every scale is trained (Adam, in log space so it stays positive) with the
@@ -139,6 +140,8 @@ class _SignParam:
         self.sign = torch.where(keep, sign, torch.zeros_like(sign))
         self.delta = d
         self.shape = finetuned.shape
+        # What the rebuild rounds to: the checkpoint's dtype (float32 holds it exactly).
+        self.dtype = base.dtype
         if isinstance(scales, float):
             self.init = (torch.tensor(scales, dtype=torch.float64), None)
         else:
@@ -179,7 +182,7 @@ class _SignParam:
         ``scales`` is a (row, column) pair to use instead of the current scales.
         """
         r, c = (v.to(self.base.dtype) if v is not None else None for v in scales) if scales else self.scales()
-        return _sign_weight().apply(self.base, self.sign, self.ulp, r, c).reshape(self.shape)
+        return _sign_weight().apply(self.base, self.sign, self.ulp, r, c, self.dtype).reshape(self.shape)
 
     def stored(self) -> Union[float, Tuple[List[float], List[float]]]:
         """The scales as the engine takes them."""
@@ -213,12 +216,13 @@ _SIGN_WEIGHT = None
 
 
 def _sign_weight():
-    """The autograd function ``base + sign * snap(r ⊗ c)`` (``r`` alone: a per-tensor scale).
+    """The autograd function ``round(base + sign * snap(r ⊗ c))`` (``r`` alone: a per-tensor scale).
 
     Written by hand so that backward keeps only the signs and the scales, not a model-sized
     magnitude per tensor: ``∂L/∂r_i = Σ_j g_ij s_ij c_j`` and ``∂L/∂c_j = Σ_i g_ij s_ij r_i``.
-    With kept zeros (``ulp`` given) the forward pass snaps each move to whole ULPs, at least
-    one, as the codec does; the gradient passes straight through the rounding.
+    The forward pass rebuilds what the codec does: with kept zeros (``ulp`` given) each move
+    is snapped to whole ULPs, at least one, halves rounded away from zero; the result is
+    rounded to the checkpoint's ``dtype``. The gradient passes straight through both roundings.
     """
     global _SIGN_WEIGHT
     if _SIGN_WEIGHT is not None:
@@ -227,21 +231,25 @@ def _sign_weight():
 
     class SignWeight(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, base, sign, ulp, r, c):
+        def forward(ctx, base, sign, ulp, r, c, dtype):
             mag = r if c is None else r[:, None] * c[None, :]
             if ulp is not None:
-                mag = torch.where(mag == 0, mag, torch.clamp(torch.round(mag / ulp), min=1) * ulp)
+                # The codec's count of ULPs saturates at 2^63 (a base value of 0 has subnormal
+                # ULPs, so its moves are tiny); an f32 quotient that overflows saturates too.
+                steps = torch.clamp(torch.floor(mag / ulp + 0.5), min=1, max=2.0**63)
+                mag = torch.where(mag == 0, mag, steps * ulp)
             ctx.save_for_backward(sign, r, c if c is not None else r)
             ctx.per_tensor = c is None
-            return base + sign * mag
+            w = base + sign * mag
+            return w if dtype in (None, w.dtype) else w.to(dtype).to(w.dtype)
 
         @staticmethod
         def backward(ctx, grad):
             sign, r, c = ctx.saved_tensors
             g = grad * sign
             if ctx.per_tensor:
-                return None, None, None, g.sum(), None
-            return None, None, None, g @ c, r @ g
+                return None, None, None, g.sum(), None, None
+            return None, None, None, g @ c, r @ g, None
 
     _SIGN_WEIGHT = SignWeight
     return SignWeight
@@ -346,7 +354,8 @@ def fit_axes(sign, delta, gram, init, rounds: int = 4) -> Dict[str, Tuple[Any, A
         r = _row_fit(s * c[None, :], d, g)
         c = _col_fit(s * r[:, None], d, g, dg)
     both = (r, c, _layer_error(d, s * (r[:, None] * c[None, :]), g))
-    # Alternating least squares never does worse than its start, but guard the solve.
+    # The column solve is clamped to non-negative scales, so a round can do worse than its
+    # start: keep the input scales when it did.
     out["both"] = both if both[2] <= out["init"][2] else out["init"]
     return out
 
@@ -358,7 +367,7 @@ def relative_error(fits: Dict[str, Tuple[Any, Any, float]], axis: str) -> float:
 
 
 def choose_axis(fits: Dict[str, Tuple[Any, Any, float]], tolerance: float = 0.01) -> str:
-    """The axis with the fewest scales whose relative error is within ``tolerance`` of the best.
+    """A layer's axis: ``"row"`` or ``"col"`` (the better) within ``tolerance`` of the best, else ``"both"``.
 
     Relative errors under 1e-4 count as equal: that is the rounding of the weights.
     """
