@@ -543,8 +543,8 @@ impl Ctx<'_> {
             let same = p.relation != Relation::New;
             let layout = dtype::layout(t.dtype);
             let (codec, payload, counted) = encode_exact_chunk(layout, pred, target, same, scratch);
-            // The coders count elements of their layout's width, which is the dtype's but for
-            // sub-byte or unusual dtypes coded as bytes.
+            // The coders count elements of their layout's width: the dtype's, but for complex
+            // dtypes (coded as two floats) and sub-byte ones (coded as bytes).
             let changed = match codec {
                 ChunkCodec::Same => 0,
                 _ if layout.width == t.dtype.bitsize() / 8 => counted,

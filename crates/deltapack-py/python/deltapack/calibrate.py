@@ -27,10 +27,10 @@ paper (the second source document) for per-row or per-column scales:
 Memory: the whole model is trained at once, which holds the fine-tune (the teacher) in f32,
 the base weights of the 1-bit tensors in f32, their signs in int8 and, during a step, one
 set of rebuilt weights (the autograd function saves only signs and scales for backward):
-about 3.25 times the fine-tune's f32 size, plus one batch's activations and torch itself
-(1.5 GB peak for MiniLM's 91 MB, of which 0.74 GB is torch, transformers and the
-loaded fine-tune). That fits the models one calibrates on a CPU; end-to-end
-training is what matches the outputs (a layer-by-layer scheme would bound the memory to one
+about 3.25 times the fine-tune's f32 size (one more with kept zeros: each value's ULP), plus
+one batch's activations and torch itself (1.5 GB peak for MiniLM's 91 MB, of which 0.74 GB is
+torch, transformers and the loaded fine-tune). That fits the models one calibrates on a CPU;
+end-to-end training is what matches the outputs (a layer-by-layer scheme would bound the memory to one
 layer's but match each layer's output in isolation), and step 1 needs only one Gram matrix
 per 1-bit linear layer.
 
