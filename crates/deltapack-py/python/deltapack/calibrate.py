@@ -45,7 +45,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from deltapack import _native
 from deltapack.errors import BadInputError, CorruptDeltaError, DeltapackError, DeltapackIOError, WrongBaseError
@@ -124,7 +124,7 @@ class _SignParam:
     def __init__(self, name: str, key: str, base, finetuned, zeros: bool, scales) -> None:
         import torch
 
-        self.name, self.key, self.zeros = name, key, zeros
+        self.name, self.key = name, key
         b = base.to(torch.float32).reshape(finetuned.shape[0], -1) if finetuned.dim() > 1 else base.float()
         f = finetuned.detach().to(torch.float32).reshape(b.shape)
         # Non-finite values are kept exactly by the codec: no sign, and the fine-tune's value.
@@ -255,23 +255,16 @@ def _sign_weight():
     return SignWeight
 
 
-def _weight_files(checkpoint: str) -> Dict[str, str]:
-    """Tensor name -> safetensors file of a model directory or single file."""
-    from safetensors import safe_open
-
+def _base_files(checkpoint: str) -> List[str]:
+    """The safetensors files of a model directory, or the single file given."""
     files = [checkpoint] if os.path.isfile(checkpoint) else sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
     if not files:
         raise BadInputError(f"{checkpoint}: no .safetensors files; give the base's model directory")
-    where: Dict[str, str] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            where.update({k: f for k in st.keys()})
-    return where
+    return files
 
 
-def _model_key(keys: Sequence[str], prefix: str, name: str) -> Optional[str]:
+def _model_key(known: Set[str], prefix: str, name: str) -> Optional[str]:
     """The model's state-dict key of a checkpoint tensor (with or without the base prefix)."""
-    known = set(keys)
     for k in (name, name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else None, f"{prefix}.{name}"):
         if k in known:
             return k
@@ -279,23 +272,30 @@ def _model_key(keys: Sequence[str], prefix: str, name: str) -> Optional[str]:
 
 
 def _sign_params(model, base: str, tensors: list) -> List[_SignParam]:
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
     state = model.state_dict(keep_vars=True)
+    known = set(state)
     prefix = getattr(model, "base_model_prefix", "")
-    where = _weight_files(base)
     out = []
-    for name, shape, zeros, scales in tensors:
-        key = _model_key(list(state), prefix, name)
-        if key is None:
-            raise BadInputError(f"tensor '{name}' of the delta is not a parameter of the fine-tune's model")
-        if name not in where:
-            raise BadInputError(f"tensor '{name}' of the delta is not in the base {base}")
-        with safe_open(where[name], framework="pt") as st:
-            b = st.get_tensor(name)
-        if list(b.shape) != list(shape) or list(state[key].shape) != list(shape):
-            raise BadInputError(f"tensor '{name}': base, fine-tune and delta disagree on its shape")
-        out.append(_SignParam(name, key, b, state[key], zeros, scales))
+    with ExitStack() as stack:
+        # Each base file opened once: tensor name -> its open file.
+        where = {}
+        for f in _base_files(base):
+            st = stack.enter_context(safe_open(f, framework="pt"))
+            where.update(dict.fromkeys(st.keys(), st))
+        for name, shape, zeros, scales in tensors:
+            key = _model_key(known, prefix, name)
+            if key is None:
+                raise BadInputError(f"tensor '{name}' of the delta is not a parameter of the fine-tune's model")
+            if name not in where:
+                raise BadInputError(f"tensor '{name}' of the delta is not in the base {base}")
+            b = where[name].get_tensor(name)
+            if list(b.shape) != list(shape) or list(state[key].shape) != list(shape):
+                raise BadInputError(f"tensor '{name}': base, fine-tune and delta disagree on its shape")
+            out.append(_SignParam(name, key, b, state[key], zeros, scales))
     return out
 
 
