@@ -16,6 +16,7 @@ pub mod ints;
 pub mod kernels;
 pub mod layout;
 pub mod lossy;
+pub mod packed;
 pub mod plan;
 pub mod rans;
 pub mod replay;

@@ -9,6 +9,7 @@ mod calibrate;
 mod errors;
 mod memory;
 mod resident;
+mod serve;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -355,5 +356,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     memory::register(m)?;
     store::register(m)?;
     resident::register(m)?;
+    serve::register(m)?;
     Ok(())
 }

@@ -153,11 +153,11 @@ impl AsRef<[u8]> for Borrowed {
 }
 
 /// A tensor as Python hands it over: name, safetensors dtype name, shape, bytes.
-type GivenTensor<'py> = (String, String, Vec<usize>, PyReadonlyArray1<'py, u8>);
+pub(crate) type GivenTensor<'py> = (String, String, Vec<usize>, PyReadonlyArray1<'py, u8>);
 
 /// Views of the given tensors' bytes, for [`Checkpoint::from_memory`]; the arrays must stay
 /// borrowed until the checkpoint is dropped (see [`Borrowed`]).
-fn memory_tensors(label: &std::path::Path, tensors: &[GivenTensor<'_>]) -> PyResult<Vec<MemoryTensor>> {
+pub(crate) fn memory_tensors(label: &std::path::Path, tensors: &[GivenTensor<'_>]) -> PyResult<Vec<MemoryTensor>> {
     let mut given = Vec::with_capacity(tensors.len());
     for (name, dtype, shape, array) in tensors {
         let Some(dtype) = deltapack::checkpoint::header::parse_dtype(dtype) else {

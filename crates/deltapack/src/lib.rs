@@ -47,6 +47,7 @@ mod pair;
 pub mod progress;
 pub mod rescale;
 mod schedule;
+pub mod serve;
 
 // The verbs, with the options they take and the reports they return.
 pub use additive::{apply_additive, export_additive, AdditiveOptions, AdditiveReport, ExportOptions};

@@ -11,6 +11,7 @@
 //!   encoder for AVX2;
 //! - `avx512`: the same for AVX-512F and VBMI, the `ints` decoder and the helpers of
 //!   `changes` and hot swap's exponent fixes;
+//! - `planes`: the packed-delta product (`crate::packed`) for AVX-512F and for AVX2 with FMA;
 //! - `tables`: the plain-Rust decode tables and parameter types both vector files share;
 //! - [`simd_dispatch!`](crate::float::simd_dispatch): the lossy codecs' loops compiled for
 //!   AVX-512 or AVX2 where the CPU has them.
@@ -19,6 +20,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod planes;
 mod tables;
 
 pub(crate) use tables::{Contexts, Parts};
@@ -58,6 +61,33 @@ impl Kernel {
             _ => false,
         }
     }
+}
+
+/// The product of a packed delta's planes with prepared activations, for the view's `nr`
+/// rows, with the widest vector path `kernel` allows (`y[b][i] +=`, `y` is `n x nr`); false
+/// when none ran and the caller runs the portable loop.
+#[inline]
+pub(crate) fn planes_matmul(
+    kernel: Kernel,
+    view: &crate::packed::PlanesView,
+    a: &crate::packed::Activations,
+    nr: usize,
+    y: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if kernel >= Kernel::Avx512 && planes::available512() {
+            planes::matmul512(view, a, nr, y);
+            return true;
+        }
+        if kernel >= Kernel::Avx2 && planes::available256() {
+            planes::matmul256(view, a, nr, y);
+            return true;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (kernel, view, a, nr, y);
+    false
 }
 
 /// The exact encoder's per-element work for a chunk of 16-bit floats (tokens into `tok`,

@@ -1,0 +1,285 @@
+//! The packed-delta product (`crate::packed`) in vectors: AVX-512F (one masked add per 16
+//! weights and plane, the plane's bits being the mask) and AVX2 with FMA (a mask built from
+//! each byte of bits, then an `and` and an add per 8 weights).
+//!
+//! Both keep the portable loop's sixteen lanes (AVX2 as two halves of eight) and its order of
+//! operations (masked sums per lane, the planes' weights and the constant by fused
+//! multiply-add, the scale, then the lanes added by halves), so they compute the very same
+//! values as `packed::planes_portable`.
+//!
+//! Tiles of `R` weight rows by `B` activation rows keep `R x B` independent sums in flight,
+//! so a batch of one still hides the adds' latency; each plane word is read once per tile
+//! and each activation vector once per tile row.
+
+#![cfg(target_arch = "x86_64")]
+// The tiles index arrays of registers by row and batch position: index loops say it best.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use crate::packed::{Activations, PlanesView, LANES};
+
+/// True if this CPU runs [`matmul512`].
+pub fn available512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+}
+
+/// True if this CPU runs [`matmul256`].
+pub fn available256() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// Checks what the tiles' unchecked loads rely on.
+fn check(v: &PlanesView, a: &Activations, nr: usize, y: &[f32]) {
+    assert!(v.bits.len() >= nr * v.planes * v.words && v.scales.len() >= nr * v.groups());
+    assert!(a.width == 64 * v.words && a.x.len() >= a.n * a.width && a.sums.len() >= a.n * v.groups() * LANES);
+    assert!(v.group_words > 0 && v.words.is_multiple_of(v.group_words) && y.len() >= a.n * nr);
+}
+
+/// `y[b][i] += row i's product with activation row b` for the view's `nr` rows (AVX-512F).
+pub fn matmul512(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
+    assert!(available512());
+    check(v, a, nr, y);
+    // SAFETY: AVX-512F is available (checked above); the tiles read within the bounds
+    // `check` asserted (see `tile512`).
+    unsafe { run512(v, a, nr, y) }
+}
+
+/// `y[b][i] += row i's product with activation row b` for the view's `nr` rows (AVX2, FMA).
+pub fn matmul256(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
+    assert!(available256());
+    check(v, a, nr, y);
+    // SAFETY: AVX2 and FMA are available (checked above); the tiles read within the bounds
+    // `check` asserted (see `tile256`).
+    unsafe { run256(v, a, nr, y) }
+}
+
+/// Walks the batch in tiles of 4, 2 or 1 rows of activations, and the weight rows in tiles
+/// as tall as eight accumulators allow, then single rows.
+macro_rules! walk {
+    ($tile:ident, $v:expr, $a:expr, $nr:expr, $y:expr, $wide:literal) => {{
+        let (v, a, nr, y) = ($v, $a, $nr, $y);
+        let mut b0 = 0;
+        while b0 < a.n {
+            let bt = match a.n - b0 {
+                left if left >= 4 && $wide => 4,
+                left if left >= 2 => 2,
+                _ => 1,
+            };
+            let mut i0 = 0;
+            match bt {
+                4 => {
+                    while i0 + 2 <= nr {
+                        $tile::<2, 4>(v, a, nr, y, i0, b0);
+                        i0 += 2;
+                    }
+                }
+                2 => {
+                    while i0 + (if $wide { 4 } else { 1 }) <= nr {
+                        if $wide {
+                            $tile::<4, 2>(v, a, nr, y, i0, b0);
+                            i0 += 4;
+                        } else {
+                            $tile::<1, 2>(v, a, nr, y, i0, b0);
+                            i0 += 1;
+                        }
+                    }
+                }
+                _ => {
+                    while i0 + (if $wide { 8 } else { 2 }) <= nr {
+                        if $wide {
+                            $tile::<8, 1>(v, a, nr, y, i0, b0);
+                            i0 += 8;
+                        } else {
+                            $tile::<2, 1>(v, a, nr, y, i0, b0);
+                            i0 += 2;
+                        }
+                    }
+                }
+            }
+            while i0 < nr {
+                match bt {
+                    4 => $tile::<1, 4>(v, a, nr, y, i0, b0),
+                    2 => $tile::<1, 2>(v, a, nr, y, i0, b0),
+                    _ => $tile::<1, 1>(v, a, nr, y, i0, b0),
+                }
+                i0 += 1;
+            }
+            b0 += bt;
+        }
+    }};
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn run512(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
+    walk!(tile512, v, a, nr, y, true)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run256(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
+    walk!(tile256, v, a, nr, y, false)
+}
+
+/// Rows `i0..i0 + R` by activation rows `b0..b0 + B`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile512<const R: usize, const B: usize>(
+    v: &PlanesView,
+    a: &Activations,
+    nr: usize,
+    y: &mut [f32],
+    i0: usize,
+    b0: usize,
+) {
+    let (groups, gw) = (v.groups(), v.group_words);
+    let zero = _mm512_setzero_ps();
+    let mut acc = [[zero; B]; R];
+    for g in 0..groups {
+        let mut t = [[zero; B]; R];
+        for p in 0..v.planes {
+            let mut m = [[zero; B]; R];
+            // Each row's plane as 16-bit masks: on x86 (little-endian) mask `4w + q` is
+            // bits `16q..16q + 16` of word `w`, columns `64w + 16q..`.
+            let masks: [*const __mmask16; R] = std::array::from_fn(|r| v.plane(i0 + r, p).as_ptr().cast());
+            for w in g * gw..(g + 1) * gw {
+                for q in 0..4 {
+                    // SAFETY: `w < words` and `q < 4`, so the 16 floats at `64w + 16q` lie
+                    // within the row of `width = 64 * words` floats, and rows `b0 + bb < n`
+                    // lie within `x` (asserted by `check`).
+                    let xs: [__m512; B] = std::array::from_fn(|bb| unsafe {
+                        _mm512_loadu_ps(a.x.as_ptr().add((b0 + bb) * a.width + 64 * w + 16 * q))
+                    });
+                    for r in 0..R {
+                        // SAFETY: mask `4w + q < 4 * words` lies within the plane's words.
+                        let k = unsafe { _load_mask16(masks[r].add(4 * w + q)) };
+                        for bb in 0..B {
+                            m[r][bb] = _mm512_mask_add_ps(m[r][bb], k, m[r][bb], xs[bb]);
+                        }
+                    }
+                }
+            }
+            let wp = _mm512_set1_ps(v.weights[p]);
+            for r in 0..R {
+                for bb in 0..B {
+                    t[r][bb] = _mm512_fmadd_ps(wp, m[r][bb], t[r][bb]);
+                }
+            }
+        }
+        if v.constant != 0.0 {
+            let c = _mm512_set1_ps(v.constant);
+            for bb in 0..B {
+                let s = &a.sums[((b0 + bb) * groups + g) * LANES..][..LANES];
+                // SAFETY: `s` holds 16 floats.
+                let s = unsafe { _mm512_loadu_ps(s.as_ptr()) };
+                for r in 0..R {
+                    t[r][bb] = _mm512_fmadd_ps(c, s, t[r][bb]);
+                }
+            }
+        }
+        for r in 0..R {
+            let s = _mm512_set1_ps(v.scales[(i0 + r) * groups + g]);
+            for bb in 0..B {
+                acc[r][bb] = _mm512_fmadd_ps(s, t[r][bb], acc[r][bb]);
+            }
+        }
+    }
+    for r in 0..R {
+        for bb in 0..B {
+            y[(b0 + bb) * nr + i0 + r] += sum512(acc[r][bb]);
+        }
+    }
+}
+
+/// The lanes' sum, halves added pairwise (the order of `packed::lane_sum`).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn sum512(v: __m512) -> f32 {
+    let lo = _mm512_castps512_ps256(v);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    sum256(_mm256_add_ps(lo, hi))
+}
+
+/// Eight lanes' sum, halves added pairwise.
+#[target_feature(enable = "avx")]
+#[inline]
+fn sum256(v: __m256) -> f32 {
+    let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)))
+}
+
+/// Rows `i0..i0 + R` by activation rows `b0..b0 + B`, sixteen lanes as two halves of eight.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile256<const R: usize, const B: usize>(
+    v: &PlanesView,
+    a: &Activations,
+    nr: usize,
+    y: &mut [f32],
+    i0: usize,
+    b0: usize,
+) {
+    let (groups, gw) = (v.groups(), v.group_words);
+    let zero = _mm256_setzero_ps();
+    let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let mut acc = [[[zero; 2]; B]; R];
+    for g in 0..groups {
+        let mut t = [[[zero; 2]; B]; R];
+        for p in 0..v.planes {
+            let mut m = [[[zero; 2]; B]; R];
+            for w in g * gw..(g + 1) * gw {
+                let words: [u64; R] = std::array::from_fn(|r| v.plane(i0 + r, p)[w]);
+                for e in 0..8 {
+                    // SAFETY: `w < words` and `e < 8`, so the 8 floats at `64w + 8e` lie
+                    // within the row, and rows `b0 + bb < n` within `x` (see `check`).
+                    let xs: [__m256; B] = std::array::from_fn(|bb| unsafe {
+                        _mm256_loadu_ps(a.x.as_ptr().add((b0 + bb) * a.width + 64 * w + 8 * e))
+                    });
+                    for r in 0..R {
+                        let byte = _mm256_set1_epi32(((words[r] >> (8 * e)) & 0xff) as i32);
+                        let mask = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, bit), bit));
+                        for bb in 0..B {
+                            let h = &mut m[r][bb][e & 1];
+                            *h = _mm256_add_ps(*h, _mm256_and_ps(mask, xs[bb]));
+                        }
+                    }
+                }
+            }
+            let wp = _mm256_set1_ps(v.weights[p]);
+            for r in 0..R {
+                for bb in 0..B {
+                    for h in 0..2 {
+                        t[r][bb][h] = _mm256_fmadd_ps(wp, m[r][bb][h], t[r][bb][h]);
+                    }
+                }
+            }
+        }
+        if v.constant != 0.0 {
+            let c = _mm256_set1_ps(v.constant);
+            for bb in 0..B {
+                let s = &a.sums[((b0 + bb) * groups + g) * LANES..][..LANES];
+                for h in 0..2 {
+                    // SAFETY: `s` holds 16 floats.
+                    let sh = unsafe { _mm256_loadu_ps(s.as_ptr().add(8 * h)) };
+                    for r in 0..R {
+                        t[r][bb][h] = _mm256_fmadd_ps(c, sh, t[r][bb][h]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            let s = _mm256_set1_ps(v.scales[(i0 + r) * groups + g]);
+            for bb in 0..B {
+                for h in 0..2 {
+                    acc[r][bb][h] = _mm256_fmadd_ps(s, t[r][bb][h], acc[r][bb][h]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for bb in 0..B {
+            let [lo, hi] = acc[r][bb];
+            y[(b0 + bb) * nr + i0 + r] += sum256(_mm256_add_ps(lo, hi));
+        }
+    }
+}
