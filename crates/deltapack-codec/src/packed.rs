@@ -89,21 +89,26 @@ impl PlanesKind {
         }
     }
 
-    /// The planes' bits for one code, in plane order.
-    fn code_bits(self, code: i8) -> u32 {
+    /// What quant adds to a code to make it unsigned (offset binary); 0 for the others.
+    fn offset(self) -> i32 {
         match self {
-            PlanesKind::Binary => (code > 0) as u32,
-            PlanesKind::Ternary => (code > 0) as u32 | ((code < 0) as u32) << 1,
-            PlanesKind::Quant { bits } => (code as i32 + (1 << (bits - 1))) as u32,
+            PlanesKind::Quant { bits } => 1 << (bits - 1),
+            _ => 0,
         }
     }
 
     /// Whether `code` is one this kind holds.
     fn holds(self, code: i8) -> bool {
+        let (max, zero) = self.range();
+        (-max..=max).contains(&code) & (zero | (code != 0))
+    }
+
+    /// The largest code magnitude, and whether 0 is a code.
+    fn range(self) -> (i8, bool) {
         match self {
-            PlanesKind::Binary => code == 1 || code == -1,
-            PlanesKind::Ternary => (-1..=1).contains(&code),
-            PlanesKind::Quant { bits } => (code as i32).abs() < (1 << (bits - 1)),
+            PlanesKind::Binary => (1, false),
+            PlanesKind::Ternary => (1, true),
+            PlanesKind::Quant { bits } => (((1i32 << (bits - 1)) - 1) as i8, true),
         }
     }
 }
@@ -173,18 +178,24 @@ impl Planes {
         if col_scales.as_ref().is_some_and(|c| c.len() != cols) {
             return Err(PackError(format!("column scales for another width than {cols}")));
         }
-        if let Some(c) = codes.iter().find(|&&c| !kind.holds(c)) {
+        // A fold without an early exit, so that the check vectorises; the search only on failure.
+        let (max, zero) = kind.range();
+        if !codes
+            .iter()
+            .fold(true, |ok, &c| ok & (-max <= c) & (c <= max) & (zero | (c != 0)))
+        {
+            let c = codes.iter().find(|&&c| !kind.holds(c)).expect("a code failed");
             return Err(PackError(format!("code {c} is not one a {kind:?} form holds")));
         }
         let (weights, constant) = kind.weights();
         let planes = weights.len();
         let mut bits = vec![0u64; rows * planes * words];
+        let offset = kind.offset() as u8;
         for (i, row) in codes.chunks_exact(cols.max(1)).enumerate().take(rows) {
             let out = &mut bits[i * planes * words..(i + 1) * planes * words];
-            for (j, &c) in row.iter().enumerate() {
-                let b = kind.code_bits(c);
-                for p in 0..planes {
-                    out[p * words + j / 64] |= (((b >> p) & 1) as u64) << (j % 64);
+            for (w, chunk) in row.chunks(64).enumerate() {
+                for (p, word) in plane_words(kind, offset, chunk).iter().enumerate().take(planes) {
+                    out[p * words + w] = *word;
                 }
             }
         }
@@ -259,6 +270,48 @@ impl Planes {
             scales,
         }
     }
+}
+
+/// The plane words of up to 64 codes (code `k` in bit `k`), eight codes at a time as the
+/// bytes of a `u64` (SWAR: no per-code branch or shift).
+fn plane_words(kind: PlanesKind, offset: u8, chunk: &[i8]) -> [u64; 8] {
+    const MSB: u64 = 0x8080_8080_8080_8080;
+    // The top bit of each byte, gathered into the low byte: bit `k` is byte `k`'s.
+    let gather = |x: u64| (x & MSB).wrapping_mul(0x0002_0408_1020_4081) >> 56;
+    let ones = 0x0101_0101_0101_0101u64;
+    let mut words = [0u64; 8];
+    for (e, eight) in chunk.chunks(8).enumerate() {
+        let mut b = [0u8; 8];
+        for (d, &c) in b.iter_mut().zip(eight) {
+            *d = c as u8;
+        }
+        let x = u64::from_le_bytes(b);
+        let valid = if eight.len() == 8 {
+            0xff
+        } else {
+            (1u64 << eight.len()) - 1
+        };
+        let put = |words: &mut [u64; 8], p: usize, flags: u64| words[p] |= (flags & valid) << (8 * e);
+        match kind {
+            // Codes are ±1: positive is a clear top bit.
+            PlanesKind::Binary => put(&mut words, 0, !gather(x) & 0xff),
+            // 1 is 0x01 (low bit set, top clear), -1 is 0xff (top set), 0 is 0x00.
+            PlanesKind::Ternary => {
+                put(&mut words, 0, gather((x << 7) & !x));
+                put(&mut words, 1, gather(x));
+            }
+            PlanesKind::Quant { bits } => {
+                // `code + offset` per byte (in 0..2^bits, so no byte carries into the next),
+                // added without carries between bytes.
+                let o = offset as u64 * ones;
+                let sum = ((x & !MSB) + (o & !MSB)) ^ ((x ^ o) & MSB);
+                for p in 0..bits as usize {
+                    put(&mut words, p, gather(sum << (7 - p)));
+                }
+            }
+        }
+    }
+    words
 }
 
 /// A [`Planes`] form as the kernels see it, for a block of rows: `scales` holds the block's

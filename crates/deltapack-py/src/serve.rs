@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::RwLock;
 
 use deltapack::checkpoint::Checkpoint;
-use deltapack::serve::{matmul, Served, Tenant};
+use deltapack::serve::{matmul, matmul_serial, Served, Tenant};
 use deltapack::{Chain, Error};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -85,18 +85,21 @@ impl Server {
         py: Python<'py>,
         tensor: &str,
         x: PyReadonlyArray2<'py, f32>,
-        tenants: Vec<i64>,
+        tenants: PyReadonlyArray1<'py, i64>,
         rows: usize,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let all = read(self);
         let (n, cols) = (x.shape()[0], x.shape()[1]);
+        let tenants = tenants
+            .as_slice()
+            .map_err(|_| invalid("fine-tune indices must be contiguous".into()))?;
         if tenants.len() != n {
             return Err(invalid(format!("{} fine-tune indices for {n} rows", tenants.len())));
         }
         // Fine-tunes by index, each once, in order of first use.
         let mut used: Vec<usize> = Vec::new();
         let mut rows_of = Vec::with_capacity(n);
-        for &t in &tenants {
+        for &t in tenants {
             let packed = match t {
                 t if t < 0 => None,
                 t => match all.get(t as usize).map(|tn| tn.tensor(tensor)) {
@@ -131,8 +134,11 @@ impl Server {
             .as_slice()
             .map_err(|_| invalid("activations must be C-contiguous".into()))?;
         let mut out = vec![0f32; n * rows];
-        py.detach(|| self.pool.install(|| matmul(&forms, &rows_of, x, cols, &mut out)))
-            .to_py()?;
+        py.detach(|| match self.threads {
+            1 => matmul_serial(&forms, &rows_of, x, cols, &mut out),
+            _ => self.pool.install(|| matmul(&forms, &rows_of, x, cols, &mut out)),
+        })
+        .to_py()?;
         PyArray1::from_vec(py, out).reshape([n, rows])
     }
 

@@ -194,23 +194,21 @@ fn serve_tensor(
     let (Some(codec_plan), Some(base), true) = (plan.codec.as_ref(), base, t.shape.len() >= 2) else {
         return Ok(dense(rebuilt));
     };
-    let (Some(b), Some(r)) = (to_f32(dtype, chain.base.bytes(base)), to_f32(dtype, &rebuilt)) else {
+    let Some(delta) = difference(dtype, &rebuilt, chain.base.bytes(base)) else {
         return Ok(dense(rebuilt));
     };
     let rows = t.shape[0] as usize;
     let cols = (t.shape[1..].iter().product::<u64>()) as usize;
-    let delta: Vec<f32> = r.iter().zip(&b).map(|(r, b)| r - b).collect();
     if delta.iter().any(|d| !d.is_finite()) {
         return Ok(dense(rebuilt));
     }
     let sixteen = dtype.bitsize() == 16;
-    let packed =
+    let (packed, conversion) =
         pack(codec_plan, plan.axis.as_ref(), sixteen, rows, cols, &delta).map_err(|e| Error::CorruptDelta {
             path: top.path.clone(),
             tensor: Some(t.name.clone()),
             reason: format!("cannot serve it packed: {e}"),
         })?;
-    let conversion = measure(&packed, &delta);
     Ok(ServedTensor {
         name: t.name.clone(),
         dtype,
@@ -221,30 +219,23 @@ fn serve_tensor(
     })
 }
 
-/// Elements of a float dtype as f32 (f64 rounded); `None` for other dtypes.
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+/// `rebuilt - base` elementwise in f32 (f64 rounded), for float dtypes; `None` for others.
+fn difference(dtype: Dtype, rebuilt: &[u8], base: &[u8]) -> Option<Vec<f32>> {
+    fn each<const W: usize>(r: &[u8], b: &[u8], f: impl Fn([u8; W]) -> f32 + Sync) -> Vec<f32> {
+        let (r, b) = (r.as_chunks::<W>().0, b.as_chunks::<W>().0);
+        r.par_iter().zip(b).map(|(&r, &b)| f(r) - f(b)).collect()
+    }
     Some(match dtype {
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
+        Dtype::BF16 => each::<2>(rebuilt, base, |e| half::bf16::from_le_bytes(e).to_f32()),
+        Dtype::F16 => each::<2>(rebuilt, base, |e| half::f16::from_le_bytes(e).to_f32()),
+        Dtype::F32 => each::<4>(rebuilt, base, f32::from_le_bytes),
+        Dtype::F64 => each::<8>(rebuilt, base, |e| f64::from_le_bytes(e) as f32),
         _ => return None,
     })
 }
 
-/// `Δ` (`rows x cols`) packed for `codec` (see the module documentation).
+/// `Δ` (`rows x cols`) packed for `codec` (see the module documentation), and how far the
+/// packed values are from `Δ`.
 fn pack(
     codec: &TensorCodec,
     axis: Option<&(Vec<f32>, Vec<f32>)>,
@@ -252,7 +243,7 @@ fn pack(
     rows: usize,
     cols: usize,
     delta: &[f32],
-) -> std::result::Result<Packed, deltapack_codec::packed::PackError> {
+) -> std::result::Result<(Packed, Conversion), deltapack_codec::packed::PackError> {
     let sign = |v: f32, ternary: bool| -> i8 {
         match () {
             _ if v > 0.0 => 1,
@@ -262,20 +253,14 @@ fn pack(
             _ => 1,
         }
     };
-    let form = match *codec {
+    let (form, conversion) = match *codec {
         TensorCodec::Sign { scale, zeros } => {
             let codes: Vec<i8> = delta.iter().map(|&v| sign(v, zeros)).collect();
             let s = if zeros && sixteen { mean_abs(delta) } else { scale };
             let kind = if zeros { PlanesKind::Ternary } else { PlanesKind::Binary };
-            Form::Planes(Planes::new(
-                rows,
-                cols,
-                kind,
-                &codes,
-                0,
-                GroupScales::F32(vec![s; rows]),
-                None,
-            )?)
+            let conversion = sign_conversion(delta, &codes, cols, &vec![s; rows], None);
+            let planes = Planes::new(rows, cols, kind, &codes, 0, GroupScales::F32(vec![s; rows]), None)?;
+            (Form::Planes(planes), conversion)
         }
         TensorCodec::SignAxis { zeros, .. } => {
             let codes: Vec<i8> = delta.iter().map(|&v| sign(v, zeros)).collect();
@@ -289,25 +274,58 @@ fn pack(
                 fit_rank1(delta, cols, &mut r, &mut c);
             }
             let kind = if zeros { PlanesKind::Ternary } else { PlanesKind::Binary };
-            Form::Planes(Planes::new(rows, cols, kind, &codes, 0, GroupScales::F32(r), Some(c))?)
+            let conversion = sign_conversion(delta, &codes, cols, &r, Some(&c));
+            let planes = Planes::new(rows, cols, kind, &codes, 0, GroupScales::F32(r), Some(c))?;
+            (Form::Planes(planes), conversion)
         }
         TensorCodec::Quant {
             bits, group, outliers, ..
         } => {
-            return requantize(
-                delta,
-                rows,
-                cols,
-                bits.unwrap_or(8),
-                group as usize,
-                if bits.is_some() { outliers } else { 0.0 },
-            )
+            let outliers = if bits.is_some() { outliers } else { 0.0 };
+            return requantize(delta, rows, cols, bits.unwrap_or(8), group as usize, outliers);
         }
         TensorCodec::Sparse { .. } | TensorCodec::Dare { .. } => {
-            Form::Sparse(Sparse::new(rows, cols, &nonzero(delta, cols))?)
+            let sparse = Sparse::new(rows, cols, &nonzero(delta, cols))?;
+            (Form::Sparse(sparse), exact_conversion(delta))
         }
     };
-    Ok(Packed { form, residual: None })
+    Ok((Packed { form, residual: None }, conversion))
+}
+
+/// The conversion of a form that holds `delta` exactly.
+fn exact_conversion(delta: &[f32]) -> Conversion {
+    let norm = delta.iter().map(|&d| d as f64 * d as f64).sum::<f64>();
+    Conversion {
+        error: 0.0,
+        delta_norm: norm.sqrt(),
+    }
+}
+
+/// The conversion of a sign form: `code * r[i] * c[j]` (in f32, as the kernels compute it)
+/// against `delta`.
+fn sign_conversion(delta: &[f32], codes: &[i8], cols: usize, r: &[f32], c: Option<&[f32]>) -> Conversion {
+    let sums = delta
+        .par_chunks(cols.max(1))
+        .zip(codes.par_chunks(cols.max(1)))
+        .zip(r.par_iter())
+        .map(|((d, code), &ri)| {
+            let mut e = (0f64, 0f64);
+            for (j, (&d, &k)) in d.iter().zip(code).enumerate() {
+                let x = (ri * k as f32 * c.map_or(1.0, |c| c[j]) - d) as f64;
+                e = (e.0 + x * x, e.1 + d as f64 * d as f64);
+            }
+            e
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    conversion(sums)
+}
+
+/// A conversion from its sums of squared errors and squared changes.
+fn conversion((err, norm): (f64, f64)) -> Conversion {
+    Conversion {
+        error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
+        delta_norm: norm.sqrt(),
+    }
 }
 
 fn nonzero(delta: &[f32], cols: usize) -> Vec<(u32, u32, f32)> {
@@ -371,7 +389,7 @@ fn requantize(
     bits: u8,
     group: usize,
     outliers: f32,
-) -> std::result::Result<Packed, deltapack_codec::packed::PackError> {
+) -> std::result::Result<(Packed, Conversion), deltapack_codec::packed::PackError> {
     let bits = bits.clamp(2, 8);
     let qmax = ((1i32 << (bits - 1)) - 1) as f32;
     let padded = cols.div_ceil(64).max(1) * 64;
@@ -424,6 +442,7 @@ fn requantize(
         .filter(|&(k, _)| is_outlier(k))
         .map(|(k, &v)| ((k / cols) as u32, (k % cols) as u32, v))
         .collect();
+    let conversion = quant_conversion(delta, &codes, &scales, cols, g, outlier.as_deref());
     let planes = Planes::new(
         rows,
         cols,
@@ -433,12 +452,45 @@ fn requantize(
         GroupScales::Bf16(scales),
         None,
     )?;
-    Ok(Packed {
+    let packed = Packed {
         form: Form::Planes(planes),
         residual: (!residual.is_empty())
             .then(|| Sparse::new(rows, cols, &residual))
             .transpose()?,
-    })
+    };
+    Ok((packed, conversion))
+}
+
+/// The conversion of a quant form: `code * step` (outliers exact) against `delta`.
+fn quant_conversion(
+    delta: &[f32],
+    codes: &[i8],
+    steps: &[u16],
+    cols: usize,
+    group: usize,
+    outlier: Option<&[bool]>,
+) -> Conversion {
+    let groups = cols.div_ceil(64).max(1) * 64 / group;
+    let sums = (0..delta.len() / cols.max(1))
+        .into_par_iter()
+        .map(|i| {
+            let mut e = (0f64, 0f64);
+            for j in 0..cols {
+                let k = i * cols + j;
+                let d = delta[k];
+                let step = f32::from_bits((steps[i * groups + j / group] as u32) << 16);
+                let served = if outlier.is_some_and(|m| m[k]) {
+                    d
+                } else {
+                    codes[k] as f32 * step
+                };
+                let x = (served - d) as f64;
+                e = (e.0 + x * x, e.1 + d as f64 * d as f64);
+            }
+            e
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    conversion(sums)
 }
 
 /// The `keep` largest changes (ties by position), as a mask; `None` when none are kept.
@@ -461,34 +513,35 @@ fn outlier_mask(delta: &[f32], keep: usize) -> Option<Vec<bool>> {
     Some(mask)
 }
 
-/// The served form's distance from `delta`.
-fn measure(p: &Packed, delta: &[f32]) -> Conversion {
-    let cols = p.cols();
-    let (err, norm) = (0..p.rows())
-        .into_par_iter()
-        .map(|i| {
-            let mut row = vec![0f32; cols];
-            p.row_into(i, &mut row);
-            row.iter()
-                .zip(&delta[i * cols..(i + 1) * cols])
-                .fold((0f64, 0f64), |(e, n), (&s, &d)| {
-                    let x = (s - d) as f64;
-                    (e + x * x, n + d as f64 * d as f64)
-                })
-        })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    Conversion {
-        error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
-        delta_norm: norm.sqrt(),
-    }
-}
-
 /// `out[b] += x[b] · Δ_tᵀ`, where `t = tenants[b]` is the fine-tune of activation row `b`
 /// (`None`: the base, nothing added). `x` is `n x cols` and `out` `n x rows`, row-major; every
 /// `Some` form has that shape. Each fine-tune's rows are gathered and computed together, all
 /// fine-tunes and blocks of output rows in parallel; the result does not depend on the
 /// number of threads.
 pub fn matmul(forms: &[&Packed], tenants: &[Option<usize>], x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+    matmul_on(forms, tenants, x, cols, out, true)
+}
+
+/// [`matmul`] on the calling thread alone: for a server that gives the products one thread,
+/// where handing each product to a pool and back costs more than a small product.
+pub fn matmul_serial(
+    forms: &[&Packed],
+    tenants: &[Option<usize>],
+    x: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    matmul_on(forms, tenants, x, cols, out, false)
+}
+
+fn matmul_on(
+    forms: &[&Packed],
+    tenants: &[Option<usize>],
+    x: &[f32],
+    cols: usize,
+    out: &mut [f32],
+    parallel: bool,
+) -> Result<()> {
     let n = tenants.len();
     let rows = out.len() / n.max(1);
     if x.len() != n * cols || out.len() != n * rows {
@@ -534,16 +587,18 @@ pub fn matmul(forms: &[&Packed], tenants: &[Option<usize>], x: &[f32], cols: usi
     let jobs: Vec<(usize, Range<usize>)> = (0..groups.len())
         .flat_map(|g| (0..rows).step_by(block).map(move |r0| (g, r0..(r0 + block).min(rows))))
         .collect();
-    let parts: Vec<Vec<f32>> = jobs
-        .par_iter()
-        .map(|(g, range)| {
-            let (t, members) = &groups[*g];
-            let (xs, a) = &prepared[*g];
-            let mut y = vec![0f32; members.len() * range.len()];
-            forms[*t].matmul_add(Kernel::WIDEST, xs, a.as_ref(), members.len(), range.clone(), &mut y);
-            y
-        })
-        .collect();
+    let job = |(g, range): &(usize, Range<usize>)| {
+        let (t, members) = &groups[*g];
+        let (xs, a) = &prepared[*g];
+        let mut y = vec![0f32; members.len() * range.len()];
+        forms[*t].matmul_add(Kernel::WIDEST, xs, a.as_ref(), members.len(), range.clone(), &mut y);
+        y
+    };
+    let parts: Vec<Vec<f32>> = if !parallel {
+        jobs.iter().map(job).collect()
+    } else {
+        jobs.par_iter().map(job).collect()
+    };
     for ((g, range), y) in jobs.iter().zip(parts) {
         for (k, &b) in groups[*g].1.iter().enumerate() {
             let dst = &mut out[b * rows + range.start..b * rows + range.end];
@@ -576,12 +631,48 @@ mod tests {
     fn requantizing_keeps_the_error_within_a_step() {
         let (rows, cols) = (8, 256);
         let d = ramp(rows, cols);
-        let p = requantize(&d, rows, cols, 4, 128, 0.01).unwrap();
-        let c = measure(&p, &d);
+        let (p, c) = requantize(&d, rows, cols, 4, 128, 0.01).unwrap();
+        assert!(
+            (measured(&p, &d) - c.error).abs() < 1e-6,
+            "the reported error is the served one"
+        );
         assert!(c.error < 0.1, "{c:?}");
         assert!(p.residual.as_ref().is_some_and(|r| r.len() >= 20));
-        let p8 = requantize(&d, rows, cols, 8, 128, 0.0).unwrap();
-        assert!(measure(&p8, &d).error < c.error);
+        let (_, c8) = requantize(&d, rows, cols, 8, 128, 0.0).unwrap();
+        assert!(c8.error < c.error);
+    }
+
+    /// The served values' relative distance from `d`, from the dense rows.
+    fn measured(p: &Packed, d: &[f32]) -> f64 {
+        let cols = p.cols();
+        let mut row = vec![0f32; cols];
+        let (mut err, mut norm) = (0f64, 0f64);
+        for i in 0..p.rows() {
+            p.row_into(i, &mut row);
+            for (&s, &v) in row.iter().zip(&d[i * cols..(i + 1) * cols]) {
+                err += ((s - v) as f64).powi(2);
+                norm += (v as f64).powi(2);
+            }
+        }
+        (err / norm).sqrt()
+    }
+
+    #[test]
+    fn sign_forms_report_their_conversion() {
+        let (rows, cols) = (6, 70);
+        let d = ramp(rows, cols);
+        for zeros in [false, true] {
+            let codec = TensorCodec::SignAxis {
+                rows: rows as u64,
+                cols: cols as u64,
+                calibrated: false,
+                zeros,
+            };
+            let axis = (vec![1e-3; rows], vec![2e-2; cols]);
+            let (p, c) = pack(&codec, Some(&axis), true, rows, cols, &d).unwrap();
+            assert!((measured(&p, &d) - c.error).abs() < 1e-6);
+            assert!(c.error < 1.0);
+        }
     }
 
     #[test]

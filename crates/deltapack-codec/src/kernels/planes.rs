@@ -132,6 +132,7 @@ unsafe fn tile512<const R: usize, const B: usize>(
     b0: usize,
 ) {
     let (groups, gw) = (v.groups(), v.group_words);
+    prefetch_next(v, i0 + R, R);
     let zero = _mm512_setzero_ps();
     let mut acc = [[zero; B]; R];
     for g in 0..groups {
@@ -190,6 +191,20 @@ unsafe fn tile512<const R: usize, const B: usize>(
     }
 }
 
+/// Asks for the planes of rows `first..first + count` ahead of their tile: a tile's rows
+/// span a 4 KiB page or more, and the hardware prefetchers stop at page boundaries, so
+/// without this every tile would start with a wait on memory.
+#[inline(always)]
+fn prefetch_next(v: &PlanesView, first: usize, count: usize) {
+    let start = (first * v.planes * v.words).min(v.bits.len());
+    let end = ((first + count) * v.planes * v.words).min(v.bits.len());
+    for word in v.bits[start..end].iter().step_by(8) {
+        // SAFETY: a prefetch reads nothing the program sees and cannot fault; the address is
+        // within `bits` anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((word as *const u64).cast()) };
+    }
+}
+
 /// The lanes' sum, halves added pairwise (the order of `packed::lane_sum`).
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -220,6 +235,7 @@ unsafe fn tile256<const R: usize, const B: usize>(
     b0: usize,
 ) {
     let (groups, gw) = (v.groups(), v.group_words);
+    prefetch_next(v, i0 + R, R);
     let zero = _mm256_setzero_ps();
     let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     let mut acc = [[[zero; 2]; B]; R];

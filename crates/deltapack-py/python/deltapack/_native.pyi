@@ -167,3 +167,22 @@ class Resident:
 
 class Owner:
     """The numpy base object of views of one buffer of a Resident."""
+
+class Server:
+    """Fine-tunes of one base held as packed deltas (the engine of ``deltapack.torch``)."""
+
+    def __init__(self, threads: int) -> None: ...
+    def add(
+        self, deltas: List[str], base: Optional[str] = None, base_tensors: Optional[List[TensorTuple]] = None
+    ) -> Tuple[int, str]:
+        """Load a fine-tune on a base path or in-memory tensors; its index and a JSON report."""
+    def matmul(self, tensor: str, x: np.ndarray, tenants: np.ndarray, rows: int) -> np.ndarray:
+        """``x @ Δᵀ`` of ``tensor`` per row and its fine-tune (-1: the base), f32."""
+    def rows(self, tenant: int, tensor: str, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of a packed ``Δ``, dense f32."""
+    def dense(self, tenant: int, tensor: str) -> np.ndarray:
+        """The bytes of a tensor held densely."""
+    def drop_dense(self, tenant: int) -> None:
+        """Free the tensors held densely."""
+    def bytes(self, tenant: int) -> int:
+        """Bytes held for a fine-tune."""

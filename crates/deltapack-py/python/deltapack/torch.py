@@ -77,6 +77,8 @@ class Attached:
         self.tenants: List[str] = list(names)
         self.report: Dict[str, Any] = reports
         self._active: Optional[List[int]] = None
+        self._whole = True
+        self._rows_cache: Dict[tuple, Optional[np.ndarray]] = {}
         self._replaced: List[tuple] = []
         self._dense_bytes: Dict[str, int] = {n: 0 for n in names}
 
@@ -93,12 +95,14 @@ class Attached:
         else:
             active = [-1 if t is None else self._lookup(t) for t in tenants]
             whole = False
-        previous = self._active, getattr(self, "_whole", True)
+        previous = self._active, self._whole
         self._active, self._whole = active, whole
+        self._rows_cache.clear()
         try:
             yield
         finally:
             self._active, self._whole = previous
+            self._rows_cache.clear()
 
     def _lookup(self, name: str) -> int:
         try:
@@ -113,6 +117,12 @@ class Attached:
 
         None when the whole batch runs as the base.
         """
+        key = (batch, per_row)
+        if key not in self._rows_cache:
+            self._rows_cache[key] = self._rows(batch, per_row)
+        return self._rows_cache[key]
+
+    def _rows(self, batch: int, per_row: int) -> Optional[np.ndarray]:
         if self._active is None or all(t < 0 for t in self._active):
             return None
         if self._whole:
@@ -226,7 +236,9 @@ def _safetensors_files(base: PathLike) -> List[str]:
     return sorted(os.path.join(base, f) for f in os.listdir(base) if f.endswith(".safetensors"))
 
 
-def attach(model, deltas: Mapping[str, Deltas], *, base: Optional[PathLike] = None) -> Attached:
+def attach(
+    model, deltas: Mapping[str, Deltas], *, base: Optional[PathLike] = None, threads: Optional[int] = None
+) -> Attached:
     """Attach fine-tunes of ``model``'s base to it, each held as a packed delta.
 
     ``deltas`` maps a name to a ``.dpk`` path or a chain (a list, base side first). With
@@ -235,12 +247,13 @@ def attach(model, deltas: Mapping[str, Deltas], *, base: Optional[PathLike] = No
     original dtype). With ``base`` (a checkpoint path), the deltas are read against that
     checkpoint and the model's tensors must equal its values cast to the model's dtype (a
     bf16 base run in float32, say). Any failure (another base, a weight coded exactly, a
-    module the kernels cannot serve) raises before the model changes.
+    module the kernels cannot serve) raises before the model changes. ``threads``: the
+    kernels' threads (default: torch's, ``torch.get_num_threads()``).
     Returns the :class:`Attached` handle.
     """
     if not isinstance(deltas, Mapping) or not deltas:
         raise BadInputError("deltas must be a non-empty mapping of fine-tune names to delta paths (or chains)")
-    server = _native.Server(max(1, torch.get_num_threads()))
+    server = _native.Server(max(1, threads or torch.get_num_threads()))
     given = None if base is not None else _base_tensors(model)
     names, reports = [], {}
     for name, chain in deltas.items():
@@ -284,6 +297,11 @@ def _plan(model, handle: Attached, reports: Dict[str, Any], prefix: str) -> List
             if found is None:
                 raise BadInputError(f"no module holds the model's tensor '{mine}'")
             parent, attr, module, pname = found
+            if parent is None:
+                raise BadInputError(
+                    f"fine-tune {tenant!r} changes '{mine}', which the model's root module holds: attach replaces "
+                    "submodules only"
+                )
             entry = by_module.setdefault(
                 mine.rsplit(".", 1)[0], {"parent": parent, "attr": attr, "module": module, "tensors": {}}
             )
@@ -364,7 +382,9 @@ class _DeltaLinear(_Served):
     def __init__(self, module, handle: Attached, weight: Dict[int, str], dense: Dict[int, Dict[str, Any]]) -> None:
         super().__init__(module, handle, {})
         self._weight = weight
-        self._names = {t: n for t, n in weight.items()}
+        self._name = next(iter(weight.values()))
+        self._tenants = np.asarray(sorted(weight), dtype=np.int64)
+        self._last: Optional[tuple] = None
         self._bias = {t: (p["bias"].float() - module.bias.float()) for t, p in dense.items() if "bias" in p}
 
     def forward(self, x):
@@ -375,17 +395,30 @@ class _DeltaLinear(_Served):
         rows = self._handle.rows(batch, flat.shape[0] // max(batch, 1))
         if rows is None:
             return y
-        d = torch.zeros(flat.shape[0], self.module.out_features)
-        served = np.where(np.isin(rows, list(self._weight)), rows, -1)
-        if (served >= 0).any():
-            name = next(iter(self._weight.values()))
+        served = self._served(rows)
+        d = None
+        if served is not None:
             xs = flat.detach().to(torch.float32).contiguous().numpy()
-            d = torch.from_numpy(self._handle._server.matmul(name, xs, served.tolist(), self.module.out_features))
+            d = torch.from_numpy(self._handle._server.matmul(self._name, xs, served, self.module.out_features))
         for t, b in self._bias.items():
             sel = np.nonzero(rows == t)[0]
             if len(sel):
+                if d is None:
+                    d = torch.zeros(flat.shape[0], self.module.out_features)
                 d[torch.from_numpy(sel)] += b
-        return y + d.reshape(y.shape).to(y.dtype)
+        return y if d is None else y + d.reshape(y.shape).to(y.dtype)
+
+    def _served(self, rows: np.ndarray) -> Optional[np.ndarray]:
+        """``rows`` with the fine-tunes that leave this weight unchanged made the base (-1).
+
+        None when no row needs the packed product. Cached for the last ``rows`` seen.
+        """
+        if self._last is not None and self._last[0] is rows:
+            return self._last[1]
+        served = np.where(np.isin(rows, self._tenants), rows, -1)
+        out = served if (served >= 0).any() else None
+        self._last = (rows, out)
+        return out
 
 
 class _DeltaEmbedding(_Served):
@@ -424,10 +457,11 @@ class _TenantModule(_Served):
     def forward(self, x, *args, **kwargs):
         x = self._handle.broadcast(x)
         y = self.module(x, *args, **kwargs)
-        if args or kwargs:
-            raise BadInputError(
-                f"attach cannot serve fine-tuned tensors of a {type(self.module).__name__} called with several inputs"
-            )
         batch = x.shape[0] if x.dim() > 1 else 1
         rows = self._handle.rows(batch, max(1, x.numel() // max(batch, 1) // max(1, x.shape[-1])))
+        if rows is not None and (args or kwargs):
+            raise BadInputError(
+                f"attach cannot run a fine-tune's own tensors of a {type(self.module).__name__} called with "
+                "several inputs; switch whole fine-tunes with deltapack.Resident instead"
+            )
         return self._dense_outputs(x, y, rows, batch)
