@@ -261,6 +261,7 @@ impl Planes {
 
     fn view<'a>(&'a self, scales: &'a [f32]) -> PlanesView<'a> {
         PlanesView {
+            kind: self.kind,
             bits: &self.bits,
             words: self.words,
             planes: self.planes,
@@ -317,6 +318,7 @@ fn plane_words(kind: PlanesKind, offset: u8, chunk: &[i8]) -> [u64; 8] {
 /// A [`Planes`] form as the kernels see it, for a block of rows: `scales` holds the block's
 /// scales (rows x groups, f32) and `bits` starts at the block's first row.
 pub(crate) struct PlanesView<'a> {
+    pub kind: PlanesKind,
     pub bits: &'a [u64],
     pub words: usize,
     pub planes: usize,
@@ -348,6 +350,9 @@ pub struct Activations {
     pub(crate) width: usize,
     /// `n x width`.
     pub(crate) x: Vec<f32>,
+    /// The same values as bf16 bits, for the sign forms (whose activations are rounded to
+    /// bf16 on every path: see [`Activations::new`]); empty for the others.
+    pub(crate) xb: Vec<u16>,
     /// `n x groups x LANES`: lane `l` of group `g` sums the group's columns `≡ l (mod 16)`.
     pub(crate) sums: Vec<f32>,
 }
@@ -368,6 +373,17 @@ impl Activations {
                 None => dst[..src.len()].copy_from_slice(src),
             }
         }
+        // The sign forms' kernels may take their activations as bf16 (AVX-512 BF16 dot
+        // products, 32 weights an instruction): every path rounds them alike, so that the
+        // paths differ only in the order of their sums. The rounding changes a product by at
+        // most 2^-9 of the sum of its terms' magnitudes.
+        let mut xb = Vec::new();
+        if matches!(planes.kind, PlanesKind::Binary | PlanesKind::Ternary) {
+            xb = xs.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            xs.iter_mut()
+                .zip(&xb)
+                .for_each(|(v, &b)| *v = f32::from_bits((b as u32) << 16));
+        }
         let mut sums = vec![0f32; n * groups * LANES];
         if planes.constant != 0.0 {
             for (row, s) in xs.chunks_exact(width).zip(sums.chunks_exact_mut(groups * LANES)) {
@@ -378,7 +394,13 @@ impl Activations {
                 }
             }
         }
-        Activations { n, width, x: xs, sums }
+        Activations {
+            n,
+            width,
+            x: xs,
+            xb,
+            sums,
+        }
     }
 
     /// Rows of activations.

@@ -76,6 +76,10 @@ pub(crate) fn planes_matmul(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        if kernel >= Kernel::Avx512 && !a.xb.is_empty() && planes::available_bf16() {
+            planes::matmul_bf16(view, a, nr, y);
+            return true;
+        }
         if kernel >= Kernel::Avx512 && planes::available512() {
             planes::matmul512(view, a, nr, y);
             return true;
@@ -87,6 +91,15 @@ pub(crate) fn planes_matmul(
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (kernel, view, a, nr, y);
+    false
+}
+
+/// Whether [`planes_matmul`] takes the sign forms' activations as bf16 dot products on this
+/// CPU (with [`Kernel::Avx512`]): their sums then run in another order than the portable loop's.
+pub fn planes_bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return planes::available_bf16();
+    #[cfg(not(target_arch = "x86_64"))]
     false
 }
 

@@ -17,7 +17,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::packed::{Activations, PlanesView, LANES};
+use crate::packed::{Activations, PlanesKind, PlanesView, LANES};
 
 /// True if this CPU runs [`matmul512`].
 pub fn available512() -> bool {
@@ -296,6 +296,85 @@ unsafe fn tile256<const R: usize, const B: usize>(
         for bb in 0..B {
             let [lo, hi] = acc[r][bb];
             y[(b0 + bb) * nr + i0 + r] += sum256(_mm256_add_ps(lo, hi));
+        }
+    }
+}
+
+/// True if this CPU runs [`matmul_bf16`].
+pub fn available_bf16() -> bool {
+    available512() && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512bf16")
+}
+
+/// `y[b][i] +=` row i's product with activation row b, for the sign forms (binary, ternary)
+/// with their activations as bf16: each plane's 32-bit mask selects ±1 (or 0) as bf16, and one
+/// dot-product instruction takes 32 weights of a row against one activation row. The same
+/// values as the other paths up to the order of the sums.
+pub fn matmul_bf16(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
+    assert!(available_bf16());
+    check(v, a, nr, y);
+    assert!(matches!(v.kind, PlanesKind::Binary | PlanesKind::Ternary) && v.group_words == v.words);
+    assert!(a.xb.len() >= a.n * a.width);
+    // SAFETY: AVX-512F, BW and BF16 are available (checked above); the tiles read within the
+    // bounds asserted here and by `check` (see `tile_bf16`).
+    unsafe { run_bf16(v, a, nr, y) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn run_bf16(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
+    walk!(tile_bf16, v, a, nr, y, true)
+}
+
+/// Rows `i0..i0 + R` by activation rows `b0..b0 + B`, 32 columns a step.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn tile_bf16<const R: usize, const B: usize>(
+    v: &PlanesView,
+    a: &Activations,
+    nr: usize,
+    y: &mut [f32],
+    i0: usize,
+    b0: usize,
+) {
+    prefetch_next(v, i0 + R, R);
+    let (plus, minus, zero) = (
+        _mm512_set1_epi16(0x3f80),
+        _mm512_set1_epi16(0xbf80u16 as i16),
+        _mm512_setzero_si512(),
+    );
+    let ternary = v.kind == PlanesKind::Ternary;
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
+    // A plane's 32-bit masks: on x86 (little-endian) mask `2w + h` is bits `32h..32h + 32` of
+    // word `w`, columns `64w + 32h..`.
+    let pos: [*const __mmask32; R] = std::array::from_fn(|r| v.plane(i0 + r, 0).as_ptr().cast());
+    let neg: [*const __mmask32; R] = std::array::from_fn(|r| v.plane(i0 + r, ternary as usize).as_ptr().cast());
+    for m in 0..2 * v.words {
+        // SAFETY: `m < 2 * words`, so the 32 values at `32m` lie within the row of `width =
+        // 64 * words`, and rows `b0 + bb < n` within `xb` (asserted by `matmul_bf16`).
+        let xs: [__m512bh; B] = std::array::from_fn(|bb| unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                a.xb.as_ptr().add((b0 + bb) * a.width + 32 * m).cast(),
+            ))
+        });
+        for r in 0..R {
+            // SAFETY: mask `m < 2 * words` lies within the plane's words.
+            let kp = unsafe { _load_mask32(pos[r].add(m)) };
+            let w = if ternary {
+                // SAFETY: as above, for the negative plane.
+                let kn = unsafe { _load_mask32(neg[r].add(m)) };
+                _mm512_mask_mov_epi16(_mm512_mask_mov_epi16(zero, kp, plus), kn, minus)
+            } else {
+                _mm512_mask_blend_epi16(kp, minus, plus)
+            };
+            let w = std::mem::transmute::<__m512i, __m512bh>(w);
+            for bb in 0..B {
+                acc[r][bb] = _mm512_dpbf16_ps(acc[r][bb], w, xs[bb]);
+            }
+        }
+    }
+    for r in 0..R {
+        let s = v.scales[i0 + r];
+        for bb in 0..B {
+            y[(b0 + bb) * nr + i0 + r] += s * sum512(acc[r][bb]);
         }
     }
 }
