@@ -12,8 +12,9 @@
 //! and each activation vector once per tile row.
 
 #![cfg(target_arch = "x86_64")]
-// The tiles index arrays of registers by row and batch position: index loops say it best.
-#![allow(clippy::needless_range_loop)]
+// The tiles index arrays of registers by row and batch position: index loops say it best;
+// `walk!`'s tile heights may be 1, where its bound checks read `i0 + 1 <= nr`.
+#![allow(clippy::needless_range_loop, clippy::int_plus_one)]
 
 use std::arch::x86_64::*;
 
@@ -54,46 +55,37 @@ pub fn matmul256(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
     unsafe { run256(v, a, nr, y) }
 }
 
-/// Walks the batch in tiles of 4, 2 or 1 rows of activations, and the weight rows in tiles
-/// as tall as eight accumulators allow, then single rows.
+/// Walks the batch in tiles of 4 (where `$r4 > 0`), 2 or 1 rows of activations, the weight
+/// rows in tiles of `$r4`, `$r2` or `$r1` rows respectively (as many as the registers hold),
+/// then single rows.
 macro_rules! walk {
-    ($tile:ident, $v:expr, $a:expr, $nr:expr, $y:expr, $wide:literal) => {{
+    ($tile:ident, $v:expr, $a:expr, $nr:expr, $y:expr, $r4:literal, $r2:literal, $r1:literal) => {{
         let (v, a, nr, y) = ($v, $a, $nr, $y);
         let mut b0 = 0;
         while b0 < a.n {
             let bt = match a.n - b0 {
-                left if left >= 4 && $wide => 4,
+                left if left >= 4 && $r4 > 0 => 4,
                 left if left >= 2 => 2,
                 _ => 1,
             };
             let mut i0 = 0;
             match bt {
                 4 => {
-                    while i0 + 2 <= nr {
-                        $tile::<2, 4>(v, a, nr, y, i0, b0);
-                        i0 += 2;
+                    while $r4 > 0 && i0 + $r4 <= nr {
+                        $tile::<$r4, 4>(v, a, nr, y, i0, b0);
+                        i0 += $r4;
                     }
                 }
                 2 => {
-                    while i0 + (if $wide { 4 } else { 1 }) <= nr {
-                        if $wide {
-                            $tile::<4, 2>(v, a, nr, y, i0, b0);
-                            i0 += 4;
-                        } else {
-                            $tile::<1, 2>(v, a, nr, y, i0, b0);
-                            i0 += 1;
-                        }
+                    while i0 + $r2 <= nr {
+                        $tile::<$r2, 2>(v, a, nr, y, i0, b0);
+                        i0 += $r2;
                     }
                 }
                 _ => {
-                    while i0 + (if $wide { 8 } else { 2 }) <= nr {
-                        if $wide {
-                            $tile::<8, 1>(v, a, nr, y, i0, b0);
-                            i0 += 8;
-                        } else {
-                            $tile::<2, 1>(v, a, nr, y, i0, b0);
-                            i0 += 2;
-                        }
+                    while i0 + $r1 <= nr {
+                        $tile::<$r1, 1>(v, a, nr, y, i0, b0);
+                        i0 += $r1;
                     }
                 }
             }
@@ -112,12 +104,12 @@ macro_rules! walk {
 
 #[target_feature(enable = "avx512f")]
 unsafe fn run512(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
-    walk!(tile512, v, a, nr, y, true)
+    walk!(tile512, v, a, nr, y, 2, 4, 8)
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run256(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
-    walk!(tile256, v, a, nr, y, false)
+    walk!(tile256, v, a, nr, y, 0, 1, 2)
 }
 
 /// Rows `i0..i0 + R` by activation rows `b0..b0 + B`.
@@ -321,7 +313,7 @@ pub fn matmul_bf16(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn run_bf16(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
-    walk!(tile_bf16, v, a, nr, y, true)
+    walk!(tile_bf16, v, a, nr, y, 4, 8, 8)
 }
 
 /// Rows `i0..i0 + R` by activation rows `b0..b0 + B`, 32 columns a step.

@@ -70,8 +70,7 @@ class Attached:
     ``error``: the served change's relative distance from the stored one).
     """
 
-    def __init__(self, model, server, names: List[str], reports: Dict[str, Any]) -> None:
-        self._model = model
+    def __init__(self, server, names: List[str], reports: Dict[str, Any]) -> None:
         self._server = server
         self._index = {n: i for i, n in enumerate(names)}
         self.tenants: List[str] = list(names)
@@ -267,7 +266,7 @@ def attach(
     if base is not None:
         changed = sorted({t["name"] for r in reports.values() for t in r["tensors"]})
         _check_model_is_base(model, base, changed, prefix)
-    handle = Attached(model, server, names, reports)
+    handle = Attached(server, names, reports)
     plans = _plan(model, handle, reports, prefix)
     for i in range(len(names)):
         server.drop_dense(i)
