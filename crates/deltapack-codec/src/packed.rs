@@ -89,6 +89,15 @@ impl PlanesKind {
         }
     }
 
+    /// Whether the product takes its activations rounded to bf16 (on every path: the kinds
+    /// that AVX-512 BF16 dot products compute, sign forms and quant codes of up to 5 bits).
+    pub(crate) fn bf16_activations(self) -> bool {
+        match self {
+            PlanesKind::Binary | PlanesKind::Ternary => true,
+            PlanesKind::Quant { bits } => bits <= 5,
+        }
+    }
+
     /// What quant adds to a code to make it unsigned (offset binary); 0 for the others.
     fn offset(self) -> i32 {
         match self {
@@ -350,8 +359,8 @@ pub struct Activations {
     pub(crate) width: usize,
     /// `n x width`.
     pub(crate) x: Vec<f32>,
-    /// The same values as bf16 bits, for the sign forms (whose activations are rounded to
-    /// bf16 on every path: see [`Activations::new`]); empty for the others.
+    /// The same values as bf16 bits, for the kinds whose activations are rounded to bf16 on
+    /// every path (see [`Activations::new`]); empty for the others.
     pub(crate) xb: Vec<u16>,
     /// `n x groups x LANES`: lane `l` of group `g` sums the group's columns `≡ l (mod 16)`.
     pub(crate) sums: Vec<f32>,
@@ -373,12 +382,12 @@ impl Activations {
                 None => dst[..src.len()].copy_from_slice(src),
             }
         }
-        // The sign forms' kernels may take their activations as bf16 (AVX-512 BF16 dot
-        // products, 32 weights an instruction): every path rounds them alike, so that the
-        // paths differ only in the order of their sums. The rounding changes a product by at
-        // most 2^-9 of the sum of its terms' magnitudes.
+        // The sign forms' and narrow quant's kernels may take their activations as bf16
+        // (AVX-512 BF16 dot products, 32 weights an instruction): every path rounds them alike,
+        // so that the paths differ only in the order of their sums. The rounding changes a
+        // product by at most 2^-9 of the sum of its terms' magnitudes.
         let mut xb = Vec::new();
-        if matches!(planes.kind, PlanesKind::Binary | PlanesKind::Ternary) {
+        if planes.kind.bf16_activations() {
             xb = xs.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
             xs.iter_mut()
                 .zip(&xb)

@@ -304,16 +304,95 @@ pub fn available_bf16() -> bool {
 pub fn matmul_bf16(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
     assert!(available_bf16());
     check(v, a, nr, y);
-    assert!(matches!(v.kind, PlanesKind::Binary | PlanesKind::Ternary) && v.group_words == v.words);
     assert!(a.xb.len() >= a.n * a.width);
-    // SAFETY: AVX-512F, BW and BF16 are available (checked above); the tiles read within the
-    // bounds asserted here and by `check` (see `tile_bf16`).
-    unsafe { run_bf16(v, a, nr, y) }
+    match v.kind {
+        PlanesKind::Binary | PlanesKind::Ternary => {
+            assert_eq!(v.group_words, v.words);
+            // SAFETY: AVX-512F, BW and BF16 are available (checked above); the tiles read
+            // within the bounds asserted here and by `check` (see `tile_bf16`).
+            unsafe { run_bf16(v, a, nr, y) }
+        }
+        PlanesKind::Quant { bits } => {
+            assert!(bits <= MAX_TABLE_BITS && v.planes == bits as usize);
+            // SAFETY: as above (see `tile_quant_bf16`).
+            unsafe { run_quant_bf16(v, a, nr, y) }
+        }
+    }
 }
+
+/// The widest quant codes the bf16 path takes: their offset-binary values index a table of
+/// 32 bf16 values, one vector.
+pub const MAX_TABLE_BITS: u8 = 5;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn run_bf16(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
     walk!(tile_bf16, v, a, nr, y, 4, 8, 8)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn run_quant_bf16(v: &PlanesView, a: &Activations, nr: usize, y: &mut [f32]) {
+    walk!(tile_quant_bf16, v, a, nr, y, 2, 4, 8)
+}
+
+/// Quant rows `i0..i0 + R` by activation rows `b0..b0 + B`: per 32 columns, the planes'
+/// masks add up each code's offset-binary value (one masked add per plane), a table lookup
+/// turns those into the codes as bf16, and one dot product per activation row takes them;
+/// each group's sum is then scaled by its step.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn tile_quant_bf16<const R: usize, const B: usize>(
+    v: &PlanesView,
+    a: &Activations,
+    nr: usize,
+    y: &mut [f32],
+    i0: usize,
+    b0: usize,
+) {
+    prefetch_next(v, i0 + R, R);
+    let offset = -v.constant;
+    let values: [u16; 32] = std::array::from_fn(|k| half::bf16::from_f32(k as f32 - offset).to_bits());
+    // SAFETY: `values` holds 32 u16, one vector.
+    let table = unsafe { _mm512_loadu_si512(values.as_ptr().cast()) };
+    let steps: [__m512i; MAX_TABLE_BITS as usize] = std::array::from_fn(|p| _mm512_set1_epi16(1 << p));
+    let (groups, gw) = (v.groups(), v.group_words);
+    let masks: [[*const __mmask32; MAX_TABLE_BITS as usize]; R] =
+        std::array::from_fn(|r| std::array::from_fn(|p| v.plane(i0 + r, p.min(v.planes - 1)).as_ptr().cast()));
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
+    for g in 0..groups {
+        let mut t = [[_mm512_setzero_ps(); B]; R];
+        for m in 2 * g * gw..2 * (g + 1) * gw {
+            // SAFETY: `m < 2 * words`: the 32 values at `32m` lie within the row, and rows
+            // `b0 + bb < n` within `xb` (asserted by `matmul_bf16`).
+            let xs: [__m512bh; B] = std::array::from_fn(|bb| unsafe {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    a.xb.as_ptr().add((b0 + bb) * a.width + 32 * m).cast(),
+                ))
+            });
+            for r in 0..R {
+                let mut index = _mm512_setzero_si512();
+                for (p, step) in steps.iter().enumerate().take(v.planes) {
+                    // SAFETY: mask `m < 2 * words` lies within plane `p`'s words.
+                    let k = unsafe { _load_mask32(masks[r][p].add(m)) };
+                    index = _mm512_mask_add_epi16(index, k, index, *step);
+                }
+                let w = std::mem::transmute::<__m512i, __m512bh>(_mm512_permutexvar_epi16(index, table));
+                for bb in 0..B {
+                    t[r][bb] = _mm512_dpbf16_ps(t[r][bb], w, xs[bb]);
+                }
+            }
+        }
+        for r in 0..R {
+            let s = _mm512_set1_ps(v.scales[(i0 + r) * groups + g]);
+            for bb in 0..B {
+                acc[r][bb] = _mm512_fmadd_ps(s, t[r][bb], acc[r][bb]);
+            }
+        }
+    }
+    for r in 0..R {
+        for bb in 0..B {
+            y[(b0 + bb) * nr + i0 + r] += sum512(acc[r][bb]);
+        }
+    }
 }
 
 /// Rows `i0..i0 + R` by activation rows `b0..b0 + B`, 32 columns a step.

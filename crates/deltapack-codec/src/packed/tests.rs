@@ -99,8 +99,8 @@ fn check(p: &Packed, n: usize, seed: u64) {
                 .sum();
         }
     }
-    // The sign forms round their activations to bf16 (2^-9 of each term at most).
-    let sign = matches!(&p.form, Form::Planes(pl) if matches!(pl.kind(), PlanesKind::Binary | PlanesKind::Ternary));
+    // Sign forms and narrow quant round their activations to bf16 (2^-9 of each term at most).
+    let sign = matches!(&p.form, Form::Planes(pl) if pl.kind().bf16_activations());
     let tolerance = if sign { 2f64.powi(-8) } else { 1e-5 };
     for ((&got, &want), &mag) in portable.iter().zip(&want).zip(&mags) {
         assert!(
