@@ -1,11 +1,18 @@
-//! The packed-delta product (`crate::packed`) in vectors: AVX-512F (one masked add per 16
-//! weights and plane, the plane's bits being the mask) and AVX2 with FMA (a mask built from
-//! each byte of bits, then an `and` and an add per 8 weights).
+//! The packed-delta product (`crate::packed`) in vectors:
+//! - AVX-512 BF16, for the sign forms and quant codes of up to 5 bits: per 32 weights the
+//!   planes' 32-bit masks select ±1 or 0 (sign forms) or add up offset-binary codes that a
+//!   32-entry table turns into bf16 (quant), and one `vdpbf16ps` per activation row takes
+//!   them: 32 weights an instruction, the selection shared by every row of the batch;
+//! - AVX-512F, for the others (and CPUs without BF16): one masked add per 16 weights and
+//!   plane, the plane's bits being the mask;
+//! - AVX2 with FMA: a mask built from each byte of bits, then an `and` and an add per 8
+//!   weights.
 //!
-//! Both keep the portable loop's sixteen lanes (AVX2 as two halves of eight) and its order of
-//! operations (masked sums per lane, the planes' weights and the constant by fused
-//! multiply-add, the scale, then the lanes added by halves), so they compute the very same
-//! values as `packed::planes_portable`.
+//! The AVX-512F and AVX2 paths keep the portable loop's sixteen lanes (AVX2 as two halves of
+//! eight) and its order of operations (masked sums per lane, the planes' weights and the
+//! constant by fused multiply-add, the scale, then the lanes added by halves), so they compute
+//! the very same values as `packed::planes_portable`; the BF16 path sums the same terms (the
+//! activations are rounded to bf16 on every path for those kinds) in pairs of columns.
 //!
 //! Tiles of `R` weight rows by `B` activation rows keep `R x B` independent sums in flight,
 //! so a batch of one still hides the adds' latency; each plane word is read once per tile
