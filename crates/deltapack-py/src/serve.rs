@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::RwLock;
 
 use deltapack::checkpoint::Checkpoint;
-use deltapack::serve::{matmul, matmul_serial, Served, Tenant};
+use deltapack::serve::{matmul, matmul_serial, Packed, Served, Tenant};
 use deltapack::{Chain, Error};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -96,40 +96,27 @@ impl Server {
         if tenants.len() != n {
             return Err(invalid(format!("{} fine-tune indices for {n} rows", tenants.len())));
         }
-        // Fine-tunes by index, each once, in order of first use.
-        let mut used: Vec<usize> = Vec::new();
+        // Fine-tunes by index, each looked up once, in order of first use, with their forms;
+        // `None`: the base, or a fine-tune that leaves this tensor as the base has it.
+        let mut used: Vec<(i64, Option<&Packed>)> = Vec::new();
+        let mut forms: Vec<&Packed> = Vec::new();
         let mut rows_of = Vec::with_capacity(n);
         for &t in tenants {
-            let packed = match t {
-                t if t < 0 => None,
-                t => match all.get(t as usize).map(|tn| tn.tensor(tensor)) {
-                    None => return Err(invalid(format!("no fine-tune {t} in this server"))),
-                    Some(None) => None,
-                    Some(Some(s)) => match &s.served {
-                        Served::Packed(_) => Some(t as usize),
-                        Served::Dense(_) => {
-                            return Err(invalid(format!(
-                                "tensor '{tensor}' of fine-tune {t} is held densely, not as a packed delta"
-                            )))
-                        }
-                    },
-                },
-            };
-            rows_of.push(packed.map(|t| match used.iter().position(|&u| u == t) {
+            let k = match used.iter().position(|u| u.0 == t) {
                 Some(k) => k,
                 None => {
-                    used.push(t);
+                    used.push((t, packed_of(&all, t, tensor)?));
                     used.len() - 1
+                }
+            };
+            rows_of.push(used[k].1.map(|p| match forms.iter().position(|f| std::ptr::eq(*f, p)) {
+                Some(f) => f,
+                None => {
+                    forms.push(p);
+                    forms.len() - 1
                 }
             }));
         }
-        let forms: Vec<_> = used
-            .iter()
-            .map(|&t| match &all[t].tensor(tensor).expect("checked above").served {
-                Served::Packed(p) => &**p,
-                Served::Dense(_) => unreachable!("checked above"),
-            })
-            .collect();
         let x = x
             .as_slice()
             .map_err(|_| invalid("activations must be C-contiguous".into()))?;
@@ -200,6 +187,25 @@ impl Server {
             .get(tenant)
             .map(Tenant::bytes)
             .ok_or_else(|| invalid(format!("no fine-tune {tenant} in this server")))
+    }
+}
+
+/// Fine-tune `t`'s packed delta of `tensor`: `None` for the base (`t < 0`) and for a fine-tune
+/// that leaves the tensor unchanged; an error for an unknown fine-tune or a tensor it holds
+/// densely.
+fn packed_of<'a>(all: &'a [Tenant], t: i64, tensor: &str) -> PyResult<Option<&'a Packed>> {
+    if t < 0 {
+        return Ok(None);
+    }
+    match all.get(t as usize).map(|tn| tn.tensor(tensor)) {
+        None => Err(invalid(format!("no fine-tune {t} in this server"))),
+        Some(None) => Ok(None),
+        Some(Some(s)) => match &s.served {
+            Served::Packed(p) => Ok(Some(&**p)),
+            Served::Dense(_) => Err(invalid(format!(
+                "tensor '{tensor}' of fine-tune {t} is held densely, not as a packed delta"
+            ))),
+        },
     }
 }
 

@@ -23,12 +23,14 @@
 //! ([`Conversion`]): 0 up to float rounding for value-domain forms, the cost of the
 //! conversion for the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use deltapack_codec::kernels::Kernel;
 use deltapack_codec::lossy::TensorCodec;
-use deltapack_codec::packed::{Form, GroupScales, Packed, Planes, PlanesKind, Sparse};
+/// A packed delta, as [`Served::Packed`] holds it and [`matmul`] takes it.
+pub use deltapack_codec::packed::Packed;
+use deltapack_codec::packed::{Form, GroupScales, Planes, PlanesKind, Sparse};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
@@ -112,9 +114,22 @@ impl Tenant {
     pub fn load(chain: &Chain, progress: &dyn Progress) -> Result<Tenant> {
         let reader = ChainReader::new(chain)?;
         let top = chain.deltas.last().expect("a chain has a delta");
+        // The names each delta leaves as its parent has them; a tensor is served when some
+        // delta changes it (or lacks it: a new tensor).
+        let unchanged: Vec<HashSet<&str>> = chain
+            .deltas
+            .iter()
+            .map(|d| {
+                d.index
+                    .tensors()
+                    .filter(|t| t.unchanged())
+                    .map(|t| t.name.as_str())
+                    .collect()
+            })
+            .collect();
         let names: Vec<&TensorEntry> = reader
             .tensors()
-            .filter(|t| !unchanged_through(chain, &t.name))
+            .filter(|t| !unchanged.iter().all(|u| u.contains(t.name.as_str())))
             .collect();
         let total: u64 = names.iter().map(|t| t.len()).sum();
         progress.begin("serve", total);
@@ -153,16 +168,6 @@ impl Tenant {
     pub fn bytes(&self) -> usize {
         self.tensors.iter().map(ServedTensor::bytes).sum()
     }
-}
-
-/// True when no delta of the chain changes tensor `name`.
-fn unchanged_through(chain: &Chain, name: &str) -> bool {
-    chain.deltas.iter().all(|d| {
-        d.index
-            .tensors()
-            .find(|t| t.name == name)
-            .is_some_and(TensorEntry::unchanged)
-    })
 }
 
 fn serve_tensor(

@@ -176,18 +176,56 @@ unsafe fn tile512<const R: usize, const B: usize>(
                 }
             }
         }
-        for r in 0..R {
-            let s = _mm512_set1_ps(v.scales[(i0 + r) * groups + g]);
-            for bb in 0..B {
-                acc[r][bb] = _mm512_fmadd_ps(s, t[r][bb], acc[r][bb]);
-            }
+        add_scaled(&mut acc, &t, v, i0, g);
+    }
+    add_sums(&acc, y, nr, i0, b0);
+}
+
+/// `acc[r][b] += scale(row i0 + r, group g) * t[r][b]`: a group's sums, scaled into the
+/// tile's accumulators.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn add_scaled<const R: usize, const B: usize>(
+    acc: &mut [[__m512; B]; R],
+    t: &[[__m512; B]; R],
+    v: &PlanesView,
+    i0: usize,
+    g: usize,
+) {
+    for r in 0..R {
+        let s = _mm512_set1_ps(v.scales[(i0 + r) * v.groups() + g]);
+        for bb in 0..B {
+            acc[r][bb] = _mm512_fmadd_ps(s, t[r][bb], acc[r][bb]);
         }
     }
+}
+
+/// Adds each accumulator's lanes to its output, `y[b0 + b][i0 + r]`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn add_sums<const R: usize, const B: usize>(acc: &[[__m512; B]; R], y: &mut [f32], nr: usize, i0: usize, b0: usize) {
     for r in 0..R {
         for bb in 0..B {
             y[(b0 + bb) * nr + i0 + r] += sum512(acc[r][bb]);
         }
     }
+}
+
+/// The bf16 activations of rows `b0..b0 + B`, columns `32m..32m + 32`; the callers keep
+/// `m < 2 * words` and `b0 + B <= n`, which `matmul_bf16` checked `xb` against.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+fn load_bf16<const B: usize>(a: &Activations, b0: usize, m: usize) -> [__m512bh; B] {
+    debug_assert!(32 * (m + 1) <= a.width && (b0 + B) * a.width <= a.xb.len());
+    std::array::from_fn(|bb| {
+        // SAFETY: the 32 values at row `b0 + bb`, column `32m` lie within `xb` (see above);
+        // `__m512i` and `__m512bh` are both 512 bits.
+        unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                a.xb.as_ptr().add((b0 + bb) * a.width + 32 * m).cast(),
+            ))
+        }
+    })
 }
 
 /// Asks for the planes of rows `first..first + count` ahead of their tile: a tile's rows
@@ -368,13 +406,7 @@ unsafe fn tile_quant_bf16<const R: usize, const B: usize>(
     for g in 0..groups {
         let mut t = [[_mm512_setzero_ps(); B]; R];
         for m in 2 * g * gw..2 * (g + 1) * gw {
-            // SAFETY: `m < 2 * words`: the 32 values at `32m` lie within the row, and rows
-            // `b0 + bb < n` within `xb` (asserted by `matmul_bf16`).
-            let xs: [__m512bh; B] = std::array::from_fn(|bb| unsafe {
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                    a.xb.as_ptr().add((b0 + bb) * a.width + 32 * m).cast(),
-                ))
-            });
+            let xs = load_bf16::<B>(a, b0, m);
             for r in 0..R {
                 let mut index = _mm512_setzero_si512();
                 for (p, step) in steps.iter().enumerate().take(v.planes) {
@@ -388,18 +420,9 @@ unsafe fn tile_quant_bf16<const R: usize, const B: usize>(
                 }
             }
         }
-        for r in 0..R {
-            let s = _mm512_set1_ps(v.scales[(i0 + r) * groups + g]);
-            for bb in 0..B {
-                acc[r][bb] = _mm512_fmadd_ps(s, t[r][bb], acc[r][bb]);
-            }
-        }
+        add_scaled(&mut acc, &t, v, i0, g);
     }
-    for r in 0..R {
-        for bb in 0..B {
-            y[(b0 + bb) * nr + i0 + r] += sum512(acc[r][bb]);
-        }
-    }
+    add_sums(&acc, y, nr, i0, b0);
 }
 
 /// Rows `i0..i0 + R` by activation rows `b0..b0 + B`, 32 columns a step.
@@ -426,13 +449,7 @@ unsafe fn tile_bf16<const R: usize, const B: usize>(
     let pos: [*const __mmask32; R] = std::array::from_fn(|r| v.plane(i0 + r, 0).as_ptr().cast());
     let neg: [*const __mmask32; R] = std::array::from_fn(|r| v.plane(i0 + r, ternary as usize).as_ptr().cast());
     for m in 0..2 * v.words {
-        // SAFETY: `m < 2 * words`, so the 32 values at `32m` lie within the row of `width =
-        // 64 * words`, and rows `b0 + bb < n` within `xb` (asserted by `matmul_bf16`).
-        let xs: [__m512bh; B] = std::array::from_fn(|bb| unsafe {
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                a.xb.as_ptr().add((b0 + bb) * a.width + 32 * m).cast(),
-            ))
-        });
+        let xs = load_bf16::<B>(a, b0, m);
         for r in 0..R {
             // SAFETY: mask `m < 2 * words` lies within the plane's words.
             let kp = unsafe { _load_mask32(pos[r].add(m)) };

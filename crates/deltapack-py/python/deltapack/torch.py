@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import AbstractSet, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -177,7 +177,7 @@ def _module_of(model, param: str):
     return parent, name, module, attr
 
 
-def _model_name(names: set, prefix: str, tensor: str) -> Optional[str]:
+def _model_name(names: AbstractSet[str], prefix: str, tensor: str) -> Optional[str]:
     """The model's name of a checkpoint tensor.
 
     The same name, or with the base-model prefix (``bert.``, ``model.``) added or removed,
@@ -193,39 +193,39 @@ def _model_name(names: set, prefix: str, tensor: str) -> Optional[str]:
     return None
 
 
+def _model_tensors(model) -> Dict[str, Any]:
+    """The model's parameters and buffers by name (a parameter first where both share one)."""
+    tensors = dict(model.named_buffers())
+    tensors.update(dict(model.named_parameters()))
+    return tensors
+
+
 def _base_tensors(model) -> List[tuple]:
     """The model's parameters and buffers as the engine takes a base held in memory."""
-    seen = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        seen.setdefault(name, t)
-    return [torch_bytes(n, t) for n, t in seen.items()]
+    return [torch_bytes(n, t) for n, t in _model_tensors(model).items()]
 
 
 def _check_model_is_base(model, base: PathLike, names: Sequence[str], prefix: str) -> None:
     """Every model tensor a delta changes equals the base checkpoint's, in the model's dtype."""
     from safetensors import safe_open
 
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-
-    files = _safetensors_files(base)
-    where = {}
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            for k in h.keys():
-                where[k] = f
-    for tensor in names:
-        mine = _model_name(set(params), prefix, tensor)
-        if mine is None or tensor not in where:
-            continue
-        with safe_open(where[tensor], framework="pt") as h:
-            b = h.get_tensor(tensor)
-        p = params[mine].detach()
-        if p.shape != b.shape or not torch.equal(p.cpu(), b.to(p.dtype)):
-            raise WrongBaseError(
-                f"the model's '{mine}' is not the base's '{tensor}' (in {os.fspath(base)}): attach fine-tunes "
-                "to the model of the base they were made from; the model is unchanged"
-            )
+    tensors = _model_tensors(model)
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for f in _safetensors_files(base):
+            h = stack.enter_context(safe_open(f, framework="pt"))
+            where.update({k: h for k in h.keys()})
+        for tensor in names:
+            mine = _model_name(tensors.keys(), prefix, tensor)
+            if mine is None or tensor not in where:
+                continue
+            b = where[tensor].get_tensor(tensor)
+            p = tensors[mine].detach()
+            if p.shape != b.shape or not torch.equal(p.cpu(), b.to(p.dtype)):
+                raise WrongBaseError(
+                    f"the model's '{mine}' is not the base's '{tensor}' (in {os.fspath(base)}): attach fine-tunes "
+                    "to the model of the base they were made from; the model is unchanged"
+                )
 
 
 def _safetensors_files(base: PathLike) -> List[str]:
@@ -282,7 +282,7 @@ def _plan(model, handle: Attached, reports: Dict[str, Any], prefix: str) -> List
     Raises, having changed nothing, on what the kernels cannot serve.
     """
     dtypes = torch_dtypes()
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    names = _model_tensors(model).keys()
     by_module: Dict[str, Dict[str, Any]] = {}
     for tenant, report in reports.items():
         for t in report["tensors"]:
