@@ -30,7 +30,7 @@ mod sweep;
 mod synth;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -65,6 +65,10 @@ struct Global {
     /// Show per-tensor tables where a command has them (as `--tensors` does).
     #[arg(long, short, global = true)]
     verbose: bool,
+    /// Endpoint of the S3-compatible server for s3:// URLs (default: AWS_ENDPOINT_URL, else
+    /// AWS itself), e.g. http://127.0.0.1:9000; requests are path-style.
+    #[arg(long, global = true, value_name = "URL")]
+    endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -78,13 +82,14 @@ enum Command {
         /// Fine-tuned checkpoint: a model directory, a .safetensors file, or ORG/NAME[@REVISION].
         #[arg(long, value_parser = crate::local_path)]
         finetuned: PathBuf,
-        /// Output delta file (.dpk).
-        #[arg(short, long, value_parser = crate::local_path)]
+        /// Output delta file (.dpk): a path, or an s3:// or file:// URL (uploaded as it is
+        /// written, visible only once complete).
+        #[arg(short, long, value_parser = crate::location)]
         output: PathBuf,
         /// Code against the model this chain of deltas rebuilds (repeat, in order from the
         /// base) instead of the base: the new delta continues the last one. A lossy child is
         /// coded against its parent's reconstruction, so errors do not add up.
-        #[arg(long = "parent", value_name = "DELTA", value_parser = crate::local_path)]
+        #[arg(long = "parent", value_name = "DELTA", value_parser = crate::location)]
         parents: Vec<PathBuf>,
         /// Where the base comes from, e.g. ORG/NAME@REVISION; shown by `inspect`.
         #[arg(long)]
@@ -117,7 +122,7 @@ enum Command {
         /// The delta file, or the chain of delta files from the base; or a FastChat-style
         /// additive delta (a model directory of fine-tune minus base tensors, recognised as one
         /// or named so by --additive), which is added to the base in fp16 as FastChat does.
-        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
         deltas: Vec<PathBuf>,
         /// Output directory.
         #[arg(short, long, value_parser = crate::local_path)]
@@ -153,7 +158,7 @@ enum Command {
         #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// Output delta file (.dpk).
-        #[arg(short, long, value_parser = crate::local_path)]
+        #[arg(short, long, value_parser = crate::location)]
         output: PathBuf,
         /// Where the base comes from, e.g. ORG/NAME@REVISION; shown by `inspect`.
         #[arg(long)]
@@ -171,8 +176,8 @@ enum Command {
     },
     /// Show what a delta holds (reads only its index).
     Inspect {
-        /// The delta file.
-        #[arg(value_parser = crate::local_path)]
+        /// The delta file (a path, or an s3:// or file:// URL).
+        #[arg(value_parser = crate::location)]
         delta: PathBuf,
         /// List every tensor.
         #[arg(long)]
@@ -184,7 +189,7 @@ enum Command {
         #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base.
-        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
         deltas: Vec<PathBuf>,
         /// Also compare every rebuilt byte with this fine-tune.
         #[arg(long, value_parser = crate::local_path)]
@@ -200,10 +205,10 @@ enum Command {
         #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The chain, in order from the base.
-        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
         deltas: Vec<PathBuf>,
         /// Output delta file.
-        #[arg(short, long, value_parser = crate::local_path)]
+        #[arg(short, long, value_parser = crate::location)]
         output: PathBuf,
         /// Overwrite an existing output.
         #[arg(long)]
@@ -218,10 +223,10 @@ enum Command {
         #[arg(long, value_parser = crate::local_path)]
         onto: PathBuf,
         /// The delta, or chain in order from the base.
-        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
         deltas: Vec<PathBuf>,
         /// Output delta file.
-        #[arg(short, long, value_parser = crate::local_path)]
+        #[arg(short, long, value_parser = crate::location)]
         output: PathBuf,
         /// Where the new base comes from (ORG/NAME@REVISION).
         #[arg(long)]
@@ -262,7 +267,7 @@ enum Command {
         #[arg(long, value_parser = crate::local_path)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base.
-        #[arg(required = true, value_name = "DELTA", value_parser = crate::local_path)]
+        #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
         deltas: Vec<PathBuf>,
         /// Output directory.
         #[arg(short, long, value_parser = crate::local_path)]
@@ -548,23 +553,35 @@ fn kind_name(e: &anyhow::Error) -> &'static str {
     }
 }
 
-/// Parses a path argument, refusing URLs: until object storage is supported, `s3://b/x`
-/// would otherwise be taken as a local path and create a directory named `s3:`.
+/// Parses a path argument that must be local (checkpoints), refusing URLs: `s3://b/x` would
+/// otherwise be taken as a local path and create a directory named `s3:`.
 pub fn local_path(s: &str) -> Result<PathBuf, String> {
-    if let Some((scheme, _)) = s.split_once("://") {
-        let is_scheme = !scheme.is_empty()
-            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-        if is_scheme {
-            return Err(format!(
-                "'{s}' is a URL; deltapack reads and writes local paths only (object storage is not supported yet): give a local path, or ORG/NAME[@REVISION] for a model in the local Hugging Face cache"
-            ));
-        }
+    if deltapack::remote::is_url(Path::new(s)) {
+        return Err(format!(
+            "'{s}' is a URL; checkpoints are read from local paths (deltas and stores may be at s3:// and file:// URLs): give a local path, or ORG/NAME[@REVISION] for a model in the local Hugging Face cache"
+        ));
     }
     Ok(PathBuf::from(s))
 }
 
+/// Parses the location of a delta or a store: a local path, `s3://BUCKET/KEY` or
+/// `file:///PATH` (the bucket and key are checked when the location is opened).
+pub fn location(s: &str) -> Result<PathBuf, String> {
+    let Some((scheme, _)) = s.split_once("://").filter(|_| deltapack::remote::is_url(Path::new(s))) else {
+        return Ok(PathBuf::from(s));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "s3" | "s3a" | "file" => Ok(PathBuf::from(s)),
+        _ => Err(format!(
+            "'{s}' is a URL of a scheme deltapack does not read: give a local path, s3://BUCKET/KEY or file:///PATH"
+        )),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
+    if cli.global.endpoint.is_some() {
+        deltapack::remote::set_endpoint(cli.global.endpoint.as_deref());
+    }
     if let Some(n) = cli.global.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))

@@ -127,6 +127,16 @@ pub enum Error {
         /// The output path.
         path: PathBuf,
     },
+    /// A request to an object store failed (after its retries), or its answer made no sense.
+    #[error("{op} {url}: {reason}")]
+    Remote {
+        /// What was being done ("reading", "uploading to", ...).
+        op: &'static str,
+        /// The object's URL.
+        url: String,
+        /// What the store said, and what to do.
+        reason: String,
+    },
     /// An argument or option value is not acceptable.
     #[error("{0}")]
     InvalidArgument(String),
@@ -243,7 +253,7 @@ impl Error {
     /// The broad class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Remote { .. } => ErrorKind::Io,
             Error::BadCheckpoint { .. }
             | Error::MissingBaseFiles { .. }
             | Error::OutputExists { .. }

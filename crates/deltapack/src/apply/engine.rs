@@ -17,7 +17,7 @@ use crate::codec::exact::DecodeError;
 use crate::codec::plan::TensorPlan;
 use crate::codec::{decode_chunk, decode_exact_in_place};
 use crate::container::index::{Chunk, ChunkCodec, TensorEntry, WeightFile};
-use crate::container::Delta;
+use crate::container::{Delta, DeltaBytes};
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
 use crate::progress::Progress;
@@ -328,9 +328,9 @@ impl<'a> Ctx<'a> {
                     Some(d) => {
                         d.copy_from_slice(&bytes);
                         bytes = Vec::new();
-                        decode_exact_in_place(c.codec, layout, payload, d)
+                        decode_exact_in_place(c.codec, layout, &payload, d)
                     }
-                    None => decode_exact_in_place(c.codec, layout, payload, &mut bytes),
+                    None => decode_exact_in_place(c.codec, layout, &payload, &mut bytes),
                 };
                 decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
                 return Ok((Cow::Owned(bytes), hashes, need));
@@ -351,12 +351,12 @@ impl<'a> Ctx<'a> {
             }
         };
         let payload = match c.codec {
-            ChunkCodec::Same => &[][..],
+            ChunkCodec::Same => DeltaBytes::Mapped(&[]),
             _ => level.delta.chunk_payload(&t.name, c)?,
         };
         // Only float tensors of whole bytes per element are ever lossy (F4 packs two a byte).
         let first = (range.start / (tdt.bitsize() / 8).max(1)) as u64;
-        let decoded = decode_chunk(c.codec, tdt, &level.plans[i], first, pred, payload, out);
+        let decoded = decode_chunk(c.codec, tdt, &level.plans[i], first, pred, &payload, out);
         decoded.or_else(|e| self.undecodable(lvl, i, chunk, e))?;
         Ok((Cow::Owned(fresh), hashes, need))
     }
@@ -533,8 +533,8 @@ fn resolve_in_parent(parent: &Level<'_>, delta: &Delta, s: &crate::container::in
 pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
     match (&t.codec, &t.params) {
         (Some(c), Some(p)) => {
-            let bytes = delta.range(p.offset, p.len);
-            if crate::container::index::checksum(bytes) != p.checksum {
+            let bytes = delta.range(p.offset, p.len)?;
+            if crate::container::index::checksum(&bytes) != p.checksum {
                 return Err(Error::CorruptDelta {
                     path: delta.path.clone(),
                     tensor: Some(t.name.clone()),
@@ -543,7 +543,7 @@ pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
             }
             Ok(TensorPlan {
                 codec: Some(c.clone()),
-                axis: crate::codec::plan::axis_scales(c, bytes),
+                axis: crate::codec::plan::axis_scales(c, &bytes),
             })
         }
         (codec, _) => Ok(TensorPlan {
@@ -556,6 +556,7 @@ pub(crate) fn plan_of(delta: &Delta, t: &TensorEntry) -> Result<TensorPlan> {
 /// Rebuilds the model of `ctx` into `sink`, checking every fingerprint on the way.
 pub(crate) fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -> Result<RebuildReport> {
     ctx.check_base_files()?;
+    let _ahead = ReadAhead::on(ctx);
     let top = ctx.top();
     let delta = ctx.levels[top].delta;
     let files = &delta.index.files;
@@ -615,6 +616,24 @@ pub(crate) fn rebuild(ctx: &Ctx, sink: &mut dyn Sink, progress: &dyn Progress) -
         measured: Vec::new(),
         measured_error: 0.0,
     })
+}
+
+/// Remote deltas read ahead while a whole model is rebuilt (chunks are decoded in file order),
+/// and stop when it is done, whatever way it ends.
+struct ReadAhead<'c>(Vec<&'c Delta>);
+
+impl<'c> ReadAhead<'c> {
+    fn on(ctx: &Ctx<'c>) -> Self {
+        let deltas: Vec<&Delta> = ctx.levels.iter().map(|l| l.delta).collect();
+        deltas.iter().for_each(|d| d.read_ahead(true));
+        ReadAhead(deltas)
+    }
+}
+
+impl Drop for ReadAhead<'_> {
+    fn drop(&mut self) {
+        self.0.iter().for_each(|d| d.read_ahead(false));
+    }
 }
 
 /// Each job's part of the tensor buffers it decodes into, taken once by the worker that runs

@@ -520,8 +520,17 @@ pub(crate) struct ScratchDir {
 }
 
 impl ScratchDir {
-    /// Creates an empty directory beside `out`, and `out`'s missing parents.
+    /// Creates an empty directory beside `out`, and `out`'s missing parents; for an output
+    /// in an object store, in the system's temporary directory (`TMPDIR`).
     pub(crate) fn beside(out: &Path) -> Result<ScratchDir> {
+        let local;
+        let out = match crate::remote::is_url(out) {
+            true => {
+                local = std::env::temp_dir().join(out.file_name().unwrap_or("delta".as_ref()));
+                &local
+            }
+            false => out,
+        };
         let path = temp_sibling(out, TMP_TAG)?;
         let created = create_parents(&path)?;
         if let Some(dir) = path.parent() {

@@ -12,11 +12,12 @@
 //! The index sits at the end so that the payload can be streamed out in one pass; readers
 //! seek to the trailer, so `inspect` reads only the trailer and index.
 
+mod fetched;
 pub mod index;
 mod read;
 mod write;
 
-pub use read::Delta;
+pub use read::{Delta, DeltaBytes};
 pub use write::ContainerWriter;
 
 /// First bytes of every delta file.

@@ -6,20 +6,52 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, UncheckedAdvice};
 
+use super::fetched::Fetched;
 use super::index::{Chunk, Index};
 use super::{END_MAGIC, HEADER_LEN, MAGIC, MAX_INDEX_RAW_LEN, TRAILER_LEN, VERSION_MAJOR};
+use crate::remote::{Location, RemoteFile};
 use crate::{hash, Error, Result};
 
-/// An opened delta file: its validated index and its memory-mapped payload.
+/// An opened delta: its validated index and its payload, memory-mapped from a local file or
+/// fetched by ranges from an object store.
 pub struct Delta {
-    /// The file's path.
+    /// The file's path, or its URL (`s3://...`, `file://...`) for a delta in an object store.
     pub path: PathBuf,
     /// The validated index.
     pub index: Index,
     /// Size of the file in bytes.
     pub size: u64,
-    map: Mmap,
+    source: Source,
 }
+
+/// Where a delta's payload bytes come from.
+enum Source {
+    Mapped(Mmap),
+    Fetched(Fetched),
+}
+
+/// Bytes of a delta's payload: borrowed from the memory map, or fetched and held.
+pub enum DeltaBytes<'a> {
+    /// A slice of the mapped file.
+    Mapped(&'a [u8]),
+    /// Bytes fetched from an object store.
+    Fetched(bytes::Bytes),
+}
+
+impl std::ops::Deref for DeltaBytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            DeltaBytes::Mapped(b) => b,
+            DeltaBytes::Fetched(b) => b,
+        }
+    }
+}
+
+/// The last bytes of a remote delta asked for first: the trailer and, for all but huge
+/// models, the whole index in the same request.
+const REMOTE_TAIL: u64 = 256 << 10;
 
 /// A directory opens on Unix and fails only at the first read ("Is a directory"): say what
 /// a delta is instead.
@@ -44,8 +76,14 @@ fn refuse_directory(path: &Path) -> Result<()> {
 }
 
 impl Delta {
-    /// Opens and validates a delta file (header, trailer, index; payloads are checked when read).
+    /// Opens and validates a delta (header, trailer, index; payloads are checked when read).
+    ///
+    /// `path` may be a URL (`s3://BUCKET/KEY`, `file:///PATH`): the delta is then read by
+    /// ranges, its index first (one or two requests), each payload when asked for.
     pub fn open(path: &Path) -> Result<Delta> {
+        if let Location::Object(o) = Location::of_path(path)? {
+            return Self::open_remote(path, &o);
+        }
         refuse_directory(path)?;
         let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         // SAFETY: read-only map; truncation by another process while we read would raise
@@ -59,12 +97,45 @@ impl Delta {
             path: path.to_path_buf(),
             index,
             size,
-            map,
+            source: Source::Mapped(map),
         })
+    }
+
+    fn open_remote(path: &Path, o: &crate::remote::ObjectLocation) -> Result<Delta> {
+        let (file, index) = read_remote_index(path, o)?;
+        let size = file.size();
+        Ok(Delta {
+            path: path.to_path_buf(),
+            source: Source::Fetched(Fetched::new(file, &index)),
+            index,
+            size,
+        })
+    }
+
+    /// Requests made and bytes received from the object store so far (`None`: a local file).
+    pub fn fetched(&self) -> Option<(u64, u64)> {
+        match &self.source {
+            Source::Mapped(_) => None,
+            Source::Fetched(f) => Some(f.fetched()),
+        }
+    }
+
+    /// Whether payloads are about to be read in file order, as `apply` reads them: a remote
+    /// delta then fetches the next chunks with each request (several in flight) instead of
+    /// one chunk a request. Off by default, so that random access fetches nothing it does not
+    /// use.
+    pub fn read_ahead(&self, on: bool) {
+        if let Source::Fetched(f) = &self.source {
+            f.read_ahead(on);
+        }
     }
 
     /// Reads and validates only the header, trailer and index (what `inspect` needs).
     pub fn read_index(path: &Path) -> Result<(Index, u64)> {
+        if let Location::Object(o) = Location::of_path(path)? {
+            let (file, index) = read_remote_index(path, &o)?;
+            return Ok((index, file.size()));
+        }
         refuse_directory(path)?;
         let mut f = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let io = |e| Error::io("reading", path, e);
@@ -85,9 +156,9 @@ impl Delta {
     }
 
     /// The payload of a chunk, after checking its checksum.
-    pub fn chunk_payload(&self, tensor: &str, c: &Chunk) -> Result<&[u8]> {
-        let data = self.range(c.offset, c.len);
-        if super::index::checksum(data) != c.checksum {
+    pub fn chunk_payload(&self, tensor: &str, c: &Chunk) -> Result<DeltaBytes<'_>> {
+        let data = self.range(c.offset, c.len)?;
+        if super::index::checksum(&data) != c.checksum {
             return Err(Error::CorruptDelta {
                 path: self.path.clone(),
                 tensor: Some(tensor.to_string()),
@@ -97,23 +168,67 @@ impl Delta {
         Ok(data)
     }
 
-    /// Bytes of the payload region at `offset` (ranges were validated with the index).
-    pub fn range(&self, offset: u64, len: u64) -> &[u8] {
-        &self.map[offset as usize..(offset + len) as usize]
+    /// Bytes of the payload region at `offset` (ranges were validated with the index);
+    /// fetched (unless read ahead) from a remote delta.
+    pub fn range(&self, offset: u64, len: u64) -> Result<DeltaBytes<'_>> {
+        match &self.source {
+            Source::Mapped(map) => Ok(DeltaBytes::Mapped(&map[offset as usize..(offset + len) as usize])),
+            Source::Fetched(f) => f.range(offset, len).map(DeltaBytes::Fetched),
+        }
     }
 
-    /// Drops the pages of a payload range from this process's resident memory.
+    /// Drops a payload range from this process's memory: the pages of a mapped file, the
+    /// bytes held of a remote one.
     pub fn release(&self, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
-        // SAFETY: read-only private file map, never written: dropped pages fault back in
-        // with identical contents, so no reference can observe a change.
-        let _ = unsafe {
-            self.map
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, offset as usize, len as usize)
-        };
+        match &self.source {
+            // SAFETY: read-only private file map, never written: dropped pages fault back in
+            // with identical contents, so no reference can observe a change.
+            Source::Mapped(map) => {
+                let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset as usize, len as usize) };
+            }
+            Source::Fetched(f) => f.release(offset, len),
+        }
     }
+}
+
+/// Opens a remote delta and reads its validated index: the last [`REMOTE_TAIL`] bytes in one
+/// request, then the header (and the index's start, when it is larger) in one more.
+fn read_remote_index(path: &Path, o: &crate::remote::ObjectLocation) -> Result<(RemoteFile, Index)> {
+    let (file, tail) = RemoteFile::open_tail(o, REMOTE_TAIL)?;
+    let size = file.size();
+    if size < HEADER_LEN + TRAILER_LEN {
+        return Err(Error::corrupt(path, "file too short to be a deltapack delta"));
+    }
+    let tail_start = size - tail.len() as u64;
+    let trailer = &tail[tail.len() - TRAILER_LEN as usize..];
+    let word = |i: usize| u64::from_le_bytes(trailer[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    // Where the trailer says the index is; checked by parse_trailer before it is trusted.
+    let (offset, len) = (word(0), word(1));
+    let index_in_tail = offset >= tail_start && offset.checked_add(len) == Some(size - TRAILER_LEN);
+    let mut wanted = Vec::new();
+    if tail_start > 0 {
+        wanted.push(0..HEADER_LEN);
+    }
+    // A hostile trailer must not make us download the whole object as its index.
+    let plausible = len <= MAX_INDEX_RAW_LEN && offset.checked_add(len) == Some(size - TRAILER_LEN);
+    if !index_in_tail && offset < tail_start && plausible {
+        wanted.push(offset..tail_start);
+    }
+    let mut got = file.read_many(&wanted)?.into_iter();
+    let head = match tail_start {
+        0 => tail.slice(..HEADER_LEN as usize),
+        _ => got.next().expect("the header was asked for"),
+    };
+    let (offset, len) = parse_trailer(path, &head, trailer, size)?;
+    let packed: Vec<u8> = match got.next() {
+        Some(front) => [&front[..], &tail[..(size - TRAILER_LEN - tail_start) as usize]].concat(),
+        None => tail[(offset - tail_start) as usize..(offset + len - tail_start) as usize].to_vec(),
+    };
+    let index = parse_index(path, &packed, trailer, offset)?;
+    Ok((file, index))
 }
 
 fn split_ends<'a>(path: &Path, map: &'a [u8]) -> Result<(&'a [u8], &'a [u8])> {

@@ -6,6 +6,7 @@ use std::path::Path;
 use super::index::Index;
 use super::{END_MAGIC, HEADER_LEN, MAGIC, VERSION_MAJOR, VERSION_MINOR};
 use crate::checkpoint::OutputFile;
+use crate::remote::{Location, Upload};
 use crate::{hash, Error, Result};
 
 /// zstd level for stored files and the index: they are small, so spend time on ratio.
@@ -17,14 +18,52 @@ const INDEX_ZSTD_LEVEL: i32 = 15;
 
 /// Appends payloads to a new delta file and finishes it with the index and trailer.
 pub struct ContainerWriter {
-    out: OutputFile,
+    out: Output,
     pos: u64,
 }
 
+/// Where a delta being written goes: both appear whole at their name only when finished.
+enum Output {
+    File(OutputFile),
+    Object(Upload),
+}
+
+impl Output {
+    fn create(path: &Path, force: bool) -> Result<Output> {
+        match Location::of_path(path)? {
+            Location::Local(p) => OutputFile::create(&p, force).map(Output::File),
+            Location::Object(o) => Upload::create(&o, force).map(Output::Object),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        match self {
+            Output::File(f) => f.write_all(bytes),
+            Output::Object(u) => u.write_all(bytes),
+        }
+    }
+
+    fn target(&self) -> &Path {
+        match self {
+            Output::File(f) => f.target(),
+            Output::Object(u) => Path::new(u.url()),
+        }
+    }
+
+    fn commit(self, sync: bool) -> Result<()> {
+        match self {
+            Output::File(f) => f.commit(sync),
+            // An object is durable once the store acknowledges it.
+            Output::Object(u) => u.commit(),
+        }
+    }
+}
+
 impl ContainerWriter {
-    /// Creates the file under a temporary name and writes the fixed header.
+    /// Creates the file under a temporary name (or starts an upload, for a URL) and writes
+    /// the fixed header.
     pub fn create(path: &Path, force: bool) -> Result<ContainerWriter> {
-        let mut out = OutputFile::create(path, force)?;
+        let mut out = Output::create(path, force)?;
         let mut head = MAGIC.to_vec();
         head.extend_from_slice(&VERSION_MAJOR.to_le_bytes());
         head.extend_from_slice(&VERSION_MINOR.to_le_bytes());

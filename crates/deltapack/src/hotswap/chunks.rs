@@ -9,7 +9,7 @@ use crate::codec;
 use crate::codec::exact;
 use crate::codec::replay::{self, FixWriter};
 use crate::container::index::{Chunk, ChunkCodec, TensorEntry};
-use crate::container::Delta;
+use crate::container::{Delta, DeltaBytes};
 use crate::dtype::{self, ElementLayout};
 use crate::hash::{self, Digest};
 use crate::pair::{self, Relation};
@@ -110,12 +110,12 @@ pub(super) fn finish(d: &Delta, p: &Planned, cb: usize, chunks: &[Rebuilt]) -> R
 pub(super) fn decode_chunk(d: &Delta, p: &Planned, k: usize, cb: usize, pred: &[u8], out: &mut [u8]) -> Result<()> {
     let c = &p.t.chunks[k];
     let payload = match c.codec {
-        ChunkCodec::Same => &[][..],
+        ChunkCodec::Same => DeltaBytes::Mapped(&[]),
         _ => d.chunk_payload(&p.t.name, c)?,
     };
     // Only float tensors of whole bytes per element are ever lossy (F4 packs two a byte).
     let first = (k * cb / (p.dtype.bitsize() / 8).max(1)) as u64;
-    let decoded = codec::decode_chunk(c.codec, p.dtype, &p.plan, first, pred, payload, out);
+    let decoded = codec::decode_chunk(c.codec, p.dtype, &p.plan, first, pred, &payload, out);
     decoded.map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))
 }
 
@@ -210,7 +210,7 @@ pub(super) fn patch_chunk(
     let payload = d.chunk_payload(&p.t.name, c)?;
     let fixes = with_scratch(|s| {
         s.changes
-            .decode(layout, cur, payload)
+            .decode(layout, cur, &payload)
             .map_err(|e| corrupt(d, p.t, format!("chunk {k} does not decode: {}", e.0)))?;
         s.fixes.clear();
         match layout.float.filter(|_| keep) {
@@ -282,7 +282,9 @@ pub(super) fn restore_chunk(d: &Mapped, layout: ElementLayout, c: &ChunkUndo, cu
         ChunkUndo::Replay { chunk, fixes, .. } => {
             // Checked before the revert began; a payload that decoded forwards decodes again
             // under the same contexts, unless the file was rewritten since.
-            let ok = replay(layout, chunk.codec, d.range(chunk.offset, chunk.len), fixes, cur);
+            let ok = d
+                .range(chunk.offset, chunk.len)
+                .is_ok_and(|payload| replay(layout, chunk.codec, &payload, fixes, cur));
             d.done_with(chunk);
             ok
         }

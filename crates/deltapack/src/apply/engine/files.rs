@@ -313,7 +313,7 @@ impl Ctx<'_> {
         };
         let delta = self.levels[lvl].delta;
         let dict = self.load_dict(lvl, (dict, dict_hash), part, from_below)?;
-        unzstd(delta, delta.range(*offset, *len), dict.as_deref(), size, what, emit)
+        unzstd(delta, &delta.range(*offset, *len)?, dict.as_deref(), size, what, emit)
     }
 }
 
