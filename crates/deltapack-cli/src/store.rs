@@ -16,8 +16,8 @@ use crate::CodecArgs;
 pub enum StoreCommand {
     /// Create a store with a base (or add another base to an existing store).
     Init {
-        /// The store directory.
-        #[arg(value_parser = crate::local_path)]
+        /// The store: a directory, or an s3:// (or file://) URL of a prefix.
+        #[arg(value_parser = crate::location)]
         store: PathBuf,
         /// The base checkpoint (copied into the store).
         #[arg(long, value_parser = crate::local_path)]
@@ -29,8 +29,8 @@ pub enum StoreCommand {
     /// Add a fine-tune as a delta against the base or the stored model that gives the
     /// smallest delta (estimated on sampled chunks), unless --parent names one.
     Add {
-        /// The store directory.
-        #[arg(value_parser = crate::local_path)]
+        /// The store: a directory, or an s3:// (or file://) URL of a prefix.
+        #[arg(value_parser = crate::location)]
         store: PathBuf,
         /// Name of the new entry.
         name: String,
@@ -45,14 +45,14 @@ pub enum StoreCommand {
     },
     /// Show the lineage tree with sizes, ratios, and total against naive storage.
     List {
-        /// The store directory.
-        #[arg(value_parser = crate::local_path)]
+        /// The store: a directory, or an s3:// (or file://) URL of a prefix.
+        #[arg(value_parser = crate::location)]
         store: PathBuf,
     },
     /// Rebuild an entry into a directory (byte-identical files for exact deltas).
     Get {
-        /// The store directory.
-        #[arg(value_parser = crate::local_path)]
+        /// The store: a directory, or an s3:// (or file://) URL of a prefix.
+        #[arg(value_parser = crate::location)]
         store: PathBuf,
         /// The entry.
         name: String,
@@ -65,8 +65,8 @@ pub enum StoreCommand {
     },
     /// Remove an entry.
     Rm {
-        /// The store directory.
-        #[arg(value_parser = crate::local_path)]
+        /// The store: a directory, or an s3:// (or file://) URL of a prefix.
+        #[arg(value_parser = crate::location)]
         store: PathBuf,
         /// The entry.
         name: String,
@@ -74,11 +74,16 @@ pub enum StoreCommand {
         #[arg(long)]
         reparent: bool,
     },
-    /// Verify everything: manifest, files, and every entry rebuilt through its chain.
+    /// Verify everything: manifest, files, and every entry rebuilt through its chain; remove
+    /// what interrupted operations left.
     Fsck {
-        /// The store directory.
-        #[arg(value_parser = crate::local_path)]
+        /// The store: a directory, or an s3:// (or file://) URL of a prefix.
+        #[arg(value_parser = crate::location)]
         store: PathBuf,
+        /// In object storage, remove objects the manifest does not name only once they are
+        /// this many seconds old (an add in progress on another machine has such objects).
+        #[arg(long, value_name = "SECONDS", default_value_t = deltapack::store::DEFAULT_GRACE.as_secs())]
+        grace: u64,
     },
 }
 
@@ -160,9 +165,9 @@ pub fn run(cmd: StoreCommand, json_out: bool, bars: &dyn Progress) -> Result<()>
             );
             Ok(())
         }
-        StoreCommand::Fsck { store } => {
+        StoreCommand::Fsck { store, grace } => {
             let r = Store::open(&store)?
-                .fsck(bars)
+                .fsck_with_grace(std::time::Duration::from_secs(grace), bars)
                 .with_context(|| format!("checking {}", store.display()))?;
             if json_out {
                 return print_json(&json!({"ok": true, "report": r}));

@@ -80,6 +80,9 @@ impl Default for MakeOptions {
 pub struct MakeReport {
     /// Size of the delta file.
     pub delta_bytes: u64,
+    /// BLAKE3 of the delta file as written, hex (so a store records it without reading the
+    /// file back, which for an uploaded delta would mean downloading it).
+    pub delta_hash: String,
     /// Size of all the fine-tune's files (weights and others).
     pub finetuned_bytes: u64,
     /// `finetuned_bytes / delta_bytes`.
@@ -267,10 +270,11 @@ pub fn make_from(
         parent: opts.parent.clone(),
     };
     let report_base = report(&index);
-    let delta_bytes = w.finish(&index, opts.sync)?;
+    let (delta_bytes, digest) = w.finish(&index, opts.sync)?;
     let numel: u64 = index.tensors().map(|t| t.numel()).sum();
     Ok(MakeReport {
         delta_bytes,
+        delta_hash: hash::hex(&digest),
         ratio: index.finetuned_bytes() as f64 / delta_bytes as f64,
         bits_per_param: 8.0 * delta_bytes as f64 / numel.max(1) as f64,
         warnings: dropped_tensors_warning(finetuned, base_ck.tensors.len(), report_base.removed)
@@ -303,6 +307,7 @@ fn report(index: &Index) -> MakeReport {
     let same = index.tensors().filter(|t| t.unchanged()).count();
     MakeReport {
         delta_bytes: 0,
+        delta_hash: String::new(),
         finetuned_bytes: index.finetuned_bytes(),
         ratio: 0.0,
         same,

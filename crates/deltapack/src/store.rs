@@ -30,6 +30,7 @@ use crate::container::Delta;
 use crate::lineage::make_child;
 use crate::make::{MakeOptions, MakeReport};
 use crate::progress::Progress;
+use crate::remote::Location;
 use crate::{dtype, hash, Error, Result};
 
 const MANIFEST: &str = "deltapack-store.json";
@@ -99,9 +100,17 @@ pub struct Entry {
     pub codec: String,
 }
 
-/// An opened store.
+mod bucket;
+
+/// How old an object the manifest does not name must be before `fsck` removes it from a
+/// store in object storage: older than any add still in progress.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// An opened store: a local directory, or a prefix in an object store (`s3://BUCKET/PREFIX`,
+/// see the `bucket` module for its protocol).
 pub struct Store {
     root: PathBuf,
+    bucket: Option<bucket::Bucket>,
 }
 
 /// The lock on a store, held while it lives.
@@ -111,6 +120,14 @@ impl Store {
     /// Creates a store at `root` (if needed) and adds `base` to it under `name` (default: the
     /// base directory's name).
     pub fn init(root: &Path, base: &Path, name: Option<&str>) -> Result<Store> {
+        if let Location::Object(o) = Location::of_path(root)? {
+            let name = base_name(base, name)?;
+            let bucket = Some(bucket::Bucket::init(o, base, &name)?);
+            return Ok(Store {
+                root: root.to_path_buf(),
+                bucket,
+            });
+        }
         crate::checkpoint::check_output_disjoint(root, &[("base", base)])?;
         // Checked before anything is created, so a bad base leaves no store behind.
         let ck = Checkpoint::open(base)?;
@@ -127,6 +144,7 @@ impl Store {
     fn init_into(root: &Path, ck: &Checkpoint, base: &Path, name: Option<&str>) -> Result<Store> {
         let store = Store {
             root: root.to_path_buf(),
+            bucket: None,
         };
         let _lock = store.lock(true)?;
         let mut m = match store.read_manifest_opt()? {
@@ -139,19 +157,7 @@ impl Store {
             },
         };
         store.clean(&m)?;
-        let name = match name {
-            Some(n) => n.to_string(),
-            None => base
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "{} has no directory name to name the base by: give the base a name",
-                        base.display()
-                    ))
-                })?,
-        };
-        check_name(&name)?;
+        let name = base_name(base, name)?;
         if m.bases.iter().any(|b| b.name == name) {
             return Err(Error::InvalidArgument(format!(
                 "the store already has a base named '{name}'"
@@ -169,8 +175,15 @@ impl Store {
 
     /// Opens an existing store.
     pub fn open(root: &Path) -> Result<Store> {
+        if let Location::Object(o) = Location::of_path(root)? {
+            return Ok(Store {
+                root: root.to_path_buf(),
+                bucket: Some(bucket::Bucket::open(o)?),
+            });
+        }
         let store = Store {
             root: root.to_path_buf(),
+            bucket: None,
         };
         if !root.join(MANIFEST).is_file() {
             return Err(Error::InvalidArgument(format!(
@@ -183,6 +196,9 @@ impl Store {
 
     /// The committed manifest (read under a shared lock).
     pub fn manifest(&self) -> Result<Manifest> {
+        if let Some(b) = &self.bucket {
+            return b.manifest();
+        }
         let _lock = self.lock(false)?;
         self.read_manifest()
     }
@@ -197,6 +213,9 @@ impl Store {
         opts: &MakeOptions,
         progress: &dyn Progress,
     ) -> Result<(Entry, MakeReport)> {
+        if let Some(b) = &self.bucket {
+            return b.add(name, ft, parent, opts, progress);
+        }
         check_name(name)?;
         // A fine-tune inside the store could be cleaned away under it; a store inside the
         // fine-tune's directory would be read as the fine-tune's files.
@@ -240,7 +259,7 @@ impl Store {
             file: format!("deltas/{id}.dpk"),
             delta_bytes: report.delta_bytes,
             finetuned_bytes: report.finetuned_bytes,
-            hash: hash::hex(&hash::file(&staged).map_err(|e| Error::io("reading", &staged, e))?.1),
+            hash: report.delta_hash.clone(),
             codec: codec_summary(&report),
         };
         self.commit_aux(staged_aux)?;
@@ -253,6 +272,9 @@ impl Store {
 
     /// Rebuilds entry `name` into the directory `out`, checking every fingerprint on the way.
     pub fn get(&self, name: &str, out: &Path, force: bool, progress: &dyn Progress) -> Result<crate::RebuildReport> {
+        if let Some(b) = &self.bucket {
+            return b.get(name, out, force, progress);
+        }
         crate::checkpoint::check_output_disjoint(out, &[("store", &self.root)])?;
         let _lock = self.lock(false)?;
         let m = self.read_manifest()?;
@@ -270,6 +292,9 @@ impl Store {
     /// is checked against the size the manifest records. A later `store rm --reparent` may
     /// replace files of the chain (by a rename: a model switched to them keeps the old ones).
     pub fn chain(&self, name: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
+        if let Some(b) = &self.bucket {
+            return b.chain(name);
+        }
         let _lock = self.lock(false)?;
         self.checked_chain(&self.read_manifest()?, name)
     }
@@ -277,6 +302,9 @@ impl Store {
     /// The chain of entry `name`, opened, with the store's files at hand: what
     /// [`crate::load_chain`], [`crate::ChainReader`] and [`crate::verify_chain`] take.
     pub fn open_chain(&self, name: &str) -> Result<crate::Chain> {
+        if let Some(b) = &self.bucket {
+            return b.open_chain(name);
+        }
         let (base, deltas) = self.chain(name)?;
         let mut chain = crate::Chain::open(&base, &deltas)?;
         chain.aux_store = Some(self.aux_dir());
@@ -293,6 +321,9 @@ impl Store {
     /// Removes entry `name`. Entries coded against it are re-coded against its parent
     /// (exactly, so that they rebuild the same bytes) when `reparent`, else it is an error.
     pub fn remove(&self, name: &str, reparent: bool, progress: &dyn Progress) -> Result<Vec<String>> {
+        if let Some(b) = &self.bucket {
+            return b.remove(name, reparent, progress);
+        }
         let _lock = self.lock(true)?;
         let mut m = self.read_manifest()?;
         self.clean(&m)?;
@@ -338,8 +369,19 @@ impl Store {
     }
 
     /// Checks the whole store: manifest, every file's fingerprint, every entry rebuilt
-    /// through its chain; also removes leftovers of interrupted operations.
+    /// through its chain; also removes leftovers of interrupted operations (in an object
+    /// store, those older than [`DEFAULT_GRACE`]).
     pub fn fsck(&self, progress: &dyn Progress) -> Result<FsckReport> {
+        self.fsck_with_grace(DEFAULT_GRACE, progress)
+    }
+
+    /// [`Store::fsck`], removing from an object store the objects its manifest does not name
+    /// once they are older than `grace` (a local store removes them all: its lock rules out
+    /// an add in progress).
+    pub fn fsck_with_grace(&self, grace: std::time::Duration, progress: &dyn Progress) -> Result<FsckReport> {
+        if let Some(b) = &self.bucket {
+            return b.fsck(grace, progress);
+        }
         let _lock = self.lock(true)?;
         let m = self.read_manifest()?;
         let removed = self.clean(&m)?;
@@ -571,49 +613,81 @@ impl Store {
         Ok((staged, report))
     }
 
-    /// The base or entry that gives `ft` the smallest delta, estimated by exact-coding one
-    /// piece in [`SAMPLE_EVERY`] of the model against each candidate.
+    /// The base or entry that gives `ft` the smallest delta (see [`choose_parent`]).
     fn choose_parent(&self, m: &Manifest, ft: &Path) -> Result<(String, Option<String>)> {
-        let ft = Checkpoint::open(ft)?;
-        let mut best: Option<(u64, String, Option<String>)> = None;
-        let mut consider = |cost: u64, base: &str, parent: Option<&str>| {
-            if best.as_ref().is_none_or(|b| cost < b.0) {
-                best = Some((cost, base.to_string(), parent.map(str::to_string)));
-            }
-        };
-        for b in &m.bases {
-            let base = Checkpoint::open(&self.base_dir(&b.name))?;
-            let meta = |name: &str| base.tensor(name).map(|t| (t.dtype, t.shape.clone()));
-            let read = |name: &str, r: std::ops::Range<usize>| {
-                let t = base.tensor(name).expect("meta found it");
-                Ok(base.bytes(t)[r].to_vec())
-            };
-            let cost = estimate(&ft, meta, read)?;
-            consider(cost, &b.name, None);
-        }
-        for e in &m.entries {
+        choose_parent(m, ft, &|b| Ok(self.base_dir(b)), &|e| {
             let mut chain = Chain::open(&self.base_dir(&e.base), &self.chain_files(m, Some(&e.name))?)?;
             chain.aux_store = Some(self.aux_dir());
-            let reader = ChainReader::new(&chain)?;
-            let tensors: BTreeMap<&str, (safetensors::Dtype, Vec<usize>)> = reader
-                .tensors()
-                .map(|t| {
-                    let shape = t.shape.iter().map(|&d| d as usize).collect();
-                    (
-                        t.name.as_str(),
-                        (dtype::parse(&t.dtype).expect("validated dtype"), shape),
-                    )
-                })
-                .collect();
-            let meta = |name: &str| tensors.get(name).cloned();
-            let cost = estimate(&ft, meta, |name, r| Ok(reader.read(name, r)?.into_owned()))?;
-            consider(cost, &e.base, Some(&e.name));
-        }
-        let (_, base, parent) = best.ok_or_else(|| {
-            Error::InvalidArgument("the store has no base; add one with `deltapack store init`".into())
-        })?;
-        Ok((base, parent))
+            Ok(chain)
+        })
     }
+}
+
+/// The base or entry of `m` that gives `ft` the smallest delta, estimated by exact-coding
+/// one piece in [`SAMPLE_EVERY`] of the model against each candidate; `base_dir` gives a
+/// base's directory, `open_chain` an entry's chain.
+fn choose_parent(
+    m: &Manifest,
+    ft: &Path,
+    base_dir: &dyn Fn(&str) -> Result<PathBuf>,
+    open_chain: &dyn Fn(&Entry) -> Result<Chain>,
+) -> Result<(String, Option<String>)> {
+    let ft = Checkpoint::open(ft)?;
+    let mut best: Option<(u64, String, Option<String>)> = None;
+    let mut consider = |cost: u64, base: &str, parent: Option<&str>| {
+        if best.as_ref().is_none_or(|b| cost < b.0) {
+            best = Some((cost, base.to_string(), parent.map(str::to_string)));
+        }
+    };
+    for b in &m.bases {
+        let base = Checkpoint::open(&base_dir(&b.name)?)?;
+        let meta = |name: &str| base.tensor(name).map(|t| (t.dtype, t.shape.clone()));
+        let read = |name: &str, r: std::ops::Range<usize>| {
+            let t = base.tensor(name).expect("meta found it");
+            Ok(base.bytes(t)[r].to_vec())
+        };
+        let cost = estimate(&ft, meta, read)?;
+        consider(cost, &b.name, None);
+    }
+    for e in &m.entries {
+        let chain = open_chain(e)?;
+        let reader = ChainReader::new(&chain)?;
+        let tensors: BTreeMap<&str, (safetensors::Dtype, Vec<usize>)> = reader
+            .tensors()
+            .map(|t| {
+                let shape = t.shape.iter().map(|&d| d as usize).collect();
+                (
+                    t.name.as_str(),
+                    (dtype::parse(&t.dtype).expect("validated dtype"), shape),
+                )
+            })
+            .collect();
+        let meta = |name: &str| tensors.get(name).cloned();
+        let cost = estimate(&ft, meta, |name, r| Ok(reader.read(name, r)?.into_owned()))?;
+        consider(cost, &e.base, Some(&e.name));
+    }
+    let (_, base, parent) = best.ok_or_else(|| {
+        Error::InvalidArgument("the store has no base; add one with `deltapack store init`".into())
+    })?;
+    Ok((base, parent))
+}
+
+/// The name a base is stored under: `name`, or the base directory's name.
+fn base_name(base: &Path, name: Option<&str>) -> Result<String> {
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => base
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{} has no directory name to name the base by: give the base a name",
+                    base.display()
+                ))
+            })?,
+    };
+    check_name(&name)?;
+    Ok(name)
 }
 
 /// Estimated exact-delta bytes of `ft` against a candidate whose tensors' dtype and shape
@@ -743,12 +817,15 @@ fn codec_summary(r: &MakeReport) -> String {
     }
 }
 
-/// A file name unique to this process and moment, starting with `name`.
+/// A file name unique to this process and moment, starting with `name`: with 64 random
+/// bits, since writers on other machines share an object store's names.
 fn unique_id(name: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    format!("{name}-{:x}-{nanos:x}", std::process::id())
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    format!("{name}-{:x}-{nanos:x}-{random:016x}", std::process::id())
 }
 
 fn mkdirs(p: &Path) -> Result<()> {

@@ -149,7 +149,7 @@ class Store:
         """The manifest and totals as JSON."""
     def remove(self, name: str, reparent: bool = False) -> List[str]:
         """Remove an entry; returns the entries re-coded."""
-    def fsck(self) -> str:
+    def fsck(self, grace: Optional[float] = None) -> str:
         """Check every entry; returns JSON."""
 
 class Resident:

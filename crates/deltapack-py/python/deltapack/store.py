@@ -103,9 +103,13 @@ class Store:
         """
         return self._native.remove(name, reparent)
 
-    def fsck(self) -> Dict[str, Any]:
-        """Rebuild and check every entry; remove leftovers of interrupted operations."""
-        return json.loads(self._native.fsck())
+    def fsck(self, *, grace: Optional[float] = None) -> Dict[str, Any]:
+        """Rebuild and check every entry; remove leftovers of interrupted operations.
+
+        In object storage, objects the manifest does not name are removed once they are
+        ``grace`` seconds old (default one hour: an add in progress elsewhere has such objects).
+        """
+        return json.loads(self._native.fsck(grace))
 
     def __repr__(self) -> str:
         return f"deltapack.Store({self.path!r})"

@@ -49,9 +49,6 @@ impl std::ops::Deref for DeltaBytes<'_> {
     }
 }
 
-/// The last bytes of a remote delta asked for first: the trailer and, for all but huge
-/// models, the whole index in the same request.
-const REMOTE_TAIL: u64 = 256 << 10;
 
 /// A directory opens on Unix and fails only at the first read ("Is a directory"): say what
 /// a delta is instead.
@@ -194,41 +191,31 @@ impl Delta {
     }
 }
 
-/// Opens a remote delta and reads its validated index: the last [`REMOTE_TAIL`] bytes in one
-/// request, then the header (and the index's start, when it is larger) in one more.
+/// Opens a remote delta and reads its validated index: the trailer in one request, then the
+/// header and the index (two ranges, fetched together). Three requests, and not a byte of
+/// payload: random access to one tensor fetches the index and that tensor's chunks only.
 fn read_remote_index(path: &Path, o: &crate::remote::ObjectLocation) -> Result<(RemoteFile, Index)> {
-    let (file, tail) = RemoteFile::open_tail(o, REMOTE_TAIL)?;
+    let (file, trailer) = RemoteFile::open_tail(o, TRAILER_LEN)?;
     let size = file.size();
     if size < HEADER_LEN + TRAILER_LEN {
         return Err(Error::corrupt(path, "file too short to be a deltapack delta"));
     }
-    let tail_start = size - tail.len() as u64;
-    let trailer = &tail[tail.len() - TRAILER_LEN as usize..];
     let word = |i: usize| u64::from_le_bytes(trailer[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    // Where the trailer says the index is; checked by parse_trailer before it is trusted.
+    // Where the trailer says the index is, checked by parse_trailer before it is trusted;
+    // a hostile trailer must not make us download the whole object as its index.
     let (offset, len) = (word(0), word(1));
-    let index_in_tail = offset >= tail_start && offset.checked_add(len) == Some(size - TRAILER_LEN);
-    let mut wanted = Vec::new();
-    if tail_start > 0 {
-        wanted.push(0..HEADER_LEN);
-    }
-    // A hostile trailer must not make us download the whole object as its index.
-    let plausible = len <= MAX_INDEX_RAW_LEN && offset.checked_add(len) == Some(size - TRAILER_LEN);
-    if !index_in_tail && offset < tail_start && plausible {
-        wanted.push(offset..tail_start);
-    }
-    let mut got = file.read_many(&wanted)?.into_iter();
-    let head = match tail_start {
-        0 => tail.slice(..HEADER_LEN as usize),
-        _ => got.next().expect("the header was asked for"),
+    let plausible =
+        offset >= HEADER_LEN && len <= MAX_INDEX_RAW_LEN && offset.checked_add(len) == Some(size - TRAILER_LEN);
+    let wanted = match plausible {
+        true => vec![0..HEADER_LEN, offset..offset + len],
+        false => vec![0..HEADER_LEN],
     };
-    let (offset, len) = parse_trailer(path, &head, trailer, size)?;
-    let packed: Vec<u8> = match got.next() {
-        Some(front) => [&front[..], &tail[..(size - TRAILER_LEN - tail_start) as usize]].concat(),
-        None => tail[(offset - tail_start) as usize..(offset + len - tail_start) as usize].to_vec(),
+    let got = file.read_many(&wanted)?;
+    let (offset, _) = parse_trailer(path, &got[0], &trailer, size)?;
+    let Some(packed) = got.get(1) else {
+        return Err(Error::corrupt(path, "index too large"));
     };
-    let index = parse_index(path, &packed, trailer, offset)?;
-    Ok((file, index))
+    Ok((file, parse_index(path, packed, &trailer, offset)?))
 }
 
 fn split_ends<'a>(path: &Path, map: &'a [u8]) -> Result<(&'a [u8], &'a [u8])> {

@@ -20,6 +20,7 @@ const INDEX_ZSTD_LEVEL: i32 = 15;
 pub struct ContainerWriter {
     out: Output,
     pos: u64,
+    hasher: blake3::Hasher,
 }
 
 /// Where a delta being written goes: both appear whole at their name only when finished.
@@ -70,13 +71,20 @@ impl ContainerWriter {
         head.extend_from_slice(&0u32.to_le_bytes());
         debug_assert_eq!(head.len() as u64, HEADER_LEN);
         out.write_all(&head)?;
-        Ok(ContainerWriter { out, pos: HEADER_LEN })
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        Ok(ContainerWriter {
+            out,
+            pos: HEADER_LEN,
+            hasher,
+        })
     }
 
     /// Appends a payload and returns its offset.
     pub fn append(&mut self, bytes: &[u8]) -> Result<u64> {
         let at = self.pos;
         self.out.write_all(bytes)?;
+        self.hasher.update(bytes);
         self.pos += bytes.len() as u64;
         Ok(at)
     }
@@ -119,8 +127,9 @@ impl ContainerWriter {
         Ok((at, len, size, *hasher.finalize().as_bytes()))
     }
 
-    /// Writes the index and trailer and renames the file into place; returns its size.
-    pub fn finish(mut self, index: &Index, sync: bool) -> Result<u64> {
+    /// Writes the index and trailer and renames the file into place; returns its size and
+    /// BLAKE3.
+    pub fn finish(mut self, index: &Index, sync: bool) -> Result<(u64, hash::Digest)> {
         let json = serde_json::to_vec(index).expect("index serialises");
         let packed = compress_level(&json, None, INDEX_ZSTD_LEVEL)
             .map_err(|e| Error::io("compressing index of", self.out.target(), e))?;
@@ -132,9 +141,9 @@ impl ContainerWriter {
         trailer.extend_from_slice(&hash::bytes(&packed));
         trailer.extend_from_slice(&END_MAGIC);
         self.append(&trailer)?;
-        let size = self.pos;
+        let (size, digest) = (self.pos, *self.hasher.finalize().as_bytes());
         self.out.commit(sync)?;
-        Ok(size)
+        Ok((size, digest))
     }
 }
 

@@ -22,9 +22,11 @@
 //! requests, and callers block on it ([`block_on`]) from their own (rayon or plain) threads.
 
 mod object;
+mod objects;
 mod upload;
 
 pub use object::RemoteFile;
+pub(crate) use objects::{delete, download, get, list, put, Put};
 pub use upload::Upload;
 
 use std::collections::HashMap;
@@ -57,6 +59,21 @@ pub struct ObjectLocation {
     pub store: Arc<dyn ObjectStore>,
     /// The key within the store.
     pub key: Key,
+}
+
+impl ObjectLocation {
+    /// The object `rel` (a relative key, `/`-separated) under this prefix.
+    pub fn join(&self, rel: &str) -> ObjectLocation {
+        let key = rel
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.key.clone(), |k, part| k.clone().join(part));
+        ObjectLocation {
+            url: format!("{}/{}", self.url.trim_end_matches('/'), rel.trim_start_matches('/')),
+            store: self.store.clone(),
+            key,
+        }
+    }
 }
 
 impl Location {
@@ -160,18 +177,21 @@ pub fn set_endpoint(endpoint: Option<&str>) {
 }
 
 fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
-    let mut stores = stores().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(s) = stores.get(bucket) {
-        return Ok(s.clone());
-    }
-    let mut b = AmazonS3Builder::from_env()
-        .with_bucket_name(bucket)
-        .with_retry(RetryPolicy::from_env().config());
     let endpoint = ENDPOINT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+    // A process may reach the same bucket name on two servers (Python code changing
+    // AWS_ENDPOINT_URL between calls): stores are kept by both.
+    let id = format!("{}|{bucket}", endpoint.as_deref().unwrap_or(""));
+    let mut stores = stores().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = stores.get(&id) {
+        return Ok(s.clone());
+    }
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(RetryPolicy::from_env().config());
     if let Some(e) = endpoint {
         // The user named this endpoint: plain http is theirs to choose (a local MinIO, a test
         // server).
@@ -186,7 +206,7 @@ fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
         url: format!("s3://{bucket}"),
         reason: format!("{e}; {CREDENTIALS_HINT}"),
     })?);
-    stores.insert(bucket.to_string(), store.clone());
+    stores.insert(id, store.clone());
     Ok(store)
 }
 
@@ -249,7 +269,7 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
 pub(crate) fn error(op: &'static str, url: &str, e: object_store::Error) -> Error {
     use object_store::Error as E;
     let reason = match &e {
-        E::NotFound { .. } => "no such object".to_string(),
+        E::NotFound { .. } => "not found: no such object, or no such bucket".to_string(),
         E::Precondition { .. } => "the object changed while it was being read; try again".to_string(),
         E::Unauthenticated { .. } | E::PermissionDenied { .. } => format!("{e}; {CREDENTIALS_HINT}"),
         _ => format!("{e}"),

@@ -7,10 +7,15 @@ use super::{block_on, error, runtime, ObjectLocation};
 use crate::{Error, Result};
 
 /// Size of a multipart upload's parts (S3 wants at least 5 MiB but the last); an object
-/// smaller than one part is written with one PUT.
+/// smaller than one part is written with one PUT. `DELTAPACK_S3_PART_MIB` sets it (5 or more).
 const PART: usize = 16 << 20;
-/// Parts uploading at once: bounds memory to about `PART * (IN_FLIGHT + 1)`.
+/// Parts uploading at once: bounds memory to about `part size * (IN_FLIGHT + 1)`.
 const IN_FLIGHT: usize = 3;
+
+fn part_size() -> usize {
+    let mib = std::env::var("DELTAPACK_S3_PART_MIB").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    mib.map_or(PART, |m| m.max(5) << 20)
+}
 
 /// An object being written.
 ///
@@ -21,6 +26,7 @@ const IN_FLIGHT: usize = 3;
 pub struct Upload {
     loc: ObjectLocation,
     force: bool,
+    part: usize,
     buf: Vec<u8>,
     multipart: Option<Box<dyn MultipartUpload>>,
     parts: Vec<JoinHandle<object_store::Result<()>>>,
@@ -34,10 +40,12 @@ impl Upload {
                 path: loc.url.clone().into(),
             });
         }
+        let part = part_size();
         Ok(Upload {
             loc: loc.clone(),
             force,
-            buf: Vec::with_capacity(PART),
+            part,
+            buf: Vec::with_capacity(part),
             multipart: None,
             parts: Vec::new(),
         })
@@ -51,10 +59,10 @@ impl Upload {
     /// Appends bytes; a full part starts uploading while writing goes on.
     pub fn write_all(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
-            let n = (PART - self.buf.len()).min(bytes.len());
+            let n = (self.part - self.buf.len()).min(bytes.len());
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
-            if self.buf.len() == PART {
+            if self.buf.len() == self.part {
                 self.send_part()?;
             }
         }
@@ -70,7 +78,7 @@ impl Upload {
             let oldest = self.parts.remove(0);
             self.join(oldest)?;
         }
-        let part = std::mem::replace(&mut self.buf, Vec::with_capacity(PART));
+        let part = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part));
         let upload = self.multipart.as_mut().expect("started above");
         let fut = upload.put_part(PutPayload::from(part));
         self.parts.push(runtime().spawn(fut));
