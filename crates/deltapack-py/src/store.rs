@@ -128,7 +128,9 @@ impl Store {
     /// Rebuilds and checks every entry; returns the report as JSON.
     #[pyo3(signature = (grace=None))]
     fn fsck(&self, py: Python<'_>, grace: Option<f64>) -> PyResult<String> {
-        let grace = grace.map_or(deltapack::store::DEFAULT_GRACE, |g| std::time::Duration::from_secs_f64(g.max(0.0)));
+        let grace = grace.map_or(deltapack::store::DEFAULT_GRACE, |g| {
+            std::time::Duration::from_secs_f64(g.max(0.0))
+        });
         run(py, None, |s| {
             let r = self.inner.fsck_with_grace(grace, s)?;
             Ok(serde_json::to_string(&r).unwrap_or_default())

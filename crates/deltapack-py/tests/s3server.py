@@ -62,7 +62,7 @@ class MotoServer:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self) -> "MotoServer":
+    def start(self) -> MotoServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SERVE, HOST, str(self.port)],
             stdout=subprocess.DEVNULL,

@@ -169,7 +169,7 @@ def test_a_server_that_stays_down_is_a_clear_error(proxy, base, tmp_path, monkey
 
 
 def test_refused_credentials_say_what_was_tried(proxy, base, tmp_path):
-    denied = b"<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not exist.</Message></Error>"
+    denied = b"<Error><Code>InvalidAccessKeyId</Code><Message>No such key.</Message></Error>"
     proxy.faults.append(Fault(lambda m, p: True, 403, denied, times=10**6))
     r = cli("inspect", f"s3://{BUCKET}/faults/ft-a.dpk", check=False)
     assert r.returncode == 5, r.stderr

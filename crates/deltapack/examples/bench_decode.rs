@@ -29,7 +29,7 @@ struct Job<'a> {
     codec: ChunkCodec,
     layout: ElementLayout,
     pred: &'a [u8],
-    payload: &'a [u8],
+    payload: deltapack::container::DeltaBytes<'a>,
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -48,12 +48,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut out = vec![0u8; delta.index.chunk_bytes as usize];
     let vector = median(repeats, || {
         for j in &dense {
-            decode_exact(j.codec, j.layout, j.pred, j.payload, &mut out[..j.pred.len()]).expect("decodes");
+            decode_exact(j.codec, j.layout, j.pred, &j.payload, &mut out[..j.pred.len()]).expect("decodes");
         }
     });
     let portable = median(repeats, || {
         for j in &dense {
-            exact::decode_portable(j.layout, j.pred, j.payload, &mut out[..j.pred.len()]).expect("decodes");
+            exact::decode_portable(j.layout, j.pred, &j.payload, &mut out[..j.pred.len()]).expect("decodes");
         }
     });
     println!(
@@ -102,7 +102,7 @@ fn changes(jobs: &[&Job], repeats: usize) {
         for (j, b) in jobs.iter().zip(&mut bufs) {
             b.copy_from_slice(j.pred);
             let t = Instant::now();
-            c.decode(j.layout, b, j.payload).expect("decodes");
+            c.decode(j.layout, b, &j.payload).expect("decodes");
             d += t.elapsed().as_secs_f64();
             count += c.positions.len();
             let t = Instant::now();

@@ -1,4 +1,5 @@
-//! A store: a directory holding one or more bases and many named deltas, chained.
+//! A store: a directory holding one or more bases and many named deltas, chained (and, in
+//! the `bucket` module, the same in an object store, shared by many writers).
 //!
 //! ```text
 //! STORE/deltapack-store.json   the manifest (the only file that says what the store holds)
@@ -666,9 +667,8 @@ fn choose_parent(
         let cost = estimate(&ft, meta, |name, r| Ok(reader.read(name, r)?.into_owned()))?;
         consider(cost, &e.base, Some(&e.name));
     }
-    let (_, base, parent) = best.ok_or_else(|| {
-        Error::InvalidArgument("the store has no base; add one with `deltapack store init`".into())
-    })?;
+    let (_, base, parent) = best
+        .ok_or_else(|| Error::InvalidArgument("the store has no base; add one with `deltapack store init`".into()))?;
     Ok((base, parent))
 }
 

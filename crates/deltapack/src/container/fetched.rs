@@ -106,7 +106,8 @@ impl Fetched {
 
     /// The range asked for, then the chunks after it in the file, up to the read-ahead bounds.
     fn batch_from(&self, offset: u64, len: u64) -> Vec<std::ops::Range<u64>> {
-        let mut batch = vec![offset..offset + len];
+        let mut batch = Vec::with_capacity(AHEAD_CHUNKS);
+        batch.push(offset..offset + len);
         let mut bytes = len;
         let first = self.spans.partition_point(|&(o, _)| o < offset + len);
         let next = self.spans[first..].iter().filter(|&&(o, l)| self.held(o, l).is_none());

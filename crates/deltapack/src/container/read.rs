@@ -49,7 +49,6 @@ impl std::ops::Deref for DeltaBytes<'_> {
     }
 }
 
-
 /// A directory opens on Unix and fails only at the first read ("Is a directory"): say what
 /// a delta is instead.
 fn refuse_directory(path: &Path) -> Result<()> {
@@ -206,10 +205,11 @@ fn read_remote_index(path: &Path, o: &crate::remote::ObjectLocation) -> Result<(
     let (offset, len) = (word(0), word(1));
     let plausible =
         offset >= HEADER_LEN && len <= MAX_INDEX_RAW_LEN && offset.checked_add(len) == Some(size - TRAILER_LEN);
-    let wanted = match plausible {
-        true => vec![0..HEADER_LEN, offset..offset + len],
-        false => vec![0..HEADER_LEN],
-    };
+    let mut wanted = Vec::with_capacity(2);
+    wanted.push(0..HEADER_LEN);
+    if plausible {
+        wanted.push(offset..offset + len);
+    }
     let got = file.read_many(&wanted)?;
     let (offset, _) = parse_trailer(path, &got[0], &trailer, size)?;
     let Some(packed) = got.get(1) else {

@@ -23,7 +23,10 @@ pub(crate) fn put(loc: &ObjectLocation, bytes: Vec<u8>, version: Option<UpdateVe
         None => PutMode::Create,
         Some(v) => PutMode::Update(v),
     };
-    let r = block_on(loc.store.put_opts(&loc.key, PutPayload::from(bytes), PutOptions::from(mode)));
+    let r = block_on(
+        loc.store
+            .put_opts(&loc.key, PutPayload::from(bytes), PutOptions::from(mode)),
+    );
     match r {
         Ok(_) => Ok(Put::Done),
         Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(Put::Lost),

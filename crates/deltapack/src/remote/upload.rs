@@ -13,7 +13,9 @@ const PART: usize = 16 << 20;
 const IN_FLIGHT: usize = 3;
 
 fn part_size() -> usize {
-    let mib = std::env::var("DELTAPACK_S3_PART_MIB").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let mib = std::env::var("DELTAPACK_S3_PART_MIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok());
     mib.map_or(PART, |m| m.max(5) << 20)
 }
 

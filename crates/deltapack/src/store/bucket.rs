@@ -61,7 +61,9 @@ impl Bucket {
         let files = bucket.upload_base(&ck, name)?;
         bucket.commit(|m| {
             if m.bases.iter().any(|b| b.name == name) {
-                return Err(Error::InvalidArgument(format!("the store already has a base named '{name}'")));
+                return Err(Error::InvalidArgument(format!(
+                    "the store already has a base named '{name}'"
+                )));
             }
             m.bases.push(BaseEntry {
                 name: name.to_string(),
@@ -188,7 +190,13 @@ impl Bucket {
     }
 
     /// Rebuilds entry `name` into the directory `out`.
-    pub(super) fn get(&self, name: &str, out: &Path, force: bool, progress: &dyn Progress) -> Result<crate::RebuildReport> {
+    pub(super) fn get(
+        &self,
+        name: &str,
+        out: &Path,
+        force: bool,
+        progress: &dyn Progress,
+    ) -> Result<crate::RebuildReport> {
         let chain = self.open_chain(name)?;
         let opts = ApplyOptions {
             force,
@@ -253,7 +261,9 @@ impl Bucket {
                 let (new, _) = match recoded {
                     Ok(r) => r,
                     Err(err) => {
-                        uploaded.iter().for_each(|f: &String| drop(remote::delete(&self.loc.join(f))));
+                        uploaded
+                            .iter()
+                            .for_each(|f: &String| drop(remote::delete(&self.loc.join(f))));
                         return Err(err);
                     }
                 };
@@ -467,7 +477,10 @@ impl Bucket {
             };
             if uploaded != digest {
                 let _ = remote::delete(&loc);
-                return Err(Error::bad_checkpoint(&a.path, "file changed while deltapack was reading it"));
+                return Err(Error::bad_checkpoint(
+                    &a.path,
+                    "file changed while deltapack was reading it",
+                ));
             }
         }
         Ok(())
@@ -495,7 +508,11 @@ impl Bucket {
 }
 
 fn external_aux(index: &crate::container::index::Index) -> impl Iterator<Item = String> + '_ {
-    index.aux.iter().filter(|a| a.blob == Blob::External).map(|a| a.hash.clone())
+    index
+        .aux
+        .iter()
+        .filter(|a| a.blob == Blob::External)
+        .map(|a| a.hash.clone())
 }
 
 fn empty_manifest() -> Manifest {
@@ -580,7 +597,10 @@ impl Cache {
         for f in &b.files {
             h.update(format!("{}\0{}\0{}\n", f.path, f.size, f.hash).as_bytes());
         }
-        let dir = self.root.join("bases").join(format!("{}-{}", b.name, &hash::hex(h.finalize().as_bytes())[..32]));
+        let dir = self
+            .root
+            .join("bases")
+            .join(format!("{}-{}", b.name, &hash::hex(h.finalize().as_bytes())[..32]));
         if dir.join(".complete").is_file() {
             return Ok(dir);
         }
@@ -614,7 +634,10 @@ impl Cache {
             let loc = store.join(&format!("aux/{h}"));
             let (_, digest) = remote::download(&loc, &tmp)?;
             if &hash::hex(&digest) != h {
-                return Err(Error::corrupt(PathBuf::from(loc.url), "auxiliary file does not hash to its name"));
+                return Err(Error::corrupt(
+                    PathBuf::from(loc.url),
+                    "auxiliary file does not hash to its name",
+                ));
             }
             // Another process may have put the same content there first: either is right.
             let _ = std::fs::rename(&tmp, dir.join(h));
