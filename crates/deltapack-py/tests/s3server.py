@@ -94,12 +94,14 @@ class MotoServer:
 
 @dataclass
 class Fault:
-    """Answer requests that ``match`` with ``status`` and ``body``, ``times`` times."""
+    """Answer requests that ``match`` with ``status`` and ``body``, ``times`` times; with
+    ``status`` None, forward them after ``delay`` seconds instead."""
 
     match: Callable[[str, str], bool]
-    status: int
+    status: Optional[int]
     body: bytes = b""
     times: int = 1
+    delay: float = 0.0
 
 
 @dataclass
@@ -123,6 +125,9 @@ class Proxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's
+            # algorithm and delayed ACKs add 40 ms to every request.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args) -> None:
                 pass
@@ -132,7 +137,9 @@ class Proxy:
                 body = self.rfile.read(n) if n else b""
                 line = f"{self.command} {self.path}"
                 fault = proxy._fault(self.command, self.path)
-                if fault is not None:
+                if fault is not None and fault.status is None:
+                    time.sleep(fault.delay)
+                elif fault is not None:
                     self.send_response(fault.status)
                     self.send_header("Content-Length", str(len(fault.body)))
                     self.end_headers()
@@ -142,6 +149,8 @@ class Proxy:
                 headers["Host"] = f"{HOST}:{proxy.upstream}"
                 conn = http.client.HTTPConnection(HOST, proxy.upstream, timeout=60)
                 try:
+                    conn.connect()
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     conn.request(self.command, self.path, body=body, headers=headers)
                     r = conn.getresponse()
                     data = r.read()

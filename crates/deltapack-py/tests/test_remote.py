@@ -291,3 +291,28 @@ def test_a_writer_killed_anywhere_loses_nothing(s3, proxy, tmp_path):
     assert stored >= len(listed)
     report = s.fsck(grace=0)
     assert report["leftovers_removed"] == stored - len(listed)
+
+
+def test_fsck_aborts_the_upload_of_a_killed_writer(s3, proxy, base, ft_b, monkeypatch):
+    import time
+
+    monkeypatch.setenv("DELTAPACK_S3_PART_MIB", "5")
+    url = f"s3://{BUCKET}/abandoned-store"
+    s = deltapack.Store.init(url, base)
+    # The second part hangs: the writer is killed with the upload started, its marker there.
+    proxy.faults.append(Fault(lambda m, p: m == "PUT" and "partNumber=2" in p, None, delay=60))
+    writer = subprocess.Popen(writer_script(url, [("ft-b", ft_b)]), env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while b".deltapack-upload-" not in s3.request("GET", f"/{BUCKET}?list-type=2&prefix=abandoned-store/")[2]:
+        assert time.monotonic() < deadline and writer.poll() is None, "no upload started"
+        time.sleep(0.1)
+    time.sleep(1)
+    writer.kill()
+    writer.wait()
+    assert b"<UploadId>" in s3.request("GET", f"/{BUCKET}?uploads")[2]
+    assert s.names() == []
+    report = s.fsck(grace=0)
+    assert report["leftovers_removed"] >= 1
+    assert b"<UploadId>" not in s3.request("GET", f"/{BUCKET}?uploads")[2]
+    listing = s3.request("GET", f"/{BUCKET}?list-type=2&prefix=abandoned-store/")[2]
+    assert b".deltapack-upload-" not in listing and b"/deltas/" not in listing

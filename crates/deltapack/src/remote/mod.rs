@@ -27,6 +27,7 @@ mod upload;
 
 pub use object::RemoteFile;
 pub(crate) use objects::{delete, download, get, list, put, Put};
+pub(crate) use upload::{abort_abandoned, is_upload_marker};
 pub use upload::Upload;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use std::time::Duration;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
+use object_store::multipart::MultipartStore;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 use crate::{Error, Result};
@@ -51,7 +53,7 @@ pub enum Location {
 }
 
 /// An object, or a prefix, in an object store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ObjectLocation {
     /// The URL as the user wrote it, for messages.
     pub url: String,
@@ -59,6 +61,22 @@ pub struct ObjectLocation {
     pub store: Arc<dyn ObjectStore>,
     /// The key within the store.
     pub key: Key,
+    /// The same store's multipart API, where it has one (S3): uploads through it have an id
+    /// deltapack records, so that an abandoned one can be aborted.
+    pub(crate) multipart: Option<Arc<dyn MultipartStore>>,
+}
+
+impl std::fmt::Debug for ObjectLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectLocation").field("url", &self.url).finish()
+    }
+}
+
+/// A bucket's store, as both APIs.
+#[derive(Clone)]
+struct Backend {
+    store: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
 }
 
 impl ObjectLocation {
@@ -72,6 +90,7 @@ impl ObjectLocation {
             url: format!("{}/{}", self.url.trim_end_matches('/'), rel.trim_start_matches('/')),
             store: self.store.clone(),
             key,
+            multipart: self.multipart.clone(),
         }
     }
 }
@@ -127,10 +146,12 @@ fn s3_location(url: &str, rest: &str) -> Result<ObjectLocation> {
         )));
     }
     let key = parse_key(url, key)?;
+    let backend = s3_store(bucket)?;
     Ok(ObjectLocation {
         url: url.to_string(),
-        store: s3_store(bucket)?,
+        store: backend.store,
         key,
+        multipart: backend.multipart,
     })
 }
 
@@ -143,16 +164,20 @@ fn file_location(url: &str, rest: &str) -> Result<ObjectLocation> {
         )));
     }
     let key = parse_key(url, path.trim_start_matches('/'))?;
-    let store = stores()
+    let backend = stores()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .entry("file://".into())
-        .or_insert_with(|| Arc::new(LocalFileSystem::new()) as Arc<dyn ObjectStore>)
+        .or_insert_with(|| Backend {
+            store: Arc::new(LocalFileSystem::new()),
+            multipart: None,
+        })
         .clone();
     Ok(ObjectLocation {
         url: url.to_string(),
-        store,
+        store: backend.store,
         key,
+        multipart: None,
     })
 }
 
@@ -162,8 +187,8 @@ fn parse_key(url: &str, key: &str) -> Result<Key> {
 }
 
 /// Object stores by bucket, built once per process (each holds its connection pool).
-fn stores() -> &'static Mutex<HashMap<String, Arc<dyn ObjectStore>>> {
-    static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+fn stores() -> &'static Mutex<HashMap<String, Backend>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Backend>>> = OnceLock::new();
     STORES.get_or_init(Default::default)
 }
 
@@ -176,7 +201,7 @@ pub fn set_endpoint(endpoint: Option<&str>) {
     stores().lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
-fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
+fn s3_store(bucket: &str) -> Result<Backend> {
     let endpoint = ENDPOINT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -201,13 +226,17 @@ fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
         // S3-compatible servers ignore the region but sign with it; AWS's own default.
         b = b.with_region("us-east-1");
     }
-    let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(|e| Error::Remote {
+    let s3 = Arc::new(b.build().map_err(|e| Error::Remote {
         op: "configuring",
         url: format!("s3://{bucket}"),
         reason: format!("{e}; {CREDENTIALS_HINT}"),
     })?);
-    stores.insert(id, store.clone());
-    Ok(store)
+    let backend = Backend {
+        store: s3.clone(),
+        multipart: Some(s3),
+    };
+    stores.insert(id, backend.clone());
+    Ok(backend)
 }
 
 /// What a credentials or configuration error adds.

@@ -333,7 +333,8 @@ impl Bucket {
         })
     }
 
-    /// Deletes objects under the prefix that `m` does not name, older than `grace`.
+    /// Deletes objects under the prefix that `m` does not name, older than `grace`, and aborts
+    /// the multipart uploads that markers among them record.
     fn collect_garbage(&self, m: &Manifest, aux: &BTreeSet<String>, grace: Duration) -> Result<usize> {
         let mut keep: BTreeSet<String> = m.entries.iter().map(|e| e.file.clone()).collect();
         keep.extend(aux.iter().map(|h| format!("aux/{h}")));
@@ -350,7 +351,12 @@ impl Bucket {
             if keep.contains(rel) || o.last_modified > cutoff {
                 continue;
             }
-            remote::delete(&self.loc.join(rel))?;
+            match remote::is_upload_marker(rel) {
+                // A writer killed while uploading: its parts are invisible but kept (and
+                // billed) until the upload is aborted.
+                true => remote::abort_abandoned(&self.loc.join(rel))?,
+                false => remote::delete(&self.loc.join(rel))?,
+            }
             n += 1;
         }
         Ok(n)
