@@ -77,10 +77,10 @@ enum Command {
     Make {
         /// Base checkpoint: a model directory, a .safetensors file, or ORG/NAME[@REVISION] in
         /// the local Hugging Face cache (then recorded as --base-id).
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// Fine-tuned checkpoint: a model directory, a .safetensors file, or ORG/NAME[@REVISION].
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         finetuned: PathBuf,
         /// Output delta file (.dpk): a path, or an s3:// or file:// URL (uploaded as it is
         /// written, visible only once complete).
@@ -117,7 +117,7 @@ enum Command {
     /// the base, rebuilt in one pass) into a directory.
     Apply {
         /// Base checkpoint the (first) delta was made from.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base; or a FastChat-style
         /// additive delta (a model directory of fine-tune minus base tensors, recognised as one
@@ -155,7 +155,7 @@ enum Command {
         wdelta: PathBuf,
         /// Base checkpoint the .wdelta was made from: a model directory, a .safetensors file,
         /// or ORG/NAME[@REVISION] in the local Hugging Face cache.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// Output delta file (.dpk).
         #[arg(short, long, value_parser = crate::location)]
@@ -186,13 +186,13 @@ enum Command {
     /// Check that a delta (or chain) rebuilds its fine-tune from this base, without writing anything.
     Verify {
         /// Base checkpoint.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base.
         #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
         deltas: Vec<PathBuf>,
         /// Also compare every rebuilt byte with this fine-tune.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         finetuned: Option<PathBuf>,
         /// Print every lossy tensor's recorded and measured error (by default a summary).
         #[arg(long)]
@@ -202,7 +202,7 @@ enum Command {
     /// (byte for byte; the new delta is exact).
     Squash {
         /// Base checkpoint of the chain.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// The chain, in order from the base.
         #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
@@ -217,10 +217,10 @@ enum Command {
     /// Re-code the model a delta (or chain) rebuilds as an exact delta against another base.
     Rebase {
         /// Base checkpoint the delta was made from.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// The new base.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         onto: PathBuf,
         /// The delta, or chain in order from the base.
         #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
@@ -242,10 +242,10 @@ enum Command {
     /// (a rate-distortion plot with the Gaussian bound drawn in).
     Sweep {
         /// Base checkpoint.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// Fine-tuned checkpoint.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         finetuned: PathBuf,
         /// Output directory (created if missing; may hold other files).
         #[arg(short, long, value_parser = crate::local_path)]
@@ -264,7 +264,7 @@ enum Command {
         #[arg(long, value_enum)]
         format: additive::Format,
         /// Base checkpoint the (first) delta was made from.
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// The delta file, or the chain of delta files from the base.
         #[arg(required = true, value_name = "DELTA", value_parser = crate::location)]
@@ -401,9 +401,9 @@ enum Dev {
     },
     /// Print the order-0 entropy bounds of a pair's deltas.
     Bounds {
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         finetuned: PathBuf,
     },
 }
@@ -553,19 +553,20 @@ fn kind_name(e: &anyhow::Error) -> &'static str {
     }
 }
 
-/// Parses a path argument that must be local (checkpoints), refusing URLs: `s3://b/x` would
-/// otherwise be taken as a local path and create a directory named `s3:`.
+/// Parses a path argument that must be local (output directories, additive deltas), refusing
+/// URLs: `s3://b/x` would otherwise be taken as a local path and create a directory `s3:`.
 pub fn local_path(s: &str) -> Result<PathBuf, String> {
     if deltapack::remote::is_url(Path::new(s)) {
         return Err(format!(
-            "'{s}' is a URL; checkpoints are read from local paths (deltas and stores may be at s3:// and file:// URLs): give a local path, or ORG/NAME[@REVISION] for a model in the local Hugging Face cache"
+            "'{s}' is a URL, and this is a local path (a rebuilt model is written to a local directory; deltas, stores and checkpoints to read may be at s3:// and file:// URLs)"
         ));
     }
     Ok(PathBuf::from(s))
 }
 
-/// Parses the location of a delta or a store: a local path, `s3://BUCKET/KEY` or
-/// `file:///PATH` (the bucket and key are checked when the location is opened).
+/// Parses the location of a delta, a checkpoint or a store: a local path, `s3://BUCKET/KEY`
+/// or `file:///PATH` (the bucket and key are checked when the location is opened; a
+/// checkpoint at a URL is fetched into the local cache).
 pub fn location(s: &str) -> Result<PathBuf, String> {
     let Some((scheme, _)) = s.split_once("://").filter(|_| deltapack::remote::is_url(Path::new(s))) else {
         return Ok(PathBuf::from(s));

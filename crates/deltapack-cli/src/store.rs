@@ -20,7 +20,7 @@ pub enum StoreCommand {
         #[arg(value_parser = crate::location)]
         store: PathBuf,
         /// The base checkpoint (copied into the store).
-        #[arg(long, value_parser = crate::local_path)]
+        #[arg(long, value_parser = crate::location)]
         base: PathBuf,
         /// Name of the base in the store (default: its directory name).
         #[arg(long)]
@@ -35,7 +35,7 @@ pub enum StoreCommand {
         /// Name of the new entry.
         name: String,
         /// The fine-tuned checkpoint.
-        #[arg(value_parser = crate::local_path)]
+        #[arg(value_parser = crate::location)]
         finetuned: PathBuf,
         /// Code against this entry instead of choosing.
         #[arg(long)]

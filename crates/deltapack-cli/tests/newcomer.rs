@@ -434,19 +434,31 @@ fn store_add_says_when_an_entry_is_identical_to_its_parent() {
 }
 
 #[test]
-fn urls_are_refused_before_anything_is_created() {
+fn urls_where_a_local_path_is_needed_are_refused_before_anything_is_created() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, _) = demo_pair(dir.path());
+    let (base, ft) = demo_pair(dir.path());
+    let delta = dir.path().join("ft.dpk");
+    ok(&run(&[
+        "make",
+        "--base",
+        s(&base),
+        "--finetuned",
+        s(&ft),
+        "-o",
+        s(&delta),
+    ]));
     let o = bin()
         .current_dir(dir.path())
-        .args(["store", "init", "s3://bucket/store", "--base", s(&base)])
+        .args(["apply", "--base", s(&base), s(&delta), "-o", "s3://bucket/rebuilt"])
         .output()
         .unwrap();
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("is a URL"), "{}", stderr(&o));
     assert!(!dir.path().join("s3:").exists());
+    // Schemes deltapack does not read are refused, not taken as directories named `https:`.
     let o = run(&["inspect", "https://example.invalid/x.dpk"]);
     assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("s3://BUCKET/KEY"), "{}", stderr(&o));
 }
 
 // 7. Messages with the hint a user needs.

@@ -120,6 +120,7 @@ class Proxy:
         self.upstream = upstream
         self.counts = Counts()
         self.faults: List[Fault] = []
+        self._outage: Optional[tuple] = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -136,6 +137,11 @@ class Proxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
                 line = f"{self.command} {self.path}"
+                if proxy._down():
+                    # As a stopped server looks: the connection drops without an answer.
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 fault = proxy._fault(self.command, self.path)
                 if fault is not None and fault.status is None:
                     time.sleep(fault.delay)
@@ -186,6 +192,27 @@ class Proxy:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    def outage_after(self, requests: int, seconds: float) -> None:
+        """Goes down (drops every connection unanswered) once `requests` more requests have
+        been forwarded, for `seconds`; then comes back, as a restarted server would."""
+        with self._lock:
+            self._outage = (len(self.counts.requests) + requests, seconds, None)
+
+    def _down(self) -> bool:
+        with self._lock:
+            if self._outage is None:
+                return False
+            at, seconds, since = self._outage
+            if since is None:
+                if len(self.counts.requests) < at:
+                    return False
+                since = time.monotonic()
+                self._outage = (at, seconds, since)
+            if time.monotonic() - since < seconds:
+                return True
+            self._outage = None
+            return False
 
     def _fault(self, method: str, path: str) -> Optional[Fault]:
         with self._lock:

@@ -316,3 +316,18 @@ def test_fsck_aborts_the_upload_of_a_killed_writer(s3, proxy, base, ft_b, monkey
     assert b"<UploadId>" not in s3.request("GET", f"/{BUCKET}?uploads")[2]
     listing = s3.request("GET", f"/{BUCKET}?list-type=2&prefix=abandoned-store/")[2]
     assert b".deltapack-upload-" not in listing and b"/deltas/" not in listing
+
+
+def test_an_add_outlives_a_server_restart(s3, proxy, base, ft_a, ft_b, tmp_path):
+    url = f"s3://{BUCKET}/restart-store"
+    s = deltapack.Store.init(url, base)
+    s.add("a", ft_a)
+    # The server goes away for 3 s in the middle of the next add (its requests retried with
+    # backoff), then answers again.
+    proxy.reset()
+    proxy.outage_after(20, 3.0)
+    r = cli("store", "add", url, "b", str(ft_b))
+    assert r.returncode == 0
+    s.get("b", tmp_path / "b")
+    assert same_dirs(tmp_path / "b", ft_b)
+    assert s.names() == ["a", "b"]

@@ -79,7 +79,7 @@ fn not_found(arg: &str, cache: &Path) -> Error {
 ///
 /// Returns the path and, for hub IDs, the `ORG/NAME@COMMIT` identity.
 pub fn resolve(arg: &Path) -> Result<(PathBuf, Option<String>)> {
-    if arg.exists() {
+    if arg.exists() || crate::remote::is_url(arg) {
         return Ok((arg.to_path_buf(), None));
     }
     let Some(s) = arg.to_str().filter(|s| parse_id(s).is_some()) else {

@@ -147,6 +147,8 @@ pub struct Checkpoint {
     /// Files not read (pickles, special files).
     pub skipped: Vec<Skipped>,
     by_name: HashMap<String, usize>,
+    /// The temporary directory a checkpoint fetched from a URL lies in (cache off).
+    _fetched: Option<tempfile::TempDir>,
 }
 
 impl Checkpoint {
@@ -155,7 +157,16 @@ impl Checkpoint {
     /// A directory with `model.safetensors.index.json` uses the shards the index names (a
     /// missing shard is an error); otherwise every top-level `*.safetensors` file is a shard.
     /// All other files below the directory, except hidden ones and pickles, are auxiliary.
+    ///
+    /// `path` may be a URL (`s3://BUCKET/PREFIX/` of a model's files, or of one `.safetensors`
+    /// object): it is then fetched into the local cache first (see [`crate::remote::fetch_checkpoint`]).
     pub fn open(path: &Path) -> Result<Checkpoint> {
+        if crate::remote::is_url(path) {
+            let fetched = crate::remote::fetch_checkpoint(path)?;
+            let mut ck = Self::open(&fetched.path)?;
+            ck._fetched = fetched.temporary;
+            return Ok(ck);
+        }
         let meta = std::fs::metadata(path).map_err(|e| Error::io("opening checkpoint", path, e))?;
         if meta.is_file() {
             let name = path
@@ -268,6 +279,7 @@ impl Checkpoint {
             aux,
             skipped,
             by_name,
+            _fetched: None,
         })
     }
 

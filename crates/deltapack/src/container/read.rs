@@ -210,7 +210,7 @@ fn read_remote_index(path: &Path, o: &crate::remote::ObjectLocation) -> Result<(
     if plausible {
         wanted.push(offset..offset + len);
     }
-    let got = file.read_many(&wanted)?;
+    let got = file.read_apart(&wanted)?;
     let (offset, _) = parse_trailer(path, &got[0], &trailer, size)?;
     let Some(packed) = got.get(1) else {
         return Err(Error::corrupt(path, "index too large"));

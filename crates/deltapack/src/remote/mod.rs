@@ -21,14 +21,17 @@
 //! The crate is async; deltapack's engine is not. One small tokio runtime per process runs the
 //! requests, and callers block on it ([`block_on`]) from their own (rayon or plain) threads.
 
+mod cache;
 mod object;
 mod objects;
 mod upload;
 
+pub use cache::{fetch_checkpoint, FetchedCheckpoint};
+pub(crate) use cache::{Cache, CachedFile};
 pub use object::RemoteFile;
-pub(crate) use objects::{delete, download, get, list, put, Put};
-pub(crate) use upload::{abort_abandoned, is_upload_marker};
+pub(crate) use objects::{delete, download, get, head, list, put, Put};
 pub use upload::Upload;
+pub(crate) use upload::{abort_abandoned, is_upload_marker};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,8 +40,8 @@ use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
-use object_store::path::Path as Key;
 use object_store::multipart::MultipartStore;
+use object_store::path::Path as Key;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 use crate::{Error, Result};

@@ -90,6 +90,16 @@ impl RemoteFile {
     /// Bytes of each of `ranges`: ranges closer than 64 KiB are fetched together, up to 8
     /// requests in flight.
     pub fn read_many(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.read_ranges(ranges, COALESCE_GAP)
+    }
+
+    /// Bytes of each of `ranges`, only touching ranges fetched together: nothing between
+    /// them is fetched.
+    pub fn read_apart(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.read_ranges(ranges, 0)
+    }
+
+    fn read_ranges(&self, ranges: &[Range<u64>], gap: u64) -> Result<Vec<Bytes>> {
         if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > self.size) {
             return Err(crate::Error::Remote {
                 op: "reading",
@@ -117,20 +127,20 @@ impl RemoteFile {
             }
             Ok(bytes)
         };
-        block_on(coalesced(ranges, fetch)).map_err(|e| error("reading", &self.loc.url, e))
+        block_on(coalesced(ranges, gap, fetch)).map_err(|e| error("reading", &self.loc.url, e))
     }
 }
 
-/// `ranges` fetched by `fetch`, neighbours merged into one request and at most [`IN_FLIGHT`]
-/// requests at a time. `object_store::coalesce_ranges` does this too but fetches with plain
-/// GETs: ours carry the ETag.
-async fn coalesced<F, Fut>(ranges: &[Range<u64>], fetch: F) -> object_store::Result<Vec<Bytes>>
+/// `ranges` fetched by `fetch`, neighbours closer than `gap` merged into one request and at
+/// most [`IN_FLIGHT`] requests at a time. `object_store::coalesce_ranges` does this too but
+/// fetches with plain GETs: ours carry the ETag.
+async fn coalesced<F, Fut>(ranges: &[Range<u64>], gap: u64, fetch: F) -> object_store::Result<Vec<Bytes>>
 where
     F: Fn(Range<u64>) -> Fut,
     Fut: std::future::Future<Output = object_store::Result<Bytes>>,
 {
     use futures::stream::{StreamExt, TryStreamExt};
-    let spans = merge(ranges);
+    let spans = merge(ranges, gap);
     let fetched: Vec<Bytes> = futures::stream::iter(spans.iter().cloned().map(&fetch))
         .buffered(IN_FLIGHT)
         .try_collect()
@@ -149,14 +159,14 @@ where
         .collect())
 }
 
-/// The sorted spans that cover `ranges`, neighbours closer than [`COALESCE_GAP`] merged.
-fn merge(ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+/// The sorted spans that cover `ranges`, neighbours closer than `gap` merged.
+fn merge(ranges: &[Range<u64>], gap: u64) -> Vec<Range<u64>> {
     let mut sorted: Vec<Range<u64>> = ranges.iter().filter(|r| !r.is_empty()).cloned().collect();
     sorted.sort_by_key(|r| r.start);
     let mut spans: Vec<Range<u64>> = Vec::new();
     for r in sorted {
         match spans.last_mut() {
-            Some(s) if r.start <= s.end.saturating_add(COALESCE_GAP) => s.end = s.end.max(r.end),
+            Some(s) if r.start <= s.end.saturating_add(gap) => s.end = s.end.max(r.end),
             _ => spans.push(r),
         }
     }
@@ -179,13 +189,14 @@ mod tests {
             900_000..1_000_000,
             20..70_000,
         ];
-        let spans = merge(&ranges);
+        let spans = merge(&ranges, COALESCE_GAP);
         assert_eq!(spans, vec![0..70_000, 500_000..500_100, 900_000..1_000_000]);
+        assert_eq!(merge(&[0..10, 20..30, 30..40], 0), vec![0..10, 20..40]);
         let fetch = |r: Range<u64>| {
             let b = Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]);
             async move { Ok(b) }
         };
-        let got = block_on(coalesced(&ranges, fetch)).unwrap();
+        let got = block_on(coalesced(&ranges, COALESCE_GAP, fetch)).unwrap();
         for (r, b) in ranges.iter().zip(&got) {
             assert_eq!(&b[..], &data[r.start as usize..r.end as usize], "{r:?}");
         }

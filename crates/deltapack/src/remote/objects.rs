@@ -93,3 +93,8 @@ pub(crate) fn delete(loc: &ObjectLocation) -> Result<()> {
         Err(e) => Err(error("deleting", &loc.url, e)),
     }
 }
+
+/// The metadata of the object at `loc`.
+pub(crate) fn head(loc: &ObjectLocation) -> Result<ObjectMeta> {
+    block_on(loc.store.head(&loc.key)).map_err(|e| error("reading", &loc.url, e))
+}

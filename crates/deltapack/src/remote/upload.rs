@@ -20,7 +20,9 @@ const IN_FLIGHT: usize = 3;
 const MARKER: &str = ".deltapack-upload-";
 
 fn part_size() -> usize {
-    let mib = std::env::var("DELTAPACK_S3_PART_MIB").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let mib = std::env::var("DELTAPACK_S3_PART_MIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok());
     mib.map_or(PART, |m| m.max(5) << 20)
 }
 
@@ -209,10 +211,7 @@ impl Upload {
                 let _ = block_on(marker.store.delete(&marker.key));
                 finished.map(drop)
             }
-            Parts::Plain {
-                mut upload,
-                in_flight,
-            } => {
+            Parts::Plain { mut upload, in_flight } => {
                 let finished = (|| {
                     for p in in_flight {
                         join(&url, p)?;
@@ -229,7 +228,11 @@ impl Upload {
 
     /// One PUT of the whole (small) object: create-only unless forced.
     fn put_whole(&mut self) -> Result<()> {
-        let mode = if self.force { PutMode::Overwrite } else { PutMode::Create };
+        let mode = if self.force {
+            PutMode::Overwrite
+        } else {
+            PutMode::Create
+        };
         let payload = PutPayload::from(std::mem::take(&mut self.buf));
         let put = block_on(self.loc.store.put_opts(&self.loc.key, payload, PutOptions::from(mode)));
         match put {

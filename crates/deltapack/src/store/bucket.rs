@@ -36,7 +36,7 @@ use crate::container::index::Blob;
 use crate::lineage::make_child;
 use crate::make::{MakeOptions, MakeReport};
 use crate::progress::Progress;
-use crate::remote::{self, ObjectLocation, Put, Upload};
+use crate::remote::{self, Cache, CachedFile, ObjectLocation, Put, Upload};
 use crate::{hash, Error, Result};
 
 /// How many times a writer retries a lost commit before giving up.
@@ -122,7 +122,12 @@ impl Bucket {
             // otherwise code the delta again against the store as it is now.
             let mut stale = false;
             let committed = self.commit(|now| {
-                if now.entries.iter().any(|e| e.name == name) {
+                if let Some(e) = now.entries.iter().find(|e| e.name == name) {
+                    // Our own commit, whose answer was lost and whose retry then failed its
+                    // condition: done.
+                    if e.file == entry.file {
+                        return Ok(());
+                    }
                     return Err(Error::InvalidArgument(format!(
                         "the store already has an entry named '{name}' (added meanwhile by another writer)"
                     )));
@@ -499,7 +504,22 @@ impl Bucket {
             .iter()
             .find(|b| b.name == name)
             .ok_or_else(|| Error::InvalidArgument(format!("the store has no base named '{name}'")))?;
-        self.cache.base(&self.loc, b)
+        let mut h = blake3::Hasher::new();
+        for f in &b.files {
+            h.update(format!("{}\0{}\0{}\n", f.path, f.size, f.hash).as_bytes());
+        }
+        let files: Vec<CachedFile> = b
+            .files
+            .iter()
+            .map(|f| CachedFile {
+                rel: f.path.clone(),
+                loc: self.loc.join(&format!("bases/{}/{}", b.name, f.path)),
+                size: f.size,
+                blake3: Some(f.hash.clone()),
+            })
+            .collect();
+        let key = &hash::hex(h.finalize().as_bytes())[..32];
+        self.cache.dir(&format!("bases/{}-{key}", b.name), &files)
     }
 
     /// The cached directory of the auxiliary files the deltas at `urls` refer to.
@@ -509,7 +529,11 @@ impl Bucket {
             let (index, _) = crate::container::Delta::read_index(u)?;
             wanted.extend(external_aux(&index));
         }
-        self.cache.aux(&self.loc, &wanted)
+        let files: Vec<(String, ObjectLocation)> = wanted
+            .into_iter()
+            .map(|h| (h.clone(), self.loc.join(&format!("aux/{h}"))))
+            .collect();
+        self.cache.by_content("aux", &files)
     }
 }
 
@@ -562,118 +586,4 @@ fn upload_file(src: &Path, loc: &ObjectLocation, force: bool) -> Result<(u64, ha
     }
     up.commit()?;
     Ok((size, *hasher.finalize().as_bytes()))
-}
-
-/// Where bases and auxiliary files of stores in object storage are kept on this machine.
-///
-/// `DELTAPACK_CACHE_DIR`, else `$XDG_CACHE_HOME/deltapack`, else `~/.cache/deltapack`;
-/// `DELTAPACK_CACHE=off` uses a temporary directory removed when the store is dropped.
-/// Entries are named by content (a base by the BLAKE3 of its files' records, an auxiliary
-/// file by its own BLAKE3) and checked when fetched, so an entry never goes stale and needs
-/// no invalidation; the cache grows by the bases and files used, and may be deleted at any
-/// time (what is needed is fetched again).
-struct Cache {
-    root: PathBuf,
-    _temporary: Option<tempfile::TempDir>,
-}
-
-impl Cache {
-    fn new() -> Result<Cache> {
-        if std::env::var("DELTAPACK_CACHE").is_ok_and(|v| v == "off" || v == "0") {
-            let t = tempfile::Builder::new()
-                .prefix("deltapack-cache-")
-                .tempdir()
-                .map_err(|e| Error::io("creating a directory in", std::env::temp_dir(), e))?;
-            return Ok(Cache {
-                root: t.path().to_path_buf(),
-                _temporary: Some(t),
-            });
-        }
-        let root = std::env::var_os("DELTAPACK_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("deltapack")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("deltapack")))
-            .unwrap_or_else(|| std::env::temp_dir().join("deltapack-cache"));
-        Ok(Cache { root, _temporary: None })
-    }
-
-    /// The directory of base `b`, fetched from `store` if this machine lacks it.
-    fn base(&self, store: &ObjectLocation, b: &BaseEntry) -> Result<PathBuf> {
-        let mut h = blake3::Hasher::new();
-        for f in &b.files {
-            h.update(format!("{}\0{}\0{}\n", f.path, f.size, f.hash).as_bytes());
-        }
-        let dir = self
-            .root
-            .join("bases")
-            .join(format!("{}-{}", b.name, &hash::hex(h.finalize().as_bytes())[..32]));
-        if dir.join(".complete").is_file() {
-            return Ok(dir);
-        }
-        let staging = self.staging()?;
-        for f in &b.files {
-            let dest = staging.path().join(&f.path);
-            super::mkdirs(dest.parent().expect("inside staging"))?;
-            let (size, digest) = remote::download(&store.join(&format!("bases/{}/{}", b.name, f.path)), &dest)?;
-            if size != f.size || hash::hex(&digest) != f.hash {
-                return Err(Error::corrupt(
-                    PathBuf::from(store.join(&format!("bases/{}/{}", b.name, f.path)).url),
-                    "base file differs from what the store recorded; run `deltapack store fsck`",
-                ));
-            }
-        }
-        std::fs::write(staging.path().join(".complete"), b"").map_err(|e| Error::io("writing", staging.path(), e))?;
-        self.install(staging, &dir)?;
-        Ok(dir)
-    }
-
-    /// The directory of auxiliary files, with every one of `hashes` fetched into it.
-    fn aux(&self, store: &ObjectLocation, hashes: &BTreeSet<String>) -> Result<PathBuf> {
-        let dir = self.root.join("aux");
-        super::mkdirs(&dir)?;
-        for h in hashes {
-            if dir.join(h).is_file() {
-                continue;
-            }
-            let staging = self.staging()?;
-            let tmp = staging.path().join(h);
-            let loc = store.join(&format!("aux/{h}"));
-            let (_, digest) = remote::download(&loc, &tmp)?;
-            if &hash::hex(&digest) != h {
-                return Err(Error::corrupt(
-                    PathBuf::from(loc.url),
-                    "auxiliary file does not hash to its name",
-                ));
-            }
-            // Another process may have put the same content there first: either is right.
-            let _ = std::fs::rename(&tmp, dir.join(h));
-        }
-        Ok(dir)
-    }
-
-    fn staging(&self) -> Result<tempfile::TempDir> {
-        super::mkdirs(&self.root)?;
-        tempfile::Builder::new()
-            .prefix(".staging-")
-            .tempdir_in(&self.root)
-            .map_err(|e| Error::io("creating a directory in", &self.root, e))
-    }
-
-    /// Moves a complete staging directory to `dir`; one that another process installed
-    /// first is as good.
-    fn install(&self, staging: tempfile::TempDir, dir: &Path) -> Result<()> {
-        super::mkdirs(dir.parent().expect("inside the cache"))?;
-        let from = staging.keep();
-        if std::fs::rename(&from, dir).is_err() {
-            let _ = std::fs::remove_dir_all(&from);
-            if !dir.join(".complete").is_file() {
-                return Err(Error::io(
-                    "installing into",
-                    dir,
-                    std::io::Error::other("the cache directory could not be written"),
-                ));
-            }
-        }
-        Ok(())
-    }
 }
