@@ -318,7 +318,8 @@ def test_fsck_aborts_the_upload_of_a_killed_writer(s3, proxy, base, ft_b, monkey
     assert b".deltapack-upload-" not in listing and b"/deltas/" not in listing
 
 
-def test_an_add_outlives_a_server_restart(s3, proxy, base, ft_a, ft_b, tmp_path):
+def test_an_add_outlives_a_server_restart(s3, proxy, base, ft_a, ft_b, tmp_path, monkeypatch):
+    monkeypatch.delenv("DELTAPACK_S3_RETRIES")  # the default: 30, backoff growing to 10 s
     url = f"s3://{BUCKET}/restart-store"
     s = deltapack.Store.init(url, base)
     s.add("a", ft_a)
@@ -331,3 +332,21 @@ def test_an_add_outlives_a_server_restart(s3, proxy, base, ft_a, ft_b, tmp_path)
     s.get("b", tmp_path / "b")
     assert same_dirs(tmp_path / "b", ft_b)
     assert s.names() == ["a", "b"]
+
+
+def test_a_base_at_a_url_is_fetched_once(s3, proxy, base, ft_a, delta_a, tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTAPACK_CACHE_DIR", str(tmp_path / "cache"))
+    for f in base.iterdir():
+        status, _, body = s3.request("PUT", f"/{BUCKET}/bases/minilm/{f.name}", f.read_bytes())
+        assert status == 200, body
+    base_bytes = sum(f.stat().st_size for f in base.iterdir())
+    url = f"s3://{BUCKET}/bases/minilm"
+    proxy.reset()
+    cli("apply", "--base", url, str(delta_a), "-o", str(tmp_path / "first"))
+    first = proxy.reset()
+    cli("apply", "--base", url, str(delta_a), "-o", str(tmp_path / "second"))
+    second = proxy.reset()
+    assert same_dirs(tmp_path / "first", ft_a) and same_dirs(tmp_path / "second", ft_a)
+    assert base_bytes <= first.bytes_out <= 1.01 * base_bytes, (first.bytes_out, base_bytes)
+    # Cached: only the listing that names the objects' versions.
+    assert second.of("GET") == 1 and second.bytes_out < 64 << 10, second.requests

@@ -255,12 +255,13 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The policy of `DELTAPACK_S3_RETRIES` (default 10) and `DELTAPACK_S3_RETRY_TIMEOUT`
-    /// (seconds, default 120).
+    /// The policy of `DELTAPACK_S3_RETRIES` (default 30) and `DELTAPACK_S3_RETRY_TIMEOUT`
+    /// (seconds, default 120): with backoff growing to 10 s, a server restarting within a
+    /// minute or two is waited for.
     pub fn from_env() -> RetryPolicy {
         let var = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<f64>().ok());
         RetryPolicy {
-            retries: var("DELTAPACK_S3_RETRIES").map_or(10, |v| v.max(0.0) as usize),
+            retries: var("DELTAPACK_S3_RETRIES").map_or(30, |v| v.max(0.0) as usize),
             timeout: Duration::from_secs_f64(var("DELTAPACK_S3_RETRY_TIMEOUT").map_or(120.0, |v| v.max(0.0))),
         }
     }
@@ -268,8 +269,8 @@ impl RetryPolicy {
     fn config(self) -> RetryConfig {
         RetryConfig {
             backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
+                init_backoff: Duration::from_millis(200),
+                max_backoff: Duration::from_secs(10),
                 base: 2.0,
             },
             max_retries: self.retries,
