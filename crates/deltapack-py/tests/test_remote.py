@@ -16,6 +16,8 @@ import deltapack
 
 pytest.importorskip("moto", reason="moto[server] is the S3 server these tests run against")
 
+# The server helpers sit beside this file; pytest's importlib mode does not put it on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3server import Fault, MotoServer, Proxy  # noqa: E402
 
 BUCKET = "deltas"
