@@ -121,6 +121,8 @@ class Proxy:
         self.counts = Counts()
         self.faults: List[Fault] = []
         self._outage: Optional[tuple] = None
+        # Forward writes without their conditions, as a server that ignores them would.
+        self.strip_conditions = False
         self._lock = threading.Lock()
         proxy = self
 
@@ -151,7 +153,8 @@ class Proxy:
                     self.end_headers()
                     self.wfile.write(fault.body)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                dropped = {"host"} | ({"if-match", "if-none-match"} if proxy.strip_conditions else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 headers["Host"] = f"{HOST}:{proxy.upstream}"
                 conn = http.client.HTTPConnection(HOST, proxy.upstream, timeout=60)
                 try:

@@ -352,3 +352,14 @@ def test_a_base_at_a_url_is_fetched_once(s3, proxy, base, ft_a, delta_a, tmp_pat
     assert base_bytes <= first.bytes_out <= 1.01 * base_bytes, (first.bytes_out, base_bytes)
     # Cached: only the listing that names the objects' versions.
     assert second.of("GET") == 1 and second.bytes_out < 64 << 10, second.requests
+
+
+def test_init_refuses_a_server_that_ignores_conditional_writes(proxy, base):
+    proxy.strip_conditions = True
+    url = f"s3://{BUCKET}/unconditional-store"
+    r = cli("store", "init", url, "--base", str(base), check=False)
+    assert r.returncode == 2, r.stderr
+    assert "conditional writes" in r.stderr, r.stderr
+    proxy.strip_conditions = False
+    r = cli("store", "list", url, check=False)
+    assert r.returncode == 2 and "not a deltapack store" in r.stderr, r.stderr
