@@ -336,21 +336,39 @@ def test_an_add_outlives_a_server_restart(s3, proxy, base, ft_a, ft_b, tmp_path,
     assert s.names() == ["a", "b"]
 
 
-def test_a_base_at_a_url_is_fetched_once(s3, proxy, base, ft_a, delta_a, tmp_path, monkeypatch):
+def test_a_base_at_a_url_is_read_by_ranges_or_from_the_cache(s3, proxy, base, ft_a, delta_a, tmp_path, monkeypatch):
     monkeypatch.setenv("DELTAPACK_CACHE_DIR", str(tmp_path / "cache"))
     for f in base.iterdir():
         status, _, body = s3.request("PUT", f"/{BUCKET}/bases/minilm/{f.name}", f.read_bytes())
         assert status == 200, body
-    base_bytes = sum(f.stat().st_size for f in base.iterdir())
+    small = sum(f.stat().st_size for f in base.iterdir() if f.suffix != ".safetensors")
+    weights = base / "model.safetensors"
+    header = 8 + struct.unpack("<Q", weights.read_bytes()[:8])[0]
     url = f"s3://{BUCKET}/bases/minilm"
+    # One tensor: the listing, the small files, the shard's header and that tensor's bytes.
+    name = "embeddings.word_embeddings.weight"
     proxy.reset()
+    with deltapack.safe_open(url, delta_a, framework="numpy") as f:
+        remote = f.get_tensor(name)
+    one = proxy.reset()
+    with deltapack.safe_open(base, delta_a, framework="numpy") as f:
+        assert (remote == f.get_tensor(name)).all()
+    with deltapack.safe_open(base, delta_a, framework="numpy") as f:
+        tensor_bytes = f.get_tensor(name).nbytes
+    assert one.bytes_out <= small + header + tensor_bytes + (64 << 10), (one.bytes_out, tensor_bytes)
+    # A whole apply reads the whole base, by ranges, once.
+    base_bytes = small + weights.stat().st_size
     cli("apply", "--base", url, str(delta_a), "-o", str(tmp_path / "first"))
     first = proxy.reset()
+    assert same_dirs(tmp_path / "first", ft_a)
+    assert base_bytes <= first.bytes_out <= 1.01 * base_bytes + (64 << 10), (first.bytes_out, base_bytes)
+    # A command that reads the base whole (make) leaves it in the cache; then only the
+    # listing that says it is unchanged is fetched.
+    cli("make", "--base", url, "--finetuned", str(ft_a), "-o", str(tmp_path / "again.dpk"))
+    proxy.reset()
     cli("apply", "--base", url, str(delta_a), "-o", str(tmp_path / "second"))
     second = proxy.reset()
-    assert same_dirs(tmp_path / "first", ft_a) and same_dirs(tmp_path / "second", ft_a)
-    assert base_bytes <= first.bytes_out <= 1.01 * base_bytes, (first.bytes_out, base_bytes)
-    # Cached: only the listing that names the objects' versions.
+    assert same_dirs(tmp_path / "second", ft_a)
     assert second.of("GET") == 1 and second.bytes_out < 64 << 10, second.requests
 
 

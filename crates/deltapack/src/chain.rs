@@ -33,7 +33,7 @@ impl Chain {
     pub fn open(base: &Path, deltas: &[PathBuf]) -> Result<Chain> {
         let deltas = open_deltas(deltas)?;
         Ok(Chain {
-            base: Checkpoint::open(base)?,
+            base: Checkpoint::open_lazy(base)?,
             deltas,
             aux_store: None,
         })

@@ -199,7 +199,7 @@ fn serve_tensor(
     let (Some(codec_plan), Some(base), true) = (plan.codec.as_ref(), base, t.shape.len() >= 2) else {
         return Ok(dense(rebuilt));
     };
-    let Some(delta) = difference(dtype, &rebuilt, chain.base.bytes(base)) else {
+    let Some(delta) = difference(dtype, &rebuilt, chain.base.tensor_bytes(base)?) else {
         return Ok(dense(rebuilt));
     };
     let rows = t.shape[0] as usize;

@@ -110,3 +110,23 @@ fn a_checkpoint_at_a_url_is_fetched_once_into_the_cache() {
     let fetched: Vec<_> = std::fs::read_dir(cache.join("checkpoints")).unwrap().collect();
     assert_eq!(fetched.len(), 2, "base and fine-tune, once each");
 }
+
+#[test]
+fn a_base_at_a_url_is_read_by_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = small_pair(dir.path());
+    let delta = dir.path().join("d.dpk");
+    make(&base, &ft, &delta, &opts(), &NoProgress).unwrap();
+    // No cache entry for this URL: the chain reads the base lazily, tensor by tensor.
+    let chain = Chain::open(&url(&base), std::slice::from_ref(&delta)).unwrap();
+    let local = Chain::open(&base, std::slice::from_ref(&delta)).unwrap();
+    for name in ["w", "b"] {
+        assert_eq!(
+            rebuild_tensor(&chain, name).unwrap(),
+            rebuild_tensor(&local, name).unwrap()
+        );
+    }
+    let out = dir.path().join("out");
+    deltapack::rebuild_chain(&chain, &out, &ApplyOptions::default(), &NoProgress).unwrap();
+    assert_eq!(files(&out), files(&ft));
+}

@@ -252,7 +252,7 @@ impl<'a> Ctx<'a> {
         };
         Ok(Some(match src {
             Src::Base(s) => Window {
-                bytes: Cow::Borrowed(self.chain.base.bytes(s)),
+                bytes: Cow::Borrowed(self.chain.base.tensor_bytes(s)?),
                 offset: 0,
                 len: s.len(),
             },
@@ -391,7 +391,7 @@ impl<'a> Ctx<'a> {
             Src::Base(s) => self
                 .chain
                 .base
-                .bytes(s)
+                .tensor_bytes(s)?
                 .chunks(self.levels[lvl].chunk_bytes)
                 .map(hash::chunk)
                 .collect(),
@@ -498,7 +498,7 @@ fn resolve_in_base<'a>(
         };
         let swapped = chain.deltas.iter().any(rebuilt_like) && {
             let cb = delta.index.chunk_bytes as usize;
-            let chunks: Vec<Digest> = base.bytes(b).chunks(cb).map(hash::chunk).collect();
+            let chunks: Vec<Digest> = base.tensor_bytes(b)?.chunks(cb).map(hash::chunk).collect();
             let print = hash::hex(&hash::tensor(b.len() as u64, cb as u64, &chunks));
             base.release(b, 0..b.len());
             chain.deltas.iter().any(|d| d.index.rebuilds(&s.name, &print))

@@ -3,6 +3,7 @@
 
 pub mod header;
 pub mod hub;
+mod lazy;
 mod read;
 mod write;
 

@@ -149,6 +149,8 @@ pub struct Checkpoint {
     by_name: HashMap<String, usize>,
     /// The temporary directory a checkpoint fetched from a URL lies in (cache off).
     _fetched: Option<tempfile::TempDir>,
+    /// The object store a checkpoint opened by [`Checkpoint::open_lazy`] is read from.
+    pub(super) lazy: Option<super::lazy::Lazy>,
 }
 
 impl Checkpoint {
@@ -280,6 +282,7 @@ impl Checkpoint {
             skipped,
             by_name,
             _fetched: None,
+            lazy: None,
         })
     }
 

@@ -140,22 +140,25 @@ pub struct FetchedCheckpoint {
     pub temporary: Option<tempfile::TempDir>,
 }
 
-/// The checkpoint at `url`: a prefix holding a model's files (`s3://BUCKET/models/base/`),
-/// or one `.safetensors` object; fetched into the cache once and named by its objects' keys,
-/// sizes and ETags, so a checkpoint replaced at the same URL is fetched again.
-pub fn fetch_checkpoint(url: &Path) -> Result<FetchedCheckpoint> {
-    let Location::Object(o) = Location::of_path(url)? else {
-        return Ok(FetchedCheckpoint {
-            path: url.to_path_buf(),
-            temporary: None,
-        });
-    };
-    let objects = list(&o)?;
+/// The objects of a checkpoint at a URL, and the cache entry that holds them.
+pub(crate) struct Listing {
+    /// Each file: its path in the checkpoint, object and size.
+    pub files: Vec<CachedFile>,
+    /// The checkpoint is one `.safetensors` object (`files` has it alone).
+    pub single: bool,
+    /// The cache entry's name: the URL's last part and a hash of the objects' keys, sizes
+    /// and ETags, so a checkpoint replaced at the same URL has another.
+    pub name: String,
+}
+
+/// Lists the checkpoint at `o`: a prefix holding a model's files (`s3://BUCKET/models/base/`),
+/// or one `.safetensors` object.
+pub(crate) fn list_checkpoint(o: &ObjectLocation) -> Result<Listing> {
     let prefix = o.key.as_ref();
     let mut files = Vec::new();
     let mut id = blake3::Hasher::new();
     id.update(o.url.as_bytes());
-    for m in &objects {
+    for m in list(o)? {
         let full = m.location.as_ref();
         let rel = full.strip_prefix(prefix).unwrap_or(full).trim_start_matches('/');
         if rel.is_empty() || !crate::checkpoint::is_safe_rel_path(rel) {
@@ -171,12 +174,10 @@ pub fn fetch_checkpoint(url: &Path) -> Result<FetchedCheckpoint> {
     }
     let single = files.is_empty();
     if single {
-        // Not a prefix: one object, a single .safetensors file.
-        let meta = super::head(&o)?;
+        let meta = super::head(o)?;
         id.update(format!("\0{}\0{}", meta.size, meta.e_tag.as_deref().unwrap_or("")).as_bytes());
-        let name = prefix.rsplit('/').next().unwrap_or("model.safetensors").to_string();
         files.push(CachedFile {
-            rel: name,
+            rel: prefix.rsplit('/').next().unwrap_or("model.safetensors").to_string(),
             loc: o.clone(),
             size: meta.size,
             blake3: None,
@@ -187,12 +188,33 @@ pub fn fetch_checkpoint(url: &Path) -> Result<FetchedCheckpoint> {
         .next()
         .filter(|s| !s.is_empty())
         .unwrap_or("checkpoint");
-    let key = &hash::hex(id.finalize().as_bytes())[..32];
+    let name = format!("checkpoints/{stem}-{}", &hash::hex(id.finalize().as_bytes())[..32]);
+    Ok(Listing { files, single, name })
+}
+
+impl Cache {
+    /// The directory of the cache entry `name` if it is there, complete.
+    pub(crate) fn complete(&self, name: &str) -> Option<PathBuf> {
+        let dir = self.root.join(name);
+        dir.join(".complete").is_file().then_some(dir)
+    }
+}
+
+/// The checkpoint at `url`, fetched whole into the cache once and read from there (see
+/// [`list_checkpoint`] for what a checkpoint URL names and how its cache entry is named).
+pub fn fetch_checkpoint(url: &Path) -> Result<FetchedCheckpoint> {
+    let Location::Object(o) = Location::of_path(url)? else {
+        return Ok(FetchedCheckpoint {
+            path: url.to_path_buf(),
+            temporary: None,
+        });
+    };
+    let listing = list_checkpoint(&o)?;
     let cache = Cache::new()?;
-    let dir = cache.dir(&format!("checkpoints/{stem}-{key}"), &files)?;
+    let dir = cache.dir(&listing.name, &listing.files)?;
     Ok(FetchedCheckpoint {
-        path: match single {
-            true => dir.join(&files[0].rel),
+        path: match listing.single {
+            true => dir.join(&listing.files[0].rel),
             false => dir,
         },
         temporary: cache._temporary,

@@ -27,7 +27,7 @@ mod objects;
 mod upload;
 
 pub use cache::{fetch_checkpoint, FetchedCheckpoint};
-pub(crate) use cache::{Cache, CachedFile};
+pub(crate) use cache::{list_checkpoint, Cache, CachedFile};
 pub use object::RemoteFile;
 pub(crate) use objects::{delete, download, get, head, list, put, Put};
 pub use upload::Upload;
