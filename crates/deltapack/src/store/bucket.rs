@@ -58,6 +58,9 @@ impl Bucket {
             cache: Cache::new()?,
         };
         bucket.check_conditional_writes()?;
+        if bucket.read()?.is_some_and(|(m, _)| m.bases.iter().any(|b| b.name == name)) {
+            return Err(Error::InvalidArgument(format!("the store already has a base named '{name}'")));
+        }
         let files = bucket.upload_base(&ck, name)?;
         bucket.commit(|m| {
             if m.bases.iter().any(|b| b.name == name) {
@@ -465,7 +468,16 @@ impl Bucket {
         }
         let mut files = Vec::new();
         for (rel, src) in rels {
-            let (size, digest) = upload_file(&src, &self.loc.join(&format!("bases/{name}/{rel}")), true)?;
+            let loc = self.loc.join(&format!("bases/{name}/{rel}"));
+            // Create-only: files of a base the manifest does not list are another init's,
+            // interrupted or in progress, and must not be replaced under it.
+            let (size, digest) = upload_file(&src, &loc, false).map_err(|e| match e {
+                Error::OutputExists { .. } => Error::InvalidArgument(format!(
+                    "{} exists although the store has no base '{name}': another `store init` is running or was interrupted; run `deltapack store fsck` (with --grace 0 when none is running) and try again",
+                    loc.url
+                )),
+                e => e,
+            })?;
             files.push(StoredFile {
                 path: rel,
                 size,
