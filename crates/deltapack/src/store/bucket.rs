@@ -58,8 +58,13 @@ impl Bucket {
             cache: Cache::new()?,
         };
         bucket.check_conditional_writes()?;
-        if bucket.read()?.is_some_and(|(m, _)| m.bases.iter().any(|b| b.name == name)) {
-            return Err(Error::InvalidArgument(format!("the store already has a base named '{name}'")));
+        if bucket
+            .read()?
+            .is_some_and(|(m, _)| m.bases.iter().any(|b| b.name == name))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the store already has a base named '{name}'"
+            )));
         }
         let files = bucket.upload_base(&ck, name)?;
         bucket.commit(|m| {
