@@ -45,6 +45,7 @@ mod lineage;
 mod make;
 mod pair;
 pub mod progress;
+mod relpath;
 pub mod remote;
 pub mod rescale;
 mod schedule;

@@ -7,6 +7,7 @@ mod lazy;
 mod read;
 mod write;
 
-pub use read::{is_safe_rel_path, AuxFile, Checkpoint, MemoryTensor, Shard, Skipped, TensorBytes, TensorRef};
+pub use crate::relpath::is_safe_rel_path;
+pub use read::{AuxFile, Checkpoint, MemoryTensor, Shard, Skipped, TensorBytes, TensorRef};
 pub use write::{check_output_disjoint, remove_temporaries, OutputDir, OutputFile};
 pub(crate) use write::{check_overwrite, ScratchDir};

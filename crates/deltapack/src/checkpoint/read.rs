@@ -9,6 +9,7 @@ use memmap2::{Advice, Mmap, UncheckedAdvice};
 use safetensors::Dtype;
 
 use super::header;
+use crate::relpath::is_safe_rel_path;
 use crate::{Error, Result};
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -498,18 +499,6 @@ fn list_aux(dir: &Path, shards: &[String]) -> Result<(Vec<AuxFile>, Vec<Skipped>
     aux.sort_by(|a, b| a.rel.cmp(&b.rel));
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((aux, skipped))
-}
-
-/// True for a relative path of plain components: no root, no `..`, no `.`, no empty part,
-/// no backslash or NUL, so joining it to a directory can never leave that directory.
-pub fn is_safe_rel_path(p: &str) -> bool {
-    !p.is_empty()
-        && p.len() <= 4096
-        && !p.starts_with('/')
-        && !p.contains('\\')
-        && !p.contains('\0')
-        && p.split('/')
-            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains(':'))
 }
 
 #[cfg(test)]

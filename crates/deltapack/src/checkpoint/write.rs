@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use super::read::is_safe_rel_path;
+use crate::relpath::is_safe_rel_path;
 use crate::{Error, Result};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -161,7 +161,7 @@ pub(crate) fn list_checkpoint(o: &ObjectLocation) -> Result<Listing> {
     for m in list(o)? {
         let full = m.location.as_ref();
         let rel = full.strip_prefix(prefix).unwrap_or(full).trim_start_matches('/');
-        if rel.is_empty() || !crate::checkpoint::is_safe_rel_path(rel) {
+        if rel.is_empty() || !crate::relpath::is_safe_rel_path(rel) {
             continue;
         }
         id.update(format!("\0{rel}\0{}\0{}", m.size, m.e_tag.as_deref().unwrap_or("")).as_bytes());
