@@ -436,17 +436,7 @@ fn store_add_says_when_an_entry_is_identical_to_its_parent() {
 #[test]
 fn urls_where_a_local_path_is_needed_are_refused_before_anything_is_created() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = demo_pair(dir.path());
-    let delta = dir.path().join("ft.dpk");
-    ok(&run(&[
-        "make",
-        "--base",
-        s(&base),
-        "--finetuned",
-        s(&ft),
-        "-o",
-        s(&delta),
-    ]));
+    let (base, _, delta) = pair_and_delta(dir.path());
     let o = bin()
         .current_dir(dir.path())
         .args(["apply", "--base", s(&base), s(&delta), "-o", "s3://bucket/rebuilt"])

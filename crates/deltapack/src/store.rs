@@ -329,19 +329,7 @@ impl Store {
         let mut m = self.read_manifest()?;
         self.clean(&m)?;
         let e = find(&m, name)?.clone();
-        let children: Vec<Entry> = m
-            .entries
-            .iter()
-            .filter(|c| c.parent.as_deref() == Some(name))
-            .cloned()
-            .collect();
-        if !children.is_empty() && !reparent {
-            let names: Vec<&str> = children.iter().map(|c| c.name.as_str()).collect();
-            return Err(Error::InvalidArgument(format!(
-                "entry '{name}' is the parent of {}; remove them first, or remove it reparenting them (they are re-coded against its parent)",
-                names.join(", ")
-            )));
-        }
+        let children = children_to_recode(&m, name, reparent)?;
         let mut moves = Vec::new();
         for c in &children {
             let staged = self.recode_child(&m, c, e.parent.as_deref(), progress)?;
@@ -670,6 +658,25 @@ fn choose_parent(
     let (_, base, parent) = best
         .ok_or_else(|| Error::InvalidArgument("the store has no base; add one with `deltapack store init`".into()))?;
     Ok((base, parent))
+}
+
+/// The entries coded against `name`, which removing it re-codes; an error unless `reparent`
+/// when there are any.
+fn children_to_recode(m: &Manifest, name: &str, reparent: bool) -> Result<Vec<Entry>> {
+    let children: Vec<Entry> = m
+        .entries
+        .iter()
+        .filter(|c| c.parent.as_deref() == Some(name))
+        .cloned()
+        .collect();
+    if !children.is_empty() && !reparent {
+        let names: Vec<&str> = children.iter().map(|c| c.name.as_str()).collect();
+        return Err(Error::InvalidArgument(format!(
+            "entry '{name}' is the parent of {}; remove them first, or remove it reparenting them (they are re-coded against its parent)",
+            names.join(", ")
+        )));
+    }
+    Ok(children)
 }
 
 /// The name a base is stored under: `name`, or the base directory's name.

@@ -26,8 +26,8 @@ use std::time::Duration;
 use object_store::UpdateVersion;
 
 use super::{
-    check_name, choose_parent, codec_summary, find, unique_id, validate, BaseEntry, Entry, FsckReport, Manifest,
-    StoredFile, FORMAT, MANIFEST, VERSION,
+    check_name, children_to_recode, choose_parent, codec_summary, find, unique_id, validate, BaseEntry, Entry,
+    FsckReport, Manifest, StoredFile, FORMAT, MANIFEST, VERSION,
 };
 use crate::apply::{rebuild_chain, verify_chain, ApplyOptions};
 use crate::chain::Chain;
@@ -254,19 +254,7 @@ impl Bucket {
         for _ in 0..COMMIT_TRIES {
             let (m, version) = self.read_existing()?;
             let e = find(&m, name)?.clone();
-            let children: Vec<Entry> = m
-                .entries
-                .iter()
-                .filter(|c| c.parent.as_deref() == Some(name))
-                .cloned()
-                .collect();
-            if !children.is_empty() && !reparent {
-                let names: Vec<&str> = children.iter().map(|c| c.name.as_str()).collect();
-                return Err(Error::InvalidArgument(format!(
-                    "entry '{name}' is the parent of {}; remove them first, or remove it reparenting them (they are re-coded against its parent)",
-                    names.join(", ")
-                )));
-            }
+            let children = children_to_recode(&m, name, reparent)?;
             let mut next = m.clone();
             let mut uploaded = Vec::new();
             for c in &children {
