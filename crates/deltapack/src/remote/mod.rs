@@ -29,7 +29,7 @@ mod upload;
 pub use cache::{fetch_checkpoint, FetchedCheckpoint};
 pub(crate) use cache::{list_checkpoint, Cache, CachedFile};
 pub use object::RemoteFile;
-pub(crate) use objects::{delete, download, get, head, list, put, Put};
+pub(crate) use objects::{delete, download, exists, get, head, list, put, Put};
 pub use upload::Upload;
 pub(crate) use upload::{abort_abandoned, is_upload_marker};
 

@@ -98,3 +98,12 @@ pub(crate) fn delete(loc: &ObjectLocation) -> Result<()> {
 pub(crate) fn head(loc: &ObjectLocation) -> Result<ObjectMeta> {
     block_on(loc.store.head(&loc.key)).map_err(|e| error("reading", &loc.url, e))
 }
+
+/// Whether an object is at `loc`.
+pub(crate) fn exists(loc: &ObjectLocation) -> Result<bool> {
+    match block_on(loc.store.head(&loc.key)) {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(error("checking", &loc.url, e)),
+    }
+}

@@ -8,7 +8,7 @@ use object_store::{MultipartId, MultipartUpload, ObjectStoreExt, PutMode, PutOpt
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::{block_on, error, runtime, ObjectLocation};
+use super::{block_on, error, exists, runtime, ObjectLocation};
 use crate::{hash, Error, Result};
 
 /// Size of a multipart upload's parts (S3 wants at least 5 MiB but the last); an object
@@ -298,13 +298,4 @@ pub(crate) fn abort_abandoned(marker: &ObjectLocation) -> Result<()> {
         }
     }
     super::delete(marker)
-}
-
-/// Whether an object is at `loc`.
-pub(crate) fn exists(loc: &ObjectLocation) -> Result<bool> {
-    match block_on(loc.store.head(&loc.key)) {
-        Ok(_) => Ok(true),
-        Err(object_store::Error::NotFound { .. }) => Ok(false),
-        Err(e) => Err(error("checking", &loc.url, e)),
-    }
 }

@@ -245,7 +245,9 @@ impl Bucket {
             }
             cur = entry.parent.as_deref().and_then(|p| find(m, p).ok());
         }
-        chain.aux_store = Some(self.aux_for(&chain.deltas.iter().map(|d| d.path.clone()).collect::<Vec<_>>())?);
+        // The chain's indexes are in memory: no need to fetch them again.
+        let wanted = chain.deltas.iter().flat_map(|d| external_aux(&d.index)).collect();
+        chain.aux_store = Some(self.aux_cached(wanted)?);
         Ok(chain)
     }
 
@@ -534,6 +536,11 @@ impl Bucket {
             let (index, _) = crate::container::Delta::read_index(u)?;
             wanted.extend(external_aux(&index));
         }
+        self.aux_cached(wanted)
+    }
+
+    /// The cached directory of auxiliary files, with each of `wanted` (by BLAKE3) fetched.
+    fn aux_cached(&self, wanted: BTreeSet<String>) -> Result<PathBuf> {
         let files: Vec<(String, ObjectLocation)> = wanted
             .into_iter()
             .map(|h| (h.clone(), self.loc.join(&format!("aux/{h}"))))
